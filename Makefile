@@ -1,0 +1,40 @@
+# The two commands a newcomer needs:  make demo   and   make test
+# Each sets itself up on first use (.venv/, pip install, ffmpeg from apt).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTHON ?= python3
+SLOW ?= 0
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help setup ffmpeg demo test clean
+
+help: ## list the commands
+	@echo "mmphi: a multimodal Phi-3 on Ray"
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo "  options: SLOW=1 (make test: include end-to-end tests), PYTEST_ARGS='-k name'"
+
+setup: $(STAMP) ffmpeg ## create .venv and install the project (first use only)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+ffmpeg: ## install the ffmpeg binary (apt) if it is missing
+	@command -v ffmpeg >/dev/null || { \
+	  echo "installing ffmpeg (apt-get)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq ffmpeg >/dev/null; }
+
+demo: setup ## run the main job on the tiny preset (offline, CPU)
+	$(VENV)/bin/mmphi demo
+
+test: setup ## run the tests (fast ones; SLOW=1 adds the end-to-end ones)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest $(if $(filter 1,$(SLOW)),,-m "not slow") $(PYTEST_ARGS)
+
+clean: ## remove run outputs and caches (keeps .venv)
+	rm -rf runs .pytest_cache .cache
