@@ -1,0 +1,154 @@
+"""One checkpoint folder: projector + LoRA adapter + tokenizer + the config.
+
+Layout (all tensors in safetensors)::
+
+    mmphi.json                 format, version, config, vision identity, fingerprints, extra
+    projector.safetensors      projector weights (float32)
+    adapter/                   PEFT LoRA folder (adapter_config.json, adapter_model.safetensors)
+    tokenizer/                 tokenizer files
+
+The adapter folder loads in plain transformers + peft::
+
+    base = AutoModelForCausalLM.from_pretrained(cfg["llm"]["name_or_path"])
+    model = PeftModel.from_pretrained(base, "CKPT/adapter")
+
+Loading refuses a checkpoint whose vision encoder, token mode, feature layer,
+patch pooling, projector or base model differ from what it is combined with.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig, config_from_dict
+from .vision import vision_identity
+from .weights import fingerprint
+
+FORMAT = "mmphi-checkpoint"
+VERSION = 1
+META = "mmphi.json"
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint does not fit the model or data it is combined with."""
+
+
+def _llm_identity(cfg: ModelConfig) -> dict:
+    return {"name_or_path": cfg.llm.name_or_path, "random_init": cfg.llm.random_init, "seed": cfg.llm.seed
+            if cfg.llm.random_init is not None else None}
+
+
+def identity(cfg: ModelConfig) -> dict:
+    """The facts two things must share to be used together."""
+    return {"vision": vision_identity(cfg.vision), "projector": {"kind": cfg.projector.kind}, "llm": _llm_identity(cfg)}
+
+
+def assert_compatible(have: dict, want: dict, what: str = "checkpoint") -> None:
+    """Raise CheckpointMismatch naming every field where two identities differ."""
+    diffs = []
+
+    def walk(a, b, prefix):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{prefix}{k}.")
+        elif a != b:
+            diffs.append(f"{prefix[:-1]}: {what} has {a!r}, expected {b!r}")
+
+    walk(have, want, "")
+    if diffs:
+        raise CheckpointMismatch(f"{what} does not match: " + "; ".join(diffs))
+
+
+def read_meta(path: str | Path) -> dict:
+    path = Path(path)
+    meta_file = path / META
+    if not meta_file.exists():
+        raise FileNotFoundError(f"{path} is not an mmphi checkpoint (no {META})")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != FORMAT or meta.get("version", 0) > VERSION:
+        raise CheckpointMismatch(f"{meta_file}: unsupported format {meta.get('format')!r} v{meta.get('version')}")
+    return meta
+
+
+def save_checkpoint(model, path: str | Path, extra: dict | None = None) -> Path:
+    from peft import PeftModel
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().cpu().contiguous() for k, v in model.projector.state_dict().items()}
+    save_file(state, str(path / "projector.safetensors"))
+    if isinstance(model.llm, PeftModel):
+        model.llm.save_pretrained(str(path / "adapter"))
+    model.tokenizer.save(path / "tokenizer")
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": model.cfg.to_dict(),
+        "identity": identity(model.cfg),
+        "fingerprints": {
+            "llm_embeddings": fingerprint(model.llm.get_input_embeddings().weight),
+            **({"vision": fingerprint(next(model.vision.parameters()))} if model.vision is not None else {}),
+        },
+        "tokenizer_size": len(model.tokenizer),
+        "has_adapter": isinstance(model.llm, PeftModel),
+        "extra": extra or {},
+    }
+    (path / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return path
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    expect: ModelConfig | dict | None = None,
+    overrides: list[str] | None = None,
+    device: str | torch.device | None = None,
+    with_vision: bool = True,
+    trainable: bool = False,
+):
+    """Rebuild a :class:`MultimodalPhi3` from a checkpoint folder.
+
+    ``expect``: a config (or an identity dict, e.g. from an embeddings
+    manifest) the checkpoint must match. ``overrides``: runtime settings
+    (``llm.load_in_4bit=true``, ``llm.dtype=bfloat16`` ...) that do not change
+    what the checkpoint is; changing its identity is refused."""
+    from .config import _merge, _parse_override
+    from .multimodal import MultimodalPhi3
+    from .tokenizer import ChatTokenizer
+
+    path = Path(path)
+    meta = read_meta(path)
+    data = meta["config"]
+    for item in overrides or []:
+        data = _merge(data, _parse_override(item))
+    cfg = config_from_dict(data)
+    saved = meta["identity"]
+    assert_compatible(identity(cfg), saved, "overridden config")
+    if expect is not None:
+        want = expect if isinstance(expect, dict) else identity(expect)
+        have = {k: saved[k] for k in want} if set(want) <= set(saved) else saved
+        assert_compatible(have, want, f"checkpoint {path}")
+    model = MultimodalPhi3.from_config(
+        cfg, device=device, with_vision=with_vision, trainable=trainable,
+        adapter=path / "adapter" if meta.get("has_adapter") else None,
+    )
+    tok = ChatTokenizer.load(path / "tokenizer", cfg.tokenizer.image_token)
+    if tok.hf.get_vocab() != model.tokenizer.hf.get_vocab():
+        raise CheckpointMismatch(f"{path}: the saved tokenizer differs from the one the config builds")
+    model.tokenizer = tok
+    fps = meta.get("fingerprints", {})
+    got = fingerprint(model.llm.get_input_embeddings().weight)
+    if fps.get("llm_embeddings") not in (None, got):
+        raise CheckpointMismatch(f"{path}: base language model weights differ from those it was trained on")
+    if model.vision is not None and fps.get("vision") not in (None, fingerprint(next(model.vision.parameters()))):
+        raise CheckpointMismatch(f"{path}: vision encoder weights differ from those it was trained with")
+    state = load_file(str(path / "projector.safetensors"))
+    try:
+        model.projector.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointMismatch(f"{path}: projector weights do not fit: {e}") from None
+    model.projector.requires_grad_(trainable)
+    return model
