@@ -1,0 +1,75 @@
+"""``mmphi``: the platform's command line.
+
+Each stage lives in its own module exposing ``register(subparsers)``; a new
+stage plugs in by adding its module to ``COMMANDS``. Heavy imports (torch,
+Ray) happen inside the commands, so ``mmphi --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+COMMANDS = [
+    "mmphi.commands.demo",
+    "mmphi.commands.model",
+]
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by every command that builds the model."""
+    p.add_argument("--preset", default="tiny",
+                   help="preset name (tiny, phi3-mini) or a .yaml/.json config file (default: tiny)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, e.g. --set llm.lora.r=8 (repeatable)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+def quiet_third_party(verbose: bool = False) -> None:
+    """Our own INFO logs; only warnings from libraries (open_clip logs its
+    model parsing at INFO on the root logger; bitsandbytes warns about an
+    optional CPU kernel package on every import)."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("models", "mmphi", "data_pipelines", "ray_jobs", "serve"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+            hf_logging.set_verbosity_error()
+        except ImportError:
+            pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmphi",
+        description="A multimodal Phi-3 (sees images with CLIP, hears audio with Whisper, chats with "
+                    "QLoRA-tuned Phi-3), trained and served on Ray.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    quiet_third_party(args.verbose)
+    from models.config import ConfigError
+
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"mmphi {args.command}: configuration error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mmphi {args.command}: interrupted", file=sys.stderr)
+        return 130

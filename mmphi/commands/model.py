@@ -1,0 +1,87 @@
+"""Model commands: inspect presets, chat with a model, transcribe audio."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mmphi.cli import add_model_args
+
+
+def register(sub) -> None:
+    p = sub.add_parser("presets", help="list presets, or print one resolved config",
+                       description="List the presets, or print one (with --set overrides applied) as YAML.")
+    p.add_argument("name", nargs="?", help="preset name or config file to print")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=presets)
+
+    p = sub.add_parser("chat", help="ask the model about images (one answer)",
+                       description="Answer one prompt about zero or more images with a preset's model "
+                                   "or a trained checkpoint.")
+    add_model_args(p)
+    p.add_argument("--checkpoint", help="checkpoint folder written by training (default: the preset's weights)")
+    p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
+    p.add_argument("--audio", help="audio file: its transcription is appended to the prompt")
+    p.add_argument("--prompt", default="", help="the question")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(func=chat)
+
+    p = sub.add_parser("transcribe", help="speech to text with the preset's Whisper",
+                       description="Transcribe audio files (wav, mp3, flac, ogg, m4a, webm ...) with Whisper.")
+    add_model_args(p)
+    p.add_argument("files", nargs="+", help="audio files")
+    p.set_defaults(func=transcribe)
+
+
+def presets(args: argparse.Namespace) -> int:
+    import yaml
+
+    from models.config import list_presets, load_config
+
+    if not args.name:
+        print("\n".join(list_presets()))
+        return 0
+    print(yaml.safe_dump(load_config(args.name, args.overrides).to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def chat(args: argparse.Namespace) -> int:
+    from models.config import load_config
+    from models.multimodal import MultimodalPhi3
+    from models.speech import AudioDecodeError, SpeechRecognizer
+    from models.vision import ImageDecodeError, load_image
+
+    cfg = load_config(args.preset, args.overrides)
+    try:
+        images = [load_image(path) for path in args.image]
+        prompt = args.prompt
+        if args.audio:
+            heard = SpeechRecognizer(cfg.speech, args.device).transcribe(args.audio)
+            prompt = f"{prompt}\n{heard}".strip()
+    except (ImageDecodeError, AudioDecodeError) as e:
+        print(f"mmphi chat: {e}", file=sys.stderr)
+        return 2
+    if not prompt and not images:
+        print("mmphi chat: give --prompt, --image or --audio", file=sys.stderr)
+        return 2
+    if args.checkpoint:
+        model = MultimodalPhi3.from_checkpoint(args.checkpoint, device=args.device, overrides=args.overrides)
+    else:
+        model = MultimodalPhi3.from_config(cfg, device=args.device, trainable=False)
+    content = [{"type": "image"} for _ in images] + ([{"type": "text", "text": prompt}] if prompt else [])
+    print(model.chat([{"role": "user", "content": content}], images, max_new_tokens=args.max_new_tokens))
+    return 0
+
+
+def transcribe(args: argparse.Namespace) -> int:
+    from models.config import load_config
+    from models.speech import AudioDecodeError, SpeechRecognizer
+
+    recognizer = SpeechRecognizer(load_config(args.preset, args.overrides).speech, args.device)
+    status = 0
+    for path in args.files:
+        try:
+            print(f"{path}\t{recognizer.transcribe(path)}")
+        except AudioDecodeError as e:
+            print(f"mmphi transcribe: {e}", file=sys.stderr)
+            status = 1
+    return status
