@@ -1,0 +1,211 @@
+"""Whisper wrapper: audio decoding of every common container, clear errors for
+bad input, and a deterministic random ``tiny`` Whisper that transcribes fast."""
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import urllib.error
+import urllib.request
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models import speech
+from models.config import SpeechConfig, load_config
+from models.speech import SAMPLE_RATE, AudioDecodeError, SpeechRecognizer, decode_audio, load_whisper
+from models.weights import cache_root, spec_key
+
+TONE_HZ = 440.0
+SECONDS = 2.0
+# extension -> ffmpeg encoder (None: the container's default codec is always there)
+FORMATS = {
+    "wav": None,
+    "flac": "flac",
+    "mp3": "libmp3lame",
+    "ogg": "libvorbis",
+    "m4a": "aac",
+    "webm": "libopus",
+}
+LOSSLESS = ("wav", "flac")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline_cache(tmp_path_factory):
+    """No network, and a private weights cache instead of the home folder."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("MMPHI_CACHE", str(tmp_path_factory.mktemp("mmphi-cache")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def cfg() -> SpeechConfig:
+    return load_config("tiny").speech
+
+
+@pytest.fixture(scope="module")
+def recognizer(cfg) -> SpeechRecognizer:
+    return SpeechRecognizer(cfg, device="cpu")
+
+
+def tone(seconds: float = SECONDS, hz: float = TONE_HZ) -> np.ndarray:
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    return (0.5 * np.sin(2 * np.pi * hz * t)).astype(np.float32)
+
+
+def write_wav(path: Path, audio: np.ndarray) -> Path:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(SAMPLE_RATE)
+        w.writeframes((audio * 32767).astype("<i2").tobytes())
+    return path
+
+
+def _encoders() -> str:
+    return subprocess.run(["ffmpeg", "-hide_banner", "-encoders"], capture_output=True, text=True).stdout
+
+
+@pytest.fixture(scope="module")
+def audio_files(tmp_path_factory) -> dict[str, Path]:
+    """The test tone in every container whose encoder this ffmpeg has."""
+    folder = tmp_path_factory.mktemp("audio")
+    wav = write_wav(folder / "tone.wav", tone())
+    available = _encoders()
+    files = {"wav": wav}
+    for ext, encoder in FORMATS.items():
+        if encoder is None or f" {encoder} " not in available:
+            continue
+        out = folder / f"tone.{ext}"
+        subprocess.run(
+            ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-i", str(wav), "-c:a", encoder, str(out)],
+            check=True,
+        )
+        files[ext] = out
+    return files
+
+
+def cached_checkpoint(cfg: SpeechConfig) -> Path:
+    key = spec_key("whisper", {"random_init": cfg.random_init, "seed": cfg.seed})
+    return cache_root() / f"whisper-{key}" / "model.pt"
+
+
+def dominant_hz(audio: np.ndarray) -> float:
+    spectrum = np.abs(np.fft.rfft(audio))
+    return float(np.argmax(spectrum) * SAMPLE_RATE / len(audio))
+
+
+@pytest.mark.parametrize("ext", list(FORMATS))
+def test_every_container_decodes_and_transcribes(ext, audio_files, recognizer):
+    if ext not in audio_files:
+        pytest.skip(f"this ffmpeg has no {FORMATS[ext]} encoder to make a .{ext} file")
+    path = audio_files[ext]
+    for source in (path, str(path), path.read_bytes()):
+        audio = decode_audio(source)
+        assert audio.dtype == np.float32 and audio.ndim == 1
+        assert abs(len(audio) - SECONDS * SAMPLE_RATE) <= 0.05 * SECONDS * SAMPLE_RATE
+        assert np.abs(audio).max() <= 1.0
+        if ext in LOSSLESS:
+            assert abs(dominant_hz(audio) - TONE_HZ) < 3
+    assert isinstance(recognizer.transcribe(path), str)
+    assert isinstance(recognizer.transcribe(path.read_bytes()), str)
+
+
+def test_bad_inputs_raise_audio_decode_error(tmp_path, audio_files):
+    text = tmp_path / "notes.wav"
+    text.write_text("this is not audio\n" * 20)
+    with pytest.raises(AudioDecodeError, match=r"could not decode audio from '.*notes\.wav': ffmpeg says: .*Invalid data"):
+        decode_audio(text)
+    with pytest.raises(AudioDecodeError, match=r"could not decode audio from <\d+ bytes>: ffmpeg says"):
+        decode_audio(text.read_bytes())
+    with pytest.raises(AudioDecodeError, match="empty bytes"):
+        decode_audio(b"")
+    with pytest.raises(AudioDecodeError, match="no such file"):
+        decode_audio(tmp_path / "missing.mp3")
+    with pytest.raises(AudioDecodeError, match=r"more than 1 s long; the limit is 1 s"):
+        decode_audio(audio_files["wav"], max_seconds=1)
+    with pytest.raises(AudioDecodeError, match=r"audio is 2\.0 s long; the limit is 1\.5 s"):
+        decode_audio(tone(), max_seconds=1.5)
+    with pytest.raises(AudioDecodeError, match="cannot read audio from a int"):
+        decode_audio(42)
+    silent = write_wav(tmp_path / "zero.wav", np.zeros(0, np.float32))
+    with pytest.raises(AudioDecodeError, match="no audio samples"):
+        decode_audio(silent)
+
+
+def test_too_long_audio_is_refused_by_the_recognizer(cfg, recognizer):
+    short = SpeechRecognizer(dataclasses.replace(cfg, max_seconds=1.0), device="cpu")
+    with pytest.raises(AudioDecodeError, match="the limit is 1 s"):
+        short.transcribe(tone())
+
+
+def test_missing_ffmpeg_is_named(monkeypatch, audio_files):
+    monkeypatch.setattr(speech, "FFMPEG", "ffmpeg-that-is-not-installed")
+    with pytest.raises(RuntimeError, match=r"ffmpeg not found; install it \(apt-get install -y ffmpeg\)"):
+        decode_audio(audio_files["wav"])
+
+
+def test_numpy_input(recognizer):
+    audio = tone()
+    assert isinstance(recognizer.transcribe(audio), str)
+    ints = np.array([32767, -32768, 0, 16384], dtype=np.int16)
+    scaled = decode_audio(ints)
+    assert scaled.dtype == np.float32
+    np.testing.assert_allclose(scaled, [32767 / 32768, -1.0, 0.0, 0.5])
+    assert decode_audio(audio[:, None]).shape == audio.shape
+    assert decode_audio(audio[None, :]).shape == audio.shape
+    with pytest.raises(AudioDecodeError, match=r"shape \(2, 32000\)"):
+        decode_audio(np.stack([audio, audio]))
+    with pytest.raises(AudioDecodeError, match="dtype int32"):
+        decode_audio(audio.astype(np.int32))
+    with pytest.raises(AudioDecodeError, match="NaN"):
+        decode_audio(np.array([0.0, np.nan], np.float32))
+    with pytest.raises(AudioDecodeError, match="no audio samples"):
+        decode_audio(np.zeros(0, np.float32))
+
+
+def test_random_tiny_whisper_is_deterministic_and_cached_once(cfg, recognizer):
+    path = cached_checkpoint(cfg)
+    assert path.is_file()
+    mtime = path.stat().st_mtime_ns
+
+    again = SpeechRecognizer(cfg, device="cpu")
+    assert path.stat().st_mtime_ns == mtime
+    assert not list(cache_root().glob("whisper-*.tmp-*"))
+    first, second = recognizer.model.state_dict(), again.model.state_dict()
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+    audio = tone()
+    assert recognizer.transcribe(audio) == again.transcribe(audio)
+    assert recognizer.transcribe_many([audio, audio]) == [again.transcribe(audio)] * 2
+
+    other = load_whisper(dataclasses.replace(cfg, seed=cfg.seed + 1))
+    name = "decoder.token_embedding.weight"
+    assert not torch.equal(other.state_dict()[name], first[name])
+
+
+def test_info(recognizer, cfg):
+    info = recognizer.info
+    assert info["model"] == "random"
+    assert info["device"] == "cpu"
+    assert info["dims"] == cfg.random_init
+
+
+def test_unreachable_download_says_how_to_give_a_local_path(monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("network is unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(RuntimeError, match=r"could not fetch.*speech\.model=/path/to/small\.pt"):
+        load_whisper(SpeechConfig(model="tiny"))
+
+
+def test_local_checkpoint_path_loads_through_the_same_call(cfg, recognizer):
+    model = load_whisper(SpeechConfig(model=str(cached_checkpoint(cfg))))
+    assert model.dims == recognizer.model.dims
+    name = "encoder.conv1.weight"
+    assert torch.equal(model.state_dict()[name], recognizer.model.state_dict()[name])
