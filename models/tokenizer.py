@@ -27,6 +27,16 @@ PHI3_ADDED = [
     "<|placeholder5|>", "<|placeholder6|>", "<|user|>",
 ]
 CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>")
+# Phi-3-mini-instruct's chat template (text-only), given to the offline
+# tokenizer so ``apply_chat_template`` renders what ``models.conversation`` encodes.
+PHI3_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
 
 _COLOURS = "red green blue yellow purple orange black white gray grey pink brown cyan magenta".split()
 _SHAPES = ("circle square triangle star cross ring diamond hexagon rectangle ellipse "
@@ -95,6 +105,7 @@ def _build_bpe(folder: Path, vocab_size: int, image_token: str) -> None:
         unk_token="<unk>", pad_token="<|endoftext|>",
     )
     hf.add_special_tokens({"additional_special_tokens": PHI3_ADDED + [image_token]})
+    hf.chat_template = PHI3_CHAT_TEMPLATE
     hf.save_pretrained(folder)
 
 
@@ -177,7 +188,7 @@ def load_tokenizer(cfg: ModelConfig) -> ChatTokenizer:
         if unknown:
             raise ConfigError(f"tokenizer.build: unknown key(s) {sorted(unknown)}; valid: vocab_size")
         vocab_size = int(tc.build.get("vocab_size", 2048))
-        spec = {"vocab_size": vocab_size, "image_token": tc.image_token, "corpus": "tiny_corpus-v1"}
+        spec = {"vocab_size": vocab_size, "image_token": tc.image_token, "corpus": "tiny_corpus-v1", "template": "phi3"}
         folder = materialize("tokenizer", spec, lambda d: _build_bpe(d, vocab_size, tc.image_token))
         return ChatTokenizer(AutoTokenizer.from_pretrained(str(folder)), tc.image_token)
     source = tc.name_or_path or cfg.llm.name_or_path

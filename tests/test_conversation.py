@@ -125,3 +125,15 @@ def test_malformed_conversations_are_refused(tok, bad, msg):
 def test_no_answer_is_refused_for_training(tok):
     with pytest.raises(ConversationError, match="no assistant answer"):
         encode_for_training(tok, [{"role": "user", "content": "hi"}], 4, 512)
+
+
+@pytest.mark.parametrize("gen", [False, True])
+def test_rendering_matches_phi3_chat_template(tok, gen):
+    """Decoded ids read exactly as Phi-3's own chat template renders the text."""
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Colour?"}]
+    if not gen:
+        msgs.append({"role": "assistant", "content": "Red."})
+    enc = encode_conversation(tok, msgs, 4, add_generation_prompt=gen)
+    rendered = tok.hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+    assert tok.decode(enc.input_ids, skip_special_tokens=False) == tok.hf.bos_token + rendered
