@@ -172,7 +172,7 @@ def _type_ok(value: Any, tp: Any) -> bool:
 
 def _from_dict(cls: type, data: Any, where: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{where.rstrip('.') or 'config'} must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -200,9 +200,11 @@ def config_from_dict(data: dict) -> ModelConfig:
 
 
 def _merge(base: dict, extra: dict) -> dict:
+    """Deep merge: a mapping updates a mapping key by key; anything else
+    (null included) replaces. To replace a whole mapping, set it to null first."""
     out = dict(base)
     for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("random_init", "model_config", "build"):
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = _merge(out[k], v)
         else:
             out[k] = v
