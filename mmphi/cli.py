@@ -10,9 +10,11 @@ import argparse
 import importlib
 import logging
 import os
+import shutil
 import sys
 
 COMMANDS = [
+    "mmphi.commands.data",
     "mmphi.commands.demo",
     "mmphi.commands.model",
 ]
@@ -61,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not (os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi")):
+        # DeepSpeed (imported by accelerate while saving) otherwise prints its
+        # accelerator guess to stdout, mixing it into command output
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     args = build_parser().parse_args(argv)
     quiet_third_party(args.verbose)
     from models.config import ConfigError

@@ -1,0 +1,224 @@
+"""The ``mmphi`` console script, run as a user runs it: in a subprocess,
+offline, with the test session's private weights cache."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = Path(sys.executable).with_name("mmphi")
+COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "mmphi"]
+PROMPT = "What colour is the shape?"
+
+
+def cli_env(cache: str | os.PathLike | None = None) -> dict:
+    env = dict(os.environ)
+    env["HF_HUB_OFFLINE"] = "1"
+    env["MMPHI_CACHE"] = str(cache or os.environ["MMPHI_CACHE"])  # set by tests/conftest.py
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def mmphi(*args: str, cwd: Path, cache=None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*COMMAND, *map(str, args)], cwd=cwd, env=cli_env(cache), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def describe(p: subprocess.CompletedProcess) -> str:
+    return f"rc={p.returncode}\n--- stdout\n{p.stdout[-3000:]}\n--- stderr\n{p.stderr[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cli")
+
+
+def make_image(path: Path) -> Path:
+    img = Image.new("RGB", (64, 64), (50, 50, 50))
+    img.paste((220, 30, 30), (16, 16, 48, 48))
+    img.save(path)
+    return path
+
+
+def make_wav(path: Path) -> Path | None:
+    if shutil.which("ffmpeg") is None:
+        return None
+    subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi",
+                    "-i", "sine=frequency=440:duration=1", str(path)], check=True, timeout=60)
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(work) -> dict:
+    corrupt = work / "corrupt.png"
+    corrupt.write_bytes(np.random.RandomState(0).bytes(3000))
+    txt = work / "notes.txt"
+    txt.write_text("this is not audio\n")
+    return {
+        "image": make_image(work / "red square.png"),  # a space in the name: argv, not a shell
+        "corrupt": corrupt, "txt": txt,
+        "wav": make_wav(work / "tone.wav"),
+    }
+
+
+@pytest.fixture(scope="module")
+def runs(work, files, tmp_path_factory, tiny_model):
+    """Every quick CLI run of this module, started together (each pays the
+    torch import). Values are futures of ``CompletedProcess``.
+
+    ``chat`` uses the session cache, which ``tiny_model`` (tests/conftest.py)
+    has filled with the tiny weights; ``chat_cold`` gets an empty cache of its
+    own, so it always materialises the random weights first."""
+    chat = ["chat", "--image", files["image"], "--prompt", PROMPT, "--max-new-tokens", 4]
+    jobs = {
+        "chat_cold": (chat, tmp_path_factory.mktemp("cold-cache")), "chat": (chat, None),
+        "help": (["--help"], None), "none": ([], None), "presets": (["presets"], None),
+        "presets_tiny": (["presets", "tiny", "--set", "llm.lora.r=4"], None),
+        "presets_nosuch": (["presets", "nosuch"], None),
+        "presets_bad_set": (["presets", "tiny", "--set", "vision.tokn_mode=x"], None),
+        "chat_corrupt": (["chat", "--image", files["corrupt"], "--prompt", PROMPT], None),
+        "chat_empty": (["chat"], None),
+        "transcribe_txt": (["transcribe", files["txt"]], None),
+    }
+    if files["wav"] is not None:
+        jobs["transcribe_wav"] = (["transcribe", files["wav"]], None)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        yield {k: pool.submit(mmphi, *args, cwd=work, cache=cache) for k, (args, cache) in jobs.items()}
+
+
+def result(runs, name: str) -> subprocess.CompletedProcess:
+    if name not in runs:
+        pytest.skip(f"{name} was not run (ffmpeg is not installed)")
+    return runs[name].result()
+
+
+# ---------------------------------------------------------------- help / presets
+
+
+def test_help_lists_commands(runs):
+    p = result(runs, "help")
+    assert p.returncode == 0, describe(p)
+    listed = {m.group(1) for m in re.finditer(r"^ {2,}([a-z]+) {2,}\S", p.stdout, re.M)}
+    assert {"demo", "presets", "chat", "transcribe"} <= listed, p.stdout
+
+
+def test_no_command_is_a_usage_error(runs):
+    p = result(runs, "none")
+    assert p.returncode == 2 and "usage" in p.stderr.lower(), describe(p)
+
+
+def test_presets_lists_names(runs):
+    p = result(runs, "presets")
+    assert p.returncode == 0, describe(p)
+    names = p.stdout.split()
+    assert "tiny" in names and "phi3-mini" in names
+
+
+def test_presets_prints_resolved_yaml(runs):
+    p = result(runs, "presets_tiny")
+    assert p.returncode == 0, describe(p)
+    data = yaml.safe_load(p.stdout)
+    assert isinstance(data, dict)
+    assert data["llm"]["lora"]["r"] == 4
+    assert data["name"] == "tiny" and data["vision"]["model"] == "mmphi-tiny-vit"
+
+
+def test_presets_unknown_name(runs):
+    p = result(runs, "presets_nosuch")
+    assert p.returncode == 2, describe(p)
+    assert "unknown preset" in p.stderr and "nosuch" in p.stderr
+    assert p.stdout == ""
+
+
+def test_presets_bad_override(runs):
+    p = result(runs, "presets_bad_set")
+    assert p.returncode == 2, describe(p)
+    assert "vision.tokn_mode" in p.stderr
+
+
+# ---------------------------------------------------------------- chat
+
+
+def test_chat_answers_one_line(runs):
+    warm = result(runs, "chat")
+    assert warm.returncode == 0, describe(warm)
+    lines = warm.stdout.splitlines()
+    assert len(lines) == 1, describe(warm)
+    assert warm.stdout.endswith("\n") and lines[0].strip()
+
+
+def test_chat_is_deterministic(runs):
+    first, warm = result(runs, "chat_cold"), result(runs, "chat")
+    assert first.returncode == 0, describe(first)
+    # the answer (last stdout line) of the seeded random model is the same run to run
+    assert first.stdout.splitlines()[-1] == warm.stdout.splitlines()[-1]
+
+
+def test_chat_answers_one_line_on_a_cold_cache(runs):
+    first = result(runs, "chat_cold")
+    assert first.returncode == 0
+    assert len(first.stdout.splitlines()) == 1, first.stdout
+
+
+def test_chat_corrupt_image(runs, files):
+    p = result(runs, "chat_corrupt")
+    assert p.returncode == 2, describe(p)
+    assert "could not decode an image" in p.stderr and str(files["corrupt"]) in p.stderr
+    assert p.stdout == ""
+
+
+def test_chat_needs_a_prompt_or_an_image(runs):
+    p = result(runs, "chat_empty")
+    assert p.returncode == 2, describe(p)
+    assert "--prompt" in p.stderr and "--image" in p.stderr
+    assert p.stdout == ""
+
+
+# ---------------------------------------------------------------- transcribe
+
+
+def test_transcribe_wav(runs, files):
+    p = result(runs, "transcribe_wav")
+    wav = files["wav"]
+    assert p.returncode == 0, describe(p)
+    lines = [line for line in p.stdout.splitlines() if line.startswith(str(wav))]
+    assert len(lines) == 1, describe(p)
+    assert lines[0].startswith(f"{wav}\t")
+
+
+def test_transcribe_text_file(runs, files):
+    p = result(runs, "transcribe_txt")
+    txt = files["txt"]
+    assert p.returncode == 1, describe(p)
+    assert "could not decode audio" in p.stderr and str(txt) in p.stderr
+    assert f"{txt}\t" not in p.stdout
+
+
+# ---------------------------------------------------------------- demo
+
+
+@pytest.mark.slow
+def test_demo_learns_and_reloads(work):
+    out = work / "demo"
+    p = mmphi("demo", "--out", out, "--steps", 60, cwd=work, timeout=1200)
+    assert p.returncode == 0, describe(p)
+    s = json.loads((out / "summary.json").read_text())
+    assert s["reload_identical"] is True
+    assert s["heldout_accuracy_after"] >= 0.9, s
+    assert s["chance"] < 0.2, s
+    assert abs(s["first_loss"] - s["ln_vocab"]) <= 0.15 * s["ln_vocab"], s
+    assert s["last_loss"] < s["first_loss"], s
+    assert Path(s["checkpoint"]).is_dir()
