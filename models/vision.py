@@ -7,7 +7,7 @@ the patch grid. Features have shape ``(images, tokens, dim)`` either way.
 """
 from __future__ import annotations
 
-import io
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -15,23 +15,26 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageOps
 
 from .config import ConfigError, VisionConfig
+from .images import DEFAULT_MAX_PIXELS, ImageCropper, ImageDecodeError, load_image  # noqa: F401 (re-exported)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_MAX_PIXELS = 64_000_000
-
-
-class ImageDecodeError(ValueError):
-    """The bytes or file are not an image we can use; the message says why."""
+_REGISTERED: set[str] = set()
 
 
 def _register(cfg: VisionConfig) -> None:
+    """Make an inline ``vision.model_config`` known to open_clip under ``vision.model``."""
     import open_clip
 
     if cfg.model_config is None or open_clip.get_model_config(cfg.model) == cfg.model_config:
         return
+    if cfg.model in open_clip.list_models() and cfg.model not in _REGISTERED:
+        raise ConfigError(
+            f"vision.model_config is set but vision.model {cfg.model!r} is a built-in open_clip model; "
+            "give the inline config a name of its own (or set vision.model_config to null)"
+        )
+    _REGISTERED.add(cfg.model)
     folder = Path(tempfile.mkdtemp(prefix="mmphi-openclip-"))
     (folder / f"{cfg.model}.json").write_text(json.dumps(cfg.model_config))
     open_clip.add_model_config(folder)
@@ -72,39 +75,45 @@ def vision_identity(cfg: VisionConfig) -> dict:
     }
 
 
-def load_image(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open a path, bytes or PIL image as upright RGB; refuse what is not an
-    image, is truncated, or exceeds ``max_pixels`` (decompression bombs)."""
-    try:
-        if isinstance(source, Image.Image):
-            img = source
-        elif isinstance(source, (bytes, bytearray, memoryview)):
-            if not len(source):
-                raise ImageDecodeError("image is empty (0 bytes)")
-            img = Image.open(io.BytesIO(bytes(source)))
-        else:
-            img = Image.open(source)
-        w, h = img.size
-        if w * h > max_pixels:
-            raise ImageDecodeError(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
-        img.load()
-        img = ImageOps.exif_transpose(img)
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            img = img.point(lambda v: v / 256).convert("L")
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            rgba = img.convert("RGBA")
-            bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(bg, rgba)
-        return img.convert("RGB")
-    except ImageDecodeError:
-        raise
-    except FileNotFoundError:
-        raise ImageDecodeError(f"image file not found: {source}") from None
-    except (Image.DecompressionBombError,) as e:
-        raise ImageDecodeError(f"image is too large: {e}") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        name = source if isinstance(source, (str, Path)) else "the given bytes"
-        raise ImageDecodeError(f"could not decode an image from {name}: {e}") from None
+def preprocess_cfg(cfg: VisionConfig) -> dict:
+    """open_clip's evaluation preprocessing for this tower: defaults, then the
+    model config's ``preprocess_cfg``, then the pretrained tag's, as
+    ``open_clip.create_model_and_transforms`` merges them."""
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    import open_clip
+
+    _register(cfg)
+    out = dataclasses.asdict(PreprocessCfg())
+    out = merge_preprocess_dict(out, (open_clip.get_model_config(cfg.model) or {}).get("preprocess_cfg", {}))
+    if cfg.pretrained and not Path(cfg.pretrained).exists():
+        out = merge_preprocess_dict(out, open_clip.get_pretrained_cfg(cfg.model, cfg.pretrained) or {})
+    out["size"] = vision_spec(cfg)["image_size"]
+    return out
+
+
+class PixelPipeline:
+    """Preprocessing split in two: ``crop`` runs on the CPU (decode, RGB,
+    resize, centre crop -> uint8 HxWx3, a quarter of float32's bytes to move),
+    ``normalize`` on the tower's device (scale, mean/std, dtype). Together
+    they equal open_clip's evaluation transform."""
+
+    def __init__(self, cfg: VisionConfig):
+        pp = preprocess_cfg(cfg)
+        self.cropper = ImageCropper.from_preprocess_cfg(pp)
+        self.size = self.cropper.size
+        self.mean = torch.tensor(pp["mean"]).view(1, 3, 1, 1)
+        self.std = torch.tensor(pp["std"]).view(1, 3, 1, 1)
+
+    def crop(self, source, max_pixels: int = DEFAULT_MAX_PIXELS):
+        """Image (path / bytes / PIL) -> uint8 array (size, size, 3)."""
+        return self.cropper(source, max_pixels)
+
+    def normalize(self, batch, device, dtype) -> torch.Tensor:
+        """uint8 (N, H, W, 3) array or tensor -> normalised (N, 3, H, W) on ``device``."""
+        x = torch.as_tensor(batch).to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+        x = (x - self.mean.to(device)) / self.std.to(device)
+        return x.to(dtype).contiguous(memory_format=torch.channels_last)
 
 
 class VisionEncoder(nn.Module):
@@ -127,7 +136,8 @@ class VisionEncoder(nn.Module):
         del model
         self.visual.requires_grad_(False).eval()
         self.visual.to(device=device, dtype=DTYPES[cfg.dtype])
-        self.preprocess = preprocess
+        self.preprocess = preprocess  # open_clip's own transform (PIL -> normalised tensor)
+        self.pipeline = PixelPipeline(cfg)
         layers = self.spec["layers"]
         self._block = cfg.feature_layer % layers
 
@@ -145,8 +155,10 @@ class VisionEncoder(nn.Module):
 
     def pixels(self, images) -> torch.Tensor:
         """Decode/convert and preprocess images into a pixel batch on the tower's device."""
-        batch = torch.stack([self.preprocess(load_image(im)) for im in images])
-        return batch.to(self.device, DTYPES[self.cfg.dtype])
+        import numpy as np
+
+        crops = np.stack([self.pipeline.crop(im) for im in images])
+        return self.pipeline.normalize(crops, self.device, DTYPES[self.cfg.dtype])
 
     @torch.no_grad()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
