@@ -1,0 +1,376 @@
+"""A learnable synthetic image data set in LLaVA format (``mmphi data synth``).
+
+Each image is a noisy grey background with 1 to 3 non-overlapping objects;
+each object has one of 6 shapes, one of 6 colours, a size (small or large)
+and a cell of a 3x3 grid. Objects of one image have distinct colours and
+distinct shapes, so naming one attribute picks one object. Each image gives
+one record (id = image stem) with 1 to 3 question/answer exchanges about
+colour, shape, position, count or size; about 5 % of the records are
+text-only arithmetic questions.
+
+The answers can be read from the image alone and not guessed from the
+question: within each question type the answers are (close to) uniform, and
+a conversation never asks what an earlier turn already said (the count
+question, if any, comes first; colour and shape are never asked together;
+every question asks an attribute no earlier question or answer revealed).
+So held-out accuracy above the chance levels written to ``synth.json``
+measures vision.
+
+Everything is drawn from ``random.Random`` streams derived from the seed
+(one per image, so the first N images do not depend on how many follow)
+and PIL drawing: the same seed gives byte-identical files.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+from collections import Counter
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from .llava import Record, write_llava
+
+VERSION = 1
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (40, 60, 220),
+           "yellow": (240, 220, 30), "purple": (140, 40, 170), "white": (250, 250, 250)}
+SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
+SIZES = {"small": (0.09, 0.11), "large": (0.17, 0.20)}  # radius of the bounding circle / image side
+CELLS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+CELL_MARGIN = 0.05   # an object's centre keeps this far (x side) from its cell's borders
+EDGE_PAD = 0.01      # ... and its bounding circle this far from the image edges
+GAP = 0.03           # minimum gap between two objects' bounding circles
+BACKGROUND = (35, 95)  # grey level range
+NOISE = 6              # +- noise on the background
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+           "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",
+           "nineteen", "twenty")
+DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+TEXT_FRACTION = 0.05
+
+ANSWERS = {
+    "colour": sorted(COLOURS), "shape": list(SHAPES), "position": list(CELLS),
+    "count": ["one", "two", "three"], "size": ["small", "large"],
+}
+CHANCE = {k: 1 / len(v) for k, v in ANSWERS.items()} | {"text": None}
+QTYPES = ("count", "colour", "shape", "position", "size")  # the order they are asked in
+
+TEMPLATES = {
+    "colour": ["What colour is the {shape}?", "What is the colour of the {shape}?",
+               "Which colour does the {shape} have?", "What color is the {shape}?"],
+    "colour1": ["What colour is the shape?", "What is the colour of the object?",
+                "Which colour is the object in the picture?", "What color is the shape?"],
+    "shape": ["What shape is the {colour} object?", "What is the shape of the {colour} object?",
+              "Which shape is drawn in {colour}?"],
+    "shape1": ["What shape is shown?", "Which shape is in the picture?", "What is the shape of the object?"],
+    "position": ["Where is the {colour} {shape}?", "In which part of the image is the {colour} {shape}?",
+                 "Where is the {colour} {shape} located?"],
+    "count": ["How many shapes are there?", "How many objects are in the image?",
+              "Count the shapes in the picture."],
+    "size": ["Is the {colour} {shape} small or large?", "Is the {colour} {shape} large or small?",
+             "How big is the {colour} {shape}: small or large?"],
+    "plus": ["What is {a} plus {b}?", "How much is {a} plus {b}?", "Add {a} and {b}. What do you get?"],
+    "minus": ["What is {a} minus {b}?", "How much is {a} take away {b}?", "Subtract {b} from {a}. What is left?"],
+    "next": ["What number comes after {a}?", "Which number follows {a}?", "What is the next number after {a}?"],
+    "day": ["What day comes after {day}?", "Which day follows {day}?", "What is the day after {day}?"],
+}
+# how often each group is picked for a conversation ("attr" is colour or shape)
+GROUP_WEIGHTS = {"count": 1, "attr": 2, "position": 1, "size": 1}
+EXCHANGE_WEIGHTS = {1: 0.5, 2: 0.3, 3: 0.2}
+
+
+def answer_text(canonical: str) -> str:
+    """``"top left"`` -> ``"Top left."``; evaluation compares case-insensitively without the period."""
+    return canonical[:1].upper() + canonical[1:] + "."
+
+
+def normalise_answer(text: str) -> str:
+    """Inverse of :func:`answer_text` for comparison: lower case, no outer spaces or final period."""
+    return text.strip().rstrip(".").strip().lower()
+
+
+def expected_answer(meta: dict, turn: int) -> str:
+    """The canonical answer of assistant turn ``turn``, recomputed from ``meta``."""
+    qtype, target, objects = meta["qtypes"][turn], meta["targets"][turn], meta["objects"]
+    if qtype == "count":
+        return NUMBERS[len(objects)]
+    if qtype in ("colour", "shape", "position", "size"):
+        return objects[target][qtype]
+    if qtype == "text":
+        return _text_answer(target)
+    raise ValueError(f"unknown question type {qtype!r}")
+
+
+# ---------------------------------------------------------------- drawing
+
+def _draw(d: ImageDraw.ImageDraw, shape: str, cx: int, cy: int, r: int, fill) -> None:
+    """Draw ``shape`` inside the circle of radius ``r`` around (cx, cy); solid, no antialiasing."""
+    if shape == "circle":
+        d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "square":
+        h = 0.72 * r
+        d.rectangle((cx - h, cy - h, cx + h, cy + h), fill=fill)
+    elif shape == "triangle":
+        d.polygon([(cx + r * math.cos(a), cy - r * math.sin(a)) for a in
+                   (math.pi / 2, math.pi / 2 + 2 * math.pi / 3, math.pi / 2 + 4 * math.pi / 3)], fill=fill)
+    elif shape == "star":
+        pts = []
+        for k in range(10):
+            a = math.pi / 2 + k * math.pi / 5
+            rr = r if k % 2 == 0 else 0.42 * r
+            pts.append((cx + rr * math.cos(a), cy - rr * math.sin(a)))
+        d.polygon(pts, fill=fill)
+    elif shape == "cross":
+        w, arm = 0.3 * r, 0.95 * r
+        d.rectangle((cx - arm, cy - w, cx + arm, cy + w), fill=fill)
+        d.rectangle((cx - w, cy - arm, cx + w, cy + arm), fill=fill)
+    elif shape == "diamond":
+        d.polygon([(cx, cy - r), (cx + 0.8 * r, cy), (cx, cy + r), (cx - 0.8 * r, cy)], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+
+
+def _cell_range(cell: int, r: int, size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Integer (x range, y range) for a centre in ``cell`` with radius ``r``."""
+    row, col = divmod(cell, 3)
+    third, m, pad = size / 3, CELL_MARGIN * size, EDGE_PAD * size
+
+    def span(k: int) -> tuple[int, int]:
+        lo = max(k * third + m, r + pad)
+        hi = min((k + 1) * third - m, size - 1 - r - pad)
+        return math.ceil(lo), math.floor(hi)
+
+    return span(col), span(row)
+
+
+def _place(rng: random.Random, radii: list[int], size: int) -> list[tuple[int, int, int]]:
+    """(cell, x, y) for each radius: distinct cells, bounding circles ``GAP`` apart."""
+    gap = GAP * size
+    for _ in range(1000):
+        cells = rng.sample(range(9), len(radii))
+        for _ in range(8):
+            placed = []
+            for cell, r in zip(cells, radii):
+                (x0, x1), (y0, y1) = _cell_range(cell, r, size)
+                x, y = rng.randint(x0, x1), rng.randint(y0, y1)
+                if all(math.hypot(x - px, y - py) >= r + pr + gap for (_, px, py), pr in zip(placed, radii)):
+                    placed.append((cell, x, y))
+                else:
+                    break
+            if len(placed) == len(radii):
+                return placed
+    raise RuntimeError(f"could not place {len(radii)} objects in a {size}px image")
+
+
+def make_scene(rng: random.Random, size: int) -> tuple[Image.Image, list[dict]]:
+    """One image and its objects (``shape, colour, size, position, center, radius, rgb``)."""
+    n = rng.randint(1, 3)
+    shapes = rng.sample(SHAPES, n)
+    colours = rng.sample(sorted(COLOURS), n)
+    sizes = [rng.choice(("small", "large")) for _ in range(n)]
+    radii = [round(size * rng.uniform(*SIZES[s])) for s in sizes]
+    places = _place(rng, radii, size)
+    grey = rng.randint(*BACKGROUND)
+    noise = Image.frombytes("L", (size, size), rng.randbytes(size * size))
+    img = noise.point(lambda v: grey - NOISE + (v * (2 * NOISE + 1) >> 8)).convert("RGB")
+    d = ImageDraw.Draw(img)
+    objects = []
+    for shape, colour, sz, r, (cell, x, y) in zip(shapes, colours, sizes, radii, places):
+        _draw(d, shape, x, y, r, COLOURS[colour])
+        objects.append({"shape": shape, "colour": colour, "size": sz, "position": CELLS[cell],
+                        "center": [x, y], "radius": r, "rgb": list(COLOURS[colour])})
+    return img, objects
+
+
+# ---------------------------------------------------------------- questions
+
+def _pick_groups(rng: random.Random) -> list[str]:
+    k = rng.choices(list(EXCHANGE_WEIGHTS), weights=list(EXCHANGE_WEIGHTS.values()))[0]
+    pool = dict(GROUP_WEIGHTS)
+    chosen = []
+    for _ in range(k):
+        g = rng.choices(list(pool), weights=list(pool.values()))[0]
+        chosen.append(g)
+        del pool[g]
+    qtypes = [rng.choice(("colour", "shape")) if g == "attr" else g for g in chosen]
+    return sorted(qtypes, key=QTYPES.index)
+
+
+def _question(rng: random.Random, qtype: str, obj: dict | None, n: int) -> str:
+    if qtype in ("colour", "shape") and n == 1:
+        return rng.choice(TEMPLATES[qtype + "1"])
+    return rng.choice(TEMPLATES[qtype]).format(**(obj or {}))
+
+
+def image_record(rng: random.Random, stem: str, image_path: str, objects: list[dict]) -> Record:
+    qtypes = _pick_groups(rng)
+    messages, targets = [], []
+    for t, qtype in enumerate(qtypes):
+        target = None if qtype == "count" else rng.randrange(len(objects))
+        q = _question(rng, qtype, objects[target] if target is not None else None, len(objects))
+        meta = {"objects": objects, "qtypes": qtypes, "targets": targets + [target]}
+        a = expected_answer(meta, t)
+        content = [{"type": "image"}, {"type": "text", "text": q}] if t == 0 else q
+        messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer_text(a)}]
+        targets.append(target)
+    answers = [normalise_answer(m["content"]) for m in messages if m["role"] == "assistant"]
+    return Record(id=stem, image=image_path, messages=messages,
+                  meta={"objects": objects, "qtypes": qtypes, "targets": targets, "answers": answers})
+
+
+def _text_answer(spec: dict) -> str:
+    op, a = spec["op"], spec["a"]
+    if op == "plus":
+        return NUMBERS[a + spec["b"]]
+    if op == "minus":
+        return NUMBERS[a - spec["b"]]
+    if op == "next":
+        return NUMBERS[a + 1]
+    if op == "day":
+        return DAYS[(DAYS.index(a) + 1) % 7].lower()
+    raise ValueError(f"unknown text question {op!r}")
+
+
+def _text_problem(rng: random.Random) -> tuple[dict, str]:
+    op = rng.choice(("plus", "minus", "next", "day"))
+    if op == "plus":
+        spec = {"op": op, "a": rng.randint(0, 10), "b": rng.randint(0, 10)}
+    elif op == "minus":
+        a = rng.randint(0, 20)
+        spec = {"op": op, "a": a, "b": rng.randint(0, a)}
+    elif op == "next":
+        spec = {"op": op, "a": rng.randint(0, 19)}
+    else:
+        spec = {"op": op, "a": rng.choice(DAYS)}
+    words = {"a": NUMBERS[spec["a"]] if op != "day" else None, "b": NUMBERS[spec["b"]] if "b" in spec else None,
+             "day": spec["a"] if op == "day" else None}
+    return spec, rng.choice(TEMPLATES[op]).format(**words)
+
+
+def text_record(rng: random.Random, rid: str) -> Record:
+    messages, targets = [], []
+    for _ in range(rng.choice((1, 1, 2))):
+        spec, q = _text_problem(rng)
+        a = _text_answer(spec)
+        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": answer_text(a)}]
+        targets.append(spec)
+    answers = [normalise_answer(m["content"]) for m in messages if m["role"] == "assistant"]
+    return Record(id=rid, image=None, messages=messages,
+                  meta={"objects": [], "qtypes": ["text"] * len(targets), "targets": targets, "answers": answers})
+
+
+# ---------------------------------------------------------------- the data set
+
+def _split(n: int, fraction: float, rng: random.Random) -> set[int]:
+    if n < 2 or fraction <= 0:
+        return set()
+    k = min(max(1, round(n * fraction)), n - 1)
+    return set(rng.sample(range(n), k))
+
+
+def _stats(records: list[Record]) -> dict:
+    answers: dict[str, Counter] = {}
+    for r in records:
+        for qtype, a in zip(r.meta["qtypes"], r.meta["answers"]):
+            answers.setdefault(qtype, Counter())[a] += 1
+    order = [q for q in (*QTYPES, "text") if q in answers]
+    return {
+        "questions": {q: sum(answers[q].values()) for q in order},
+        "majority": {q: round(max(answers[q].values()) / sum(answers[q].values()), 4) for q in order},
+        "answer_counts": {q: dict(sorted(answers[q].items())) for q in order},
+    }
+
+
+def synthesize(out_dir, *, images: int = 600, seed: int = 0, size: int = 128, val_fraction: float = 0.2,
+               progress: bool = True) -> dict:
+    """Write ``train.json``, ``val.json``, ``images/NNNNNN.png`` and ``synth.json``
+    under ``out_dir``; returns what ``synth.json`` holds (plus ``out_dir``)."""
+    if images < 1:
+        raise ValueError(f"images must be at least 1, got {images}")
+    if size < 32:
+        raise ValueError(f"size must be at least 32 pixels, got {size}")
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    n_text = max(1, round(images * TEXT_FRACTION / (1 - TEXT_FRACTION)))
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=images, desc="synth images", unit="img", file=sys.stderr, leave=False)
+    image_records = []
+    for i in range(images):
+        rng = random.Random(f"mmphi-synth/{seed}/image/{i}")
+        stem = f"{i:06d}"
+        img, objects = make_scene(rng, size)
+        img.save(out / "images" / f"{stem}.png", format="PNG")
+        image_records.append(image_record(rng, stem, f"{stem}.png", objects))
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
+    text_records = [text_record(random.Random(f"mmphi-synth/{seed}/text/{i}"), f"text-{i:06d}")
+                    for i in range(n_text)]
+
+    split_rng = random.Random(f"mmphi-synth/{seed}/split")
+    val_img = _split(images, val_fraction, split_rng)
+    val_txt = _split(n_text, val_fraction, split_rng)
+    train = [r for i, r in enumerate(image_records) if i not in val_img]
+    train += [r for i, r in enumerate(text_records) if i not in val_txt]
+    val = [r for i, r in enumerate(image_records) if i in val_img]
+    val += [r for i, r in enumerate(text_records) if i in val_txt]
+    write_llava(train, out / "train.json")
+    write_llava(val, out / "val.json")
+
+    stats = _stats(image_records + text_records)
+    info = {
+        "generator": "mmphi synthetic shapes",
+        "version": VERSION,
+        "params": {"images": images, "seed": seed, "size": size, "val_fraction": val_fraction,
+                   "text_records": n_text, "objects_per_image": [1, 3],
+                   "exchanges_per_record": {str(k): w for k, w in EXCHANGE_WEIGHTS.items()},
+                   "radius_fraction": {k: list(v) for k, v in SIZES.items()}, "cell_margin": CELL_MARGIN,
+                   "edge_pad": EDGE_PAD, "object_gap": GAP, "background": list(BACKGROUND), "noise": NOISE},
+        "colours": {k: list(v) for k, v in COLOURS.items()},
+        "shapes": list(SHAPES),
+        "cells": list(CELLS),
+        "answers": ANSWERS,
+        "chance": CHANCE,
+        "counts": {"records": len(image_records) + n_text, "images": images, "text_records": n_text,
+                   "train_records": len(train), "val_records": len(val),
+                   "train_images": images - len(val_img), "val_images": len(val_img),
+                   "questions": stats["questions"]},
+        "majority": stats["majority"],
+        "answer_counts": stats["answer_counts"],
+        "files": {"train": "train.json", "val": "val.json", "images": "images/"},
+    }
+    (out / "synth.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return info | {"out_dir": str(out)}
+
+
+def summary(info: dict) -> str:
+    c = info["counts"]
+    lines = [f"wrote {info.get('out_dir', '')}: {c['images']} images, {c['records']} records "
+             f"({c['text_records']} text-only); train {c['train_records']} records / {c['train_images']} images, "
+             f"val {c['val_records']} records / {c['val_images']} images",
+             f"{'question':<10}{'count':>7}{'chance':>9}{'majority':>10}"]
+    for q, n in c["questions"].items():
+        chance = info["chance"].get(q)
+        lines.append(f"{q:<10}{n:>7}{'-' if chance is None else f'{chance:.3f}':>9}{info['majority'][q]:>10.3f}")
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    """``mmphi data synth``: reads ``args.out, images, seed, size, val_fraction``."""
+    try:
+        info = synthesize(args.out, images=args.images, seed=args.seed, size=args.size,
+                          val_fraction=args.val_fraction, progress=True)
+    except ValueError as e:
+        print(f"mmphi data synth: {e}", file=sys.stderr)
+        return 2
+    print(summary(info))
+    return 0

@@ -1,0 +1,191 @@
+"""The synthetic shapes data set: parses, is deterministic, split by image,
+answers agree with the drawn scene, answers are near uniform per type."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import Counter
+
+import pytest
+
+from data_pipelines.llava import dataset_paths, read_llava
+from data_pipelines.synthetic import main, synthesize
+
+NUM = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+       "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"]
+DAYS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
+CELLS = ["top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right"]
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth600")
+    info = synthesize(out, images=600, seed=0, size=128, val_fraction=0.2, progress=False)
+    paths = dataset_paths(out)
+    train = read_llava(paths["train"], paths["images"], check_images=True)
+    val = read_llava(paths["val"], paths["images"], check_images=True)
+    return out, info, train, val
+
+
+def recompute(meta, turn):
+    """The answer from the scene description alone (independent of the generator's code)."""
+    qtype, target, objects = meta["qtypes"][turn], meta["targets"][turn], meta["objects"]
+    if qtype == "count":
+        return NUM[len(objects)]
+    if qtype == "text":
+        op, a = target["op"], target["a"]
+        return {"plus": lambda: NUM[a + target["b"]], "minus": lambda: NUM[a - target["b"]],
+                "next": lambda: NUM[a + 1], "day": lambda: DAYS[(DAYS.index(a.lower()) + 1) % 7]}[op]()
+    return objects[target][qtype]
+
+
+def test_parses_back_with_zero_errors(big):
+    out, info, train, val = big
+    assert train.errors == [] and val.errors == []
+    records = train.records + val.records
+    c = info["counts"]
+    assert len(records) == c["records"] == 600 + c["text_records"]
+    assert len(train.records) == c["train_records"] and len(val.records) == c["val_records"]
+    assert 0.03 <= c["text_records"] / c["records"] <= 0.07
+    assert json.loads((out / "synth.json").read_text())["counts"] == c
+    for r in records:
+        if r.image is None:
+            assert all(isinstance(m["content"], str) for m in r.messages)
+            continue
+        assert r.image == f"{r.id}.png"
+        first = r.messages[0]["content"]
+        assert first[0] == {"type": "image"} and first[1]["type"] == "text"
+        assert [m["role"] for m in r.messages] == ["user", "assistant"] * (len(r.messages) // 2)
+        assert 1 <= len(r.messages) // 2 <= 3
+
+
+def test_split_by_image(big):
+    _, info, train, val = big
+    tr = {r.image for r in train.records if r.image}
+    va = {r.image for r in val.records if r.image}
+    assert not tr & va
+    assert len(tr) + len(va) == 600 and len(va) == info["counts"]["val_images"] == 120
+    assert not {r.id for r in train.records} & {r.id for r in val.records}
+
+
+def test_answers_agree_with_meta_and_questions_name_the_object(big):
+    _, _, train, val = big
+    for r in train.records + val.records:
+        meta = r.meta
+        answers = [m["content"] for m in r.messages if m["role"] == "assistant"]
+        questions = [m["content"] if isinstance(m["content"], str) else m["content"][-1]["text"]
+                     for m in r.messages if m["role"] == "user"]
+        assert len(answers) == len(meta["qtypes"]) == len(meta["targets"]) == len(meta["answers"])
+        for t, (q, a) in enumerate(zip(questions, answers)):
+            want = recompute(meta, t)
+            assert a == want[0].upper() + want[1:] + "."
+            assert meta["answers"][t] == want
+            qtype, objs = meta["qtypes"][t], meta["objects"]
+            if qtype in ("colour", "shape", "position", "size") and len(objs) > 1:
+                obj = objs[meta["targets"][t]]
+                named = [obj["shape"]] if qtype == "colour" else [obj["colour"]] if qtype == "shape" \
+                    else [obj["colour"], obj["shape"]]
+                assert all(w in q for w in named), (q, obj)
+                assert qtype not in ("colour", "position", "size") or \
+                    not any(o["shape"] in q for o in objs if o is not obj)
+        qtypes = meta["qtypes"]
+        if r.image is not None:
+            # no leaks between turns: count first, colour and shape never together, no repeats
+            assert len(set(qtypes)) == len(qtypes)
+            assert "count" not in qtypes or qtypes[0] == "count"
+            assert not {"colour", "shape"} <= set(qtypes)
+
+
+def test_scenes_are_well_formed(big):
+    _, info, train, _ = big
+    size = info["params"]["size"]
+    for r in train.records:
+        objs = r.meta["objects"]
+        if r.image is None:
+            assert objs == []
+            continue
+        assert 1 <= len(objs) <= 3
+        assert len({o["colour"] for o in objs}) == len({o["shape"] for o in objs}) == len(objs)
+        for o in objs:
+            x, y = o["center"]
+            col, row = int(3 * x / size), int(3 * y / size)
+            assert CELLS[3 * row + col] == o["position"]
+            # the centre keeps a margin from its cell's borders
+            for v in (x, y):
+                assert min(v % (size / 3), size / 3 - v % (size / 3)) >= 0.05 * size - 1
+            assert o["radius"] <= x < size - o["radius"] and o["radius"] <= y < size - o["radius"]
+        for a in objs:
+            for b in objs:
+                if a is not b:
+                    assert math.dist(a["center"], b["center"]) > a["radius"] + b["radius"]
+        radii = {o["size"]: o["radius"] for o in objs}
+        if len(radii) == 2:
+            assert radii["large"] > 1.4 * radii["small"]
+
+
+def test_answers_near_uniform_and_chance_levels(big):
+    out, info, train, val = big
+    chance = json.loads((out / "synth.json").read_text())["chance"]
+    want = {"colour": 1 / 6, "shape": 1 / 6, "position": 1 / 9, "count": 1 / 3, "size": 1 / 2}
+    for q, p in want.items():
+        assert chance[q] == pytest.approx(p)
+    counts: dict[str, Counter] = {}
+    for r in train.records + val.records:
+        for q, a in zip(r.meta["qtypes"], r.meta["answers"]):
+            counts.setdefault(q, Counter())[a] += 1
+    for q, p in want.items():
+        n = sum(counts[q].values())
+        assert n >= 100, f"{q} asked only {n} times"
+        assert len(counts[q]) == round(1 / p), (q, counts[q])          # every answer occurs
+        majority = max(counts[q].values()) / n
+        assert info["majority"][q] == pytest.approx(majority, abs=1e-3)
+        assert info["counts"]["questions"][q] == n
+        limit = 1.6 if q in ("colour", "shape", "position") else 1.25
+        assert majority <= limit * p, (q, counts[q])
+
+
+def test_images_decode_and_show_the_objects(big):
+    from models.vision import load_image
+
+    out, info, train, _ = big
+    size = info["params"]["size"]
+    image_records = [r for r in train.records if r.image][:25]
+    for r in image_records:
+        img = load_image(out / "images" / r.image)
+        assert img.size == (size, size) and img.mode == "RGB"
+        for o in r.meta["objects"]:
+            px = img.getpixel(tuple(o["center"]))
+            assert all(abs(a - b) <= 3 for a, b in zip(px, o["rgb"])), (r.id, o, px)
+    single = next(r for r in image_records if len(r.meta["objects"]) == 1)
+    img = load_image(out / "images" / single.image)
+    o = single.meta["objects"][0]
+    assert img.getpixel(tuple(o["center"])) == tuple(o["rgb"])
+    # the far corner from the object is grey background
+    x, y = o["center"]
+    corner = (0 if x > size / 2 else size - 1, 0 if y > size / 2 else size - 1)
+    r_, g, b = img.getpixel(corner)
+    assert r_ == g == b and r_ < 120
+
+
+def test_deterministic_by_seed(tmp_path):
+    a = synthesize(tmp_path / "a", images=12, seed=3, size=64, progress=False)
+    b = synthesize(tmp_path / "b", images=12, seed=3, size=64, progress=False)
+    c = synthesize(tmp_path / "c", images=12, seed=4, size=64, progress=False)
+    assert a["counts"] == b["counts"]
+    for name in ("train.json", "val.json", "synth.json", "images/000000.png", "images/000007.png",
+                 "images/000011.png"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert (tmp_path / "a" / "train.json").read_bytes() != (tmp_path / "c" / "train.json").read_bytes()
+    assert (tmp_path / "a" / "images/000000.png").read_bytes() != (tmp_path / "c" / "images/000000.png").read_bytes()
+    assert read_llava(tmp_path / "c" / "val.json", tmp_path / "c" / "images").errors == []
+
+
+def test_main_prints_summary(tmp_path, capsys):
+    args = argparse.Namespace(out=str(tmp_path / "cli"), images=6, seed=0, size=48, val_fraction=0.5)
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "6 images" in text and "chance" in text and "colour" in text
+    assert (tmp_path / "cli" / "synth.json").is_file()
+    bad = argparse.Namespace(out=str(tmp_path / "bad"), images=0, seed=0, size=48, val_fraction=0.5)
+    assert main(bad) == 2
