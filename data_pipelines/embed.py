@@ -1,0 +1,426 @@
+"""Ray Data job: CLIP embeddings of every image a data set uses, once.
+
+    python -m data_pipelines.embed --data DIR --out DIR [--preset P] [--set k=v] [--gpus-per-actor 1]
+
+Pipeline (streaming, all Ray Data):
+
+1. the driver lists the images the conversations reference (deduplicated),
+   minus those already in finished shards of ``--out`` (resume);
+2. CPU tasks read each file (local or ``s3://``/``gs://``), decode it (EXIF
+   rotation, CMYK/grey/palette/16-bit -> RGB) and resize + centre-crop it to
+   uint8; an image that cannot be used becomes a logged "skipped" row;
+3. an actor pool (``ActorPoolStrategy``; one GPU per actor when
+   ``--gpus-per-actor`` > 0, else CPU) normalises on the device and runs the
+   CLIP tower in bf16/fp16/fp32 as the preset says;
+4. CPU tasks write shards of ``--shard-size`` images, each one Parquet file
+   written atomically, so a killed run loses at most the shards in flight.
+
+Output: ``OUT/shards/shard-*.parquet`` with columns ``path`` (relative to the
+image folder), ``embedding`` (raw little-endian bytes of a ``shape`` array of
+``dtype``), ``node`` (Ray node id that embedded it); each file's Parquet
+metadata lists the images it skipped and why. ``OUT/manifest.json`` names
+the encoder (identity as in ``models.vision.vision_identity``, open_clip
+version, weight fingerprint), dtype, shape, counts and shards.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import storage
+
+log = logging.getLogger(__name__)
+
+FORMAT = "mmphi-embeddings"
+VERSION = 1
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+STORE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+class EmbedError(RuntimeError):
+    """The job cannot run as asked; the message says why."""
+
+
+# ----------------------------------------------------------------- inputs
+def referenced_images(data: str | None = None, json_files: list[str] | None = None,
+                      images: str | None = None) -> tuple[str, list[str], dict]:
+    """``(image_root, sorted unique relative paths, info)`` for a data set
+    folder (``train.json``/``val.json``/``images/``), LLaVA json file(s) plus an
+    image folder, or an image folder alone (every image file in it)."""
+    files: list[str] = list(json_files or [])
+    if data is not None:
+        from .llava import dataset_paths
+
+        paths = dataset_paths(data)
+        files += [str(paths[k]) for k in ("train", "val") if paths.get(k) is not None]
+        images = images or str(paths["images"])
+    if images is None:
+        raise EmbedError("give --data DIR, or --images DIR (with optional --json FILE ...)")
+    if not Path(images).is_dir() and "://" not in images:
+        raise EmbedError(f"image folder not found: {images}")
+    info = {"json": files, "images": str(images)}
+    if files:
+        from .llava import read_llava
+
+        refs: set[str] = set()
+        n_refs = n_bad = 0
+        for f in files:
+            report = read_llava(f, images, check_images=False)
+            n_bad += len(report.errors)
+            for r in report.records:
+                if r.image:
+                    refs.add(r.image)
+                    n_refs += 1
+        info.update(references=n_refs, unique=len(refs), bad_records=n_bad)
+        return str(images), sorted(refs), info
+    root = Path(images)
+    found = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+    info.update(references=len(found), unique=len(found), bad_records=0)
+    return str(images), found, info
+
+
+# ----------------------------------------------------------------- shards
+def shard_dir(out: str) -> tuple[object, str]:
+    fs, base = storage.resolve(out)
+    return fs, storage.join(base, "shards")
+
+
+def finished(out: str) -> tuple[set[str], dict[str, str], list[str]]:
+    """Paths embedded and skipped in finished shards, and the shard files.
+    Leftover temporary files of a killed run are removed."""
+    import pyarrow.parquet as pq
+
+    fs, folder = shard_dir(out)
+    done: set[str] = set()
+    skipped: dict[str, str] = {}
+    files = []
+    for path in storage.list_files(fs, folder):
+        if ".tmp-" in path:
+            fs.delete_file(path)
+            continue
+        if not path.endswith(".parquet"):
+            continue
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            meta = pf.schema_arrow.metadata or {}
+            done.update(pf.read(columns=["path"]).column("path").to_pylist())
+        skipped.update(json.loads(meta.get(b"skipped", b"{}")))
+        files.append(path)
+    return done, skipped, files
+
+
+# ----------------------------------------------------------------- stages
+def decode_batch(batch: dict, *, root: str, crop: dict, max_pixels: int) -> dict:
+    """CPU: read + decode + crop each image; failures become error rows.
+    Imports only PIL/NumPy/pyarrow, so these workers start fast."""
+    from models.images import ImageCropper
+
+    cropper = ImageCropper(**crop)
+    fs, base = storage.resolve(root)
+    paths = [str(p) for p in batch["path"]]
+    pixels = np.zeros((len(paths), cropper.size, cropper.size, 3), np.uint8)
+    errors = []
+    for i, rel in enumerate(paths):
+        try:
+            pixels[i] = cropper(storage.read_bytes(fs, storage.join(base, rel)), max_pixels)
+            errors.append("")
+        except Exception as e:  # one bad image never stops the job
+            errors.append(f"{type(e).__name__}: {e}"[:500] or type(e).__name__)
+    return {"path": np.array(paths, dtype=object), "pixels": pixels, "error": np.array(errors, dtype=object)}
+
+
+class Embedder:
+    """Actor: the CLIP tower on its device; uint8 crops -> stored embeddings."""
+
+    def __init__(self, config: dict, store_dtype: str):
+        import ray
+        import torch
+
+        from models.config import config_from_dict
+        from models.vision import DTYPES, VisionEncoder
+
+        cfg = config_from_dict(config)
+        self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+        if self.device == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.encoder = VisionEncoder(cfg.vision, self.device)
+        self.dtype = DTYPES[cfg.vision.dtype]
+        self.store = {"float16": np.float16, "float32": np.float32}.get(store_dtype)
+        self.store_dtype = store_dtype
+        self.node = ray.get_runtime_context().get_node_id()
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        ok = np.array([not e for e in batch["error"]], dtype=bool)
+        n = len(batch["path"])
+        emb = np.empty(n, dtype=object)
+        emb[:] = [b""] * n
+        if ok.any():
+            with torch.inference_mode():
+                x = self.encoder.pipeline.normalize(batch["pixels"][ok], self.device, self.dtype)
+                feats = self.encoder(x)
+                if self.store_dtype == "bfloat16":
+                    raw = feats.to(torch.bfloat16).view(torch.int16).cpu().numpy()
+                else:
+                    raw = feats.float().cpu().numpy().astype(self.store)
+            emb[np.flatnonzero(ok)] = [r.tobytes() for r in raw]
+        return {"path": batch["path"], "embedding": emb, "error": batch["error"],
+                "node": np.array([self.node] * n, dtype=object)}
+
+
+def write_shard(batch: dict, *, out: str) -> dict:
+    """CPU: one atomic Parquet file per batch; returns a one-row summary."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, folder = shard_dir(out)
+    fs.create_dir(folder, recursive=True)
+    ok = [i for i, e in enumerate(batch["error"]) if not e]
+    skipped = {str(batch["path"][i]): str(batch["error"][i]) for i, e in enumerate(batch["error"]) if e}
+    table = pa.table({
+        "path": pa.array([str(batch["path"][i]) for i in ok], pa.string()),
+        "embedding": pa.array([batch["embedding"][i] for i in ok], pa.binary()),
+        "node": pa.array([str(batch["node"][i]) for i in ok], pa.string()),
+    }).replace_schema_metadata({"skipped": json.dumps(skipped)})
+    name = storage.join(folder, f"shard-{uuid.uuid4().hex[:12]}.parquet")
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    storage.write_bytes_atomic(fs, name, sink.getvalue().to_pybytes())
+    nodes = sorted({str(n) for n in batch["node"]})
+    return {"file": [name.rsplit("/", 1)[-1]], "rows": [len(ok)], "skipped": [len(skipped)], "nodes": [json.dumps(nodes)]}
+
+
+# ----------------------------------------------------------------- job
+@dataclass
+class EmbedSettings:
+    out: str
+    data: str | None = None
+    json_files: list[str] = field(default_factory=list)
+    images: str | None = None
+    preset: str = "tiny"
+    overrides: list[str] = field(default_factory=list)
+    store_dtype: str = "float16"
+    actors: int = 1
+    max_actors: int | None = None
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 0.5
+    cpus_per_task: float = 0.25
+    batch_size: int = 64
+    decode_batch: int = 32
+    shard_size: int = 256
+    max_pixels: int = 64_000_000
+    limit: int | None = None
+    address: str | None = None
+
+
+def job_identity(cfg, store_dtype: str) -> dict:
+    import open_clip
+
+    from models.vision import vision_identity, vision_spec
+
+    spec = vision_spec(cfg.vision)
+    return {"encoder": vision_identity(cfg.vision), "open_clip": open_clip.__version__, "dtype": store_dtype,
+            "shape": [spec["num_tokens"], spec["feature_dim"]], "compute_dtype": cfg.vision.dtype}
+
+
+def init_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # logical CPUs above the core count: fractional tasks/actors never deadlock on a small machine
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True)
+
+
+def run(s: EmbedSettings) -> dict:
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from models.config import load_config
+    from models.images import ImageCropper
+    from models.vision import preprocess_cfg
+
+    if s.store_dtype not in STORE_DTYPES:
+        raise EmbedError(f"--dtype must be one of {', '.join(STORE_DTYPES)}")
+    t0 = time.time()
+    cfg = load_config(s.preset, s.overrides)
+    ident = job_identity(cfg, s.store_dtype)
+    c = ImageCropper.from_preprocess_cfg(preprocess_cfg(cfg.vision))
+    crop = {"size": c.size, "interpolation": c.interpolation, "resize_mode": c.resize_mode}
+    root, paths, info = referenced_images(s.data, s.json_files, s.images)
+    if s.limit:
+        paths = paths[: s.limit]
+    fs, base = storage.resolve(s.out)
+    fs.create_dir(base, recursive=True)
+    job_file = storage.join(base, "job.json")
+    if storage.exists(fs, job_file):
+        prior = json.loads(storage.read_bytes(fs, job_file))
+        if prior != ident:
+            raise EmbedError(f"{s.out} holds embeddings of another encoder or dtype ({prior}); "
+                             "use a new --out, or delete it to start over")
+    else:
+        storage.write_bytes_atomic(fs, job_file, json.dumps(ident, indent=2).encode())
+    done, skipped_before, _ = finished(s.out)
+    wanted = set(paths)
+    todo = [p for p in paths if p not in done and p not in skipped_before]
+    log.info("%d images referenced (%d unique); %d already done, %d skipped before; %d to embed",
+             info["references"], len(paths), len(done & wanted), len(set(skipped_before) & wanted), len(todo))
+    summaries = []
+    if todo:
+        init_ray(s.address)
+        n_blocks = max(1, min(len(todo) // s.decode_batch, 2000))
+        ds = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=n_blocks)
+        ds = ds.map_batches(decode_batch, batch_size=s.decode_batch, num_cpus=s.cpus_per_task,
+                            fn_kwargs={"root": root, "crop": crop, "max_pixels": s.max_pixels})
+        remote = {"scheduling_strategy": "SPREAD"} if (s.max_actors or s.actors) > 1 else {}
+        ds = ds.map_batches(
+            Embedder, batch_size=s.batch_size,
+            compute=ActorPoolStrategy(min_size=s.actors, max_size=s.max_actors or s.actors),
+            num_gpus=s.gpus_per_actor, num_cpus=s.cpus_per_actor,
+            fn_constructor_kwargs={"config": cfg.to_dict(), "store_dtype": s.store_dtype}, **remote,
+        )
+        ds = ds.map_batches(write_shard, batch_size=s.shard_size, num_cpus=s.cpus_per_task, fn_kwargs={"out": s.out})
+        for row in ds.iter_rows():
+            summaries.append(row)
+    seconds = time.time() - t0
+    done, skipped, files = finished(s.out)
+    embedded_now = sum(r["rows"] for r in summaries)
+    manifest = {
+        "format": FORMAT, "version": VERSION, **ident,
+        "encoding": "row 'embedding' = raw little-endian bytes of a C-order array of `shape` and `dtype`",
+        "bytes_per_image": int(np.prod(ident["shape"])) * (4 if s.store_dtype == "float32" else 2),
+        "image_root": root, "source": info,
+        "count": len(done & wanted), "skipped": {p: skipped[p] for p in sorted(set(skipped) & wanted)},
+        "missing": len(wanted - done - set(skipped)),
+        "shards": [f.rsplit("/", 1)[-1] for f in files],
+        "last_run": {"embedded": embedded_now, "skipped": sum(r["skipped"] for r in summaries),
+                     "shards_written": len(summaries), "seconds": round(seconds, 2),
+                     "images_per_s": round(embedded_now / seconds, 2) if seconds else None,
+                     "shard_nodes": {r["file"]: json.loads(r["nodes"]) for r in summaries}},
+    }
+    storage.write_bytes_atomic(fs, storage.join(base, "manifest.json"), json.dumps(manifest, indent=2).encode())
+    return manifest
+
+
+# ----------------------------------------------------------------- reading
+class EmbeddingStore:
+    """Read embeddings back: ``store[path] -> np.ndarray (tokens, dim)``."""
+
+    def __init__(self, out: str):
+        fs, base = storage.resolve(out)
+        mf = storage.join(base, "manifest.json")
+        if not storage.exists(fs, mf):
+            raise FileNotFoundError(f"{out} has no manifest.json: run the embedding job first")
+        self.manifest = json.loads(storage.read_bytes(fs, mf))
+        if self.manifest.get("format") != FORMAT:
+            raise ValueError(f"{mf} is not an mmphi embeddings manifest")
+        self.shape = tuple(self.manifest["shape"])
+        self.dtype = self.manifest["dtype"]
+        self._fs, self._folder = fs, storage.join(base, "shards")
+        self._rows: dict[str, bytes] | None = None
+
+    @property
+    def identity(self) -> dict:
+        return {"vision": self.manifest["encoder"]}
+
+    def _load(self) -> dict[str, bytes]:
+        if self._rows is None:
+            import pyarrow.parquet as pq
+
+            rows: dict[str, bytes] = {}
+            for name in self.manifest["shards"]:
+                with self._fs.open_input_file(storage.join(self._folder, name)) as f:
+                    t = pq.read_table(f, columns=["path", "embedding"])
+                rows.update(zip(t.column("path").to_pylist(), t.column("embedding").to_pylist()))
+            self._rows = rows
+        return self._rows
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+    def __contains__(self, path: str) -> bool:
+        return path in self._load()
+
+    def paths(self) -> list[str]:
+        return sorted(self._load())
+
+    def __getitem__(self, path: str) -> np.ndarray:
+        raw = self._load()[path]
+        if self.dtype == "bfloat16":
+            import torch
+
+            return torch.frombuffer(bytearray(raw), dtype=torch.bfloat16).float().numpy().reshape(self.shape)
+        return np.frombuffer(raw, dtype=np.dtype(self.dtype).newbyteorder("<")).reshape(self.shape)
+
+
+# ----------------------------------------------------------------- CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="data set folder with train.json, val.json, images/")
+    p.add_argument("--json", dest="json_files", action="append", default=[], metavar="FILE",
+                   help="LLaVA-format json/jsonl (repeatable); use with --images")
+    p.add_argument("--images", help="image folder (alone: embed every image in it)")
+    p.add_argument("--out", required=True, help="output folder or URI (s3://..., gs://...)")
+    p.add_argument("--preset", default="tiny", help="model preset or config file (default: tiny)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. --set vision.patch_pool=2")
+    p.add_argument("--dtype", dest="store_dtype", default="float16", choices=STORE_DTYPES, help="stored dtype")
+    p.add_argument("--actors", type=int, default=1, help="encoder actors (min pool size)")
+    p.add_argument("--max-actors", type=int, default=None, help="max pool size (autoscaling)")
+    p.add_argument("--gpus-per-actor", type=float, default=None,
+                   help="GPUs per encoder actor (default: 1 when the cluster has GPUs, else 0)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per encoder call")
+    p.add_argument("--shard-size", type=int, default=256, help="images per output Parquet file")
+    p.add_argument("--limit", type=int, default=None, help="embed only the first N images (smoke runs)")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local cluster)")
+
+
+def settings_from_args(args: argparse.Namespace) -> EmbedSettings:
+    gpus = args.gpus_per_actor
+    if gpus is None:
+        import torch
+
+        gpus = 1.0 if torch.cuda.is_available() else 0.0
+    return EmbedSettings(out=args.out, data=args.data, json_files=args.json_files, images=args.images,
+                         preset=args.preset, overrides=args.overrides, store_dtype=args.store_dtype,
+                         actors=args.actors, max_actors=args.max_actors, gpus_per_actor=gpus,
+                         batch_size=args.batch_size, shard_size=args.shard_size, limit=args.limit,
+                         address=args.address)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        m = run(settings_from_args(args))
+    except (EmbedError, FileNotFoundError) as e:
+        print(f"embed: {e}", file=sys.stderr)
+        return 2
+    last = m["last_run"]
+    print(f"embeddings in {args.out}: {m['count']} images ({m['bytes_per_image']:,} bytes each, "
+          f"{m['dtype']} {m['shape']}), {len(m['skipped'])} skipped, {m['missing']} missing; this run: "
+          f"{last['embedded']} embedded, {last['skipped']} skipped in {last['seconds']} s "
+          f"({last['images_per_s']} images/s)")
+    for path, why in list(m["skipped"].items())[:10]:
+        print(f"  skipped {path}: {why}")
+    return 0 if m["missing"] == 0 else 1
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m data_pipelines.embed", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    raise SystemExit(main(parser.parse_args()))

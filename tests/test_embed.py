@@ -1,0 +1,184 @@
+"""The Ray Data embedding job on the tiny preset (local Ray, CPU)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from data_pipelines.embed import EmbeddingStore, EmbedError, EmbedSettings, finished, run
+
+N_IMAGES = 240
+
+
+def make_images(folder: Path, n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    rel = []
+    for i in range(n):
+        img = Image.new("RGB", (rng.randint(48, 120), rng.randint(48, 120)), (rng.randint(0, 80),) * 3)
+        d = ImageDraw.Draw(img)
+        d.ellipse((5, 5, 40, 40), fill=(rng.randint(0, 255), rng.randint(0, 255), rng.randint(0, 255)))
+        sub = "a" if i % 2 else "b/c"
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        name = f"{sub}/img{i:04d}.png"
+        img.save(folder / name)
+        rel.append(name)
+    return sorted(rel)
+
+
+def seed_broken(folder: Path) -> dict[str, str]:
+    """Every kind of awkward file; returns {name: expected 'skipped' or 'ok'}."""
+    good = Image.new("RGB", (64, 48), (200, 10, 10))
+    buf = folder / "good.jpg"
+    good.save(buf, quality=95)
+    data = buf.read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    (folder / "zero.png").write_bytes(b"")
+    (folder / "garbage.jpg").write_bytes(os.urandom(500))
+    Image.new("CMYK", (40, 40), (0, 255, 0, 0)).save(folder / "cmyk.jpg")
+    Image.new("L", (40, 40), 128).save(folder / "grey.png")
+    Image.new("P", (40, 40), 3).save(folder / "palette.png")
+    Image.new("I;16", (40, 40), 40000).save(folder / "sixteen.png")
+    rot = Image.new("RGB", (60, 30), (0, 0, 255))
+    exif = rot.getexif()
+    exif[0x0112] = 6
+    rot.save(folder / "rotated.jpg", exif=exif)
+    return {"good.jpg": "ok", "truncated.jpg": "skipped", "zero.png": "skipped", "garbage.jpg": "skipped",
+            "cmyk.jpg": "ok", "grey.png": "ok", "palette.png": "ok", "sixteen.png": "ok", "rotated.jpg": "ok"}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def image_set(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    return folder, make_images(folder, N_IMAGES)
+
+
+@pytest.fixture(scope="module")
+def full_run(ray_local, image_set, tmp_path_factory):
+    folder, rel = image_set
+    out = tmp_path_factory.mktemp("emb")
+    manifest = run(EmbedSettings(out=str(out), images=str(folder), shard_size=64, batch_size=32))
+    return out, manifest
+
+
+def test_every_image_embedded_exactly_once(full_run, image_set):
+    out, manifest = full_run
+    _, rel = image_set
+    import pyarrow.parquet as pq
+
+    paths = []
+    for f in sorted((out / "shards").glob("*.parquet")):
+        paths += pq.read_table(f, columns=["path"]).column("path").to_pylist()
+    assert sorted(paths) == rel  # each once, nothing else
+    assert manifest["count"] == N_IMAGES and manifest["missing"] == 0 and not manifest["skipped"]
+    assert manifest["shape"] == [64, 128] and manifest["dtype"] == "float16"
+    assert manifest["bytes_per_image"] == 64 * 128 * 2
+    assert manifest["encoder"]["token_mode"] == "patches"
+    assert len(manifest["shards"]) >= N_IMAGES // 64
+
+
+def test_values_match_the_encoder_called_directly(full_run, image_set, tiny_cfg):
+    """Stored fp16 features equal VisionEncoder.encode on the same file, to fp16 rounding
+    (|stored - direct| <= 2e-3 + 2e-3 * |direct|)."""
+    from models.vision import VisionEncoder
+
+    out, _ = full_run
+    folder, rel = image_set
+    store = EmbeddingStore(str(out))
+    enc = VisionEncoder(tiny_cfg.vision)
+    sample = rel[::40]
+    direct = enc.encode([folder / p for p in sample]).numpy()
+    for i, p in enumerate(sample):
+        got = store[p].astype(np.float32)
+        assert got.shape == (64, 128)
+        np.testing.assert_allclose(got, direct[i], rtol=2e-3, atol=2e-3)
+    assert store.identity["vision"]["model"] == tiny_cfg.vision.model
+
+
+def test_rerun_does_nothing_when_complete(full_run, image_set, ray_local):
+    out, _ = full_run
+    folder, _ = image_set
+    before = sorted(p.name for p in (out / "shards").glob("*.parquet"))
+    m = run(EmbedSettings(out=str(out), images=str(folder), shard_size=64))
+    assert m["last_run"]["embedded"] == 0 and m["last_run"]["shards_written"] == 0
+    assert sorted(p.name for p in (out / "shards").glob("*.parquet")) == before
+
+
+def test_other_encoder_into_same_folder_is_refused(full_run, image_set):
+    out, _ = full_run
+    folder, _ = image_set
+    with pytest.raises(EmbedError, match="another encoder"):
+        run(EmbedSettings(out=str(out), images=str(folder), overrides=["vision.token_mode=pooled"]))
+
+
+def test_broken_images_are_skipped_and_listed(ray_local, tmp_path):
+    folder = tmp_path / "img"
+    folder.mkdir()
+    expected = seed_broken(folder)
+    m = run(EmbedSettings(out=str(tmp_path / "emb"), images=str(folder), shard_size=4, batch_size=4))
+    skipped = set(m["skipped"])
+    assert skipped == {k for k, v in expected.items() if v == "skipped"}
+    assert m["count"] == sum(v == "ok" for v in expected.values()) and m["missing"] == 0
+    assert "empty" in m["skipped"]["zero.png"]
+    store = EmbeddingStore(str(tmp_path / "emb"))
+    assert set(store.paths()) == {k for k, v in expected.items() if v == "ok"}
+    # skipped images are remembered: a rerun does not retry them
+    again = run(EmbedSettings(out=str(tmp_path / "emb"), images=str(folder)))
+    assert again["last_run"]["embedded"] == 0 and again["last_run"]["skipped"] == 0
+
+
+def test_pooled_mode_and_patch_pooling_shapes(ray_local, image_set, tmp_path):
+    folder, rel = image_set
+    pooled = run(EmbedSettings(out=str(tmp_path / "p"), images=str(folder), limit=16,
+                               overrides=["vision.token_mode=pooled"]))
+    assert pooled["shape"] == [1, 128] and pooled["count"] == 16
+    pool2 = run(EmbedSettings(out=str(tmp_path / "q"), images=str(folder), limit=16,
+                              overrides=["vision.patch_pool=2"], store_dtype="float32"))
+    assert pool2["shape"] == [16, 128] and pool2["bytes_per_image"] == 16 * 128 * 4
+    assert EmbeddingStore(str(tmp_path / "q"))[rel[0]].dtype == np.float32
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_without_redoing_finished_shards(image_set, tmp_path):
+    folder, rel = image_set
+    out = tmp_path / "emb"
+    cmd = [sys.executable, "-m", "data_pipelines.embed", "--images", str(folder), "--out", str(out),
+           "--shard-size", "16", "--batch-size", "16"]
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and len(list((out / "shards").glob("*.parquet"))) < 3:
+            time.sleep(0.2)
+            assert proc.poll() is None, "the job finished before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done_after_kill, _, files = finished(str(out))
+    assert 0 < len(done_after_kill) < N_IMAGES
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.parquet")}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["last_run"]["embedded"] == N_IMAGES - len(done_after_kill)
+    for name, stamp in stamps.items():  # finished shards were kept, not rewritten
+        assert (out / "shards" / name).stat().st_mtime_ns == stamp
+    store = EmbeddingStore(str(out))
+    assert store.paths() == rel and len(store) == N_IMAGES
