@@ -222,6 +222,7 @@ class EmbedSettings:
     max_pixels: int = 64_000_000
     limit: int | None = None
     address: str | None = None
+    actor_wait_s: int = 900
 
 
 def job_identity(cfg, store_dtype: str) -> dict:
@@ -283,16 +284,18 @@ def run(s: EmbedSettings) -> dict:
     summaries = []
     if todo:
         init_ray(s.address)
-        n_blocks = max(1, min(len(todo) // s.decode_batch, 2000))
+        n_blocks = max(1, min(-(-len(todo) // s.decode_batch), 5000))  # about decode_batch rows a block
         ds = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=n_blocks)
         ds = ds.map_batches(decode_batch, batch_size=s.decode_batch, num_cpus=s.cpus_per_task,
                             fn_kwargs={"root": root, "crop": crop, "max_pixels": s.max_pixels})
-        remote = {"scheduling_strategy": "SPREAD"} if (s.max_actors or s.actors) > 1 else {}
+        # start work only once the minimum pool is up, so every actor gets a share
+        # (and a cluster that can never place them fails with a clear time-out)
+        ray.data.DataContext.get_current().wait_for_min_actors_s = s.actor_wait_s
         ds = ds.map_batches(
             Embedder, batch_size=s.batch_size,
             compute=ActorPoolStrategy(min_size=s.actors, max_size=s.max_actors or s.actors),
             num_gpus=s.gpus_per_actor, num_cpus=s.cpus_per_actor,
-            fn_constructor_kwargs={"config": cfg.to_dict(), "store_dtype": s.store_dtype}, **remote,
+            fn_constructor_kwargs={"config": cfg.to_dict(), "store_dtype": s.store_dtype},
         )
         ds = ds.map_batches(write_shard, batch_size=s.shard_size, num_cpus=s.cpus_per_task, fn_kwargs={"out": s.out})
         for row in ds.iter_rows():
