@@ -1,0 +1,167 @@
+"""Embedding throughput: the Ray Data job against a bare single-process loop.
+
+Same encoder, same images, same batch size, one run. Prints a table and
+writes JSON. Two bare figures are measured:
+
+- ``bare_e2e``: read + decode + crop each image, then encode, sequentially in
+  one process (what a simple script does);
+- ``bare_encoder``: the encoder alone on images already decoded in memory
+  (the ceiling for the device; the job's goal is >= 90 % of it).
+
+The job's figure is its steady state: images per second between its first
+and last shard written (Ray start-up and actor start excluded), and its
+whole wall time is reported too.
+
+    python bench/embed_bench.py                                  # tiny preset, CPU
+    python bench/embed_bench.py --preset phi3-mini --set vision.pretrained=null \\
+        --set vision.model=ViT-L-14 --images 6000 --batch-size 256   # on a GPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _make(args: tuple) -> None:
+    from PIL import Image, ImageDraw
+
+    folder, i, w, h = args
+    rng = random.Random(i)
+    img = Image.new("RGB", (w, h), tuple(rng.randint(0, 255) for _ in range(3)))
+    d = ImageDraw.Draw(img)
+    for _ in range(12):
+        x, y, r = rng.randint(0, w), rng.randint(0, h), rng.randint(10, 120)
+        d.ellipse((x - r, y - r, x + r, y + r), fill=tuple(rng.randint(0, 255) for _ in range(3)))
+    img.save(Path(folder) / f"{i:06d}.jpg", quality=90)
+
+
+def make_images(folder: Path, n: int, w: int, h: int) -> list[str]:
+    """COCO-like JPEGs (640x480 by default), made in parallel."""
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = [(str(folder), i, w, h) for i in range(n) if not (folder / f"{i:06d}.jpg").exists()]
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as ex:
+        list(ex.map(_make, todo, chunksize=64))
+    return sorted(p.name for p in folder.glob("*.jpg"))[:n]
+
+
+def sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def bare(cfg, folder: Path, names: list[str], batch: int, device: str, min_seconds: float = 5.0) -> dict:
+    """The bare loops, on at most 1,024 of the images (decoding is the slow part)."""
+    import torch
+
+    from models.images import ImageCropper
+    from models.vision import DTYPES, VisionEncoder, preprocess_cfg
+
+    enc = VisionEncoder(cfg.vision, device)
+    crop = ImageCropper.from_preprocess_cfg(preprocess_cfg(cfg.vision))
+    dtype = DTYPES[cfg.vision.dtype]
+    names = names[:1024]
+    t = time.perf_counter()
+    decoded = [np.stack([crop((folder / n).read_bytes()) for n in names[i:i + batch]])
+               for i in range(0, len(names), batch)]
+    decode_rate = len(names) / (time.perf_counter() - t)
+    with torch.inference_mode():
+        for _ in range(3):  # warm-up
+            enc(enc.pipeline.normalize(decoded[0], device, dtype)).cpu()
+    sync()
+    t = time.perf_counter()  # end to end, sequential: read + decode + crop, then encode
+    with torch.inference_mode():
+        for i in range(0, len(names), batch):
+            px = np.stack([crop((folder / n).read_bytes()) for n in names[i:i + batch]])
+            enc(enc.pipeline.normalize(px, device, dtype)).cpu()
+    sync()
+    e2e = len(names) / (time.perf_counter() - t)
+    if device == "cuda":
+        decoded = [torch.from_numpy(d).pin_memory() for d in decoded]
+    done, t = 0, time.perf_counter()  # the encoder alone, on decoded images, for min_seconds
+    with torch.inference_mode():
+        while time.perf_counter() - t < min_seconds:
+            for px in decoded:
+                enc(enc.pipeline.normalize(px, device, dtype)).cpu()
+                done += len(px)
+    sync()
+    enc_rate = done / (time.perf_counter() - t)
+    del enc
+    return {"bare_e2e_images_per_s": e2e, "bare_decode_images_per_s_one_core": decode_rate,
+            "bare_encoder_images_per_s": enc_rate}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--images", type=int, default=600)
+    ap.add_argument("--source-size", default="640x480", help="generated JPEG size WxH")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--shard-size", type=int, default=None, help="default: 4 batches")
+    ap.add_argument("--actors", type=int, default=1)
+    ap.add_argument("--workdir", default=None, help="where images and embeddings go (default: a temp dir)")
+    ap.add_argument("--out", default="embed_bench.json")
+    args = ap.parse_args()
+
+    import ray
+    import torch
+
+    from data_pipelines.embed import EmbedSettings, init_ray, run
+    from models.config import load_config
+
+    cfg = load_config(args.preset, args.overrides)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="embed-bench-"))
+    w, h = map(int, args.source_size.split("x"))
+    t = time.perf_counter()
+    names = make_images(work / "images", args.images, w, h)
+    print(f"{len(names)} images {w}x{h} ready in {time.perf_counter() - t:.1f} s", flush=True)
+
+    b = bare(cfg, work / "images", names, args.batch_size, device)
+    print(f"bare loop: {b}", flush=True)
+    torch.cuda.empty_cache() if device == "cuda" else None
+
+    init_ray(None)
+    out = work / f"emb-{time.time_ns()}"
+    t = time.perf_counter()
+    m = run(EmbedSettings(out=str(out), images=str(work / "images"), preset=args.preset, overrides=args.overrides,
+                          batch_size=args.batch_size, shard_size=args.shard_size or 4 * args.batch_size,
+                          actors=args.actors, gpus_per_actor=1.0 if device == "cuda" else 0.0,
+                          cpus_per_actor=1.0 if device == "cuda" else 0.5))
+    wall = time.perf_counter() - t
+    ray.shutdown()
+    job = m["last_run"]
+    steady = job["steady_images_per_s"] or job["images_per_s"]
+    res = {
+        "card": torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "date": time.strftime("%Y-%m-%d"), "preset": args.preset, "overrides": args.overrides,
+        "encoder": m["encoder"], "compute_dtype": cfg.vision.dtype, "images": len(names),
+        "source_size": args.source_size, "batch_size": args.batch_size, "actors": args.actors,
+        **{k: round(v, 1) for k, v in b.items()},
+        "job_steady_images_per_s": steady, "job_wall_s": round(wall, 1),
+        "job_images_per_s_incl_startup": round(len(names) / wall, 1),
+        "ratio_vs_bare_encoder": round(steady / b["bare_encoder_images_per_s"], 3),
+        "ratio_vs_bare_e2e": round(steady / b["bare_e2e_images_per_s"], 3),
+        "bytes_per_image": m["bytes_per_image"],
+    }
+    print(f"\n{'metric':<36}value")
+    for k, v in res.items():
+        print(f"{k:<36}{v}")
+    Path(args.out).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
