@@ -116,8 +116,13 @@ def main() -> None:
     ap.add_argument("--out", default="embed_bench.json")
     args = ap.parse_args()
 
+    import logging
+
     import ray
     import torch
+
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("data_pipelines").setLevel(logging.DEBUG if os.environ.get("BENCH_STATS") else logging.INFO)
 
     from data_pipelines.embed import EmbedSettings, init_ray, run
     from models.config import load_config
