@@ -34,7 +34,14 @@ def random_phi3_folder(cfg: LLMConfig, vocab_size: int, special: dict) -> Path:
         torch.manual_seed(cfg.seed)
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[cfg.dtype])
-        model.save_pretrained(folder)
+        # written by hand: save_pretrained writes nothing on ranks other than 0
+        # once torch.distributed is up (e.g. inside a Ray Train worker)
+        from safetensors.torch import save_model
+
+        model.config.save_pretrained(folder)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(folder)
+        save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
         log.info("wrote random %s-parameter Phi-3 to %s", f"{model.num_parameters():,}", folder)
 
     return materialize("phi3", spec, build)
