@@ -1,0 +1,24 @@
+"""``mmphi train projector|qlora``: the Ray Train jobs."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    from ray_jobs.train import add_arguments
+
+    p = sub.add_parser("train", help="train with Ray Train: stage 1 projector, stage 2 (Q)LoRA",
+                       description="Ray Train jobs on precomputed embeddings. Same --name and --out resumes.")
+    tsub = p.add_subparsers(dest="train_stage", metavar="STAGE", required=True)
+    s1 = tsub.add_parser("projector", help="stage 1: train the projector (Phi-3 and CLIP frozen)")
+    add_arguments(s1, "projector")
+    s1.set_defaults(func=lambda a: _run("projector", a))
+    s2 = tsub.add_parser("qlora", help="stage 2: instruction-tune Phi-3 with (Q)LoRA and the projector")
+    add_arguments(s2, "qlora")
+    s2.set_defaults(func=lambda a: _run("qlora", a))
+
+
+def _run(stage: str, args: argparse.Namespace) -> int:
+    from ray_jobs.train import main
+
+    return main(stage, args)

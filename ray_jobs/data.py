@@ -1,0 +1,98 @@
+"""Training samples from a data set folder plus its precomputed embeddings.
+
+Stage 1 (projector) learns from the first exchange of every image record;
+stage 2 (instruction tuning) from whole conversations, text-only ones
+included. Features come from the embedding job's shards, never from JPEGs.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from data_pipelines.embed import EmbeddingStore
+from data_pipelines.llava import dataset_paths, read_llava
+from models.conversation import Encoded, encode_for_training
+
+STAGES = ("projector", "qlora")
+
+
+@dataclass
+class Sample:
+    id: str
+    image: str | None
+    messages: list[dict]
+    qtypes: list[str]
+
+
+def load_samples(data: str, split: str, stage: str) -> list[Sample]:
+    paths = dataset_paths(data)
+    records = read_llava(paths[split], paths["images"], check_images=False).records
+    out = []
+    for r in records:
+        msgs = r.messages
+        qtypes = list(r.meta.get("qtypes", []))
+        if stage == "projector":
+            if not r.image:
+                continue
+            start = 1 if msgs[0]["role"] == "system" else 0
+            msgs = msgs[: start + 2]
+            qtypes = qtypes[:1]
+        out.append(Sample(str(r.id), r.image, msgs, qtypes))
+    return out
+
+
+def first_exchanges(samples: list[Sample]) -> list[Sample]:
+    """Held-out answer accuracy: the first question of each image conversation."""
+    out = []
+    for s in samples:
+        if not s.image:
+            continue
+        start = 1 if s.messages[0]["role"] == "system" else 0
+        out.append(Sample(s.id, s.image, s.messages[: start + 2], s.qtypes[:1] or ["?"]))
+    return out
+
+
+class Features:
+    """Image features by path from an embedding store, checked against the model."""
+
+    def __init__(self, store: EmbeddingStore, paths: list[str]):
+        missing = [p for p in paths if p not in store]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} images have no embedding (first: {missing[0]}); "
+                                    "run the embedding job on this data set first")
+        self._rows = {p: store[p] for p in sorted(set(paths))}
+
+    def batch(self, images: list[str]) -> torch.Tensor | None:
+        if not images:
+            return None
+        return torch.from_numpy(np.stack([self._rows[p].astype(np.float32) for p in images]))
+
+    def mean(self) -> torch.Tensor:
+        """The training mean of the features (per token position): the 'blind' input."""
+        return torch.from_numpy(np.mean(np.stack([v.astype(np.float32) for v in self._rows.values()]), axis=0))
+
+
+def encode_all(tok, samples: list[Sample], num_image_tokens: int, max_length: int) -> list[Encoded]:
+    return [encode_for_training(tok, s.messages, num_image_tokens, max_length) for s in samples]
+
+
+def length_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
+    """This worker's batches for one epoch: shuffled, sharded by rank, grouped by
+    similar length inside windows of 16 batches so padding stays small.
+    Deterministic in (seed, epoch, rank, world): a resumed run sees the same order."""
+    rng = random.Random(seed * 100_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    usable = len(order) - len(order) % world  # every worker the same number of samples
+    mine = order[rank:usable:world]
+    window = batch_size * 16
+    batches = []
+    for start in range(0, len(mine), window):
+        chunk = sorted(mine[start:start + window], key=lambda i: lengths[i])
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    batches = [b for b in batches if len(b) == batch_size] or batches[:1]
+    rng.shuffle(batches)
+    return batches

@@ -1,0 +1,190 @@
+"""A training run's own outputs beside Ray Train's checkpoints, in OUT/NAME:
+``metrics.jsonl`` (one line per evaluation), ``final/`` (the model
+checkpoint), ``summary.json`` and ``curves.png``. Local paths or URIs."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from data_pipelines import storage
+
+
+class RunOutputs:
+    def __init__(self, out: str, name: str):
+        self.fs, base = storage.resolve(out)
+        self.root = storage.join(base, name)
+        self.fs.create_dir(self.root, recursive=True)
+        self.metrics_path = storage.join(self.root, "metrics.jsonl")
+        self.final = storage.join(self.root, "final")
+
+    # metrics --------------------------------------------------------------
+    def metrics(self) -> list[dict]:
+        if not storage.exists(self.fs, self.metrics_path):
+            return []
+        text = storage.read_bytes(self.fs, self.metrics_path).decode()
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def _write(self, rows: list[dict]) -> None:
+        data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+        storage.write_bytes_atomic(self.fs, self.metrics_path, data)
+
+    def append(self, row: dict) -> None:
+        self._write(self.metrics() + [row])
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """On resume: forget lines written after the checkpoint we resume from."""
+        rows = self.metrics()
+        kept = [r for r in rows if r.get("step", 0) <= after_step]
+        if len(kept) != len(rows):
+            self._write(kept)
+
+    # live progress ------------------------------------------------------------
+    def register_worker(self, rank: int, start_step: int) -> None:
+        """``workers/rank-N.json``: where each worker runs (node, pid) and the
+        step it (re)started from; rewritten on every restart."""
+        import os
+        import time
+
+        import ray
+
+        folder = storage.join(self.root, "workers")
+        self.fs.create_dir(folder, recursive=True)
+        info = {"rank": rank, "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+                "start_step": start_step, "time": time.time()}
+        storage.write_bytes_atomic(self.fs, storage.join(folder, f"rank-{rank}.json"), json.dumps(info).encode())
+
+    def progress(self, step: int, loss: float) -> None:
+        """One line per step in ``progress.jsonl`` (local runs folders only)."""
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            import time
+
+            with open(storage.join(self.root, "progress.jsonl"), "a") as f:
+                f.write(json.dumps({"step": step, "loss": round(loss, 5), "t": round(time.time(), 3)}) + "\n")
+
+    def workers(self) -> list[dict]:
+        folder = storage.join(self.root, "workers")
+        return [json.loads(storage.read_bytes(self.fs, f)) for f in storage.list_files(self.fs, folder, ".json")]
+
+    # resume point ---------------------------------------------------------------
+    def newest_checkpoint(self) -> tuple[int, str] | None:
+        """``(step, folder)`` of the newest complete checkpoint folder Ray Train
+        wrote for this run. Ray's controller registers a reported checkpoint
+        only at its next poll of the workers (every few seconds), so after a
+        crash the newest one on storage can be newer than the one Ray offers."""
+        import io
+
+        import torch
+
+        best = None
+        infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+        for info in infos:
+            name = info.path.rsplit("/", 1)[-1]
+            if info.type != pafs.FileType.Directory or not name.startswith("checkpoint_"):
+                continue
+            state = storage.join(info.path, "train_state.pt")
+            if not (storage.exists(self.fs, state) and storage.exists(self.fs, storage.join(info.path, "mmphi.json"))):
+                continue
+            try:
+                step = torch.load(io.BytesIO(storage.read_bytes(self.fs, state)), weights_only=False)["step"]
+            except Exception:  # a folder cut short by the crash
+                continue
+            if best is None or step > best[0]:
+                best = (step, info.path)
+        return best
+
+    def local_copy(self, folder: str) -> str:
+        """A local path for a checkpoint folder (downloaded when remote)."""
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            return folder
+        import tempfile
+
+        dest = tempfile.mkdtemp(prefix="mmphi-resume-")
+        pafs.copy_files(folder, dest, source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())
+        return dest
+
+    # final checkpoint -------------------------------------------------------
+    def has_final(self) -> bool:
+        return storage.exists(self.fs, storage.join(self.final, "mmphi.json"))
+
+    def export_final(self, ckpt_dir: str) -> None:
+        if storage.exists(self.fs, self.final):
+            self.fs.delete_dir(self.final)
+        self.fs.create_dir(self.final, recursive=True)
+        src = Path(ckpt_dir)
+        for f in src.rglob("*"):
+            if f.is_file() and f.name != "train_state.pt":
+                dest = storage.join(self.final, f.relative_to(src).as_posix())
+                self.fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
+                pafs.copy_files(str(f), dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+
+    # summary ----------------------------------------------------------------
+    def write_summary(self, settings: dict, seconds: float, checkpoint: str | None) -> dict:
+        rows = self.metrics()
+        first = next((r for r in rows if r.get("step") == 0), {})
+        last_eval = next((r for r in reversed(rows) if "answer_accuracy" in r), {})
+        chance = _chance(settings.get("data"))
+        summary = {
+            "run": settings.get("name") or Path(self.root).name, "stage": settings.get("stage"),
+            "steps": max((r.get("step", 0) for r in rows), default=0), "planned_steps": settings.get("steps"),
+            "workers": settings.get("workers"), "seconds_last_fit": round(seconds, 1),
+            "first_loss": first.get("val_loss"), "ln_vocab": first.get("ln_vocab"),
+            "train_loss": last_eval.get("train_loss"), "val_loss": last_eval.get("val_loss"),
+            "perplexity": last_eval.get("perplexity"), "token_accuracy": last_eval.get("token_accuracy"),
+            "answer_accuracy": last_eval.get("answer_accuracy", {}),
+            "answer_counts": last_eval.get("answer_counts", {}),
+            "blind_answer_accuracy": next((r["blind_answer_accuracy"] for r in reversed(rows)
+                                           if "blind_answer_accuracy" in r), {}),
+            "chance": chance, "final": self.final if self.has_final() else None, "ray_checkpoint": checkpoint,
+        }
+        storage.write_bytes_atomic(self.fs, storage.join(self.root, "summary.json"),
+                                   json.dumps(summary, indent=2).encode())
+        if self.has_final():
+            storage.write_bytes_atomic(self.fs, storage.join(self.final, "summary.json"),
+                                       json.dumps(summary, indent=2).encode())
+        return summary
+
+    def plot(self) -> None:
+        rows = self.metrics()
+        if not rows:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+        for key in ("train_loss", "val_loss"):
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            if pts:
+                a.plot(*zip(*pts), marker="o", label=key)
+        a.set_xlabel("step"), a.set_ylabel("loss"), a.legend(), a.set_title("loss")
+        types = sorted({q for r in rows for q in r.get("answer_accuracy", {})})
+        for q in types:
+            pts = [(r["step"], r["answer_accuracy"][q]) for r in rows if q in r.get("answer_accuracy", {})]
+            b.plot(*zip(*pts), marker="o", label=q)
+        b.set_ylim(0, 1), b.set_xlabel("step"), b.set_ylabel("held-out answer accuracy"), b.set_title("accuracy")
+        if types:
+            b.legend()
+        fig.tight_layout()
+        import io
+
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=90)
+        plt.close(fig)
+        storage.write_bytes_atomic(self.fs, storage.join(self.root, "curves.png"), buf.getvalue())
+
+
+def _chance(data: str | None) -> dict:
+    if not data:
+        return {}
+    p = Path(data) / "synth.json"
+    if not p.exists():
+        return {}
+    return {k: v for k, v in json.loads(p.read_text()).get("chance", {}).items() if v}
+
+
+def is_finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)

@@ -1,0 +1,409 @@
+"""Ray Train jobs: stage 1 trains the projector (Phi-3 and CLIP frozen), stage 2
+instruction-tunes Phi-3 with (Q)LoRA together with the projector.
+
+    mmphi train projector --data D --embeddings E --out RUNS [--name N] [--workers 2] [--gpu]
+    mmphi train qlora     --data D --embeddings E --init RUNS/N/final --out RUNS [...]
+    python -m ray_jobs.train qlora ...        # the same, for `ray job submit -- ...`
+
+Each worker reads its own shard of the samples (features from the embedding
+job, never JPEGs), batches them by length, and averages the trainable
+gradients (LoRA + projector) across workers after every backward pass. Every
+``--ckpt-every`` steps and at the end, rank 0 reports a checkpoint to Ray
+Train: the model checkpoint folder (projector, PEFT adapter, tokenizer,
+config) plus ``train_state.pt`` (optimizer, scheduler, step, data position).
+A worker failure restarts all workers from the last checkpoint
+(``FailureConfig``); running the same command with the same ``--name`` and
+``--out`` resumes the run, a finished run does no more steps.
+
+Outputs in ``OUT/NAME/``: Ray Train's ``checkpoint_*`` folders, ``final/`` (the
+model checkpoint, loadable with ``MultimodalPhi3.from_checkpoint`` or plain
+transformers + peft from ``final/adapter``), ``metrics.jsonl``, ``curves.png``
+and ``summary.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainSettings:
+    stage: str
+    data: str
+    embeddings: str
+    out: str
+    name: str | None = None
+    init: str | None = None
+    preset: str = "tiny"
+    overrides: list[str] = field(default_factory=list)
+    workers: int = 1
+    gpu: bool = False
+    cpus_per_worker: float = 1.0
+    steps: int = 200
+    batch_size: int = 16
+    lr: float = 2e-3
+    warmup: int = 20
+    weight_decay: float = 0.0
+    eval_every: int = 100
+    ckpt_every: int = 50
+    eval_samples: int = 400
+    max_failures: int = 2
+    seed: int = 0
+    threads: int | None = None
+    address: str | None = None
+
+    def run_name(self) -> str:
+        return self.name or f"{Path(self.data).name}-{self.stage}"
+
+
+# ------------------------------------------------------------------ worker side
+def _all_reduce_grads(params, world: int) -> None:
+    import torch
+    import torch.distributed as dist
+
+    if world == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(g).to(p.dtype)
+        offset += n
+
+
+def _sum_across(values: list[float], world: int) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return f
+
+
+def evaluate(model, tok, val_enc, val_samples, feats, answer_samples, world: int, rank: int,
+             batch_size: int, blind_mean=None) -> dict:
+    """Validation loss, perplexity, token accuracy and per-type answer accuracy,
+    each worker on its share of the validation set, summed across workers."""
+    import torch
+
+    from data_pipelines.synthetic import normalise_answer
+    from models.conversation import IGNORE_INDEX, collate, encode_conversation
+
+    def image_feats(images):
+        if blind_mean is not None:
+            return blind_mean.unsqueeze(0).expand(len(images), *blind_mean.shape) if images else None
+        return feats.batch(images)
+
+    model.eval()
+    loss_sum = tok_right = tok_total = 0.0
+    mine = list(range(rank, len(val_enc), world))
+    with torch.no_grad():
+        for i in range(0, len(mine), batch_size):
+            idx = mine[i:i + batch_size]
+            batch = collate([val_enc[j] for j in idx], tok.ids.pad)
+            images = [val_samples[j].image for j in idx if val_samples[j].image]
+            out = model(**batch, image_features=image_feats(images))
+            logits, labels = out.logits[:, :-1], batch["labels"][:, 1:].to(out.logits.device)
+            keep = labels != IGNORE_INDEX
+            n = int(keep.sum())
+            loss_sum += float(out.loss) * n
+            tok_right += float((logits.argmax(-1)[keep] == labels[keep]).sum())
+            tok_total += n
+        right: dict[str, float] = {}
+        total: dict[str, float] = {}
+        ans = answer_samples[rank::world]
+        for i in range(0, len(ans), batch_size):
+            chunk = ans[i:i + batch_size]
+            enc = [encode_conversation(tok, s.messages[:-1], model.num_image_tokens, add_generation_prompt=True)
+                   for s in chunk]
+            batch = collate(enc, tok.ids.pad, padding_side="left")
+            gen = model.generate(batch["input_ids"], batch["attention_mask"], image_feats([s.image for s in chunk]),
+                                 max_new_tokens=8)
+            for row, s in zip(gen, chunk):
+                q = s.qtypes[0] if s.qtypes else "?"
+                total[q] = total.get(q, 0) + 1
+                right[q] = right.get(q, 0) + (normalise_answer(tok.decode(row)) ==
+                                              normalise_answer(s.messages[-1]["content"]))
+    qtypes = sorted(set(total) | {"colour", "shape", "position", "count", "size"})
+    sums = _sum_across([loss_sum, tok_right, tok_total] + [right.get(q, 0) for q in qtypes]
+                       + [total.get(q, 0) for q in qtypes], world)
+    loss_sum, tok_right, tok_total = sums[:3]
+    r, t = sums[3:3 + len(qtypes)], sums[3 + len(qtypes):]
+    model.train()
+    val_loss = loss_sum / max(tok_total, 1)
+    return {
+        "val_loss": val_loss, "perplexity": math.exp(min(val_loss, 50)), "token_accuracy": tok_right / max(tok_total, 1),
+        "answer_accuracy": {q: r[k] / t[k] for k, q in enumerate(qtypes) if t[k]},
+        "answer_counts": {q: int(t[k]) for k, q in enumerate(qtypes) if t[k]},
+    }
+
+
+def train_loop(config: dict) -> None:
+    """The per-worker training function given to ``TorchTrainer``."""
+    import ray.train
+    import torch
+
+    from data_pipelines.embed import EmbeddingStore
+    from models.checkpoint import load_checkpoint
+    from models.config import config_from_dict
+    from models.conversation import collate
+    from models.multimodal import MultimodalPhi3
+
+    from . import data as D
+    from .outputs import RunOutputs
+
+    s = TrainSettings(**config["settings"])
+    cfg = config_from_dict(config["model_config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    device = "cuda" if s.gpu and torch.cuda.is_available() else "cpu"
+    torch.manual_seed(s.seed + rank)
+
+    run_outputs = RunOutputs(s.out, s.run_name())
+    # resume: Ray Train's latest registered checkpoint, or a newer one it wrote but
+    # had not registered yet when the workers died (the newest on storage wins)
+    state = None
+    newest = run_outputs.newest_checkpoint()
+    if newest is not None:
+        d = run_outputs.local_copy(newest[1])
+    elif ray.train.get_checkpoint() is not None:
+        d = ray.train.get_checkpoint().to_directory()
+    if newest is not None or ray.train.get_checkpoint() is not None:
+        model = load_checkpoint(d, device=device, with_vision=False, trainable=True)
+        state = torch.load(Path(d) / "train_state.pt", weights_only=False)
+        resume_dir = d
+    elif s.init:
+        model = load_checkpoint(s.init, device=device, with_vision=False, trainable=True,
+                                overrides=[f"llm.lora.enabled={str(cfg.llm.lora.enabled).lower()}"] + s.overrides)
+    else:
+        model = MultimodalPhi3.from_config(cfg, device=device, with_vision=False, trainable=True)
+    if s.stage == "projector":  # stage 1: only the projector learns
+        for n, p in model.named_parameters():
+            p.requires_grad_(n.startswith("projector."))
+    tok = model.tokenizer
+    store = EmbeddingStore(s.embeddings)
+    from models.checkpoint import assert_compatible, identity
+
+    assert_compatible({"vision": identity(model.cfg)["vision"]}, store.identity, f"embeddings {s.embeddings}")
+
+    train = D.load_samples(s.data, "train", s.stage)
+    val = D.load_samples(s.data, "val", s.stage)
+    answers = D.first_exchanges(D.load_samples(s.data, "val", "qlora"))[: s.eval_samples]
+    feats = D.Features(store, [x.image for x in train + val + answers if x.image])
+    max_len = model.cfg.tokenizer.max_length
+    train_enc = D.encode_all(tok, train, model.num_image_tokens, max_len)
+    val_enc = D.encode_all(tok, val, model.num_image_tokens, max_len)[: s.eval_samples]
+    lengths = [len(e) for e in train_enc]
+    spe = len(D.length_batches(lengths, s.batch_size, s.seed, 0, rank, world))
+    if spe == 0:
+        raise ValueError(f"{len(train)} training samples are too few for {world} workers x batch {s.batch_size}")
+
+    params = model.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s.warmup, s.steps))
+    step = 0
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step = state["step"]
+        torch.set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+    run_outputs.register_worker(rank, step)
+    outputs = run_outputs if rank == 0 else None
+    if outputs is not None:
+        outputs.truncate_metrics(after_step=step)
+    train_mean = feats.mean()
+
+    def report(metrics: dict, final: bool = False) -> None:
+        ckpt_dir = None
+        rng = [torch.get_rng_state()]
+        if rank == 0:
+            ckpt_dir = tempfile.mkdtemp(prefix="mmphi-ckpt-")
+            model.save_checkpoint(ckpt_dir, extra={"stage": s.stage, "step": step, "run": s.run_name()})
+            torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
+                        "epoch": step // spe, "batch_index": step % spe, "rng": rng}, Path(ckpt_dir) / "train_state.pt")
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
+        if ckpt_dir:
+            if final:
+                outputs.export_final(ckpt_dir)
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+    if step == 0 and outputs is not None:
+        first = evaluate(model, tok, val_enc, val, feats, [], 1, 0, s.batch_size)
+        outputs.append({"step": 0, "val_loss": first["val_loss"], "ln_vocab": math.log(model.llm.get_input_embeddings().weight.shape[0])})
+    elif step == 0:
+        pass
+    model.train()
+    t_last, tokens = time.time(), 0
+    running = []
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    while step < s.steps:
+        epoch, index = divmod(step, spe)
+        order = D.length_batches(lengths, s.batch_size, s.seed, epoch, rank, world)
+        idx = order[index]
+        batch = collate([train_enc[i] for i in idx], tok.ids.pad)
+        images = [train[i].image for i in idx if train[i].image]
+        with amp:
+            loss = model(**batch, image_features=feats.batch(images)).loss
+        loss.backward()
+        _all_reduce_grads(params, world)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        running.append(loss.item())
+        if outputs is not None:
+            outputs.progress(step, running[-1])
+        tokens += int(batch["attention_mask"].sum())
+        is_eval = step % s.eval_every == 0 or step == s.steps
+        is_ckpt = step % s.ckpt_every == 0 or step == s.steps
+        if is_eval or is_ckpt:
+            train_loss = _sum_across([sum(running), len(running)], world)
+            elapsed = time.time() - t_last
+            metrics = {"step": step, "epoch": step / spe, "train_loss": train_loss[0] / max(train_loss[1], 1),
+                       "lr": sched.get_last_lr()[0],
+                       "tokens_per_s": _sum_across([tokens], world)[0] / max(elapsed, 1e-9)}
+            running, tokens, t_last = [], 0, time.time()
+            if is_eval:
+                metrics.update(evaluate(model, tok, val_enc, val, feats, answers, world, rank, s.batch_size))
+            if step == s.steps:
+                blind = evaluate(model, tok, val_enc, val, feats, answers, world, rank, s.batch_size, blind_mean=train_mean)
+                metrics["blind_answer_accuracy"] = blind["answer_accuracy"]
+            if outputs is not None:
+                outputs.append(metrics)
+            report({k: v for k, v in metrics.items() if not isinstance(v, dict)}, final=step == s.steps)
+    if state is not None and state["step"] >= s.steps and outputs is not None and not outputs.has_final():
+        outputs.export_final(resume_dir)
+
+
+# ------------------------------------------------------------------ driver side
+def run(s: TrainSettings) -> dict:
+    """Run (or resume) one stage; returns the summary."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from data_pipelines.embed import init_ray
+    from models.config import load_config
+
+    from .outputs import RunOutputs
+
+    if s.stage not in ("projector", "qlora"):
+        raise ValueError(f"stage must be 'projector' or 'qlora', got {s.stage!r}")
+    if s.init:
+        from models.checkpoint import read_meta
+
+        meta = read_meta(s.init)  # fails clearly on a wrong folder
+        data = meta["config"]
+        from models.config import _merge, _parse_override, config_from_dict
+
+        for item in s.overrides:
+            data = _merge(data, _parse_override(item))
+        cfg = config_from_dict(data)
+    else:
+        cfg = load_config(s.preset, s.overrides)
+    if s.stage == "projector":
+        cfg.llm.lora.enabled = False
+    else:
+        cfg.llm.lora.enabled = True
+    s.out = str(Path(s.out).resolve()) if "://" not in s.out else s.out
+    s.data, s.embeddings = str(Path(s.data).resolve()), str(Path(s.embeddings).resolve()) if "://" not in s.embeddings else s.embeddings
+    if s.init:
+        s.init = str(Path(s.init).resolve())
+    init_ray(s.address)
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"settings": asdict(s), "model_config": cfg.to_dict()},
+        torch_config=TorchConfig(backend="nccl" if s.gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=s.gpu,
+                                     resources_per_worker={"CPU": s.cpus_per_worker}),
+        run_config=RunConfig(name=s.run_name(), storage_path=s.out,
+                             failure_config=FailureConfig(max_failures=s.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    t0 = time.time()
+    result = trainer.fit()
+    outputs = RunOutputs(s.out, s.run_name())
+    summary = outputs.write_summary(settings=asdict(s), seconds=time.time() - t0,
+                                    checkpoint=str(result.checkpoint.path) if result.checkpoint else None)
+    outputs.plot()
+    return summary
+
+
+def add_arguments(p: argparse.ArgumentParser, stage: str | None = None) -> None:
+    p.add_argument("--data", required=True, help="data set folder (train.json, val.json, images/)")
+    p.add_argument("--embeddings", required=True, help="output folder of the embedding job for this data set")
+    p.add_argument("--out", required=True, help="runs folder (local or s3://...): the run goes to OUT/NAME")
+    p.add_argument("--name", help="run name (default: DATA-STAGE); the same name resumes")
+    if stage != "projector":
+        p.add_argument("--init", help="stage-1 checkpoint folder (OUT/NAME/final) to start from")
+    p.add_argument("--preset", default="tiny", help="model preset when not starting from --init")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=16, help="per worker")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--ckpt-every", type=int, default=50)
+    p.add_argument("--eval-samples", type=int, default=400)
+    p.add_argument("--max-failures", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch threads per worker")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local cluster)")
+
+
+def settings_from_args(stage: str, a: argparse.Namespace) -> TrainSettings:
+    return TrainSettings(stage=stage, data=a.data, embeddings=a.embeddings, out=a.out, name=a.name,
+                         init=getattr(a, "init", None), preset=a.preset, overrides=a.overrides, workers=a.workers,
+                         gpu=a.gpu, cpus_per_worker=a.cpus_per_worker, steps=a.steps, batch_size=a.batch_size,
+                         lr=a.lr, warmup=a.warmup, eval_every=a.eval_every, ckpt_every=a.ckpt_every,
+                         eval_samples=a.eval_samples, max_failures=a.max_failures, threads=a.threads,
+                         seed=a.seed, address=a.address)
+
+
+def main(stage: str, args: argparse.Namespace) -> int:
+    summary = run(settings_from_args(stage, args))
+    print(json.dumps({k: summary[k] for k in ("run", "steps", "final", "answer_accuracy", "blind_answer_accuracy",
+                                               "chance") if k in summary}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m ray_jobs.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="stage", required=True)
+    for st in ("projector", "qlora"):
+        add_arguments(sub.add_parser(st), st)
+    logging.basicConfig(level=logging.INFO)
+    a = parser.parse_args()
+    raise SystemExit(main(a.stage, a))
