@@ -85,6 +85,14 @@ def _all_reduce_grads(params, world: int) -> None:
         offset += n
 
 
+def _broadcast_from_rank0(params, world: int) -> None:
+    import torch.distributed as dist
+
+    if world > 1:
+        for p in params:
+            dist.broadcast(p.data, src=0)
+
+
 def _sum_across(values: list[float], world: int) -> list[float]:
     import torch
     import torch.distributed as dist
@@ -183,7 +191,7 @@ def train_loop(config: dict) -> None:
     if s.threads:
         torch.set_num_threads(s.threads)
     device = "cuda" if s.gpu and torch.cuda.is_available() else "cpu"
-    torch.manual_seed(s.seed + rank)
+    torch.manual_seed(s.seed)  # every rank builds the same fresh LoRA / projector
 
     run_outputs = RunOutputs(s.out, s.run_name())
     # resume: Ray Train's latest registered checkpoint, or a newer one it wrote but
@@ -225,6 +233,8 @@ def train_loop(config: dict) -> None:
         raise ValueError(f"{len(train)} training samples are too few for {world} workers x batch {s.batch_size}")
 
     params = model.trainable_parameters()
+    _broadcast_from_rank0(params, world)  # replicas start identical, whatever each rank loaded
+    torch.manual_seed(s.seed + 1000 * (rank + 1))  # dropout differs per rank
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s.warmup, s.steps))
     step = 0

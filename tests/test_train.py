@@ -150,3 +150,17 @@ def test_two_nodes_one_worker_each(tmp_path, dataset):
         ray.shutdown()
         cluster.shutdown()
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # for later tests in this module
+
+
+def test_eval_command_matches_the_training_evaluation(stages, dataset):
+    from ray_jobs.evaluate import evaluate_checkpoint
+
+    _, s2 = stages
+    res = evaluate_checkpoint(str(dataset / "runs" / "s2" / "final"), str(dataset / "data"), str(dataset / "emb"),
+                              samples=24, device="cpu")
+    # the same number proves the checkpoint holds the weights every worker evaluated
+    # (replicas that drifted apart would give another validation loss)
+    assert res["val_loss"] == pytest.approx(s2["val_loss"], rel=1e-4)
+    assert res["answer_accuracy"] == pytest.approx(s2["answer_accuracy"])
+    assert res["blind_answer_accuracy"] == pytest.approx(s2["blind_answer_accuracy"])
+    assert res["chance"]["position"] == pytest.approx(1 / 9)

@@ -18,6 +18,21 @@ def register(sub) -> None:
     s2.set_defaults(func=lambda a: _run("qlora", a))
 
 
+    from ray_jobs.evaluate import add_arguments as eval_arguments
+
+    e = sub.add_parser("eval", help="held-out metrics of a checkpoint (answer accuracy per question type)",
+                       description="Validation loss, perplexity, token accuracy and per-type answer accuracy of a "
+                                   "checkpoint, with the blind (image replaced by the training mean) baseline.")
+    eval_arguments(e)
+    e.set_defaults(func=_eval)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from ray_jobs.evaluate import main
+
+    return main(args)
+
+
 def _run(stage: str, args: argparse.Namespace) -> int:
     from ray_jobs.train import main
 
