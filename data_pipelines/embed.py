@@ -255,7 +255,7 @@ def init_ray(address: str | None) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         # logical CPUs above the core count: fractional tasks/actors never deadlock on a small machine
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), log_to_driver=True)
 
 
 def run(s: EmbedSettings) -> dict:

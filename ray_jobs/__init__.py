@@ -1,4 +1,9 @@
-"""Ray Train jobs (projector pre-training, QLoRA instruction tuning) and evaluation.
+"""Ray Train jobs and evaluation.
 
-Uses ``models`` and ``data_pipelines``. Nothing here yet.
+- ``train``: stage 1 (projector) and stage 2 ((Q)LoRA + projector) as ``TorchTrainer`` jobs (``mmphi train``);
+- ``evaluate``: held-out metrics of a checkpoint (``mmphi eval``);
+- ``data``: training samples and features from a data set and its embeddings;
+- ``outputs``: a run's metrics, final checkpoint, summary and curves.
+
+Uses ``models`` and ``data_pipelines``.
 """
