@@ -36,6 +36,16 @@ def evaluate_checkpoint(checkpoint: str, data: str, embeddings: str, samples: in
             "checkpoint": checkpoint}
 
 
+def accuracy_table(res: dict, indent: str = "") -> str:
+    """Per question type: answer accuracy, blind accuracy, chance level, count."""
+    lines = [f"{indent}{'question':<10}{'accuracy':>10}{'blind':>8}{'chance':>8}{'n':>6}"]
+    for q, acc in res["answer_accuracy"].items():
+        ch = res["chance"].get(q)
+        lines.append(f"{indent}{q:<10}{acc:>10.1%}{res['blind_answer_accuracy'].get(q, 0):>8.1%}"
+                     f"{(f'{ch:.1%}' if ch else '-'):>8}{res['answer_counts'][q]:>6}")
+    return "\n".join(lines)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="model checkpoint folder (e.g. RUNS/NAME/final)")
     p.add_argument("--data", required=True, help="data set folder (its val.json is evaluated)")
@@ -52,11 +62,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"eval: {e}", file=sys.stderr)
         return 2
     print(f"val loss {res['val_loss']:.4f}  perplexity {res['perplexity']:.2f}  token accuracy {res['token_accuracy']:.3f}")
-    print(f"{'question':<10}{'accuracy':>10}{'blind':>8}{'chance':>8}{'n':>6}")
-    for q, acc in res["answer_accuracy"].items():
-        ch = res["chance"].get(q)
-        print(f"{q:<10}{acc:>10.1%}{res['blind_answer_accuracy'].get(q, 0):>8.1%}"
-              f"{(f'{ch:.1%}' if ch else '-'):>8}{res['answer_counts'][q]:>6}")
+    print(accuracy_table(res))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=2)

@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from models.multimodal import MultimodalPhi3
     from models.speech import SAMPLE_RATE, SpeechRecognizer
     from ray_jobs import data as D
+    from ray_jobs.evaluate import accuracy_table
     from ray_jobs.train import TrainSettings
     from ray_jobs.train import run as train
 
@@ -92,11 +93,9 @@ def run(args: argparse.Namespace) -> int:
     s2 = train(TrainSettings(stage="qlora", name="stage2", init=s1["final"], steps=args.steps,
                              eval_every=max(args.steps // 2, 1), ckpt_every=max(args.steps // 4, 1), **common))
     print(f"      loss {s2['first_loss']:.3f} -> {s2['val_loss']:.3f}; token accuracy {s2['token_accuracy']:.1%}")
-    print(f"      held-out answer accuracy (blind = images replaced by their mean), {runs / 'stage2' / 'curves.png'}:")
-    for q, acc in s2["answer_accuracy"].items():
-        ch = s2["chance"].get(q)
-        print(f"        {q:<9} {acc:>5.0%}   blind {s2['blind_answer_accuracy'].get(q, 0):>5.0%}   "
-              f"chance {(f'{ch:.0%}' if ch else '-'):>4}   n={s2['answer_counts'][q]}")
+    print(f"      held-out answer accuracy (blind: images replaced by their mean); curves in "
+          f"{runs / 'stage2' / 'curves.png'}:")
+    print(accuracy_table(s2, indent="        "))
 
     print(f"[5/6] checkpoint: reload {s2['final']}, compare with the run's evaluation, ask about an image")
     store = EmbeddingStore(str(emb_dir))
