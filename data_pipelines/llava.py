@@ -276,7 +276,6 @@ def _content_to_value(content: Any, role: str, rid: str) -> tuple[str, int]:
     else:
         raise ValueError(f"record {rid}: message content must be a string or a list of parts")
     images = [i for i, p in enumerate(parts) if isinstance(p, dict) and p.get("type") in ("image", "image_url")]
-    texts = []
     for p in parts:
         if not isinstance(p, dict) or p.get("type") not in ("text", "image", "image_url"):
             raise ValueError(f"record {rid}: unknown content part {p!r}")

@@ -4,7 +4,6 @@ checkpoint), ``summary.json`` and ``curves.png``. Local paths or URIs."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -185,6 +184,3 @@ def _chance(data: str | None) -> dict:
         return {}
     return {k: v for k, v in json.loads(p.read_text()).get("chance", {}).items() if v}
 
-
-def is_finite(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)

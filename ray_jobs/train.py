@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -266,8 +265,6 @@ def train_loop(config: dict) -> None:
     if step == 0 and outputs is not None:
         first = evaluate(model, tok, val_enc, val, feats, [], 1, 0, s.batch_size)
         outputs.append({"step": 0, "val_loss": first["val_loss"], "ln_vocab": math.log(model.llm.get_input_embeddings().weight.shape[0])})
-    elif step == 0:
-        pass
     model.train()
     t_last, tokens = time.time(), 0
     running = []
@@ -315,7 +312,6 @@ def train_loop(config: dict) -> None:
 # ------------------------------------------------------------------ driver side
 def run(s: TrainSettings) -> dict:
     """Run (or resume) one stage; returns the summary."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 

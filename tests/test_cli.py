@@ -3,7 +3,6 @@ offline, with the test session's private weights cache."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil

@@ -171,7 +171,7 @@ def test_images_decode_and_show_the_objects(big):
 def test_deterministic_by_seed(tmp_path):
     a = synthesize(tmp_path / "a", images=12, seed=3, size=64, progress=False)
     b = synthesize(tmp_path / "b", images=12, seed=3, size=64, progress=False)
-    c = synthesize(tmp_path / "c", images=12, seed=4, size=64, progress=False)
+    synthesize(tmp_path / "c", images=12, seed=4, size=64, progress=False)
     assert a["counts"] == b["counts"]
     for name in ("train.json", "val.json", "synth.json", "images/000000.png", "images/000007.png",
                  "images/000011.png"):

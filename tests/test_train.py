@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from ray_jobs.outputs import RunOutputs
 from ray_jobs.train import TrainSettings, run
