@@ -10,8 +10,9 @@ It runs every stage built so far, reusing what an earlier run finished:
 4. ``mmphi train qlora``: stage 2 from stage 1, LoRA + projector, then
    held-out answer accuracy per question type next to its chance level and
    the "blind" accuracy (images replaced by their training mean);
-5. the final checkpoint reloaded and checked to give the logits the training
-   run evaluated, and one answer about a held-out image;
+5. the final checkpoint reloaded, the stored embeddings checked against the
+   live CLIP tower (same logits within 1e-2), and one answer about a
+   held-out image;
 6. Whisper transcribing a clip.
 
 Both training stages are short here, so accuracy stays near chance: the demo
@@ -97,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
           f"{runs / 'stage2' / 'curves.png'}:")
     print(accuracy_table(s2, indent="        "))
 
-    print(f"[5/6] checkpoint: reload {s2['final']}, compare with the run's evaluation, ask about an image")
+    print(f"[5/6] checkpoint: reload {s2['final']}, check stored embeddings against the live CLIP tower, "
+          "ask about an image")
     store = EmbeddingStore(str(emb_dir))
     model = MultimodalPhi3.from_checkpoint(s2["final"], device=args.device, expect=store.identity)
     val = D.first_exchanges(D.load_samples(str(data), "val", "qlora"))
