@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import ModelConfig, config_from_dict
+from .config import ModelConfig
 from .vision import vision_identity
 from .weights import fingerprint
 
@@ -115,16 +115,13 @@ def load_checkpoint(
     manifest) the checkpoint must match. ``overrides``: runtime settings
     (``llm.load_in_4bit=true``, ``llm.dtype=bfloat16`` ...) that do not change
     what the checkpoint is; changing its identity is refused."""
-    from .config import _merge, _parse_override
+    from .config import apply_overrides
     from .multimodal import MultimodalPhi3
     from .tokenizer import ChatTokenizer
 
     path = Path(path)
     meta = read_meta(path)
-    data = meta["config"]
-    for item in overrides or []:
-        data = _merge(data, _parse_override(item))
-    cfg = config_from_dict(data)
+    cfg = apply_overrides(meta["config"], overrides)
     saved = meta["identity"]
     assert_compatible(identity(cfg), saved, "overridden config")
     if expect is not None:

@@ -260,6 +260,11 @@ def load_config(preset: str | Path = "tiny", overrides: list[str] | None = None)
     if "base" in data:  # a file may extend a preset: {base: phi3-mini, llm: {...}}
         base = data.pop("base")
         data = _merge(load_config(base).to_dict(), data)
+    return apply_overrides(data, overrides)
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> ModelConfig:
+    """A config from a mapping plus ``key.sub=value`` overrides (values parsed as YAML)."""
     for item in overrides or []:
         data = _merge(data, _parse_override(item))
     return config_from_dict(data)

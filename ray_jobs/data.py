@@ -16,9 +16,6 @@ from data_pipelines.embed import EmbeddingStore
 from data_pipelines.llava import dataset_paths, read_llava
 from models.conversation import Encoded, encode_for_training
 
-STAGES = ("projector", "qlora")
-
-
 @dataclass
 class Sample:
     id: str

@@ -316,7 +316,7 @@ def run(s: TrainSettings) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from data_pipelines.embed import init_ray
-    from models.config import load_config
+    from models.config import apply_overrides, load_config
 
     from .outputs import RunOutputs
 
@@ -325,19 +325,10 @@ def run(s: TrainSettings) -> dict:
     if s.init:
         from models.checkpoint import read_meta
 
-        meta = read_meta(s.init)  # fails clearly on a wrong folder
-        data = meta["config"]
-        from models.config import _merge, _parse_override, config_from_dict
-
-        for item in s.overrides:
-            data = _merge(data, _parse_override(item))
-        cfg = config_from_dict(data)
+        cfg = apply_overrides(read_meta(s.init)["config"], s.overrides)  # fails clearly on a wrong folder
     else:
         cfg = load_config(s.preset, s.overrides)
-    if s.stage == "projector":
-        cfg.llm.lora.enabled = False
-    else:
-        cfg.llm.lora.enabled = True
+    cfg.llm.lora.enabled = s.stage == "qlora"  # stage 1 trains the projector alone
     s.out = str(Path(s.out).resolve()) if "://" not in s.out else s.out
     s.data, s.embeddings = str(Path(s.data).resolve()), str(Path(s.embeddings).resolve()) if "://" not in s.embeddings else s.embeddings
     if s.init:
