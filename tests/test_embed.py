@@ -171,6 +171,14 @@ def test_killed_run_resumes_without_redoing_finished_shards(image_set, tmp_path)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    # tasks already running when the driver died may still finish their (atomic) shard
+    # for a moment: take the snapshot once the folder has been still for 5 s
+    last, still_since = None, time.time()
+    while time.time() - still_since < 5 and time.time() < deadline + 60:
+        now = sorted(p.name for p in (out / "shards").iterdir())
+        if now != last:
+            last, still_since = now, time.time()
+        time.sleep(0.5)
     done_after_kill, _, files = finished(str(out))
     assert 0 < len(done_after_kill) < N_IMAGES
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.parquet")}
