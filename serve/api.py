@@ -1,0 +1,196 @@
+"""The FastAPI app of the ingress: OpenAI-compatible API, health, Gradio page.
+
+Routes: ``POST /v1/chat/completions`` (JSON or server-sent events),
+``POST /v1/audio/transcriptions`` (multipart), ``GET /v1/models``,
+``GET /healthz``; the Gradio chat page is mounted at ``/``. Every error is
+JSON in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from .chat import ChatService
+from .protocol import APIError, bad, chunk, completion, completion_id, parse_chat_request, usage
+
+log = logging.getLogger("serve.mmphi")
+
+
+def error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+class BodyLimit:
+    """ASGI middleware: refuse request bodies over ``limit`` bytes with 413,
+    from the Content-Length header or while reading a body sent without one."""
+
+    def __init__(self, app, limit: int, prefix: str = "/v1/"):
+        self.app, self.limit, self.prefix = app, limit, prefix
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith(self.prefix):
+            return await self.app(scope, receive, send)
+        too_big = APIError(413, f"request body is over the limit of {self.limit} bytes",
+                           code="request_too_large")
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                if int(length) > self.limit:
+                    return await error_response(too_big)(scope, receive, send)
+            except ValueError:
+                return await error_response(bad("Content-Length header is not a number"))(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body = message.get("body", b"")
+            size += len(body)
+            if size > self.limit:
+                return await error_response(too_big)(scope, receive, send)
+            chunks.append(body)
+            if not message.get("more_body"):
+                break
+        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replayed():
+            return replay.pop() if replay else await receive()
+
+        return await self.app(scope, replayed, send)
+
+
+def build_api(service: ChatService, *, api_key: str | None, mount_ui: bool = True) -> FastAPI:
+    settings = service.settings
+    limits = settings.limits
+    model_name = settings.model_name
+    app = FastAPI(title="mmphi", description="A multimodal Phi-3 served with Ray Serve", docs_url="/v1/docs",
+                  openapi_url="/v1/openapi.json", redoc_url=None)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, err: APIError):
+        return error_response(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, err: RequestValidationError):
+        first = err.errors()[0] if err.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        return error_response(bad(f"{where or 'request'}: {first.get('msg', 'invalid request')}", where or None))
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1/"):
+            header = request.headers.get("authorization", "")
+            given = header[7:].strip() if header.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(given.encode(), api_key.encode()):
+                return error_response(APIError(401, "missing or wrong API key; send 'Authorization: Bearer <key>'",
+                                               code="invalid_api_key"))
+        try:
+            return await call_next(request)
+        except Exception as e:  # noqa: BLE001 - a bad request must not take the replica down
+            log.exception("unhandled error on %s", request.url.path)
+            return error_response(APIError(500, f"internal error: {type(e).__name__}: {e}"))
+
+    async def read_json(request: Request):
+        raw = await request.body()
+        if not raw:
+            raise bad("the request body is empty; send a JSON object", code="invalid_json")
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise bad(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+
+    @app.get("/healthz")
+    async def healthz():
+        checks = {}
+        for name, handle in (("ASR", service.asr), ("ImageEncoder", service.image_encoder), ("LLM", service.llm)):
+            try:
+                await asyncio.wait_for(handle.ping.remote(), timeout=10)
+                checks[name] = "ok"
+            except Exception as e:  # noqa: BLE001
+                checks[name] = f"unavailable: {type(e).__name__}"
+        ok = all(v == "ok" for v in checks.values())
+        return JSONResponse({"status": "ok" if ok else "degraded", "model": model_name,
+                             "weights": service.source.description, "deployments": checks},
+                            status_code=200 if ok else 503)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "mmphi",
+                                            "weights": service.source.description}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = parse_chat_request(await read_json(request), limits, settings.allow_remote_images)
+        if req.model not in (None, model_name):
+            raise APIError(404, f"model {req.model!r} does not exist; this server serves {model_name!r}",
+                           param="model", code="model_not_found")
+        prep = await service.prepare(req)
+        cid = completion_id()
+        if not req.stream:
+            res = await service.complete(req, prep)
+            return completion(cid, model_name, res.text, res.finish_reason, res.prompt_tokens, res.completion_tokens)
+
+        async def events():
+            created = int(time.time())
+            yield sse(chunk(cid, model_name, created, {"role": "assistant", "content": ""}))
+            result: dict = {}
+            try:
+                async for delta in service.answer(prep, req, result):
+                    yield sse(chunk(cid, model_name, created, {"content": delta}))
+                yield sse(chunk(cid, model_name, created, {}, result["finish_reason"]))
+                if req.include_usage:
+                    yield sse(chunk(cid, model_name, created, None,
+                                    usage_=usage(prep.prompt_tokens, result["completion_tokens"])))
+            except Exception as e:  # noqa: BLE001 - headers are sent: report in the stream
+                log.exception("error while streaming %s", cid)
+                yield sse(APIError(500, f"generation failed: {type(e).__name__}: {e}").body())
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions(request: Request):
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise bad("send the audio as multipart/form-data with a 'file' field", "file")
+        try:
+            form = await request.form(max_part_size=limits.max_body_bytes)
+        except Exception as e:  # noqa: BLE001 - malformed multipart
+            raise bad(f"malformed multipart body: {e}", "file") from None
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise bad("multipart field 'file' (the audio file) is required", "file")
+        fmt = form.get("response_format") or "json"
+        if fmt not in ("json", "text", "verbose_json"):
+            raise bad(f"response_format {fmt!r} is not supported; use json, text or verbose_json", "response_format")
+        language = form.get("language") or None
+        if language is not None and (not isinstance(language, str) or not language.isalpha() or len(language) > 8):
+            raise bad("language must be a language code such as 'en'", "language")
+        text = await service.transcribe(await upload.read(), language, "file")
+        if fmt == "text":
+            return PlainTextResponse(text)
+        if fmt == "verbose_json":
+            return {"task": "transcribe", "language": language or service.source.cfg.speech.language, "text": text}
+        return {"text": text}
+
+    if mount_ui:
+        import gradio as gr
+
+        from .ui import build_ui
+
+        app = gr.mount_gradio_app(app, build_ui(service), path="/", max_file_size=limits.max_body_bytes,
+                                  footer_links=[])
+    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+    return app
+
+
+def sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"

@@ -1,0 +1,152 @@
+"""The Ray Serve application: three model deployments behind one ingress.
+
+``build_app(args)`` is the application builder ``serve deploy`` imports
+(``import_path: serve.app:build_app`` in ``serve/config.yaml``); ``args`` are
+:class:`~serve.settings.ServeSettings` keys. ``run_local`` starts a local Ray
+cluster and runs the same application with the deployment options of that
+YAML file; ``mmphi serve`` calls it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+from ray import serve
+
+from .deployments import ASR, LLM, ImageEncoder, _autoscaling, load_ingress_tokenizer
+from .settings import ServeSettings
+
+log = logging.getLogger("serve.mmphi")
+
+APP_NAME = "mmphi"
+DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
+
+
+@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=200,
+                  autoscaling_config=_autoscaling(2, 50), health_check_period_s=10)
+@serve.ingress()
+class Ingress:
+    """FastAPI + Gradio in front of the ASR, ImageEncoder and LLM handles.
+
+    The app is built inside the replica (``__serve_build_asgi_app__``, the
+    late-bound form of ``@serve.ingress``): a FastAPI app with Gradio mounted
+    cannot be pickled into the decorator, and the routes need this replica's
+    handles and tokenizer."""
+
+    def __init__(self, asr, image_encoder, llm, settings: dict):
+        from .chat import ChatService
+
+        self.settings = ServeSettings.from_dict(settings)
+        tokenizer, source = load_ingress_tokenizer(self.settings)
+        self.service = ChatService(asr, image_encoder, llm, tokenizer, source, self.settings)
+        self.api_key = os.environ.get(self.settings.api_key_env) or None
+        log.info("ingress ready: serving %s as %r%s", source.description, self.settings.model_name,
+                 "; API key required" if self.api_key else "")
+        if source.checkpoint is None and source.cfg.llm.random_init is not None:
+            log.warning("no checkpoint given: serving the %r preset's random weights (answers are noise)",
+                        source.cfg.name)
+
+    def __serve_build_asgi_app__(self):
+        from .api import build_api
+
+        return build_api(self.service, api_key=self.api_key)
+
+    def check_health(self) -> None:
+        if self.service is None:
+            raise RuntimeError("ingress is not initialised")
+
+
+def build_app(args: dict | None = None, deployment_options: dict[str, dict] | None = None):
+    """The bound application for ``serve run`` / ``serve deploy`` / ``serve.run``.
+
+    ``deployment_options``: per-deployment ``.options(...)`` by name (ASR,
+    ImageEncoder, LLM, Ingress), as in a Serve config's ``deployments`` list."""
+    settings = ServeSettings.from_dict(args).to_dict()
+    opts = deployment_options or {}
+
+    def bind(dep, *a):
+        return (dep.options(**opts[dep.name]) if dep.name in opts else dep).bind(*a)
+
+    asr = bind(ASR, settings)
+    image_encoder = bind(ImageEncoder, settings)
+    llm = bind(LLM, settings)
+    return bind(Ingress, asr, image_encoder, llm, settings)
+
+
+def read_serve_config(path: str | Path = DEFAULT_CONFIG) -> tuple[dict, dict[str, dict]]:
+    """(application args, per-deployment options) of the first application in
+    a Serve config YAML."""
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    apps = data.get("applications") or []
+    if not apps:
+        raise ValueError(f"{path}: no 'applications' in this Serve config")
+    app = apps[0]
+    opts = {}
+    for d in app.get("deployments") or []:
+        d = dict(d)
+        opts[d.pop("name")] = d
+    return dict(app.get("args") or {}), opts
+
+
+def _check_port(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise RuntimeError(f"cannot listen on {host}:{port}: {e.strerror}; choose another --port") from None
+
+
+def run_local(
+    checkpoint: str | None = None,
+    port: int = 8000,
+    blocking: bool = True,
+    *,
+    host: str = "127.0.0.1",
+    settings: dict | None = None,
+    config: str | Path | None = DEFAULT_CONFIG,
+    num_cpus: int | None = None,
+) -> str:
+    """Serve the application on a local Ray cluster; returns the page's URL.
+
+    ``checkpoint``: a training checkpoint folder (None: the preset's weights,
+    random for ``tiny``). ``settings``: more :class:`ServeSettings` keys
+    (they override ``config``'s application args). ``blocking``: serve until
+    Ctrl-C, then shut Serve down; otherwise return once every deployment is
+    healthy and leave it running (``serve.shutdown()`` stops it)."""
+    import ray
+
+    args, opts = read_serve_config(config) if config else ({}, {})
+    args.update(settings or {})
+    if checkpoint is not None:
+        args["checkpoint"] = str(Path(checkpoint).expanduser().resolve())
+    ServeSettings.from_dict(args)  # fail here, not in four replicas
+    if not ray.is_initialized():
+        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
+                 log_to_driver=False)
+    try:
+        current = serve.context._global_client  # an already running Serve instance
+    except AttributeError:
+        current = None
+    if current is None:
+        _check_port(host, port)
+    serve.start(http_options={"host": host, "port": port})
+    started = time.monotonic()
+    serve.run(build_app(args, opts), name=APP_NAME, route_prefix="/", blocking=False)
+    url = f"http://{host}:{port}/"
+    log.info("serving at %s (ready after %.0f s)", url, time.monotonic() - started)
+    if blocking:
+        print(f"mmphi: chat page at {url}  API at {url}v1  (Ctrl-C stops)", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            serve.shutdown()
+    return url

@@ -1,0 +1,286 @@
+"""The chat pipeline the ingress runs for the HTTP API and the Gradio page.
+
+``ChatService.prepare`` turns a parsed request into model input: audio parts
+are transcribed by the ASR deployment, the history is trimmed oldest-first
+until prompt + ``max_tokens`` fit the context, and the images still in the
+prompt are encoded by the ImageEncoder deployment. ``ChatService.stream``
+then streams text from the LLM deployment, applies stop strings, and, when an
+LLM replica dies mid-answer, continues on another replica from the tokens
+already produced.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import numpy as np
+import ray
+
+from .protocol import APIError, ChatRequest, Message, Part, bad
+
+log = logging.getLogger("serve.mmphi")
+
+RETRYABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+
+def cause_of(exc: BaseException) -> BaseException:
+    """The user-level exception inside a Ray task error (or ``exc`` itself)."""
+    return getattr(exc, "cause", None) or exc
+
+
+@dataclass
+class Prepared:
+    input_ids: list[int]
+    image_features: np.ndarray | None
+    max_new_tokens: int
+    dropped_messages: int
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class Result:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class TextStream:
+    """Incremental detokenisation with stop strings.
+
+    Text that may still change (a trailing incomplete UTF-8 sequence) or that
+    may be the start of a stop string is held back until it is settled."""
+
+    def __init__(self, tokenizer, stops: list[str]):
+        self.tok, self.stops = tokenizer, list(stops)
+        self.ids: list[int] = []
+        self.sent = 0
+        self.text_so_far = ""
+
+    def push(self, ids: list[int], final: bool = False) -> tuple[str, bool]:
+        """Add token ids; returns (new text to send, a stop string was reached)."""
+        self.ids.extend(ids)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        hits = [i for i in (text.find(s, self.sent) for s in self.stops) if i >= 0]
+        if hits:
+            cut = min(hits)
+            delta, self.sent = text[self.sent:cut], max(self.sent, cut)
+            self.text_so_far += delta
+            return delta, True
+        end = len(text)
+        if not final:
+            while end > self.sent and text[end - 1] == "\ufffd":
+                end -= 1
+            end -= self._partial_stop(text[self.sent:end])
+        delta = text[self.sent:end]
+        self.sent = max(self.sent, end)
+        self.text_so_far += delta
+        return delta, False
+
+    def _partial_stop(self, tail: str) -> int:
+        """Length of the longest suffix of ``tail`` that begins a stop string."""
+        best = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(tail)), best, -1):
+                if tail.endswith(s[:k]):
+                    best = k
+                    break
+        return best
+
+
+class ChatService:
+    def __init__(self, asr, image_encoder, llm, tokenizer, source, settings):
+        self.asr, self.image_encoder, self.llm = asr, image_encoder, llm
+        self.tok, self.source, self.settings = tokenizer, source, settings
+        self.limits = settings.limits
+        self.context_length = self.limits.context_length or source.context_length
+        from models.vision import vision_spec
+
+        self.num_image_tokens = vision_spec(source.cfg.vision)["num_tokens"]
+        self.stop_ids = set(tokenizer.stop_ids)
+
+    # ---------------------------------------------------------------- calls
+    async def _call(self, method, *args):
+        """``await method.remote(*args)``, retried when the replica died under it."""
+        for attempt in range(self.settings.retries + 1):
+            try:
+                return await method.remote(*args)
+            except RETRYABLE as e:
+                if attempt == self.settings.retries:
+                    raise
+                log.warning("replica died during %s (%s); retrying", getattr(method, "_method_name", "call"),
+                            type(e).__name__)
+                await asyncio.sleep(0.5 * (attempt + 1))
+
+    async def transcribe(self, data: bytes, language: str | None = None, param: str = "file") -> str:
+        from models.speech import AudioDecodeError
+
+        try:
+            return await self._call(self.asr.transcribe, data, language)
+        except Exception as e:  # noqa: BLE001 - mapped to a 400 or re-raised
+            inner = cause_of(e)
+            if isinstance(e, AudioDecodeError) or isinstance(inner, AudioDecodeError):
+                raise bad(str(inner), param, "invalid_audio") from None
+            raise
+
+    async def encode_image(self, data: bytes, param: str) -> np.ndarray:
+        from models.images import ImageDecodeError
+
+        try:
+            return await self._call(self.image_encoder.encode, data)
+        except Exception as e:  # noqa: BLE001
+            inner = cause_of(e)
+            if isinstance(e, ImageDecodeError) or isinstance(inner, ImageDecodeError):
+                raise bad(str(inner), param, "invalid_image") from None
+            raise
+
+    async def fetch_image(self, url: str, param: str) -> bytes:
+        import httpx
+
+        cap = self.limits.max_body_bytes
+        try:
+            async with httpx.AsyncClient(timeout=self.settings.remote_image_timeout_s, follow_redirects=True) as c:
+                async with c.stream("GET", url) as r:
+                    if r.status_code != 200:
+                        raise bad(f"fetching the image URL gave HTTP {r.status_code}", param, "image_fetch_failed")
+                    data = bytearray()
+                    async for chunk in r.aiter_bytes():
+                        data += chunk
+                        if len(data) > cap:
+                            raise bad(f"the image at the URL is over {cap} bytes", param, "image_too_large")
+                    return bytes(data)
+        except httpx.HTTPError as e:
+            raise bad(f"could not fetch the image URL: {e}", param, "image_fetch_failed") from None
+
+    # -------------------------------------------------------------- prepare
+    async def prepare(self, req: ChatRequest) -> Prepared:
+        messages = await self._resolve_media(req.messages)
+        max_new = req.max_tokens or self.limits.default_max_tokens
+        if max_new >= self.context_length:
+            raise bad(f"'max_tokens' is {max_new} but the model's context is {self.context_length} tokens",
+                      "max_tokens", "context_length_exceeded")
+        kept, enc = self._fit(messages, max_new)
+        images = [(i, p.data) for i, p in self._image_parts(messages) if any(p is q for m in kept for q in m.parts)]
+        feats = None
+        if images:
+            arrays = await asyncio.gather(*[self.encode_image(d, f"image {i + 1}") for i, d in images])
+            feats = np.stack(arrays).astype(np.float32, copy=False)
+        return Prepared(enc.input_ids, feats, max_new, len(messages) - len(kept))
+
+    @staticmethod
+    def _image_parts(messages: list[Message]) -> list[tuple[int, Part]]:
+        parts = [p for m in messages for p in m.parts if p.kind == "image"]
+        return list(enumerate(parts))
+
+    async def _resolve_media(self, messages: list[Message]) -> list[Message]:
+        """Fetch remote images and replace audio parts by their transcripts."""
+        jobs, slots = [], []
+        n_audio = 0
+        for mi, m in enumerate(messages):
+            for pi, p in enumerate(m.parts):
+                if p.kind == "audio":
+                    n_audio += 1
+                    jobs.append(self.transcribe(p.data, None, f"audio {n_audio} (messages[{mi}].content[{pi}])"))
+                    slots.append((mi, pi, "audio"))
+                elif p.kind == "image" and p.url:
+                    jobs.append(self.fetch_image(p.url, f"messages[{mi}].content[{pi}].image_url.url"))
+                    slots.append((mi, pi, "image"))
+        if not jobs:
+            return messages
+        results = await asyncio.gather(*jobs)
+        out = [Message(m.role, list(m.parts)) for m in messages]
+        for (mi, pi, kind), value in zip(slots, results):
+            out[mi].parts[pi] = Part("text", text=value) if kind == "audio" else Part("image", data=value)
+        return out
+
+    def _encode(self, messages: list[Message]):
+        from models.conversation import encode_conversation
+
+        msgs = [{"role": m.role, "content": [{"type": "image"} if p.kind == "image" else {"type": "text", "text": p.text}
+                                             for p in m.parts]} for m in messages]
+        return encode_conversation(self.tok, msgs, self.num_image_tokens, add_generation_prompt=True,
+                                   system_prompt=self.source.cfg.tokenizer.system_prompt)
+
+    def _fit(self, messages: list[Message], max_new: int):
+        """Drop the oldest exchanges (after any leading system messages) until
+        prompt + max_new fits the context; refuse when the last turn alone does not."""
+        kept = list(messages)
+        while True:
+            enc = self._encode(kept)
+            if len(enc) + max_new <= self.context_length:
+                return kept, enc
+            first = next(i for i, m in enumerate(kept) if m.role != "system")
+            last_user = max(i for i, m in enumerate(kept) if m.role == "user")
+            if first >= last_user:
+                raise bad(
+                    f"the prompt needs {len(enc)} tokens (images count {self.num_image_tokens} each) and "
+                    f"max_tokens asks for {max_new}, over the model's context of {self.context_length} tokens; "
+                    "shorten the last message or lower max_tokens", "messages", "context_length_exceeded")
+            end = first + 1
+            while end < last_user and kept[end].role != "user":
+                end += 1
+            del kept[first:end]
+
+    # --------------------------------------------------------------- stream
+    async def answer(self, prep: Prepared, req: ChatRequest, result: dict) -> AsyncIterator[str]:
+        """Yield text deltas from the LLM; fills ``result`` with
+        ``finish_reason`` and ``completion_tokens`` when done."""
+        text = TextStream(self.tok, req.stop)
+        generated: list[int] = []
+        failures = 0
+        finish = None
+        stop_string = False
+        sampling = {"temperature": req.temperature, "top_p": req.top_p}
+        while finish is None:
+            remaining = prep.max_new_tokens - len(generated)
+            if remaining <= 0:
+                finish = "length"
+                break
+            gen = self.llm.options(stream=True).generate.remote({
+                "input_ids": prep.input_ids + generated, "image_features": prep.image_features,
+                "max_new_tokens": remaining, **sampling,
+            })
+            exhausted = False
+            try:
+                async for ids in gen:
+                    stop_at = next((k for k, t in enumerate(ids) if t in self.stop_ids), None)
+                    if stop_at is not None:
+                        ids = ids[:stop_at + 1]
+                    generated.extend(ids)
+                    delta, hit = text.push([t for t in ids if t not in self.stop_ids])
+                    if delta:
+                        yield delta
+                    if hit or stop_at is not None:
+                        finish, stop_string = "stop", hit
+                        break
+                else:
+                    exhausted = True
+                if finish is None:
+                    finish = "length" if len(generated) >= prep.max_new_tokens else "stop"
+            except RETRYABLE as e:
+                failures += 1
+                if failures > self.settings.retries:
+                    raise
+                log.warning("LLM replica died after %d tokens (%s); continuing on another replica",
+                            len(generated), type(e).__name__)
+                await asyncio.sleep(0.5 * failures)
+                continue
+            finally:
+                if not exhausted:  # stopped early, failed, or the client went away
+                    gen.cancel()
+        if not stop_string:  # flush text held back for a stop string that never came
+            delta, _ = text.push([], final=True)
+            if delta:
+                yield delta
+        result.update(finish_reason=finish, completion_tokens=len(generated))
+
+    async def complete(self, req: ChatRequest, prep: Prepared | None = None) -> Result:
+        prep = prep or await self.prepare(req)
+        result: dict = {}
+        parts = [d async for d in self.answer(prep, req, result)]
+        return Result("".join(parts), result["finish_reason"], prep.prompt_tokens, result["completion_tokens"])

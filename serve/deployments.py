@@ -1,0 +1,230 @@
+"""The three model deployments: ASR (Whisper), ImageEncoder (CLIP), LLM (Phi-3).
+
+Each is its own Ray Serve deployment with its own resources and autoscaling
+(defaults here; ``serve/config.yaml`` overrides them per deployment). The
+ingress composes them through ``DeploymentHandle`` s.
+
+- ``ASR.transcribe(bytes) -> str``: decodes with ffmpeg (limits checked per
+  request), then clips of up to 30 s are batched into one Whisper decode.
+- ``ImageEncoder.encode(bytes) -> float32 (tokens, dim)``: decodes and crops
+  per request (pixel limit checked before decoding), then batches the CLIP
+  forward pass.
+- ``LLM.generate(request)``: a streaming method yielding lists of new token
+  ids; generation runs in a worker thread and stops when the caller goes away.
+
+Bad input raises ``ImageDecodeError`` / ``AudioDecodeError`` to the caller;
+it never takes a replica down.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator
+
+import numpy as np
+from ray import serve
+
+from .loading import load_llm, load_tokenizer, load_vision, resolve, set_threads
+from .settings import ServeSettings
+
+log = logging.getLogger("serve.mmphi")
+
+WHISPER_WINDOW_S = 30.0
+
+
+def _autoscaling(max_replicas: int, target: float) -> dict:
+    return {"min_replicas": 1, "initial_replicas": 1, "max_replicas": max_replicas,
+            "target_ongoing_requests": target, "upscale_delay_s": 5, "downscale_delay_s": 60}
+
+
+@serve.deployment(name="ASR", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=16,
+                  autoscaling_config=_autoscaling(2, 4), health_check_period_s=10)
+class ASR:
+    def __init__(self, settings: dict):
+        from models.speech import SpeechRecognizer
+
+        self.settings = ServeSettings.from_dict(settings)
+        set_threads(self.settings)
+        source = resolve(self.settings)
+        self.recognizer = SpeechRecognizer(source.cfg.speech, self.settings.device)
+        self.max_seconds = min(self.settings.limits.max_audio_seconds, source.cfg.speech.max_seconds)
+        log.info("ASR ready: %s", self.recognizer.info)
+
+    def ping(self) -> str:
+        return "ok"
+
+    def check_health(self) -> None:
+        if self.recognizer.model is None:
+            raise RuntimeError("Whisper model is not loaded")
+
+    async def transcribe(self, data: bytes, language: str | None = None) -> str:
+        from models.speech import SAMPLE_RATE, decode_audio
+
+        audio = await asyncio.to_thread(decode_audio, data, max_seconds=self.max_seconds)
+        if language is None and audio.size <= WHISPER_WINDOW_S * SAMPLE_RATE:
+            return await self._decode_batch(audio)
+        return await asyncio.to_thread(self.recognizer.transcribe, audio, language=language)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def _decode_batch(self, clips: list[np.ndarray]) -> list[str]:
+        return await asyncio.to_thread(self._decode, clips)
+
+    def _decode(self, clips: list[np.ndarray]) -> list[str]:
+        """One Whisper decode over a batch of clips of at most 30 s each."""
+        import torch
+        import whisper
+
+        model, cfg = self.recognizer.model, self.recognizer.cfg
+        mels = torch.stack([
+            whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(c)), model.dims.n_mels)
+            for c in clips
+        ]).to(self.recognizer.device)
+        options = whisper.DecodingOptions(
+            language=cfg.language, temperature=float(cfg.temperature), sample_len=cfg.sample_len,
+            beam_size=cfg.beam_size, without_timestamps=True, fp16=self.recognizer.device.type == "cuda",
+        )
+        with torch.no_grad():
+            results = whisper.decode(model, mels, options)
+        return [r.text.strip() for r in results]
+
+
+@serve.deployment(name="ImageEncoder", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=16,
+                  autoscaling_config=_autoscaling(2, 4), health_check_period_s=10)
+class ImageEncoder:
+    def __init__(self, settings: dict):
+        self.settings = ServeSettings.from_dict(settings)
+        set_threads(self.settings)
+        source = resolve(self.settings)
+        self.vision = load_vision(source, self.settings.device)
+        self.max_pixels = self.settings.limits.max_image_pixels
+        log.info("ImageEncoder ready: %s, %d tokens x %d per image", source.cfg.vision.model,
+                 self.vision.num_tokens, self.vision.feature_dim)
+
+    def ping(self) -> str:
+        return "ok"
+
+    def check_health(self) -> None:
+        if self.vision is None:
+            raise RuntimeError("vision tower is not loaded")
+
+    def info(self) -> dict:
+        return {"num_tokens": self.vision.num_tokens, "feature_dim": self.vision.feature_dim}
+
+    async def encode(self, data: bytes) -> np.ndarray:
+        """Image bytes -> raw CLIP features (tokens, dim), float32."""
+        crop = await asyncio.to_thread(self.vision.pipeline.crop, data, self.max_pixels)
+        return await self._encode_batch(crop)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _encode_batch(self, crops: list[np.ndarray]) -> list[np.ndarray]:
+        return await asyncio.to_thread(self._forward, crops)
+
+    def _forward(self, crops: list[np.ndarray]) -> list[np.ndarray]:
+        from models.vision import DTYPES
+
+        pixels = self.vision.pipeline.normalize(np.stack(crops), self.vision.device, DTYPES[self.vision.cfg.dtype])
+        feats = self.vision(pixels).float().cpu().numpy()
+        return list(feats)
+
+
+@serve.deployment(name="LLM", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=8,
+                  autoscaling_config=_autoscaling(2, 4), health_check_period_s=10,
+                  graceful_shutdown_timeout_s=30)
+class LLM:
+    def __init__(self, settings: dict):
+        self.settings = ServeSettings.from_dict(settings)
+        set_threads(self.settings)
+        source = resolve(self.settings)
+        self.model = load_llm(source, self.settings)
+        self.stop_ids = set(self.model.tokenizer.stop_ids)
+        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="generate")
+        log.info("LLM ready: %s on %s", source.description, self.model.device)
+
+    def ping(self) -> str:
+        return "ok"
+
+    def check_health(self) -> None:
+        if self._pool._shutdown:
+            raise RuntimeError("generation thread pool is shut down")
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+    async def generate(self, request: dict) -> AsyncIterator[list[int]]:
+        """Stream new token ids for ``request``:
+
+        ``input_ids`` (list of ints, image placeholders included),
+        ``image_features`` (float32 array (images, tokens, dim) or None),
+        ``max_new_tokens``, ``temperature`` (0: greedy), ``top_p``.
+        The last list yielded ends with a stop id unless the length ran out."""
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers.generation.streamers import BaseStreamer
+
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+        done = object()
+
+        class Streamer(BaseStreamer):
+            def put(self, value):
+                ids = value.reshape(-1).tolist()
+                if ids:  # the first call carries the (empty) prompt ids
+                    loop.call_soon_threadsafe(queue.put_nowait, ids)
+
+            def end(self):
+                pass
+
+        class Cancel(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool,
+                                  device=input_ids.device)
+
+        ids = torch.tensor([request["input_ids"]], dtype=torch.long)
+        feats = request.get("image_features")
+        feats = torch.from_numpy(np.ascontiguousarray(feats)) if feats is not None and len(feats) else None
+        temperature = float(request.get("temperature") or 0.0)
+        gen = {"max_new_tokens": int(request["max_new_tokens"]), "streamer": Streamer(),
+               "stopping_criteria": StoppingCriteriaList([Cancel()])}
+        if temperature > 0:
+            gen.update(do_sample=True, temperature=temperature, top_p=float(request.get("top_p") or 1.0), top_k=0)
+
+        def run():
+            try:
+                self.model.generate(ids, None, feats, **gen)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                loop.call_soon_threadsafe(queue.put_nowait, e)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, done)
+
+        self._pool.submit(run)
+        try:
+            while True:
+                item = await queue.get()
+                batch = []
+                while True:  # coalesce whatever is already queued
+                    if item is done or isinstance(item, BaseException):
+                        break
+                    batch.extend(item)
+                    if queue.empty():
+                        item = None
+                        break
+                    item = queue.get_nowait()
+                if batch:
+                    yield batch
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+        finally:
+            cancelled.set()
+
+
+def load_ingress_tokenizer(settings: ServeSettings):
+    """The tokenizer and the resolved source, for the ingress."""
+    source = resolve(settings)
+    return load_tokenizer(source), source

@@ -1,0 +1,97 @@
+"""Load what each deployment needs from a checkpoint folder or a preset.
+
+The ingress needs only the tokenizer (to count and trim prompts); the image
+encoder needs the CLIP tower; the LLM needs Phi-3 (+ LoRA adapter) and the
+projector. Raw CLIP features cross from the image encoder to the LLM, which
+applies the projector: they are narrower than projected ones (1024 against
+Phi-3-mini's 3072 per token), and the projector was trained with the adapter
+and ships in the same checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Source:
+    """The resolved model config and where its weights come from."""
+
+    cfg: object  # models.config.ModelConfig
+    checkpoint: Path | None
+    meta: dict | None
+
+    @property
+    def description(self) -> str:
+        if self.checkpoint is not None:
+            return f"checkpoint {self.checkpoint}"
+        random = self.cfg.llm.random_init is not None
+        return (f"preset {self.cfg.name!r} with random weights (no checkpoint given)" if random
+                else f"preset {self.cfg.name!r} base weights (no checkpoint given)")
+
+    @property
+    def context_length(self) -> int:
+        return int(self.cfg.tokenizer.max_length)
+
+
+def resolve(settings: ServeSettings) -> Source:
+    """The config of a checkpoint (with runtime overrides) or of the preset."""
+    from models.checkpoint import read_meta
+    from models.config import apply_overrides, load_config
+
+    if settings.checkpoint:
+        path = Path(settings.checkpoint).expanduser().resolve()
+        meta = read_meta(path)
+        return Source(apply_overrides(meta["config"], settings.overrides), path, meta)
+    return Source(load_config(settings.preset, settings.overrides), None, None)
+
+
+def set_threads(settings: ServeSettings) -> None:
+    import torch
+
+    if settings.torch_threads > 0:
+        torch.set_num_threads(settings.torch_threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def load_tokenizer(source: Source):
+    from models.tokenizer import ChatTokenizer, load_tokenizer as build
+
+    if source.checkpoint is not None:
+        return ChatTokenizer.load(source.checkpoint / "tokenizer", source.cfg.tokenizer.image_token)
+    return build(source.cfg)
+
+
+def load_vision(source: Source, device: str | None):
+    """The CLIP tower; refuses one whose weights differ from the checkpoint's."""
+    import torch
+
+    from models.checkpoint import CheckpointMismatch
+    from models.vision import VisionEncoder
+    from models.weights import fingerprint
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    vision = VisionEncoder(source.cfg.vision, device)
+    want = (source.meta or {}).get("fingerprints", {}).get("vision")
+    if want is not None and fingerprint(next(vision.parameters())) != want:
+        raise CheckpointMismatch(f"{source.checkpoint}: vision encoder weights differ from those it was trained with")
+    return vision
+
+
+def load_llm(source: Source, settings: ServeSettings):
+    """Phi-3 (+ adapter) and the projector, without the vision tower."""
+    from models.multimodal import MultimodalPhi3
+
+    if source.checkpoint is not None:
+        model = MultimodalPhi3.from_checkpoint(source.checkpoint, overrides=settings.overrides,
+                                               device=settings.device, with_vision=False)
+    else:
+        model = MultimodalPhi3.from_config(source.cfg, device=settings.device, with_vision=False, trainable=False)
+    model.eval()
+    return model

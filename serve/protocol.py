@@ -1,0 +1,275 @@
+"""OpenAI-compatible request parsing and response shapes (no Ray, no torch).
+
+``parse_chat_request`` turns a ``/v1/chat/completions`` JSON body into a
+:class:`ChatRequest` or raises :class:`APIError` (status, OpenAI error type,
+code, the offending parameter and a message naming the problem).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from .settings import Limits
+
+AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg", "opus", "m4a", "mp4", "webm", "aac", "aiff")
+ROLE_ALIASES = {"developer": "system"}
+UNSUPPORTED = {
+    "tools": "tool calling is not supported",
+    "tool_choice": "tool calling is not supported",
+    "functions": "function calling is not supported",
+    "function_call": "function calling is not supported",
+    "logprobs": "logprobs are not supported",
+    "audio": "audio output is not supported",
+}
+_DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[^;,]*)*)(?P<b64>;base64)?,", re.I)
+
+
+class APIError(Exception):
+    """An HTTP error in OpenAI's shape: ``{"error": {message, type, param, code}}``."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or ("invalid_request_error" if 400 <= status < 500 else "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad(message: str, param: str | None = None, code: str | None = None, status: int = 400) -> APIError:
+    return APIError(status, message, param=param, code=code)
+
+
+@dataclass
+class Part:
+    kind: str  # "text", "image" or "audio"
+    text: str = ""
+    data: bytes = b""  # image or audio bytes (an image URL is fetched later, see ``url``)
+    url: str | None = None  # remote http(s) image, fetched by the ingress when allowed
+    format: str | None = None  # audio container
+
+
+@dataclass
+class Message:
+    role: str  # system, user, assistant
+    parts: list[Part]
+
+
+@dataclass
+class ChatRequest:
+    messages: list[Message]
+    max_tokens: int | None
+    temperature: float
+    top_p: float
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+    model: str | None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_images(self) -> int:
+        return sum(p.kind == "image" for m in self.messages for p in m.parts)
+
+    @property
+    def num_audio(self) -> int:
+        return sum(p.kind == "audio" for m in self.messages for p in m.parts)
+
+
+def _number(body: dict, name: str, default: float, lo: float, hi: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad(f"'{name}' must be a number, got {type(value).__name__}", name)
+    if not lo <= value <= hi:
+        raise bad(f"'{name}' must be between {lo:g} and {hi:g}, got {value}", name)
+    return float(value)
+
+
+def decode_base64(data: Any, what: str, param: str) -> bytes:
+    if not isinstance(data, str) or not data:
+        raise bad(f"{what} must be a non-empty base64 string", param)
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad(f"{what} is not valid base64", param) from None
+    if not raw:
+        raise bad(f"{what} is empty", param)
+    return raw
+
+
+def parse_data_uri(url: str, param: str) -> bytes:
+    m = _DATA_URI.match(url)
+    if not m:
+        raise bad("image_url data URI is malformed; expected data:image/<type>;base64,<data>", param)
+    if not m.group("b64"):
+        raise bad("image_url data URI must be base64-encoded (data:image/<type>;base64,...)", param)
+    mime = (m.group("mime") or "").lower()
+    if mime and not mime.startswith("image/"):
+        raise bad(f"image_url data URI has media type {mime!r}; expected an image/* type", param)
+    return decode_base64(url[m.end():], "image_url data", param)
+
+
+def _parse_part(part: Any, role: str, where: str, allow_remote: bool) -> Part:
+    if isinstance(part, str):
+        return Part("text", text=part)
+    if not isinstance(part, dict):
+        raise bad(f"{where} must be an object with a 'type', got {type(part).__name__}", where)
+    kind = part.get("type")
+    if kind == "text":
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise bad(f"{where}.text must be a string", f"{where}.text")
+        return Part("text", text=text)
+    if kind in ("image_url", "input_audio") and role != "user":
+        raise bad(f"{where}: only user messages may carry {kind} parts (this one is {role!r})", where)
+    if kind == "image_url":
+        spec = part.get("image_url")
+        url = spec.get("url") if isinstance(spec, dict) else spec
+        if not isinstance(url, str) or not url:
+            raise bad(f"{where}.image_url.url must be a string (a data: URI)", f"{where}.image_url.url")
+        if url[:5].lower() == "data:":
+            return Part("image", data=parse_data_uri(url, f"{where}.image_url.url"))
+        if url.lower().startswith(("http://", "https://")):
+            if not allow_remote:
+                raise bad("remote image URLs are disabled on this server; send the image as a "
+                          "data:image/...;base64,... URI", f"{where}.image_url.url", "remote_images_disabled")
+            return Part("image", url=url)
+        raise bad("image_url.url must be a data: URI" + (" or an http(s) URL" if allow_remote else ""),
+                  f"{where}.image_url.url")
+    if kind == "input_audio":
+        spec = part.get("input_audio")
+        if not isinstance(spec, dict):
+            raise bad(f"{where}.input_audio must be an object with 'data' and 'format'", f"{where}.input_audio")
+        fmt = spec.get("format")
+        if fmt is not None and (not isinstance(fmt, str) or fmt.lower() not in AUDIO_FORMATS):
+            raise bad(f"{where}.input_audio.format {fmt!r} is not supported; use one of {', '.join(AUDIO_FORMATS)}",
+                      f"{where}.input_audio.format", "unsupported_format")
+        data = decode_base64(spec.get("data"), "input_audio.data", f"{where}.input_audio.data")
+        return Part("audio", data=data, format=fmt)
+    raise bad(f"{where}.type {kind!r} is not supported; use 'text', 'image_url' or 'input_audio'", f"{where}.type")
+
+
+def parse_messages(raw: Any, limits: Limits, allow_remote: bool = False) -> list[Message]:
+    if not isinstance(raw, list) or not raw:
+        raise bad("'messages' must be a non-empty list", "messages")
+    if len(raw) > limits.max_messages:
+        raise bad(f"{len(raw)} messages given; the limit is {limits.max_messages}", "messages", "too_many_messages")
+    out = []
+    for i, m in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise bad(f"{where} must be an object, got {type(m).__name__}", where)
+        role = ROLE_ALIASES.get(m.get("role"), m.get("role"))
+        if role not in ("system", "user", "assistant"):
+            raise bad(f"{where}.role must be 'system', 'user' or 'assistant' (got {m.get('role')!r})", f"{where}.role")
+        content = m.get("content")
+        if content is None:
+            raise bad(f"{where}.content is missing", f"{where}.content")
+        if isinstance(content, str):
+            parts = [Part("text", text=content)]
+        elif isinstance(content, list):
+            parts = [_parse_part(p, role, f"{where}.content[{j}]", allow_remote) for j, p in enumerate(content)]
+        else:
+            raise bad(f"{where}.content must be a string or a list of parts, got {type(content).__name__}",
+                      f"{where}.content")
+        out.append(Message(role, parts))
+    if out[-1].role != "user":
+        raise bad("the last message must come from the user", f"messages[{len(out) - 1}].role")
+    check_media_counts(out, limits)
+    return out
+
+
+def check_media_counts(messages: list[Message], limits: Limits) -> None:
+    images = sum(p.kind == "image" for m in messages for p in m.parts)
+    if images > limits.max_images:
+        raise bad(f"{images} images given; the limit is {limits.max_images} per request", "messages", "too_many_images")
+    audio = sum(p.kind == "audio" for m in messages for p in m.parts)
+    if audio > limits.max_audio_parts:
+        raise bad(f"{audio} audio parts given; the limit is {limits.max_audio_parts} per request", "messages",
+                  "too_many_audio_parts")
+
+
+def parse_chat_request(body: Any, limits: Limits, allow_remote: bool = False) -> ChatRequest:
+    if not isinstance(body, dict):
+        raise bad(f"the request body must be a JSON object, got {type(body).__name__}")
+    for key, why in UNSUPPORTED.items():
+        if body.get(key) not in (None, False, [], "none"):
+            raise bad(f"'{key}': {why}", key, "unsupported_parameter")
+    n = body.get("n")
+    if n not in (None, 1):
+        raise bad("'n' must be 1 (one choice per request)", "n", "unsupported_parameter")
+    fmt = body.get("response_format")
+    if fmt not in (None, {"type": "text"}):
+        raise bad("'response_format': only {'type': 'text'} is supported", "response_format", "unsupported_parameter")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad("'model' must be a string", "model")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise bad(f"'max_tokens' must be a positive integer, got {max_tokens!r}", "max_tokens")
+        if max_tokens > limits.max_new_tokens:
+            raise bad(f"'max_tokens' is {max_tokens}; this server allows at most {limits.max_new_tokens}",
+                      "max_tokens", "max_tokens_too_large")
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise bad("'stop' must be a non-empty string or a list of non-empty strings", "stop")
+    if len(stop) > limits.max_stop:
+        raise bad(f"'stop' has {len(stop)} strings; at most {limits.max_stop} are allowed", "stop")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise bad("'stream' must be true or false", "stream")
+    opts = body.get("stream_options") or {}
+    if not isinstance(opts, dict):
+        raise bad("'stream_options' must be an object", "stream_options")
+    return ChatRequest(
+        messages=parse_messages(body.get("messages"), limits, allow_remote),
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0) or 1.0,
+        stop=stop,
+        stream=stream,
+        include_usage=bool(opts.get("include_usage")),
+        model=model,
+    )
+
+
+# ----------------------------------------------------------------- responses
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def completion(cid: str, model: str, text: str, finish: str, prompt: int, completion_tokens: int) -> dict:
+    return {
+        "id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                     "logprobs": None}],
+        "usage": usage(prompt, completion_tokens),
+    }
+
+
+def chunk(cid: str, model: str, created: int, delta: dict | None, finish: str | None = None,
+          usage_: dict | None = None) -> dict:
+    out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+           "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish,
+                                                  "logprobs": None}]}
+    if usage_ is not None:
+        out["usage"] = usage_
+    return out

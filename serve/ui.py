@@ -1,0 +1,162 @@
+"""The Gradio chat page: text, image and audio uploads, microphone, streamed
+answers, per-session history, a clear button, visible errors, examples.
+
+It runs the same :class:`~serve.chat.ChatService` as the HTTP API, so the
+page and the API share limits, trimming and error messages.
+"""
+from __future__ import annotations
+
+import logging
+import mimetypes
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from .chat import ChatService
+from .protocol import APIError, ChatRequest, Message, Part, check_media_counts
+
+log = logging.getLogger("serve.mmphi")
+
+IMAGE_EXT = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
+AUDIO_EXT = {".wav", ".mp3", ".flac", ".ogg", ".oga", ".opus", ".m4a", ".mp4", ".webm", ".aac", ".aiff"}
+
+
+def file_kind(path: str) -> str | None:
+    """'image', 'audio' or None, from the file name (then its guessed type)."""
+    ext = Path(path).suffix.lower()
+    if ext in IMAGE_EXT:
+        return "image"
+    if ext in AUDIO_EXT:
+        return "audio"
+    mime = mimetypes.guess_type(path)[0] or ""
+    return mime.split("/")[0] if mime.startswith(("image/", "audio/")) else None
+
+
+def _file_path(item: Any) -> str | None:
+    if isinstance(item, (str, Path)):
+        return str(item)
+    if isinstance(item, dict):
+        if "path" in item:
+            return item["path"]
+        if isinstance(item.get("file"), dict):
+            return item["file"].get("path")
+    return getattr(item, "path", None) or getattr(getattr(item, "file", None), "path", None)
+
+
+def _parts(content: Any, role: str) -> list[Part]:
+    """Gradio history content (text, file dicts, components, lists of them) -> parts."""
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [Part("text", text=content)]
+    if isinstance(content, (list, tuple)):
+        if isinstance(content, tuple) and content and all(isinstance(x, str) for x in content):
+            content = [{"path": content[0]}]  # Gradio's (path, alt_text) file tuple
+        return [p for item in content for p in _parts(item, role)]
+    if isinstance(content, dict) and content.get("type") == "text":
+        return [Part("text", text=str(content.get("text", "")))]
+    path = _file_path(content)
+    if path is None or role != "user":
+        return []
+    kind = file_kind(path)
+    if kind is None:
+        raise APIError(400, f"{Path(path).name}: unsupported file type; upload an image or an audio clip")
+    return [Part(kind, data=Path(path).read_bytes())]
+
+
+def to_messages(message: dict | str, history: list) -> list[Message]:
+    """The page's history plus the new multimodal message -> API messages,
+    consecutive entries of one role merged."""
+    out: list[Message] = []
+    entries = [(h.get("role"), h.get("content")) for h in history if isinstance(h, dict)]
+    if isinstance(message, str):
+        message = {"text": message, "files": []}
+    new = [{"path": _file_path(f)} for f in message.get("files") or []]
+    entries.append(("user", new + ([message["text"]] if message.get("text") else [])))
+    for role, content in entries:
+        if role not in ("user", "assistant"):
+            continue
+        parts = _parts(content, role)
+        if out and out[-1].role == role:
+            out[-1].parts.extend(parts)
+        else:
+            out.append(Message(role, parts))
+    return out
+
+
+def example_inputs(folder: Path, n: int = 3) -> list[dict]:
+    """Questions about images drawn like the synthetic training set."""
+    from data_pipelines.synthetic import TEMPLATES, make_scene
+
+    rng = random.Random(7)
+    examples = []
+    for i in range(n):
+        img, objects = make_scene(rng, 128)
+        path = folder / f"example-{i}.png"
+        img.save(path)
+        obj = objects[0]
+        if len(objects) == 1:
+            q = TEMPLATES["colour1"][0]
+        elif i % 3 == 1:
+            q = TEMPLATES["shape"][0].format(**obj)
+        elif i % 3 == 2:
+            q = TEMPLATES["count"][0]
+        else:
+            q = TEMPLATES["colour"][0].format(**obj)
+        examples.append({"text": q, "files": [str(path)]})
+    examples.append({"text": "What is 3 plus 4?", "files": []})
+    return examples
+
+
+def build_ui(service: ChatService) -> gr.Blocks:
+    limits = service.limits
+    random_weights = service.source.checkpoint is None and service.source.cfg.llm.random_init is not None
+    note = (" **These are random weights (no checkpoint was given): the answers are noise.** "
+            "Start with `mmphi serve --checkpoint RUNS/NAME/final` to chat with a trained model."
+            if random_weights else "")
+
+    async def respond(message, history):
+        try:
+            messages = to_messages(message, history)
+            if not any(p.text.strip() or p.kind != "text" for p in messages[-1].parts):
+                raise APIError(400, "type a message or attach an image or audio clip")
+            check_media_counts(messages, limits)
+            req = ChatRequest(messages=messages, max_tokens=None, temperature=0.0, top_p=1.0, stop=[],
+                              stream=True, include_usage=False, model=None)
+            prep = await service.prepare(req)
+            text, result = "", {}
+            async for delta in service.answer(prep, req, result):
+                text += delta
+                yield text
+            if not text:
+                yield "(empty answer)"
+        except APIError as e:
+            raise gr.Error(e.message) from None
+        except gr.Error:
+            raise
+        except Exception as e:  # noqa: BLE001 - shown on the page, logged in full
+            log.exception("chat page request failed")
+            raise gr.Error(f"the server failed: {type(e).__name__}: {e}") from None
+
+    folder = Path(tempfile.mkdtemp(prefix="mmphi-examples-"))
+    try:
+        examples = example_inputs(folder)
+    except Exception:  # noqa: BLE001 - the page works without examples
+        log.exception("could not draw the example images")
+        examples = None
+    textbox = gr.MultimodalTextbox(
+        file_types=["image", "audio"], file_count="multiple", sources=["upload", "microphone"],
+        placeholder="Ask about an image, or record a question", show_label=False,
+    )
+    return gr.ChatInterface(
+        respond, multimodal=True, textbox=textbox, examples=examples, cache_examples=False,
+        title="mmphi: a multimodal Phi-3",
+        description=(f"Serving {service.source.description}. Images (up to {limits.max_images} per conversation) "
+                     f"and audio clips (up to {limits.max_audio_seconds:g} s) can be attached; audio is "
+                     f"transcribed with Whisper. Old turns are dropped when the conversation outgrows the "
+                     f"context of {service.context_length} tokens." + note),
+        concurrency_limit=None, fill_height=True, api_name="chat",
+    )
