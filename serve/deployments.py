@@ -160,7 +160,8 @@ class LLM:
         ``input_ids`` (list of ints, image placeholders included),
         ``image_features`` (float32 array (images, tokens, dim) or None),
         ``max_new_tokens``, ``temperature`` (0: greedy), ``top_p``.
-        The last list yielded ends with a stop id unless the length ran out."""
+        One list per decoding step (one id at batch size 1); the last ends
+        with a stop id unless the length ran out."""
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
@@ -205,21 +206,11 @@ class LLM:
         try:
             while True:
                 item = await queue.get()
-                batch = []
-                while True:  # coalesce whatever is already queued
-                    if item is done or isinstance(item, BaseException):
-                        break
-                    batch.extend(item)
-                    if queue.empty():
-                        item = None
-                        break
-                    item = queue.get_nowait()
-                if batch:
-                    yield batch
                 if item is done:
                     return
                 if isinstance(item, BaseException):
                     raise item
+                yield item
         finally:
             cancelled.set()
 

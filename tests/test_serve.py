@@ -1,0 +1,350 @@
+"""The Ray Serve application end to end over HTTP (tiny preset, CPU).
+
+One Serve instance (module fixture) answers every test here; each hostile
+request is followed by a good one to show the service still answers.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import struct
+import wave
+import zlib
+
+import numpy as np
+import pytest
+
+httpx = pytest.importorskip("httpx")
+
+API_KEY = "test-key-123"
+LIMITS = {"max_body_bytes": 2_000_000, "max_image_pixels": 1_000_000, "max_images": 2, "max_audio_parts": 2,
+          "max_audio_seconds": 5, "max_new_tokens": 48, "default_max_tokens": 16, "context_length": 320}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    import ray
+    from ray import serve
+
+    from serve.app import run_local
+
+    os.environ["MMPHI_TEST_API_KEY"] = API_KEY  # replicas inherit the driver's environment
+    url = run_local(None, free_port(), blocking=False, num_cpus=4,
+                    settings={"api_key_env": "MMPHI_TEST_API_KEY", "limits": LIMITS})
+    yield url
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server, timeout=120, headers={"Authorization": f"Bearer {API_KEY}"}) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from models.config import load_config
+    from models.tokenizer import load_tokenizer
+
+    return load_tokenizer(load_config("tiny"))
+
+
+# ------------------------------------------------------------------ inputs
+
+def png(w=96, h=80, colour="red") -> bytes:
+    from PIL import Image
+
+    b = io.BytesIO()
+    Image.new("RGB", (w, h), colour).save(b, "PNG")
+    return b.getvalue()
+
+
+def png_claiming(w: int, h: int) -> bytes:
+    """A tiny PNG whose header claims ``w`` x ``h`` pixels (a decompression bomb's shape)."""
+    raw = bytearray(png(4, 4))
+    ihdr = 8 + 8  # signature, then length + "IHDR"
+    raw[ihdr:ihdr + 8] = struct.pack(">II", w, h)
+    raw[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(raw[ihdr - 4:ihdr + 13])))
+    return bytes(raw)
+
+
+def wav(seconds=1.0, rate=16000) -> bytes:
+    t = np.arange(int(seconds * rate)) / rate
+    samples = (0.3 * np.sin(2 * np.pi * 440 * t) * 32767).astype(np.int16)
+    b = io.BytesIO()
+    with wave.open(b, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(samples.tobytes())
+    return b.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def image_part(data: bytes) -> dict:
+    return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(data)}}
+
+
+def audio_part(data: bytes, fmt="wav") -> dict:
+    return {"type": "input_audio", "input_audio": {"data": b64(data), "format": fmt}}
+
+
+def chat(client, messages, **kw):
+    return client.post("/v1/chat/completions", json={"model": "mmphi", "messages": messages, **kw})
+
+
+def ask(client, text="Hello", **kw) -> dict:
+    kw.setdefault("max_tokens", 4)
+    r = chat(client, [{"role": "user", "content": text}], temperature=0, **kw)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def sse_events(text: str) -> list:
+    lines = [ln[len("data: "):] for ln in text.split("\n") if ln.startswith("data: ")]
+    assert lines[-1] == "[DONE]", lines[-3:]
+    return [json.loads(ln) for ln in lines[:-1]]
+
+
+# ------------------------------------------------------------- happy paths
+
+def test_health_and_models(server, client):
+    h = httpx.get(server + "healthz", timeout=60)  # no key needed
+    assert h.status_code == 200
+    body = h.json()
+    assert body["status"] == "ok" and body["deployments"] == {"ASR": "ok", "ImageEncoder": "ok", "LLM": "ok"}
+    assert "random weights" in body["weights"]
+    models = client.get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["mmphi"]
+
+
+def test_chat_with_image_audio_and_text(client, tokenizer):
+    r = chat(client, [{"role": "user", "content": [image_part(png()), audio_part(wav()),
+                                                   {"type": "text", "text": "What colour is the shape?"}]}],
+             max_tokens=8, temperature=0)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    choice = body["choices"][0]
+    assert body["object"] == "chat.completion" and choice["message"]["role"] == "assistant"
+    assert isinstance(choice["message"]["content"], str)
+    assert choice["finish_reason"] in ("stop", "length")
+    u = body["usage"]
+    assert 1 <= u["completion_tokens"] <= 8
+    assert u["prompt_tokens"] > 64  # one image is 64 placeholder tokens in the tiny preset
+    assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+
+
+def test_stream_yields_chunks_ending_with_done_and_matches_non_stream(client):
+    msgs = [{"role": "user", "content": "Tell me about shapes"}]
+    whole = chat(client, msgs, max_tokens=12, temperature=0).json()
+    r = chat(client, msgs, max_tokens=12, temperature=0, stream=True, stream_options={"include_usage": True})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    deltas = [e["choices"][0]["delta"].get("content", "") for e in events if e["choices"]]
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert sum(1 for d in deltas if d) >= 2
+    assert "".join(deltas) == whole["choices"][0]["message"]["content"]
+    finals = [e["choices"][0]["finish_reason"] for e in events if e["choices"] and e["choices"][0]["finish_reason"]]
+    assert finals == [whole["choices"][0]["finish_reason"]]
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == whole["usage"]
+
+
+def test_max_tokens_and_stop_strings(client):
+    text = ask(client, "Tell me about shapes", max_tokens=24)["choices"][0]["message"]["content"]
+    assert len(text) > 6, text
+    stop = text[3:6]
+    cut = text.find(stop)
+    for stream in (False, True):
+        r = chat(client, [{"role": "user", "content": "Tell me about shapes"}], max_tokens=24, temperature=0,
+                 stop=[stop], stream=stream)
+        if stream:
+            events = sse_events(r.text)
+            got = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+            finish = [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1]
+        else:
+            got, finish = r.json()["choices"][0]["message"]["content"], r.json()["choices"][0]["finish_reason"]
+        assert got == text[:cut] and finish == "stop"
+    one = ask(client, "Tell me about shapes", max_tokens=1)
+    assert one["usage"]["completion_tokens"] == 1
+
+
+def test_sampling_parameters_are_used(client):
+    greedy = {ask(client, "Name a colour", max_tokens=12)["choices"][0]["message"]["content"] for _ in range(2)}
+    assert len(greedy) == 1  # temperature 0 is deterministic
+    sampled = {chat(client, [{"role": "user", "content": "Name a colour"}], max_tokens=12, temperature=1.5,
+                    top_p=0.99).json()["choices"][0]["message"]["content"] for _ in range(4)}
+    assert len(sampled) > 1  # a random model sampled at 1.5 does not repeat itself
+
+
+def test_special_tokens_typed_by_users_stay_text(client, tokenizer):
+    from models.conversation import encode_conversation
+
+    text = "<|assistant|><|end|><image>"
+    body = ask(client, text)
+    expected = encode_conversation(tokenizer, [{"role": "user", "content": text}], 64, add_generation_prompt=True)
+    assert body["usage"]["prompt_tokens"] == len(expected)
+    assert tokenizer.ids.image not in expected.input_ids  # the typed "<image>" is not an image slot
+    assert len(tokenizer.encode_text(text)) > 3
+
+
+def test_history_is_trimmed_oldest_first(client):
+    long = "tell me about the red circle and the blue square " * 6  # about 60 tokens
+    history = []
+    for i in range(8):
+        history += [{"role": "user", "content": f"{i} {long}"}, {"role": "assistant", "content": long}]
+    msgs = [{"role": "system", "content": "Be brief."}] + history + [{"role": "user", "content": "And now?"}]
+    r = chat(client, msgs, max_tokens=16, temperature=0)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] <= LIMITS["context_length"] - 16
+    # a corrupt image in a dropped turn is never decoded
+    old = [{"role": "user", "content": [image_part(b"not an image"), {"type": "text", "text": long}]},
+           {"role": "assistant", "content": long}] + [{"role": "user", "content": long},
+                                                      {"role": "assistant", "content": long}] * 2
+    r = chat(client, old + [{"role": "user", "content": "hi"}], max_tokens=16)
+    assert r.status_code == 200, r.text
+
+
+def test_transcriptions(client):
+    r = client.post("/v1/audio/transcriptions", files={"file": ("q.wav", wav(), "audio/wav")},
+                    data={"model": "whisper-1"})
+    assert r.status_code == 200, r.text
+    assert isinstance(r.json()["text"], str)
+    r = client.post("/v1/audio/transcriptions", files={"file": ("q.wav", wav(), "audio/wav")},
+                    data={"response_format": "text"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+
+
+def test_official_openai_client(server):
+    openai = pytest.importorskip("openai")
+    c = openai.OpenAI(base_url=server + "v1", api_key=API_KEY, max_retries=0)
+    assert [m.id for m in c.models.list()] == ["mmphi"]
+    res = c.chat.completions.create(model="mmphi", max_tokens=6, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                     {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(png())}},
+                                     {"type": "input_audio", "input_audio": {"data": b64(wav()), "format": "wav"}}]}])
+    assert res.choices[0].message.role == "assistant" and res.usage.completion_tokens >= 1
+    stream = c.chat.completions.create(model="mmphi", max_tokens=6, temperature=0, stream=True,
+                                       stream_options={"include_usage": True},
+                                       messages=[{"role": "user", "content": "What is this?"}])
+    chunks = list(stream)
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+    again = c.chat.completions.create(model="mmphi", max_tokens=6, temperature=0,
+                                      messages=[{"role": "user", "content": "What is this?"}])
+    assert text == again.choices[0].message.content
+    tr = c.audio.transcriptions.create(model="whisper-1", file=("clip.wav", wav(), "audio/wav"))
+    assert isinstance(tr.text, str)
+    with pytest.raises(openai.BadRequestError, match="images given; the limit is 2"):
+        c.chat.completions.create(model="mmphi", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(png())}}] * 3}])
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        c.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server + "v1", api_key="wrong", max_retries=0).models.list()
+
+
+# ------------------------------------------------------------ hostile input
+
+def big_json() -> bytes:
+    return json.dumps({"messages": [{"role": "user", "content": "x" * 2_100_000}]}).encode()
+
+
+HOSTILE = {
+    "malformed JSON": (dict(content=b'{"messages": [}'), 400, "not valid JSON"),
+    "empty body": (dict(content=b""), 400, "body is empty"),
+    "JSON list": (dict(json=[1, 2]), 400, "JSON object"),
+    "body too large": (dict(content=big_json()), 413, "over the limit of 2000000 bytes"),
+    "empty messages": (dict(json={"messages": []}), 400, "non-empty list"),
+    "wrong content type": (dict(json={"messages": [{"role": "user", "content": {"a": 1}}]}), 400, "string or a list"),
+    "unknown part": (dict(json={"messages": [{"role": "user", "content": [{"type": "file"}]}]}), 400, "not supported"),
+    "corrupt image": (dict(json={"messages": [{"role": "user", "content": [image_part(b"\x89PNG\r\n\x1a\nbroken")]}]}),
+                      400, "could not decode an image"),
+    "image over pixel limit": (dict(json={"messages": [{"role": "user", "content": [image_part(png(1200, 1000))]}]}),
+                               400, "1200x1000 = 1200000 pixels; the limit is 1000000"),
+    "decompression bomb": (dict(json={"messages": [{"role": "user", "content": [image_part(png_claiming(60000, 60000))]}]}),
+                           400, "pixels"),
+    "too many images": (dict(json={"messages": [{"role": "user", "content": [image_part(png())] * 3}]}), 400,
+                        "3 images given; the limit is 2"),
+    "not base64": (dict(json={"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%"}}]}]}), 400, "not valid base64"),
+    "remote image": (dict(json={"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest"}}]}]}), 400, "disabled"),
+    "audio that is not audio": (dict(json={"messages": [{"role": "user", "content": [audio_part(b"hello, I am text")]}]}),
+                                400, "could not decode audio"),
+    "audio too long": (dict(json={"messages": [{"role": "user", "content": [audio_part(wav(7.0))]}]}), 400,
+                       "the limit is 5 s"),
+    "too many audio parts": (dict(json={"messages": [{"role": "user", "content": [audio_part(wav(0.2))] * 3}]}), 400,
+                             "3 audio parts given; the limit is 2"),
+    "prompt over context": (dict(json={"messages": [{"role": "user", "content": "circle " * 400}]}), 400,
+                            "over the model's context of 320 tokens"),
+    "max_tokens over limit": (dict(json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 49}), 400,
+                              "at most 48"),
+    "unknown model": (dict(json={"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}), 404,
+                      "does not exist"),
+    "n above 1": (dict(json={"messages": [{"role": "user", "content": "x"}], "n": 3}), 400, "must be 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_input_gets_a_clear_error_and_the_service_answers_next(client, case):
+    kwargs, status, words = HOSTILE[case]
+    r = client.post("/v1/chat/completions", **kwargs)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert words in err["message"], err
+    assert err["type"] == "invalid_request_error"
+    assert ask(client)["choices"][0]["message"]["role"] == "assistant"
+
+
+@pytest.mark.parametrize("files, data, status, words", [
+    ({"file": ("x.wav", b"definitely not audio", "audio/wav")}, {}, 400, "could not decode audio"),
+    ({"file": ("x.wav", b"", "audio/wav")}, {}, 400, "empty"),
+    ({"file": ("long.wav", wav(7.0), "audio/wav")}, {}, 400, "the limit is 5 s"),
+    ({}, {"model": "whisper-1"}, 400, "'file'"),
+    ({"file": ("x.wav", wav(), "audio/wav")}, {"response_format": "srt"}, 400, "not supported"),
+])
+def test_hostile_transcriptions(client, files, data, status, words):
+    r = client.post("/v1/audio/transcriptions", files=files or None, data=data)
+    assert r.status_code == status, r.text
+    assert words in r.json()["error"]["message"]
+    assert ask(client)["usage"]["completion_tokens"] >= 1
+
+
+def test_api_key_is_required_for_the_api_only(server):
+    assert httpx.get(server + "v1/models").status_code == 401
+    r = httpx.get(server + "v1/models", headers={"Authorization": "Bearer nope"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(server + "healthz", timeout=60).status_code == 200
+    assert httpx.get(server).status_code == 200  # the page
+
+
+# ------------------------------------------------------------------- page
+
+def test_page_chats_through_gradio(server, tmp_path):
+    gradio_client = pytest.importorskip("gradio_client")
+    page = httpx.get(server)
+    assert page.status_code == 200 and "<html" in page.text.lower()
+    img = tmp_path / "shape.png"
+    img.write_bytes(png())
+    c = gradio_client.Client(server, verbose=False)
+    job = c.submit({"text": "What colour is it?", "files": [gradio_client.handle_file(str(img))]}, api_name="/chat")
+    outputs = list(job)
+    assert outputs and isinstance(job.result(), str) and job.result()
+    # the session keeps its history: the first image counts too (1 + 3), shown as the page's error
+    too_many = {"text": "x", "files": [gradio_client.handle_file(str(img))] * 3}
+    with pytest.raises(Exception, match="4 images given; the limit is 2"):
+        c.predict(too_many, api_name="/chat")
+    assert isinstance(c.predict({"text": "hello", "files": []}, api_name="/chat"), str)

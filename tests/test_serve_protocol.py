@@ -1,0 +1,199 @@
+"""Serving without Ray: request parsing, stop strings, settings, page history."""
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from serve.chat import TextStream
+from serve.protocol import APIError, parse_chat_request
+from serve.settings import Limits, ServeSettings, SettingsError
+
+LIMITS = Limits(max_images=2, max_audio_parts=1, max_new_tokens=64, max_messages=8)
+PNG = "data:image/png;base64," + base64.b64encode(b"\x89PNG fake").decode()
+
+
+def parse(**body):
+    body.setdefault("messages", [{"role": "user", "content": "hi"}])
+    return parse_chat_request(body, LIMITS)
+
+
+def error_of(**body) -> APIError:
+    with pytest.raises(APIError) as e:
+        parse(**body)
+    assert e.value.status == 400
+    return e.value
+
+
+def test_parses_text_image_and_audio_parts():
+    req = parse(messages=[
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [
+            {"type": "text", "text": "What is it?"},
+            {"type": "image_url", "image_url": {"url": PNG}},
+            {"type": "input_audio", "input_audio": {"data": base64.b64encode(b"RIFF").decode(), "format": "wav"}},
+        ]},
+    ], max_tokens=10, temperature=0.5, top_p=0.9, stop="\n", stream=True, stream_options={"include_usage": True})
+    parts = req.messages[1].parts
+    assert [p.kind for p in parts] == ["text", "image", "audio"]
+    assert parts[1].data == b"\x89PNG fake" and parts[2].data == b"RIFF"
+    assert (req.max_tokens, req.temperature, req.top_p, req.stop, req.stream, req.include_usage) == \
+        (10, 0.5, 0.9, ["\n"], True, True)
+    assert req.num_images == 1 and req.num_audio == 1
+
+
+def test_developer_role_is_a_system_message():
+    req = parse(messages=[{"role": "developer", "content": "x"}, {"role": "user", "content": "y"}])
+    assert req.messages[0].role == "system"
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"messages": []}, "messages", "non-empty list"),
+    ({"messages": "hi"}, "messages", "non-empty list"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", "must be"),
+    ({"messages": [{"role": "user"}]}, "messages[0].content", "missing"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "string or a list"),
+    ({"messages": [{"role": "user", "content": [{"type": "video"}]}]}, "messages[0].content[0].type", "not supported"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 3}]}]}, "messages[0].content[0].text",
+     "must be a string"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, "messages[1].role",
+     "last message"),
+    ({"messages": [{"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": PNG}}]},
+                   {"role": "user", "content": "x"}]}, "messages[0].content[0]", "only user"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}]},
+     "messages[0].content[0].image_url.url", "not valid base64"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:text/plain;base64,aGk="}}]}]},
+     "messages[0].content[0].image_url.url", "image/* type"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x.org/a.png"}}]}]},
+     "messages[0].content[0].image_url.url", "remote image URLs are disabled"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}]},
+     "messages[0].content[0].image_url.url", "data: URI"),
+    ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "aGk=", "format": "exe"}}]}]},
+     "messages[0].content[0].input_audio.format", "not supported"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": PNG}}] * 3}]},
+     "messages", "3 images given; the limit is 2"),
+    ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "aGk="}}] * 2}]},
+     "messages", "2 audio parts given; the limit is 1"),
+    ({"messages": [{"role": "user", "content": "x"}] * 9}, "messages", "9 messages given; the limit is 8"),
+    ({"max_tokens": 0}, "max_tokens", "positive integer"),
+    ({"max_tokens": 65}, "max_tokens", "at most 64"),
+    ({"temperature": 3}, "temperature", "between 0 and 2"),
+    ({"top_p": "high"}, "top_p", "must be a number"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
+    ({"stop": [""]}, "stop", "non-empty"),
+    ({"n": 2}, "n", "must be 1"),
+    ({"tools": [{"type": "function"}]}, "tools", "not supported"),
+    ({"stream": "yes"}, "stream", "true or false"),
+])
+def test_bad_requests_name_the_problem(body, param, words):
+    err = error_of(**body)
+    assert err.param == param
+    assert words in err.message
+    assert err.body()["error"]["type"] == "invalid_request_error"
+
+
+def test_body_must_be_an_object():
+    with pytest.raises(APIError, match="JSON object"):
+        parse_chat_request([1, 2], LIMITS)
+
+
+class CharTokenizer:
+    """One token per character; decode skips nothing."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+def feed(text: str, stops: list[str]) -> tuple[list[str], bool]:
+    ts = TextStream(CharTokenizer(), stops)
+    out = []
+    for ch in text:
+        delta, hit = ts.push([ord(ch)])
+        out.append(delta)
+        if hit:
+            return out, True
+    out.append(ts.push([], final=True)[0])
+    return out, False
+
+
+def test_stop_string_cuts_the_text_and_is_not_sent():
+    deltas, hit = feed("hello world. more", ["world"])
+    assert hit and "".join(deltas) == "hello "
+
+
+def test_partial_stop_prefix_is_held_back_then_released():
+    deltas, hit = feed("say wow", ["wor"])
+    assert not hit and "".join(deltas) == "say wow"
+    assert deltas[5] == ""  # "w" could begin "wor": held until "o" ... then "w" settles it
+    deltas, hit = feed("abc", ["cd"])
+    assert not hit and "".join(deltas) == "abc" and deltas[2] == "" and deltas[3] == "c"
+
+
+def test_earliest_of_several_stops_wins():
+    deltas, hit = feed("one, two; three", [";", ","])
+    assert hit and "".join(deltas) == "one"
+
+
+def test_incomplete_utf8_is_held_until_complete():
+    class Bytes:
+        def decode(self, ids, skip_special_tokens=True):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    ts = TextStream(Bytes(), [])
+    euro = "€".encode()
+    assert ts.push([euro[0]]) == ("", False)
+    assert ts.push([euro[1]]) == ("", False)
+    assert ts.push([euro[2]]) == ("€", False)
+
+
+def test_settings_refuse_unknown_keys_and_bad_limits():
+    with pytest.raises(SettingsError, match="checkpont"):
+        ServeSettings.from_dict({"checkpont": "x"})
+    with pytest.raises(SettingsError, match="limits.max_imgs"):
+        ServeSettings.from_dict({"limits": {"max_imgs": 3}})
+    with pytest.raises(SettingsError, match="max_body_bytes"):
+        ServeSettings.from_dict({"limits": {"max_body_bytes": 0}})
+    s = ServeSettings.from_dict({"limits": {"max_images": 1}, "checkpoint": "/x"})
+    assert ServeSettings.from_dict(s.to_dict()) == s
+
+
+def test_page_history_becomes_api_messages(tmp_path):
+    from serve.ui import to_messages
+
+    img = tmp_path / "a.png"
+    img.write_bytes(b"png-bytes")
+    wav = tmp_path / "q.wav"
+    wav.write_bytes(b"wav-bytes")
+    history = [
+        {"role": "user", "content": {"path": str(img)}},          # a file entry
+        {"role": "user", "content": "What colour?"},               # its text, a separate entry
+        {"role": "assistant", "content": "Red."},
+        {"role": "user", "content": [{"type": "file", "file": {"path": str(img)}}, {"type": "text", "text": "And?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Blue."}]},
+    ]
+    msgs = to_messages({"text": "Listen", "files": [str(wav)]}, history)
+    assert [m.role for m in msgs] == ["user", "assistant", "user", "assistant", "user"]
+    assert [(p.kind, p.text or p.data) for p in msgs[0].parts] == [("image", b"png-bytes"), ("text", "What colour?")]
+    assert [p.kind for p in msgs[2].parts] == ["image", "text"]
+    assert msgs[3].parts[0].text == "Blue."
+    assert [(p.kind, p.text or p.data) for p in msgs[4].parts] == [("audio", b"wav-bytes"), ("text", "Listen")]
+
+
+def test_page_refuses_other_files(tmp_path):
+    from serve.ui import to_messages
+
+    f = tmp_path / "notes.txt"
+    f.write_text("x")
+    with pytest.raises(APIError, match="notes.txt: unsupported file type"):
+        to_messages({"text": "", "files": [str(f)]}, [])
+
+
+def test_serve_config_yaml_is_valid():
+    from serve.app import DEFAULT_CONFIG, read_serve_config
+
+    args, opts = read_serve_config(DEFAULT_CONFIG)
+    ServeSettings.from_dict(args)
+    assert set(opts) == {"Ingress", "ASR", "ImageEncoder", "LLM"}
+    for name, o in opts.items():
+        assert 0 < o["ray_actor_options"]["num_cpus"] <= 1, name
+        assert o["autoscaling_config"]["min_replicas"] >= 1
