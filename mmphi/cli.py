@@ -17,6 +17,7 @@ COMMANDS = [
     "mmphi.commands.data",
     "mmphi.commands.demo",
     "mmphi.commands.model",
+    "mmphi.commands.serve",
     "mmphi.commands.train",
 ]
 

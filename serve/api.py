@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from .chat import ChatService
 from .protocol import APIError, bad, chunk, completion, completion_id, parse_chat_request, usage
 
-log = logging.getLogger("serve.mmphi")
+log = logging.getLogger("ray.serve")  # Serve writes it to the replica logs
 
 
 def error_response(err: APIError) -> JSONResponse:
@@ -118,7 +118,8 @@ def build_api(service: ChatService, *, api_key: str | None, mount_ui: bool = Tru
                 checks[name] = f"unavailable: {type(e).__name__}"
         ok = all(v == "ok" for v in checks.values())
         return JSONResponse({"status": "ok" if ok else "degraded", "model": model_name,
-                             "weights": service.source.description, "deployments": checks},
+                             "weights": service.source.description, "deployments": checks,
+                             "recovered": dict(service.recovered)},
                             status_code=200 if ok else 503)
 
     @app.get("/v1/models")

@@ -19,7 +19,7 @@ from ray import serve
 from .deployments import ASR, LLM, ImageEncoder, _autoscaling, load_ingress_tokenizer
 from .settings import ServeSettings
 
-log = logging.getLogger("serve.mmphi")
+log = logging.getLogger("ray.serve")  # Serve writes it to the replica logs
 
 APP_NAME = "mmphi"
 DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
@@ -68,7 +68,10 @@ def build_app(args: dict | None = None, deployment_options: dict[str, dict] | No
     opts = deployment_options or {}
 
     def bind(dep, *a):
-        return (dep.options(**opts[dep.name]) if dep.name in opts else dep).bind(*a)
+        o = dict(opts.get(dep.name) or {})
+        if "num_replicas" in o:  # a fixed count replaces the default autoscaling, as in a Serve config
+            o.setdefault("autoscaling_config", None)
+        return (dep.options(**o) if o else dep).bind(*a)
 
     asr = bind(ASR, settings)
     image_encoder = bind(ImageEncoder, settings)

@@ -20,7 +20,7 @@ import ray
 
 from .protocol import APIError, ChatRequest, Message, Part, bad
 
-log = logging.getLogger("serve.mmphi")
+log = logging.getLogger("ray.serve")  # Serve writes it to the replica logs
 
 RETRYABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
@@ -103,6 +103,8 @@ class ChatService:
 
         self.num_image_tokens = vision_spec(source.cfg.vision)["num_tokens"]
         self.stop_ids = set(tokenizer.stop_ids)
+        # requests that survived a dead replica: retried calls, continued answers
+        self.recovered = {"retried_calls": 0, "continued_answers": 0}
 
     # ---------------------------------------------------------------- calls
     async def _call(self, method, *args):
@@ -113,6 +115,7 @@ class ChatService:
             except RETRYABLE as e:
                 if attempt == self.settings.retries:
                     raise
+                self.recovered["retried_calls"] += 1
                 log.warning("replica died during %s (%s); retrying", getattr(method, "_method_name", "call"),
                             type(e).__name__)
                 await asyncio.sleep(0.5 * (attempt + 1))
@@ -266,6 +269,7 @@ class ChatService:
                 failures += 1
                 if failures > self.settings.retries:
                     raise
+                self.recovered["continued_answers"] += 1
                 log.warning("LLM replica died after %d tokens (%s); continuing on another replica",
                             len(generated), type(e).__name__)
                 await asyncio.sleep(0.5 * failures)

@@ -29,7 +29,7 @@ from ray import serve
 from .loading import load_llm, load_tokenizer, load_vision, resolve, set_threads
 from .settings import ServeSettings
 
-log = logging.getLogger("serve.mmphi")
+log = logging.getLogger("ray.serve")  # Serve writes it to the replica logs
 
 WHISPER_WINDOW_S = 30.0
 
@@ -190,6 +190,8 @@ class LLM:
         feats = torch.from_numpy(np.ascontiguousarray(feats)) if feats is not None and len(feats) else None
         temperature = float(request.get("temperature") or 0.0)
         gen = {"max_new_tokens": int(request["max_new_tokens"]), "streamer": Streamer(),
+               # an answer never holds image slots (a continuation re-reads it as prompt)
+               "suppress_tokens": [self.model.tokenizer.ids.image],
                "stopping_criteria": StoppingCriteriaList([Cancel()])}
         if temperature > 0:
             gen.update(do_sample=True, temperature=temperature, top_p=float(request.get("top_p") or 1.0), top_k=0)

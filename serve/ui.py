@@ -18,7 +18,7 @@ import gradio as gr
 from .chat import ChatService
 from .protocol import APIError, ChatRequest, Message, Part, check_media_counts
 
-log = logging.getLogger("serve.mmphi")
+log = logging.getLogger("ray.serve")  # Serve writes it to the replica logs
 
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 AUDIO_EXT = {".wav", ".mp3", ".flac", ".ogg", ".oga", ".opus", ".m4a", ".mp4", ".webm", ".aac", ".aiff"}
