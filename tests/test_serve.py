@@ -12,7 +12,9 @@ import os
 import socket
 import struct
 import wave
+import time
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -348,3 +350,69 @@ def test_page_chats_through_gradio(server, tmp_path):
     with pytest.raises(Exception, match="4 images given; the limit is 2"):
         c.predict(too_many, api_name="/chat")
     assert isinstance(c.predict({"text": "hello", "files": []}, api_name="/chat"), str)
+
+
+# ---------------------------------------------------------------- browser
+
+def _browser():
+    """Headless Debian Chromium through Selenium; installs chromium and
+    chromium-driver with apt when they are missing (as CI's test setup)."""
+    import shutil
+    import subprocess
+
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        sudo = [] if os.geteuid() == 0 else ["sudo"]
+        subprocess.run(sudo + ["apt-get", "install", "-y", "-qq", "chromium", "chromium-driver"], check=True,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, stdout=subprocess.DEVNULL)
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.fail("selenium is missing: pip install -e '.[dev]'")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1000"):
+        opts.add_argument(arg)
+    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
+
+
+@pytest.mark.slow
+def test_browser_uploads_an_image_and_sees_a_streamed_reply(server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    artifacts = Path(os.environ.get("MMPHI_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "runs" / "test-artifacts"))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    img = tmp_path / "shape.png"
+    img.write_bytes(png(128, 128, "blue"))
+    driver = _browser()
+    try:
+        driver.get(server)
+        wait = WebDriverWait(driver, 60)
+        box = wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, "textarea")))
+        driver.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(img))
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "img[src*='shape'], .thumbnail-item, .thumbnail"))
+        # record every text the reply shows, to see it grow while streaming
+        driver.execute_script("""
+            window.__replies = [];
+            new MutationObserver(() => {
+              const bots = document.querySelectorAll('[data-testid="bot"]');
+              if (bots.length) window.__replies.push(bots[bots.length - 1].innerText);
+            }).observe(document.body, {subtree: true, childList: true, characterData: true});
+        """)
+        box.send_keys("What colour is the shape?")
+        box.send_keys(Keys.ENTER)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '[data-testid="user"] img'))
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '[data-testid="bot"]')
+                   and d.find_elements(By.CSS_SELECTOR, '[data-testid="bot"]')[-1].text.strip())
+        time.sleep(2)  # let the stream finish
+        final = driver.find_elements(By.CSS_SELECTOR, '[data-testid="bot"]')[-1].text.strip()
+        driver.save_screenshot(str(artifacts / "browser-chat.png"))
+        seen = [s.strip() for s in driver.execute_script("return window.__replies") if s and s.strip()]
+        assert final
+        assert len(set(seen)) >= 2, seen  # the reply was shown growing, not in one piece
+    finally:
+        driver.quit()
+    assert (artifacts / "browser-chat.png").stat().st_size > 10_000
