@@ -197,3 +197,15 @@ def test_serve_config_yaml_is_valid():
     for name, o in opts.items():
         assert 0 < o["ray_actor_options"]["num_cpus"] <= 1, name
         assert o["autoscaling_config"]["min_replicas"] >= 1
+
+
+def test_serve_config_passes_ray_schema():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app import DEFAULT_CONFIG, build_app
+
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(DEFAULT_CONFIG.read_text()))
+    app = schema.applications[0]
+    assert app.import_path == "serve.app:build_app" and app.route_prefix == "/"
+    assert build_app(app.args) is not None  # the builder accepts the file's args
