@@ -43,7 +43,7 @@ def _llm_identity(cfg: ModelConfig) -> dict:
 
 def identity(cfg: ModelConfig) -> dict:
     """The facts two things must share to be used together."""
-    return {"vision": vision_identity(cfg.vision), "projector": {"kind": cfg.projector.kind}, "llm": _llm_identity(cfg)}
+    return {"vision": vision_identity(cfg.vision), "projector": {"kind": cfg.projector.kind, "normalize": cfg.projector.normalize}, "llm": _llm_identity(cfg)}
 
 
 def assert_compatible(have: dict, want: dict, what: str = "checkpoint") -> None:

@@ -49,6 +49,9 @@ class VisionConfig:
 class ProjectorConfig:
     # "linear" or "mlp2x_gelu" (Linear -> GELU -> Linear, as in LLaVA-1.5)
     kind: str = "mlp2x_gelu"
+    # standardise each feature dimension with the training set's mean and std
+    # (measured when a projector is first trained, stored with its weights)
+    normalize: bool = False
 
 
 @dataclass

@@ -60,7 +60,7 @@ class MultimodalPhi3(nn.Module):
         spec = vision_spec(cfg.vision)
         torch.manual_seed(cfg.llm.seed + 1)
         dtype = DTYPES[cfg.llm.compute_dtype if cfg.llm.load_in_4bit else cfg.llm.dtype]
-        projector = Projector(cfg.projector.kind, spec["feature_dim"], hidden).to(device=device, dtype=dtype)
+        projector = Projector(cfg.projector.kind, spec["feature_dim"], hidden, cfg.projector.normalize).to(device=device, dtype=dtype)
         projector.requires_grad_(trainable)
         vision = VisionEncoder(cfg.vision, device) if with_vision else None
         return cls(cfg, tok, llm, projector, vision)

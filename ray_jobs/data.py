@@ -67,6 +67,19 @@ class Features:
             return None
         return torch.from_numpy(np.stack([self._rows[p].astype(np.float32) for p in images]))
 
+    def stats(self, images: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-dimension mean and std over every token of ``images``' features."""
+        acc = torch.zeros(2, next(iter(self._rows.values())).shape[-1], dtype=torch.float64)
+        n = 0
+        for p in sorted(set(images)):
+            x = torch.from_numpy(self._rows[p].astype(np.float64)).reshape(-1, acc.shape[1])
+            acc[0] += x.sum(0)
+            acc[1] += (x * x).sum(0)
+            n += x.shape[0]
+        mean = acc[0] / max(n, 1)
+        std = (acc[1] / max(n, 1) - mean * mean).clamp_min(0).sqrt()
+        return mean.float(), std.float()
+
     def mean(self) -> torch.Tensor:
         """The training mean of the features (per token position): the 'blind' input."""
         return torch.from_numpy(np.mean(np.stack([v.astype(np.float32) for v in self._rows.values()]), axis=0))

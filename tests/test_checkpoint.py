@@ -21,6 +21,8 @@ def trained(tmp_path_factory, tiny_cfg):
                                     {"role": "assistant", "content": "Purple."}], m.num_image_tokens, 1024)
     batch = collate([enc, enc], tok.ids.pad)
     feats = torch.randn(2, m.num_image_tokens, m.projector.in_dim, generator=torch.Generator().manual_seed(1))
+    assert m.projector.normalize  # the tiny preset standardises features: the stats travel with the weights
+    m.projector.set_feature_stats(torch.linspace(-1, 1, m.projector.in_dim), torch.linspace(0.5, 2, m.projector.in_dim))
     opt = torch.optim.AdamW(m.trainable_parameters(), lr=1e-2)
     for _ in range(3):
         m(**batch, image_features=feats).loss.backward()
@@ -43,6 +45,17 @@ def test_round_trip_reproduces_logits_exactly(trained):
     fresh = MultimodalPhi3.from_config(m.cfg, device="cpu", with_vision=False, trainable=False)
     with torch.no_grad():
         assert not torch.equal(fresh(**batch, image_features=feats).logits, logits)
+
+
+def test_feature_stats_are_saved_and_applied(trained):
+    m, path, _, feats, _ = trained
+    loaded = load_checkpoint(path, device="cpu")
+    assert torch.equal(loaded.projector.feature_mean, torch.linspace(-1, 1, m.projector.in_dim))
+    assert torch.equal(loaded.projector.feature_std, torch.linspace(0.5, 2, m.projector.in_dim))
+    with torch.no_grad():
+        want = loaded.projector.net((feats - loaded.projector.feature_mean) / loaded.projector.feature_std)
+        assert torch.allclose(loaded.projector(feats), want, atol=1e-6)
+        assert not torch.allclose(loaded.projector.net(feats), want, atol=1e-3)
 
 
 def test_layout_and_plain_peft_loading(trained):
