@@ -4,17 +4,24 @@ Each image is a noisy grey background with 1 to 3 non-overlapping objects;
 each object has one of 6 shapes, one of 6 colours, a size (small or large)
 and a cell of a 3x3 grid. Objects of one image have distinct colours and
 distinct shapes, so naming one attribute picks one object. Each image gives
-one record (id = image stem) with 1 to 3 question/answer exchanges about
+one record (id = image stem) with 2 to 4 question/answer exchanges about
 colour, shape, position, count or size; about 5 % of the records are
 text-only arithmetic questions.
 
+Questions pick their object by an attribute a vision model can find without
+recognising shapes: colour questions name the object's grid cell ("What
+colour is the object at the top left?"); shape, position and size questions
+name its colour ("Where is the red object?"). Only shape questions need the
+shape itself.
+
 The answers can be read from the image alone and not guessed from the
 question: within each question type the answers are (close to) uniform, and
-a conversation never asks what an earlier turn already said (the count
-question, if any, comes first; colour and shape are never asked together;
-every question asks an attribute no earlier question or answer revealed).
-So held-out accuracy above the chance levels written to ``synth.json``
-measures vision.
+no turn's answer follows from the earlier turns (a type is asked at most once
+per conversation; colour and position questions about one image never target
+the same object, and with a single object the colour question comes before
+the position question, which names the colour). Held-out accuracy is
+measured on first exchanges, so accuracy above the chance levels written to
+``synth.json`` measures vision.
 
 Everything is drawn from ``random.Random`` streams derived from the seed
 (one per image, so the first N images do not depend on how many follow)
@@ -33,7 +40,7 @@ from PIL import Image, ImageDraw
 
 from .llava import Record, write_llava
 
-VERSION = 1
+VERSION = 2
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (40, 60, 220),
            "yellow": (240, 220, 30), "purple": (140, 40, 170), "white": (250, 250, 250)}
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
@@ -55,30 +62,28 @@ ANSWERS = {
     "count": ["one", "two", "three"], "size": ["small", "large"],
 }
 CHANCE = {k: 1 / len(v) for k, v in ANSWERS.items()} | {"text": None}
-QTYPES = ("count", "colour", "shape", "position", "size")  # the order they are asked in
+QTYPES = ("count", "colour", "shape", "position", "size")
 
 TEMPLATES = {
-    "colour": ["What colour is the {shape}?", "What is the colour of the {shape}?",
-               "Which colour does the {shape} have?", "What color is the {shape}?"],
+    "colour": ["What colour is the object at the {position}?", "What is the colour of the shape at the {position}?",
+               "Which colour does the object at the {position} have?", "What color is the shape at the {position}?"],
     "colour1": ["What colour is the shape?", "What is the colour of the object?",
                 "Which colour is the object in the picture?", "What color is the shape?"],
     "shape": ["What shape is the {colour} object?", "What is the shape of the {colour} object?",
               "Which shape is drawn in {colour}?"],
     "shape1": ["What shape is shown?", "Which shape is in the picture?", "What is the shape of the object?"],
-    "position": ["Where is the {colour} {shape}?", "In which part of the image is the {colour} {shape}?",
-                 "Where is the {colour} {shape} located?"],
+    "position": ["Where is the {colour} object?", "In which part of the image is the {colour} shape?",
+                 "Where is the {colour} shape located?"],
     "count": ["How many shapes are there?", "How many objects are in the image?",
               "Count the shapes in the picture."],
-    "size": ["Is the {colour} {shape} small or large?", "Is the {colour} {shape} large or small?",
-             "How big is the {colour} {shape}: small or large?"],
+    "size": ["Is the {colour} object small or large?", "Is the {colour} shape large or small?",
+             "How big is the {colour} object: small or large?"],
     "plus": ["What is {a} plus {b}?", "How much is {a} plus {b}?", "Add {a} and {b}. What do you get?"],
     "minus": ["What is {a} minus {b}?", "How much is {a} take away {b}?", "Subtract {b} from {a}. What is left?"],
     "next": ["What number comes after {a}?", "Which number follows {a}?", "What is the next number after {a}?"],
     "day": ["What day comes after {day}?", "Which day follows {day}?", "What is the day after {day}?"],
 }
-# how often each group is picked for a conversation ("attr" is colour or shape)
-GROUP_WEIGHTS = {"count": 1, "attr": 2, "position": 1, "size": 1}
-EXCHANGE_WEIGHTS = {1: 0.5, 2: 0.3, 3: 0.2}
+EXCHANGE_WEIGHTS = {2: 0.3, 3: 0.4, 4: 0.3}  # exchanges per image record
 
 
 def answer_text(canonical: str) -> str:
@@ -186,16 +191,23 @@ def make_scene(rng: random.Random, size: int) -> tuple[Image.Image, list[dict]]:
 
 # ---------------------------------------------------------------- questions
 
-def _pick_groups(rng: random.Random) -> list[str]:
+def _pick_qtypes(rng: random.Random, n_objects: int) -> list[str]:
     k = rng.choices(list(EXCHANGE_WEIGHTS), weights=list(EXCHANGE_WEIGHTS.values()))[0]
-    pool = dict(GROUP_WEIGHTS)
-    chosen = []
-    for _ in range(k):
-        g = rng.choices(list(pool), weights=list(pool.values()))[0]
-        chosen.append(g)
-        del pool[g]
-    qtypes = [rng.choice(("colour", "shape")) if g == "attr" else g for g in chosen]
-    return sorted(qtypes, key=QTYPES.index)
+    qtypes = rng.sample(QTYPES, k)
+    if n_objects == 1 and {"colour", "position"} <= set(qtypes):
+        i, j = qtypes.index("colour"), qtypes.index("position")
+        if i > j:  # "Where is the red object?" would give the colour away
+            qtypes[i], qtypes[j] = qtypes[j], qtypes[i]
+    return qtypes
+
+
+def _pick_targets(rng: random.Random, qtypes: list[str], n_objects: int) -> list[int | None]:
+    targets = [None if q == "count" else rng.randrange(n_objects) for q in qtypes]
+    if n_objects > 1 and {"colour", "position"} <= set(qtypes):
+        i, j = qtypes.index("colour"), qtypes.index("position")
+        while targets[j] == targets[i]:
+            targets[j] = rng.randrange(n_objects)
+    return targets
 
 
 def _question(rng: random.Random, qtype: str, obj: dict | None, n: int) -> str:
@@ -205,16 +217,14 @@ def _question(rng: random.Random, qtype: str, obj: dict | None, n: int) -> str:
 
 
 def image_record(rng: random.Random, stem: str, image_path: str, objects: list[dict]) -> Record:
-    qtypes = _pick_groups(rng)
-    messages, targets = [], []
-    for t, qtype in enumerate(qtypes):
-        target = None if qtype == "count" else rng.randrange(len(objects))
+    qtypes = _pick_qtypes(rng, len(objects))
+    targets = _pick_targets(rng, qtypes, len(objects))
+    messages = []
+    for t, (qtype, target) in enumerate(zip(qtypes, targets)):
         q = _question(rng, qtype, objects[target] if target is not None else None, len(objects))
-        meta = {"objects": objects, "qtypes": qtypes, "targets": targets + [target]}
-        a = expected_answer(meta, t)
+        a = expected_answer({"objects": objects, "qtypes": qtypes, "targets": targets}, t)
         content = [{"type": "image"}, {"type": "text", "text": q}] if t == 0 else q
         messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer_text(a)}]
-        targets.append(target)
     answers = [normalise_answer(m["content"]) for m in messages if m["role"] == "assistant"]
     return Record(id=stem, image=image_path, messages=messages,
                   meta={"objects": objects, "qtypes": qtypes, "targets": targets, "answers": answers})
@@ -332,7 +342,7 @@ def synthesize(out_dir, *, images: int = 600, seed: int = 0, size: int = 128, va
         "version": VERSION,
         "params": {"images": images, "seed": seed, "size": size, "val_fraction": val_fraction,
                    "text_records": n_text, "objects_per_image": [1, 3],
-                   "exchanges_per_record": {str(k): w for k, w in EXCHANGE_WEIGHTS.items()},
+                   "exchanges_per_image_record": {str(k): w for k, w in EXCHANGE_WEIGHTS.items()},
                    "radius_fraction": {k: list(v) for k, v in SIZES.items()}, "cell_margin": CELL_MARGIN,
                    "edge_pad": EDGE_PAD, "object_gap": GAP, "background": list(BACKGROUND), "noise": NOISE},
         "colours": {k: list(v) for k, v in COLOURS.items()},
