@@ -52,6 +52,7 @@ class TrainSettings:
     steps: int = 200
     batch_size: int = 16
     lr: float = 2e-3
+    projector_lr_scale: float = 3.0  # the projector's learning rate is lr x this
     warmup: int = 20
     weight_decay: float = 0.0
     eval_every: int = 100
@@ -223,6 +224,8 @@ def train_loop(config: dict) -> None:
     val = D.load_samples(s.data, "val", s.stage)
     answers = D.first_exchanges(D.load_samples(s.data, "val", "qlora"))[: s.eval_samples]
     feats = D.Features(store, [x.image for x in train + val + answers if x.image])
+    if state is None and not s.init and model.projector.normalize:  # a fresh projector
+        model.projector.set_feature_stats(*feats.stats([x.image for x in train if x.image]))
     max_len = model.cfg.tokenizer.max_length
     train_enc = D.encode_all(tok, train, model.num_image_tokens, max_len)
     val_enc = D.encode_all(tok, val, model.num_image_tokens, max_len)[: s.eval_samples]
@@ -234,7 +237,10 @@ def train_loop(config: dict) -> None:
     params = model.trainable_parameters()
     _broadcast_from_rank0(params, world)  # replicas start identical, whatever each rank loaded
     torch.manual_seed(s.seed + 1000 * (rank + 1))  # dropout differs per rank
-    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    proj = [p for p in model.projector.parameters() if p.requires_grad]
+    rest = [p for p in params if all(p is not q for q in proj)]
+    groups = [{"params": proj, "lr": s.lr * s.projector_lr_scale}] + ([{"params": rest, "lr": s.lr}] if rest else [])
+    opt = torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s.warmup, s.steps))
     step = 0
     if state is not None:
@@ -294,7 +300,7 @@ def train_loop(config: dict) -> None:
             train_loss = _sum_across([sum(running), len(running)], world)
             elapsed = time.time() - t_last
             metrics = {"step": step, "epoch": step / spe, "train_loss": train_loss[0] / max(train_loss[1], 1),
-                       "lr": sched.get_last_lr()[0],
+                       "lr": sched.get_last_lr()[-1],
                        "tokens_per_s": _sum_across([tokens], world)[0] / max(elapsed, 1e-9)}
             running, tokens, t_last = [], 0, time.time()
             if is_eval:
@@ -369,6 +375,7 @@ def add_arguments(p: argparse.ArgumentParser, stage: str | None = None) -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=16, help="per worker")
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--projector-lr-scale", type=float, default=3.0, help="projector learning rate = lr x this")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--ckpt-every", type=int, default=50)
@@ -383,7 +390,7 @@ def settings_from_args(stage: str, a: argparse.Namespace) -> TrainSettings:
     return TrainSettings(stage=stage, data=a.data, embeddings=a.embeddings, out=a.out, name=a.name,
                          init=getattr(a, "init", None), preset=a.preset, overrides=a.overrides, workers=a.workers,
                          gpu=a.gpu, cpus_per_worker=a.cpus_per_worker, steps=a.steps, batch_size=a.batch_size,
-                         lr=a.lr, warmup=a.warmup, eval_every=a.eval_every, ckpt_every=a.ckpt_every,
+                         lr=a.lr, projector_lr_scale=a.projector_lr_scale, warmup=a.warmup, eval_every=a.eval_every, ckpt_every=a.ckpt_every,
                          eval_samples=a.eval_samples, max_failures=a.max_failures, threads=a.threads,
                          seed=a.seed, address=a.address)
 
