@@ -209,12 +209,25 @@ def test_transcribe_text_file(runs, files):
 # ---------------------------------------------------------------- demo
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_demo_runs_every_stage_and_reuses_them(work):
     out = work / "demo"
-    p = mmphi("demo", "--out", out, "--images", 120, "--steps", 8, cwd=work, timeout=1200)
+    port = _free_port()
+    p = mmphi("demo", "--out", out, "--images", 120, "--steps", 8, "--serve", "check", "--port", port,
+              cwd=work, timeout=1200)
     assert p.returncode == 0, describe(p)
     s = json.loads((out / "summary.json").read_text())
+    # step 7: the trained checkpoint served by Ray Serve answers over HTTP exactly as in-process
+    assert s["served"]["url"] == f"http://127.0.0.1:{port}/"
+    assert s["served"]["answer"] == s["in_process_answer"], s
     assert s["images"] == 120  # every synthetic image embedded once
     assert s["store_matches_live_encoder"] is True
     s1, s2 = s["stage1"], s["stage2"]
@@ -228,7 +241,7 @@ def test_demo_runs_every_stage_and_reuses_them(work):
     assert manifest["count"] == s["images"] and manifest["missing"] == 0
     progress = (out / "runs" / "stage2" / "progress.jsonl").read_text()
     # a rerun reuses the data, the embeddings and both finished training runs
-    again = mmphi("demo", "--out", out, "--images", 120, "--steps", 8, cwd=work, timeout=1200)
+    again = mmphi("demo", "--out", out, "--images", 120, "--steps", 8, "--serve", "off", cwd=work, timeout=1200)
     assert again.returncode == 0, describe(again)
     assert "reusing" in again.stdout
     assert json.loads((out / "embeddings" / "tiny" / "manifest.json").read_text())["last_run"]["embedded"] == 0

@@ -13,11 +13,11 @@ It runs every stage built so far, reusing what an earlier run finished:
 5. the final checkpoint reloaded, the stored embeddings checked against the
    live CLIP tower (same logits within 1e-2), and one answer about a
    held-out image;
-6. Whisper transcribing a clip.
-
-Both training stages are short here, so accuracy stays near chance: the demo
-shows the pipeline, not a trained model. The Ray Serve chat service is not
-built yet; the demo says so at the end rather than pretend.
+6. Whisper transcribing a clip;
+7. Ray Serve: the trained checkpoint behind the chat page and the
+   OpenAI-compatible API (``mmphi serve``); one held-out question goes
+   through HTTP, then the demo prints the page's URL and serves until Ctrl-C
+   (``--serve check`` stops after that question, ``--serve off`` skips it).
 """
 from __future__ import annotations
 
@@ -34,12 +34,15 @@ def register(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    p.add_argument("--images", type=int, default=400, help="synthetic images (default: 400)")
-    p.add_argument("--steps", type=int, default=120, help="stage-2 steps (default: 120; stage 1 runs a quarter)")
-    p.add_argument("--batch-size", type=int, default=8, help="per worker (default: 8)")
+    p.add_argument("--images", type=int, default=6000, help="synthetic images (default: 6000)")
+    p.add_argument("--steps", type=int, default=1500, help="stage-2 steps (default: 1500; stage 1 runs a tenth)")
+    p.add_argument("--batch-size", type=int, default=16, help="per worker (default: 16)")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default: 2)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--serve", choices=("forever", "check", "off"), default="forever",
+                   help="after training: serve until Ctrl-C (default), answer one HTTP question and stop, or skip")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port of the chat page and API (default: 8000)")
     p.set_defaults(func=run)
 
 
@@ -69,12 +72,12 @@ def run(args: argparse.Namespace) -> int:
     done = data / "synth.json"
     params = json.loads(done.read_text())["params"] if done.exists() else {}
     if params.get("images") == args.images and params.get("seed") == args.seed:
-        print(f"[1/6] synthetic data: reusing {data}")
+        print(f"[1/7] synthetic data: reusing {data}")
     else:
-        print(f"[1/6] synthetic data: {args.images} images -> {data}")
+        print(f"[1/7] synthetic data: {args.images} images -> {data}")
         synthesize(data, images=args.images, seed=args.seed, progress=False)
 
-    print("[2/6] Ray Data: embedding every image with the CLIP tower (resumes if interrupted)")
+    print("[2/7] Ray Data: embedding every image with the CLIP tower (resumes if interrupted)")
     emb_dir = out / "embeddings" / cfg.name
     m = embed(EmbedSettings(out=str(emb_dir), data=str(data), preset=args.preset, overrides=args.overrides))
     last = m["last_run"]
@@ -85,12 +88,12 @@ def run(args: argparse.Namespace) -> int:
     common = dict(data=str(data), embeddings=str(emb_dir), out=str(runs), preset=args.preset,
                   overrides=args.overrides, workers=args.workers, batch_size=args.batch_size, lr=args.lr,
                   seed=args.seed, cpus_per_worker=0.5, threads=1, eval_samples=200)
-    s1_steps = max(args.steps // 4, 2)
-    print(f"[3/6] Ray Train stage 1 (projector only): {s1_steps} steps, {args.workers} workers -> {runs / 'stage1'}")
+    s1_steps = max(args.steps // 10, 2)
+    print(f"[3/7] Ray Train stage 1 (projector only): {s1_steps} steps, {args.workers} workers -> {runs / 'stage1'}")
     s1 = train(TrainSettings(stage="projector", name="stage1", steps=s1_steps, eval_every=s1_steps,
                              ckpt_every=s1_steps, warmup=min(10, s1_steps), **common))
     print(f"      loss {s1['first_loss']:.3f} (ln vocab {s1['ln_vocab']:.3f}) -> {s1['val_loss']:.3f}")
-    print(f"[4/6] Ray Train stage 2 (LoRA + projector): {args.steps} steps -> {runs / 'stage2'}")
+    print(f"[4/7] Ray Train stage 2 (LoRA + projector): {args.steps} steps -> {runs / 'stage2'}")
     s2 = train(TrainSettings(stage="qlora", name="stage2", init=s1["final"], steps=args.steps,
                              eval_every=max(args.steps // 2, 1), ckpt_every=max(args.steps // 4, 1), **common))
     print(f"      loss {s2['first_loss']:.3f} -> {s2['val_loss']:.3f}; token accuracy {s2['token_accuracy']:.1%}")
@@ -98,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
           f"{runs / 'stage2' / 'curves.png'}:")
     print(accuracy_table(s2, indent="        "))
 
-    print(f"[5/6] checkpoint: reload {s2['final']}, check stored embeddings against the live CLIP tower, "
+    print(f"[5/7] checkpoint: reload {s2['final']}, check stored embeddings against the live CLIP tower, "
           "ask about an image")
     store = EmbeddingStore(str(emb_dir))
     model = MultimodalPhi3.from_checkpoint(s2["final"], device=args.device, expect=store.identity)
@@ -116,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"      stored embeddings and live CLIP agree: {same}; Q: {question!r} A: {reply!r} "
           f"(reference: {sample.messages[-1]['content']!r})")
 
-    print("[6/6] speech: transcribing a generated 2 s clip with Whisper "
+    print("[6/7] speech: transcribing a generated 2 s clip with Whisper "
           f"({'random weights: expect gibberish' if cfg.speech.random_init else cfg.speech.model})")
     t = np.arange(2 * SAMPLE_RATE) / SAMPLE_RATE
     clip = (0.3 * np.sin(2 * np.pi * (300 + 200 * t) * t)).astype(np.float32)
@@ -126,9 +129,56 @@ def run(args: argparse.Namespace) -> int:
     summary = {
         "preset": cfg.name, "seconds": round(time.time() - t0, 1), "images": m["count"],
         "stage1": s1, "stage2": s2, "store_matches_live_encoder": same, "checkpoint": s2["final"],
-        "embeddings": str(emb_dir),
+        "embeddings": str(emb_dir), "in_process_answer": reply,
     }
+    if args.serve == "off":
+        print("[7/7] Ray Serve: skipped (--serve off)")
+    else:
+        summary["served"] = _serve(args, s2["final"], sample, images / sample.image)
+    summary["seconds"] = round(time.time() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"done in {summary['seconds']} s; summary in {out / 'summary.json'}")
-    print("not run (not built yet): the Ray Serve chat service (Whisper, image encoder and Phi-3 deployments)")
+    if args.serve == "forever":
+        _serve_until_interrupted(summary["served"]["url"])
     return 0 if same else 1
+
+
+def _serve(args, checkpoint: str, sample, image_path: Path) -> dict:
+    """Start the Serve application on the checkpoint and ask ``sample``'s question over HTTP."""
+    import base64
+
+    import httpx
+
+    from serve.app import run_local
+
+    print(f"[7/7] Ray Serve: ASR, ImageEncoder and LLM deployments behind the chat page, checkpoint {checkpoint}")
+    started = time.time()
+    url = run_local(checkpoint=checkpoint, port=args.port, blocking=False)
+    question = next(p["text"] for p in sample.messages[0]["content"] if p["type"] == "text")
+    image = "data:image/png;base64," + base64.b64encode(image_path.read_bytes()).decode()
+    body = {"max_tokens": 6, "temperature": 0,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                                      {"type": "text", "text": question}]}]}
+    r = httpx.post(f"{url}v1/chat/completions", json=body, timeout=120)
+    r.raise_for_status()
+    answer = r.json()["choices"][0]["message"]["content"]
+    print(f"      ready in {time.time() - started:.0f} s; over HTTP: Q: {question!r} A: {answer!r}")
+    served = {"url": url, "question": question, "answer": answer}
+    if args.serve == "check":
+        from ray import serve
+
+        serve.shutdown()
+    return served
+
+
+def _serve_until_interrupted(url: str) -> None:
+    from ray import serve
+
+    print(f"chat page: {url}   OpenAI-compatible API: {url}v1   (Ctrl-C stops)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
