@@ -228,6 +228,12 @@ def test_demo_runs_every_stage_and_reuses_them(work):
     # step 7: the trained checkpoint served by Ray Serve answers over HTTP exactly as in-process
     assert s["served"]["url"] == f"http://127.0.0.1:{port}/"
     assert s["served"]["answer"] == s["in_process_answer"], s
+    # the held-out questions the training job scored, asked over HTTP: same counts, accuracy within 5 points
+    job = s["stage2"]
+    assert s["served"]["answer_counts"] == {q: n for q, n in job["answer_counts"].items() if q in s["served"]["answer_counts"]}
+    job_acc = sum(job["answer_accuracy"][q] * n for q, n in s["served"]["answer_counts"].items()) / \
+        sum(s["served"]["answer_counts"].values())
+    assert abs(s["served"]["accuracy"] - job_acc) <= 0.05, (s["served"], job)
     assert s["images"] == 120  # every synthetic image embedded once
     assert s["store_matches_live_encoder"] is True
     s1, s2 = s["stage1"], s["stage2"]

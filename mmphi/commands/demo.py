@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         from_store = model(**batch, image_features=torch.from_numpy(store[sample.image].astype(np.float32))[None]).logits
         from_pixels = model(**batch, image_features=model.encode_images([images / sample.image])).logits
     same = bool(torch.allclose(from_store, from_pixels, atol=1e-2))
-    reply = model.chat(sample.messages[:-1], [images / sample.image], max_new_tokens=6)
+    reply = model.chat(sample.messages[:-1], [images / sample.image], max_new_tokens=8)
     question = next(p["text"] for p in sample.messages[0]["content"] if p["type"] == "text")
     print(f"      stored embeddings and live CLIP agree: {same}; Q: {question!r} A: {reply!r} "
           f"(reference: {sample.messages[-1]['content']!r})")
@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     if args.serve == "off":
         print("[7/7] Ray Serve: skipped (--serve off)")
     else:
-        summary["served"] = _serve(args, s2["final"], sample, images / sample.image)
+        summary["served"] = _serve(args, s2, val[:200], images)
     summary["seconds"] = round(time.time() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"done in {summary['seconds']} s; summary in {out / 'summary.json'}")
@@ -143,27 +143,49 @@ def run(args: argparse.Namespace) -> int:
     return 0 if same else 1
 
 
-def _serve(args, checkpoint: str, sample, image_path: Path) -> dict:
-    """Start the Serve application on the checkpoint and ask ``sample``'s question over HTTP."""
+def _serve(args, s2: dict, questions: list, images: Path) -> dict:
+    """Serve the stage-2 checkpoint and ask the held-out questions the training
+    job scored (the first question about each validation image) over HTTP."""
     import base64
+    from concurrent.futures import ThreadPoolExecutor
 
     import httpx
 
+    from data_pipelines.synthetic import normalise_answer
     from serve.app import run_local
 
-    print(f"[7/7] Ray Serve: ASR, ImageEncoder and LLM deployments behind the chat page, checkpoint {checkpoint}")
+    print(f"[7/7] Ray Serve: ASR, ImageEncoder and LLM deployments behind the chat page, checkpoint {s2['final']}")
     started = time.time()
-    url = run_local(checkpoint=checkpoint, port=args.port, blocking=False)
-    question = next(p["text"] for p in sample.messages[0]["content"] if p["type"] == "text")
-    image = "data:image/png;base64," + base64.b64encode(image_path.read_bytes()).decode()
-    body = {"max_tokens": 6, "temperature": 0,
-            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
-                                                      {"type": "text", "text": question}]}]}
-    r = httpx.post(f"{url}v1/chat/completions", json=body, timeout=120)
-    r.raise_for_status()
-    answer = r.json()["choices"][0]["message"]["content"]
-    print(f"      ready in {time.time() - started:.0f} s; over HTTP: Q: {question!r} A: {answer!r}")
-    served = {"url": url, "question": question, "answer": answer}
+    url = run_local(checkpoint=s2["final"], port=args.port, blocking=False)
+    ready = time.time() - started
+
+    def ask(sample) -> str:
+        question = next(p["text"] for p in sample.messages[0]["content"] if p["type"] == "text")
+        image = "data:image/png;base64," + base64.b64encode((images / sample.image).read_bytes()).decode()
+        body = {"max_tokens": 8, "temperature": 0,
+                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                                          {"type": "text", "text": question}]}]}
+        r = httpx.post(f"{url}v1/chat/completions", json=body, timeout=120)
+        r.raise_for_status()
+        return r.json()["choices"][0]["message"]["content"]
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(ask, questions))
+    right: dict[str, int] = {}
+    total: dict[str, int] = {}
+    for sample, answer in zip(questions, answers):
+        q = sample.qtypes[0]
+        total[q] = total.get(q, 0) + 1
+        right[q] = right.get(q, 0) + (normalise_answer(answer) == normalise_answer(sample.messages[-1]["content"]))
+    accuracy = {q: right[q] / total[q] for q in sorted(total)}
+    print(f"      ready in {ready:.0f} s; {len(questions)} held-out questions over HTTP (training job's figure "
+          "in brackets):")
+    print("        " + "  ".join(f"{q} {accuracy[q]:.0%} ({s2['answer_accuracy'].get(q, 0):.0%})" for q in accuracy))
+    first = questions[0]
+    print(f"      e.g. Q: {next(p['text'] for p in first.messages[0]['content'] if p['type'] == 'text')!r} "
+          f"A: {answers[0]!r} (reference: {first.messages[-1]['content']!r})")
+    served = {"url": url, "answer": answers[0], "answer_accuracy": accuracy, "answer_counts": total,
+              "accuracy": sum(right.values()) / max(sum(total.values()), 1)}
     if args.serve == "check":
         from ray import serve
 
