@@ -15,9 +15,10 @@ It runs every stage built so far, reusing what an earlier run finished:
    held-out image;
 6. Whisper transcribing a clip;
 7. Ray Serve: the trained checkpoint behind the chat page and the
-   OpenAI-compatible API (``mmphi serve``); one held-out question goes
-   through HTTP, then the demo prints the page's URL and serves until Ctrl-C
-   (``--serve check`` stops after that question, ``--serve off`` skips it).
+   OpenAI-compatible API (``mmphi serve``); the held-out questions the
+   training job scored go through HTTP (served accuracy next to the job's),
+   then the demo prints the page's URL and serves until Ctrl-C
+   (``--serve check`` stops after those questions, ``--serve off`` skips it).
 """
 from __future__ import annotations
 
