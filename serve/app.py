@@ -144,12 +144,17 @@ def run_local(
     url = f"http://{host}:{port}/"
     log.info("serving at %s (ready after %.0f s)", url, time.monotonic() - started)
     if blocking:
-        print(f"mmphi: chat page at {url}  API at {url}v1  (Ctrl-C stops)", flush=True)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            serve.shutdown()
+        serve_until_interrupted(url)
     return url
+
+
+def serve_until_interrupted(url: str) -> None:
+    """Say where the page and API are, keep serving until Ctrl-C, then shut Serve down."""
+    print(f"mmphi: chat page at {url}  API at {url}v1  (Ctrl-C stops)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()

@@ -140,7 +140,9 @@ def run(args: argparse.Namespace) -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"done in {summary['seconds']} s; summary in {out / 'summary.json'}")
     if args.serve == "forever":
-        _serve_until_interrupted(summary["served"]["url"])
+        from serve.app import serve_until_interrupted
+
+        serve_until_interrupted(summary["served"]["url"])
     return 0 if same else 1
 
 
@@ -193,15 +195,3 @@ def _serve(args, s2: dict, questions: list, images: Path) -> dict:
         serve.shutdown()
     return served
 
-
-def _serve_until_interrupted(url: str) -> None:
-    from ray import serve
-
-    print(f"chat page: {url}   OpenAI-compatible API: {url}v1   (Ctrl-C stops)", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        serve.shutdown()
