@@ -238,7 +238,8 @@ def train_loop(config: dict) -> None:
     _broadcast_from_rank0(params, world)  # replicas start identical, whatever each rank loaded
     torch.manual_seed(s.seed + 1000 * (rank + 1))  # dropout differs per rank
     proj = [p for p in model.projector.parameters() if p.requires_grad]
-    rest = [p for p in params if all(p is not q for q in proj)]
+    proj_ids = {id(p) for p in proj}
+    rest = [p for p in params if id(p) not in proj_ids]
     groups = [{"params": proj, "lr": s.lr * s.projector_lr_scale}] + ([{"params": rest, "lr": s.lr}] if rest else [])
     opt = torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s.warmup, s.steps))
