@@ -9,11 +9,11 @@ SLOW ?= 0
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup ffmpeg demo test clean
+.PHONY: help setup ffmpeg demo test manifests clean
 
 help: ## list the commands
 	@echo "mmphi: a multimodal Phi-3 on Ray"
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "  options: SLOW=1 (make test: include end-to-end tests), PYTEST_ARGS='-k name'"
 
 setup: $(STAMP) ffmpeg ## create .venv and install the project (first use only)
@@ -35,6 +35,9 @@ demo: setup ## run the main job on the tiny preset (offline, CPU)
 
 test: setup ## run the tests (fast ones; SLOW=1 adds the end-to-end ones)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(if $(filter 1,$(SLOW)),,-m "not slow") $(PYTEST_ARGS)
+
+manifests: setup ## regenerate the KubeRay manifests in deploy/k8s/ from serve/config.yaml
+	$(PY) -m deploy.generate
 
 clean: ## remove run outputs and caches (keeps .venv)
 	rm -rf runs .pytest_cache .cache

@@ -1,0 +1,1 @@
+"""Cluster deployment: Ray cluster launcher config, KubeRay manifests and their generator."""
