@@ -244,10 +244,11 @@ class ChatService:
             if remaining <= 0:
                 finish = "length"
                 break
-            gen = self.llm.options(stream=True).generate.remote({
-                "input_ids": prep.input_ids + generated, "image_features": prep.image_features,
-                "max_new_tokens": remaining, **sampling,
-            })
+            call = {"input_ids": prep.input_ids + generated, "image_features": prep.image_features,
+                    "max_new_tokens": remaining, **sampling}
+            if req.min_tokens > len(generated):
+                call["min_new_tokens"] = req.min_tokens - len(generated)
+            gen = self.llm.options(stream=True).generate.remote(call)
             exhausted = False
             try:
                 async for ids in gen:

@@ -159,7 +159,8 @@ class LLM:
 
         ``input_ids`` (list of ints, image placeholders included),
         ``image_features`` (float32 array (images, tokens, dim) or None),
-        ``max_new_tokens``, ``temperature`` (0: greedy), ``top_p``.
+        ``max_new_tokens``, ``temperature`` (0: greedy), ``top_p``, optional
+        ``min_new_tokens`` (stop ids are suppressed until then).
         One list per decoding step (one id at batch size 1); the last ends
         with a stop id unless the length ran out."""
         import torch
@@ -193,6 +194,9 @@ class LLM:
                # an answer never holds image slots (a continuation re-reads it as prompt)
                "suppress_tokens": [self.model.tokenizer.ids.image],
                "stopping_criteria": StoppingCriteriaList([Cancel()])}
+        min_new = min(int(request.get("min_new_tokens") or 0), gen["max_new_tokens"])
+        if min_new > 0:
+            gen["min_new_tokens"] = min_new
         if temperature > 0:
             gen.update(do_sample=True, temperature=temperature, top_p=float(request.get("top_p") or 1.0), top_k=0)
 

@@ -71,6 +71,8 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     model: str | None
+    # extension (vLLM's name): stop ids are suppressed until this many tokens are generated
+    min_tokens: int = 0
     extra: dict = field(default_factory=dict)
 
     @property
@@ -219,6 +221,14 @@ def parse_chat_request(body: Any, limits: Limits, allow_remote: bool = False) ->
         if max_tokens > limits.max_new_tokens:
             raise bad(f"'max_tokens' is {max_tokens}; this server allows at most {limits.max_new_tokens}",
                       "max_tokens", "max_tokens_too_large")
+    min_tokens = body.get("min_tokens")
+    if min_tokens is None:
+        min_tokens = 0
+    elif isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
+        raise bad(f"'min_tokens' must be a non-negative integer, got {min_tokens!r}", "min_tokens")
+    elif min_tokens > (max_tokens or limits.default_max_tokens):
+        raise bad(f"'min_tokens' ({min_tokens}) must not exceed 'max_tokens' ({max_tokens or limits.default_max_tokens})",
+                  "min_tokens")
     stop = body.get("stop")
     if stop is None:
         stop = []
@@ -243,6 +253,7 @@ def parse_chat_request(body: Any, limits: Limits, allow_remote: bool = False) ->
         stream=stream,
         include_usage=bool(opts.get("include_usage")),
         model=model,
+        min_tokens=min_tokens,
     )
 
 

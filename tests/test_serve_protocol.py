@@ -42,6 +42,12 @@ def test_parses_text_image_and_audio_parts():
     assert req.num_images == 1 and req.num_audio == 1
 
 
+def test_min_tokens_defaults_to_zero_and_may_equal_max_tokens():
+    assert parse().min_tokens == 0
+    assert parse(max_tokens=12, min_tokens=12).min_tokens == 12
+    assert parse(min_tokens=LIMITS.default_max_tokens).min_tokens == LIMITS.default_max_tokens
+
+
 def test_developer_role_is_a_system_message():
     req = parse(messages=[{"role": "developer", "content": "x"}, {"role": "user", "content": "y"}])
     assert req.messages[0].role == "system"
@@ -77,6 +83,9 @@ def test_developer_role_is_a_system_message():
     ({"messages": [{"role": "user", "content": "x"}] * 9}, "messages", "9 messages given; the limit is 8"),
     ({"max_tokens": 0}, "max_tokens", "positive integer"),
     ({"max_tokens": 65}, "max_tokens", "at most 64"),
+    ({"min_tokens": -1}, "min_tokens", "non-negative integer"),
+    ({"min_tokens": 2.5}, "min_tokens", "non-negative integer"),
+    ({"max_tokens": 4, "min_tokens": 5}, "min_tokens", "must not exceed 'max_tokens' (4)"),
     ({"temperature": 3}, "temperature", "between 0 and 2"),
     ({"top_p": "high"}, "top_p", "must be a number"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
@@ -209,3 +218,68 @@ def test_serve_config_passes_ray_schema():
     app = schema.applications[0]
     assert app.import_path == "serve.app:build_app" and app.route_prefix == "/"
     assert build_app(app.args) is not None  # the builder accepts the file's args
+
+
+class FakeLLM:
+    """A stand-in LLM handle: records each generate call; the first call
+    yields ``die_after`` tokens, then its replica 'dies'."""
+
+    def __init__(self, die_after: int):
+        self.calls, self.die_after = [], die_after
+
+    def options(self, **_):
+        return self
+
+    @property
+    def generate(self):
+        return self
+
+    def remote(self, call: dict):
+        import ray
+
+        self.calls.append(dict(call))
+        first = len(self.calls) == 1
+        n = self.die_after if first else call["max_new_tokens"]
+
+        class Stream:
+            def __aiter__(s):
+                return s.gen()
+
+            async def gen(s):
+                for _ in range(n):
+                    yield [5]
+                if first:
+                    raise ray.exceptions.ActorUnavailableError("replica died", None)
+
+            def cancel(s):
+                pass
+
+        return Stream()
+
+
+def test_min_tokens_reaches_the_llm_and_shrinks_when_an_answer_is_continued(tiny_cfg):
+    import asyncio
+
+    from serve.chat import ChatService, Prepared
+    from serve.loading import Source
+
+    tok = CharTokenizer()
+    tok.stop_ids = [0]
+    settings = ServeSettings.from_dict({"retries": 1})
+    llm = FakeLLM(die_after=3)
+    service = ChatService(None, None, llm, tok, Source(tiny_cfg, None, None), settings)
+    req = parse(max_tokens=10, min_tokens=8)
+    prep = Prepared([1, 2, 3], None, 10, 0)
+    result: dict = {}
+
+    async def run():
+        return [d async for d in service.answer(prep, req, result)]
+
+    asyncio.run(run())
+    assert [c.get("min_new_tokens") for c in llm.calls] == [8, 5]  # 3 tokens came before the replica died
+    assert [c["max_new_tokens"] for c in llm.calls] == [10, 7]
+    assert result == {"finish_reason": "length", "completion_tokens": 10}
+    service.llm = llm = FakeLLM(die_after=10)
+    req = parse(max_tokens=10)
+    asyncio.run(run())
+    assert "min_new_tokens" not in llm.calls[0]  # absent unless asked for
