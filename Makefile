@@ -7,14 +7,16 @@ STAMP := $(VENV)/.installed
 PYTHON ?= python3
 SLOW ?= 0
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup ffmpeg demo test manifests clean
+.PHONY: help setup ffmpeg demo test manifests bench-serve clean
 
 help: ## list the commands
 	@echo "mmphi: a multimodal Phi-3 on Ray"
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
-	@echo "  options: SLOW=1 (make test: include end-to-end tests), PYTEST_ARGS='-k name'"
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo "  options: SLOW=1 (make test: include end-to-end tests), PYTEST_ARGS='-k name',"
+	@echo "           BENCH_ARGS='--users 1,8 --mix text' (make bench-serve: benchmark flags)"
 
 setup: $(STAMP) ffmpeg ## create .venv and install the project (first use only)
 
@@ -38,6 +40,9 @@ test: setup ## run the tests (fast ones; SLOW=1 adds the end-to-end ones)
 
 manifests: setup ## regenerate the KubeRay manifests in deploy/k8s/ from serve/config.yaml
 	$(PY) -m deploy.generate
+
+bench-serve: setup ## serving load benchmark: 1/8/32 users vs the model in-process (tiny preset, CPU)
+	$(PY) bench/serve_bench.py $(BENCH_ARGS)
 
 clean: ## remove run outputs and caches (keeps .venv)
 	rm -rf runs .pytest_cache .cache
