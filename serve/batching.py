@@ -1,0 +1,368 @@
+"""Continuous batching for the LLM deployment.
+
+One :class:`ContinuousBatcher` per LLM replica owns the model in one
+background thread. Requests join and leave the running batch at step
+boundaries; every step
+
+1. admits waiting requests (up to ``max_batch_size`` rows in all): each is
+   prefilled alone, through the model's own embedding path (image features
+   spliced over the placeholders, ``MultimodalPhi3.embed``), exactly as a
+   single ``generate`` call prefills it; its first token is sampled and
+   streamed, and its KV cache joins the batch's;
+2. decodes one token for every row in one forward pass;
+3. applies each row's own sampling settings and streams each row's token to
+   its caller;
+4. drops rows that finished (a stop id, or ``max_new_tokens``) or whose
+   caller went away.
+
+The batch's KV cache is a Hugging Face ``DynamicCache`` whose rows are
+left-padded to a common length: every row's real tokens are contiguous and
+end at the last column, a 2D attention mask hides the padding, and each row
+gets its own position ids (the count of its real tokens), so rotary
+embeddings and causal (or sliding-window) masks see each row as if it ran
+alone. Columns that only padding uses are cut when rows leave.
+
+Greedy answers equal those of one-at-a-time ``generate`` token for token
+(``tests/test_batching.py``); logits agree to float rounding only, because a
+matrix product over several rows sums in another order than over one (BLAS
+picks its kernel by shape) and attention over padded keys reduces over a
+longer row.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger("ray.serve")
+
+DONE = object()  # the last item a request's ``emit`` receives after its tokens
+
+
+@dataclass
+class GenerationRequest:
+    """What the LLM deployment's ``generate`` receives (as a dict, see
+    ``LLM.generate``)."""
+
+    input_ids: list[int]
+    image_features: Any = None  # float32 (images, tokens, dim) array or tensor, or None
+    max_new_tokens: int = 64
+    min_new_tokens: int = 0  # stop ids are suppressed until this many tokens
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GenerationRequest:
+        max_new = int(d["max_new_tokens"])
+        if max_new < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new}")
+        feats = d.get("image_features")
+        if feats is not None and not len(feats):
+            feats = None
+        return cls(input_ids=[int(t) for t in d["input_ids"]], image_features=feats, max_new_tokens=max_new,
+                   min_new_tokens=min(int(d.get("min_new_tokens") or 0), max_new),
+                   temperature=float(d.get("temperature") or 0.0), top_p=float(d.get("top_p") or 1.0))
+
+    def features_tensor(self) -> torch.Tensor | None:
+        f = self.image_features
+        if f is None:
+            return None
+        return f if isinstance(f, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(f))
+
+
+@dataclass
+class BatchingOptions:
+    """The LLM deployment's ``user_config`` (``serve/config.yaml``)."""
+
+    # off: every request runs its own `generate` call in a worker thread
+    continuous_batching: bool = True
+    # rows decoded together per step; more requests wait for a free row
+    max_batch_size: int = 32
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> BatchingOptions:
+        data = dict(data or {})
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown LLM user_config key(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+        opts = cls(**data)
+        if not isinstance(opts.continuous_batching, bool):
+            raise ValueError(f"continuous_batching must be true or false, got {opts.continuous_batching!r}")
+        if isinstance(opts.max_batch_size, bool) or not isinstance(opts.max_batch_size, int) or opts.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be a positive integer, got {opts.max_batch_size!r}")
+        return opts
+
+
+class Ticket:
+    """A submitted request; ``cancel()`` drops it at the next step boundary."""
+
+    def __init__(self, request: GenerationRequest, emit: Callable[[Any], None]):
+        self.request, self.emit = request, emit
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass
+class _Row:
+    ticket: Ticket
+    position: int  # position id of the token fed next (= real tokens already in the cache)
+    last: int  # the token fed next
+    generated: int = 1
+    done: bool = field(default=False)
+
+
+def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Zeros before the sequence axis (-2) of a (batch, heads, seq, dim) cache tensor."""
+    if n == 0:
+        return t
+    shape = list(t.shape)
+    shape[-2] = n
+    return torch.cat([t.new_zeros(shape), t], dim=-2)
+
+
+class ContinuousBatcher:
+    """Continuous batching over a :class:`models.multimodal.MultimodalPhi3`.
+
+    ``submit(request, emit)`` is thread-safe; ``emit`` is called from the
+    batching thread with a list of new token ids per step, then ``DONE``, or
+    with an exception when the request failed. ``start()`` runs the loop in a
+    daemon thread; tests may call ``step()`` directly instead."""
+
+    def __init__(self, model, max_batch_size: int = 32, *, suppress_ids=(), stop_ids=None):
+        from transformers import DynamicCache
+
+        self._cache_class = DynamicCache
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self.stop_ids = sorted(set(model.tokenizer.stop_ids if stop_ids is None else stop_ids))
+        self.suppress_ids = sorted(set(suppress_ids))
+        self.device = model.device
+        self._stop_tensor = torch.tensor(self.stop_ids, dtype=torch.long, device=self.device)
+        self._suppress_tensor = torch.tensor(self.suppress_ids, dtype=torch.long, device=self.device)
+        self._pending: deque[Ticket] = deque()
+        self._cond = threading.Condition()
+        self._rows: list[_Row] = []
+        self._cache = None
+        self._mask: torch.Tensor | None = None  # (rows, cache length), 1 = real token
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.error: BaseException | None = None  # why the loop stopped, if it did
+        self.stats = {"steps": 0, "prefills": 0, "tokens": 0, "largest_batch": 0}
+
+    # ----------------------------------------------------------- interface
+    def submit(self, request: GenerationRequest, emit: Callable[[Any], None]) -> Ticket:
+        ticket = Ticket(request, emit)
+        with self._cond:
+            if self._closed or self.error is not None:
+                raise RuntimeError(f"the batching loop is not running ({self.error or 'closed'})")
+            self._pending.append(ticket)
+            self._cond.notify()
+        return ticket
+
+    @property
+    def active(self) -> int:
+        return len(self._rows)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._pending)
+
+    def alive(self) -> bool:
+        return self.error is None and not self._closed and (self._thread is None or self._thread.is_alive())
+
+    def start(self) -> ContinuousBatcher:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="continuous-batching", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._pending and not self._rows and not self._closed:
+                        self._cond.wait()
+                    if self._closed:
+                        break
+                self.step()
+        except BaseException as e:  # a bug in the loop: fail everyone; check_health reports it
+            self.error = e
+            log.exception("continuous batching loop stopped")
+        finally:
+            with self._cond:
+                waiting, self._pending = list(self._pending), deque()
+            err = self.error or RuntimeError("the LLM replica is shutting down")
+            for t in waiting + [r.ticket for r in self._rows]:
+                _emit(t, err)
+            self._reset()
+
+    # ---------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self) -> bool:
+        """Admit waiting requests, then decode one token for every row.
+        False when there was nothing to do."""
+        self._drop([r for r in self._rows if r.ticket.cancelled])
+        admitted = self._admit()
+        if not self._rows:
+            return admitted
+        try:
+            tokens = self._decode()
+        except Exception as e:  # e.g. out of memory: these rows fail, the replica goes on
+            log.exception("decode step failed for %d request(s)", len(self._rows))
+            for r in self._rows:
+                _emit(r.ticket, e)
+            self._reset()
+            return True
+        for r, t in zip(self._rows, tokens):
+            r.last, r.position, r.generated = t, r.position + 1, r.generated + 1
+            self._deliver(r, t)
+        self._drop([r for r in self._rows if r.done or r.ticket.cancelled])
+        return True
+
+    def _admit(self) -> bool:
+        admitted = False
+        while len(self._rows) < self.max_batch_size:
+            with self._cond:
+                if not self._pending:
+                    break
+                ticket = self._pending.popleft()
+            if ticket.cancelled:
+                continue
+            admitted = True
+            try:
+                cache, logits = self._prefill(ticket.request)
+                token = self._sample(logits, [ticket.request], [0])[0]
+            except Exception as e:  # bad input or no memory: this request fails alone
+                _emit(ticket, e)
+                continue
+            self.stats["prefills"] += 1
+            row = _Row(ticket, position=len(ticket.request.input_ids), last=token)
+            self._deliver(row, token)
+            if not row.done and not ticket.cancelled:
+                self._join(row, cache)
+        return admitted
+
+    def _prefill(self, req: GenerationRequest):
+        """One request alone, as ``generate`` prefills it: its KV cache and
+        the logits of its last position."""
+        ids = torch.tensor([req.input_ids], dtype=torch.long, device=self.device)
+        embeds = self.model.embed(ids, req.features_tensor())
+        cache = self._cache_class()
+        out = self.model.llm(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), cache=cache,
+                             use_cache=True, logits_to_keep=1)
+        return cache, out.logits[:, -1]
+
+    def _decode(self) -> list[int]:
+        rows = self._rows
+        ids = torch.tensor([[r.last] for r in rows], dtype=torch.long, device=self.device)
+        positions = torch.tensor([[r.position] for r in rows], dtype=torch.long, device=self.device)
+        mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
+        out = self.model.llm(input_ids=ids, attention_mask=mask, position_ids=positions, cache=self._cache,
+                             use_cache=True)
+        self._mask = mask
+        self.stats["steps"] += 1
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
+        return self._sample(out.logits[:, -1], [r.ticket.request for r in rows], [r.generated for r in rows])
+
+    def _deliver(self, row: _Row, token: int) -> None:
+        req = row.ticket.request
+        self.stats["tokens"] += 1
+        _emit(row.ticket, [token])
+        if token in self.stop_ids or row.generated >= req.max_new_tokens:
+            row.done = True
+            _emit(row.ticket, DONE)
+
+    # ------------------------------------------------------------- sampling
+    def _sample(self, logits: torch.Tensor, reqs: list[GenerationRequest], generated: list[int]) -> list[int]:
+        """Next token per row with the processors ``generate`` applies:
+        image slots suppressed, stop ids suppressed before ``min_new_tokens``,
+        then greedy, or temperature + top-p sampling."""
+        scores = logits.to(torch.float32, copy=True)
+        if len(self.suppress_ids):
+            scores[:, self._suppress_tensor] = -float("inf")
+        early = [i for i, (q, n) in enumerate(zip(reqs, generated)) if n < q.min_new_tokens]
+        if early and len(self.stop_ids):
+            rows = torch.tensor(early, device=scores.device)
+            scores[rows.unsqueeze(1), self._stop_tensor.unsqueeze(0)] = -float("inf")
+        tokens = scores.argmax(dim=-1)
+        sampled = [i for i, q in enumerate(reqs) if q.temperature > 0]
+        if sampled:
+            idx = torch.tensor(sampled, device=scores.device)
+            temps = torch.tensor([reqs[i].temperature for i in sampled], device=scores.device).unsqueeze(1)
+            top_p = torch.tensor([reqs[i].top_p for i in sampled], device=scores.device).unsqueeze(1)
+            sub = _top_p(scores[idx] / temps, top_p)
+            tokens[idx] = torch.multinomial(torch.softmax(sub, dim=-1), num_samples=1).squeeze(1)
+        return tokens.tolist()
+
+    # ---------------------------------------------------------------- cache
+    def _join(self, row: _Row, cache) -> None:
+        """Add a prefilled request's cache to the batch, left-padding the
+        shorter side to a common length."""
+        length = row.position
+        if self._cache is None or not self._rows:
+            self._cache = cache
+            self._mask = torch.ones(1, length, dtype=torch.long, device=self.device)
+        else:
+            have = self._mask.shape[1]
+            total = max(have, length)
+            for mine, new in zip(self._cache.layers, cache.layers):
+                mine.keys = torch.cat([_pad_left(mine.keys, total - have), _pad_left(new.keys, total - length)])
+                mine.values = torch.cat([_pad_left(mine.values, total - have), _pad_left(new.values, total - length)])
+            old = torch.cat([self._mask.new_zeros(len(self._rows), total - have), self._mask], dim=1)
+            one = torch.cat([self._mask.new_zeros(1, total - length), self._mask.new_ones(1, length)], dim=1)
+            self._mask = torch.cat([old, one])
+        self._rows.append(row)
+
+    def _drop(self, gone: list[_Row]) -> None:
+        if not gone:
+            return
+        ids = {id(r) for r in gone}
+        keep = [i for i, r in enumerate(self._rows) if id(r) not in ids]
+        self._rows = [self._rows[i] for i in keep]
+        if not keep:
+            self._reset()
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        mask = self._mask[index]
+        start = int(mask.any(dim=0).to(torch.int8).argmax())  # columns before this are padding in every row
+        self._mask = mask[:, start:]
+        for layer in self._cache.layers:
+            layer.keys = layer.keys[index, :, start:]
+            layer.values = layer.values[index, :, start:]
+
+    def _reset(self) -> None:
+        self._rows, self._cache, self._mask = [], None, None
+
+
+def _top_p(scores: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Nucleus filtering with per-row ``top_p`` (rows, 1), as Hugging Face's
+    ``TopPLogitsWarper``: keep the smallest set of most likely tokens whose
+    probability reaches ``top_p``, and always the most likely one."""
+    sorted_scores, order = torch.sort(scores, descending=False)
+    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+    remove = cumulative <= (1 - top_p)
+    remove[..., -1:] = False
+    return scores.masked_fill(remove.scatter(1, order, remove), -float("inf"))
+
+
+def _emit(ticket: Ticket, item) -> None:
+    try:
+        ticket.emit(item)
+    except Exception:  # a caller that went away must not stop the loop
+        log.debug("could not deliver to a request", exc_info=True)

@@ -1,0 +1,234 @@
+"""Continuous batching (serve.batching) against one-at-a-time ``generate``.
+
+The tiny preset in fp32 on CPU, no Ray: requests of different lengths, with
+and without images, join the running batch at different steps and leave it
+early (their own length, a stop id, a cancelled caller); every greedy answer
+must equal, token for token, what ``MultimodalPhi3.generate`` gives that
+request alone with the processors the LLM deployment uses.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from serve.batching import DONE, BatchingOptions, ContinuousBatcher, GenerationRequest
+
+QUESTIONS = ["What is seven plus five?", "Hi", "Count from one to ten, slowly, and then say the colours of the sky.",
+             "Where is the circle?", "Name three colours.", "What shape has three sides and one corner?"]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    return tiny_model
+
+
+@pytest.fixture(scope="module")
+def images(model):
+    from PIL import Image
+
+    pics = [Image.new("RGB", (64, 64), c) for c in ("red", "blue")]
+    pics[1].paste((250, 250, 0), (8, 8, 40, 30))
+    return model.encode_images(pics).float().numpy()
+
+
+def prompt(model, i: int, n_images: int) -> list[int]:
+    from models.conversation import encode_conversation
+
+    parts = [{"type": "image"}] * n_images + [{"type": "text", "text": QUESTIONS[i % len(QUESTIONS)]}]
+    return encode_conversation(model.tokenizer, [{"role": "user", "content": parts}], model.num_image_tokens,
+                               add_generation_prompt=True, system_prompt=model.cfg.tokenizer.system_prompt).input_ids
+
+
+def make_requests(model, images) -> list[GenerationRequest]:
+    """Six requests: text only, one image, two images; lengths 3 to 20."""
+    specs = [(0, 0, 20), (1, 1, 12), (2, 0, 16), (3, 2, 9), (4, 1, 20), (5, 0, 3)]
+    out = []
+    for i, n_img, max_new in specs:
+        feats = images[[k % len(images) for k in range(n_img)]] if n_img else None
+        out.append(GenerationRequest(prompt(model, i, n_img), feats, max_new_tokens=max_new))
+    return out
+
+
+def reference(model, req: GenerationRequest, stop_ids: list[int]) -> list[int]:
+    """The request alone through ``generate``, as the LLM deployment's
+    per-request path calls it (greedy, image slots suppressed)."""
+    gen = {"max_new_tokens": req.max_new_tokens, "suppress_tokens": [model.tokenizer.ids.image],
+           "eos_token_id": stop_ids}
+    if req.min_new_tokens:
+        gen["min_new_tokens"] = req.min_new_tokens
+    out = model.generate(torch.tensor([req.input_ids]), None, req.features_tensor(), **gen)
+    ids = out[0].tolist()
+    for k, t in enumerate(ids):  # generate pads rows that stopped; this batch has one row
+        if t in stop_ids:
+            return ids[:k + 1]
+    return ids
+
+
+class Collector:
+    """Records what a request's ``emit`` receives."""
+
+    def __init__(self):
+        self.tokens: list[int] = []
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.items_after_done = 0
+
+    def __call__(self, item):
+        if self.done.is_set():
+            self.items_after_done += 1
+        elif item is DONE:
+            self.done.set()
+        elif isinstance(item, BaseException):
+            self.error = item
+            self.done.set()
+        else:
+            assert isinstance(item, list) and len(item) == 1, item
+            self.tokens.extend(item)
+
+
+def run_schedule(batcher: ContinuousBatcher, joins: dict[int, list[int]], reqs, cancel_after: dict[int, int] | None = None):
+    """Step the batcher by hand: request ``j`` is submitted before step ``s``
+    for ``j`` in ``joins[s]``; request ``j`` in ``cancel_after`` is cancelled
+    once it has that many tokens."""
+    cancel_after = cancel_after or {}
+    sinks = [Collector() for _ in reqs]
+    tickets = {}
+    step, last_join = 0, max(joins)
+    while step <= last_join or batcher.active or batcher.waiting:
+        for j in joins.get(step, []):
+            tickets[j] = batcher.submit(reqs[j], sinks[j])
+        batcher.step()
+        for j, n in cancel_after.items():
+            if j in tickets and len(sinks[j].tokens) >= n:
+                tickets[j].cancel()
+        step += 1
+        assert step < 500, "the batcher does not finish"
+    return sinks
+
+
+def test_staggered_greedy_requests_equal_one_at_a_time_generate(model, images):
+    reqs = make_requests(model, images)
+    stops = list(model.tokenizer.stop_ids)
+    # a stop id the model really produces: the 6th token request 2 generates
+    # alone, so one row leaves the batch at a stop id...
+    probe = reference(model, reqs[2], stops)
+    extra = next(t for t in probe[5:] if t not in probe[:5])
+    stops = stops + [extra]
+    # ...and the same request with min_new_tokens must go on past it
+    reqs.append(GenerationRequest(reqs[2].input_ids, None, max_new_tokens=16, min_new_tokens=12))
+    expected = [reference(model, r, stops) for r in reqs]
+    assert len(expected[2]) < reqs[2].max_new_tokens and expected[2][-1] == extra
+    assert len(expected[6]) >= 12 and expected[6][:5] == expected[2][:5]
+    assert len({len(e) for e in expected}) >= 4  # rows leave at different steps
+
+    batcher = ContinuousBatcher(model, max_batch_size=32, suppress_ids=[model.tokenizer.ids.image], stop_ids=stops)
+    sinks = run_schedule(batcher, {0: [0, 1], 2: [2], 3: [3, 6], 7: [4], 8: [5]}, reqs)
+    for k, (s, e) in enumerate(zip(sinks, expected)):
+        assert s.done.is_set() and s.error is None and s.items_after_done == 0, k
+        assert s.tokens == e, f"request {k}: batched {s.tokens} != alone {e}"
+    assert batcher.stats["largest_batch"] >= 4  # rows really shared forward passes
+    assert batcher.stats["steps"] < sum(len(e) for e in expected) - len(expected)
+    assert batcher.active == 0 and batcher._cache is None
+
+
+def test_max_batch_size_and_cancelled_rows(model, images):
+    reqs = make_requests(model, images)
+    stops = list(model.tokenizer.stop_ids)
+    expected = [reference(model, r, stops) for r in reqs]
+    batcher = ContinuousBatcher(model, max_batch_size=3, suppress_ids=[model.tokenizer.ids.image], stop_ids=stops)
+    sinks = run_schedule(batcher, {0: [0, 1, 2, 3, 4, 5]}, reqs, cancel_after={4: 5, 1: 2})
+    assert batcher.stats["largest_batch"] == 3  # the rest waited for a free row
+    for k in (0, 2, 3, 5):
+        assert sinks[k].tokens == expected[k], k
+    for k, n in ((4, 5), (1, 2)):  # cancelled: a prefix of the answer, then nothing more
+        got = sinks[k].tokens
+        assert got == expected[k][:len(got)] and n <= len(got) <= n + 1, k
+        if len(got) < len(expected[k]):
+            assert not sinks[k].done.is_set()
+
+
+def test_background_loop_with_concurrent_callers(model, images):
+    reqs = make_requests(model, images)
+    stops = list(model.tokenizer.stop_ids)
+    expected = [reference(model, r, stops) for r in reqs]
+    batcher = ContinuousBatcher(model, max_batch_size=4, suppress_ids=[model.tokenizer.ids.image],
+                                stop_ids=stops).start()
+    sinks = [Collector() for _ in reqs]
+    gate = threading.Barrier(len(reqs))
+
+    def caller(k):
+        gate.wait()
+        batcher.submit(reqs[k], sinks[k])
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(len(reqs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k, s in enumerate(sinks):
+        assert s.done.wait(120), k
+        assert s.error is None and s.tokens == expected[k], k
+    assert batcher.alive() and batcher.stats["largest_batch"] >= 2
+    batcher.close()
+    assert not batcher.alive()
+    with pytest.raises(RuntimeError, match="not running"):
+        batcher.submit(reqs[0], Collector())
+
+
+def test_a_bad_request_fails_alone(model, images):
+    reqs = make_requests(model, images)
+    stops = list(model.tokenizer.stop_ids)
+    bad = GenerationRequest(reqs[1].input_ids, None, max_new_tokens=5)  # image slots, no features
+    batcher = ContinuousBatcher(model, suppress_ids=[model.tokenizer.ids.image], stop_ids=stops)
+    sinks = run_schedule(batcher, {0: [0], 2: [1]}, [reqs[0], bad])
+    assert isinstance(sinks[1].error, ValueError) and "no image features" in str(sinks[1].error)
+    assert sinks[0].error is None and sinks[0].tokens == reference(model, reqs[0], stops)
+
+
+def test_sampling_settings_per_row(model, images):
+    reqs = make_requests(model, images)[:4]
+    stops = list(model.tokenizer.stop_ids)
+    greedy = [reference(model, r, stops) for r in reqs]
+    torch.manual_seed(0)
+    # top_p near 0 keeps only the most likely token: sampled rows must equal greedy ones
+    reqs[1].temperature, reqs[1].top_p = 1.3, 1e-6
+    # a hot row: any token but image slots, and no stop id before min_new_tokens
+    reqs[2].temperature, reqs[2].top_p, reqs[2].min_new_tokens = 2.0, 1.0, reqs[2].max_new_tokens
+    batcher = ContinuousBatcher(model, suppress_ids=[model.tokenizer.ids.image], stop_ids=stops)
+    sinks = run_schedule(batcher, {0: [0, 1, 2, 3]}, reqs)
+    assert sinks[0].tokens == greedy[0] and sinks[3].tokens == greedy[3]
+    assert sinks[1].tokens == greedy[1]
+    hot = sinks[2].tokens
+    assert len(hot) == reqs[2].max_new_tokens and model.tokenizer.ids.image not in hot
+    assert not set(hot) & set(stops) and hot != greedy[2][:len(hot)]
+
+
+def test_top_p_keeps_the_smallest_likely_set():
+    from serve.batching import _top_p
+
+    scores = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.5, 0.3, 0.15, 0.05]]))
+    out = _top_p(scores, torch.tensor([[0.7], [0.9]]))
+    assert torch.isfinite(out).tolist() == [[True, True, False, False], [True, True, True, False]]
+
+
+def test_batching_options():
+    assert BatchingOptions.from_dict({}) == BatchingOptions(True, 32)
+    assert BatchingOptions.from_dict({"max_batch_size": 4, "continuous_batching": False}).max_batch_size == 4
+    for bad in ({"max_batch_size": 0}, {"max_batch_size": True}, {"continuous_batching": "yes"}, {"batch": 2}):
+        with pytest.raises(ValueError):
+            BatchingOptions.from_dict(bad)
+
+
+def test_request_from_the_ingress_dict():
+    feats = np.zeros((1, 4, 8), np.float32)
+    r = GenerationRequest.from_dict({"input_ids": [1, 2], "image_features": feats, "max_new_tokens": 4,
+                                     "min_new_tokens": 9, "temperature": None, "top_p": None})
+    assert (r.min_new_tokens, r.temperature, r.top_p) == (4, 0.0, 1.0)
+    assert r.features_tensor().shape == (1, 4, 8)
+    assert GenerationRequest.from_dict({"input_ids": [1], "image_features": np.zeros((0,)),
+                                        "max_new_tokens": 1}).image_features is None
+    with pytest.raises(ValueError):
+        GenerationRequest.from_dict({"input_ids": [1], "max_new_tokens": 0})
