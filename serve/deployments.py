@@ -10,7 +10,10 @@ ingress composes them through ``DeploymentHandle`` s.
   per request (pixel limit checked before decoding), then batches the CLIP
   forward pass.
 - ``LLM.generate(request)``: a streaming method yielding lists of new token
-  ids; generation runs in a worker thread and stops when the caller goes away.
+  ids; concurrent requests share forward passes (continuous batching,
+  ``serve.batching``), and a request leaves the batch when its caller goes
+  away. ``user_config`` turns batching off (one ``generate`` per request in a
+  worker thread) or sets ``max_batch_size``.
 
 Bad input raises ``ImageDecodeError`` / ``AudioDecodeError`` to the caller;
 it never takes a replica down.
@@ -129,10 +132,18 @@ class ImageEncoder:
         return list(feats)
 
 
-@serve.deployment(name="LLM", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=8,
-                  autoscaling_config=_autoscaling(2, 4), health_check_period_s=10,
-                  graceful_shutdown_timeout_s=30)
+@serve.deployment(name="LLM", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=48,
+                  autoscaling_config=_autoscaling(2, 16), health_check_period_s=10,
+                  graceful_shutdown_timeout_s=30,
+                  user_config={"continuous_batching": True, "max_batch_size": 32})
 class LLM:
+    """Phi-3 (+ adapter) and the projector. With ``continuous_batching`` (the
+    default, ``user_config``) one loop decodes every ongoing request together,
+    up to ``max_batch_size`` rows per step (``serve.batching``); without it
+    each request runs its own ``generate`` call in a worker thread.
+    ``max_ongoing_requests`` above ``max_batch_size`` keeps a few requests
+    waiting in the replica, ready to take a row as soon as one frees up."""
+
     def __init__(self, settings: dict):
         self.settings = ServeSettings.from_dict(settings)
         set_threads(self.settings)
@@ -140,7 +151,22 @@ class LLM:
         self.model = load_llm(source, self.settings)
         self.stop_ids = set(self.model.tokenizer.stop_ids)
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="generate")
+        self.batcher = None
+        self.reconfigure({})  # the defaults; Serve then applies the deployment's user_config
         log.info("LLM ready: %s on %s", source.description, self.model.device)
+
+    def reconfigure(self, config: dict) -> None:
+        """Apply the deployment's ``user_config`` (also live, on ``serve deploy``)."""
+        from .batching import BatchingOptions, ContinuousBatcher
+
+        self.options = BatchingOptions.from_dict(config)
+        if self.options.continuous_batching and self.batcher is None:
+            self.batcher = ContinuousBatcher(self.model, self.options.max_batch_size,
+                                             suppress_ids=[self.model.tokenizer.ids.image]).start()
+        if self.batcher is not None:
+            self.batcher.max_batch_size = self.options.max_batch_size
+        log.info("LLM batching: %s", f"continuous, up to {self.options.max_batch_size} rows per step"
+                 if self.options.continuous_batching else "off (one generate call per request)")
 
     def ping(self) -> str:
         return "ok"
@@ -148,11 +174,18 @@ class LLM:
     def check_health(self) -> None:
         if self._pool._shutdown:
             raise RuntimeError("generation thread pool is shut down")
+        if self.batcher is not None and not self.batcher.alive():
+            raise RuntimeError(f"the continuous batching loop stopped: {self.batcher.error!r}")
 
     def pid(self) -> int:
         import os
 
         return os.getpid()
+
+    def batching_stats(self) -> dict:
+        b = self.batcher
+        return {"continuous_batching": self.options.continuous_batching, "max_batch_size": self.options.max_batch_size,
+                **({"active": b.active, "waiting": b.waiting, **b.stats} if b is not None else {})}
 
     async def generate(self, request: dict) -> AsyncIterator[list[int]]:
         """Stream new token ids for ``request``:
@@ -161,22 +194,49 @@ class LLM:
         ``image_features`` (float32 array (images, tokens, dim) or None),
         ``max_new_tokens``, ``temperature`` (0: greedy), ``top_p``, optional
         ``min_new_tokens`` (stop ids are suppressed until then).
-        One list per decoding step (one id at batch size 1); the last ends
-        with a stop id unless the length ran out."""
+        One list per decoding step (one id); the last ends with a stop id
+        unless the length ran out. Image placeholder ids are never generated
+        (a continued answer re-reads the answer so far as prompt)."""
+        from .batching import DONE, GenerationRequest
+
+        req = GenerationRequest.from_dict(request)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def emit(item) -> None:  # from the batching or generate thread
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        if self.options.continuous_batching:
+            ticket = self.batcher.submit(req, emit)
+            cancel = ticket.cancel
+        else:
+            cancel = self._generate_in_thread(req, emit)
+        try:
+            while True:
+                item = await queue.get()
+                if item is DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            cancel()
+
+    def _generate_in_thread(self, req, emit):
+        """One ``generate`` call for ``req`` in the worker pool; returns its cancel function."""
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
 
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        from .batching import DONE
+
         cancelled = threading.Event()
-        done = object()
 
         class Streamer(BaseStreamer):
             def put(self, value):
                 ids = value.reshape(-1).tolist()
                 if ids:  # the first call carries the (empty) prompt ids
-                    loop.call_soon_threadsafe(queue.put_nowait, ids)
+                    emit(ids)
 
             def end(self):
                 pass
@@ -186,39 +246,25 @@ class LLM:
                 return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool,
                                   device=input_ids.device)
 
-        ids = torch.tensor([request["input_ids"]], dtype=torch.long)
-        feats = request.get("image_features")
-        feats = torch.from_numpy(np.ascontiguousarray(feats)) if feats is not None and len(feats) else None
-        temperature = float(request.get("temperature") or 0.0)
-        gen = {"max_new_tokens": int(request["max_new_tokens"]), "streamer": Streamer(),
-               # an answer never holds image slots (a continuation re-reads it as prompt)
+        ids = torch.tensor([req.input_ids], dtype=torch.long)
+        gen = {"max_new_tokens": req.max_new_tokens, "streamer": Streamer(),
                "suppress_tokens": [self.model.tokenizer.ids.image],
                "stopping_criteria": StoppingCriteriaList([Cancel()])}
-        min_new = min(int(request.get("min_new_tokens") or 0), gen["max_new_tokens"])
-        if min_new > 0:
-            gen["min_new_tokens"] = min_new
-        if temperature > 0:
-            gen.update(do_sample=True, temperature=temperature, top_p=float(request.get("top_p") or 1.0), top_k=0)
+        if req.min_new_tokens > 0:
+            gen["min_new_tokens"] = req.min_new_tokens
+        if req.temperature > 0:
+            gen.update(do_sample=True, temperature=req.temperature, top_p=req.top_p, top_k=0)
 
         def run():
             try:
-                self.model.generate(ids, None, feats, **gen)
+                self.model.generate(ids, None, req.features_tensor(), **gen)
             except BaseException as e:  # noqa: BLE001 - handed to the caller
-                loop.call_soon_threadsafe(queue.put_nowait, e)
+                emit(e)
             finally:
-                loop.call_soon_threadsafe(queue.put_nowait, done)
+                emit(DONE)
 
         self._pool.submit(run)
-        try:
-            while True:
-                item = await queue.get()
-                if item is done:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            cancelled.set()
+        return cancelled.set
 
 
 def load_ingress_tokenizer(settings: ServeSettings):
