@@ -30,6 +30,7 @@ tokens/s at batch N. Prints a table and writes JSON (``--out``).
         --set llm.load_in_4bit=false --set llm.dtype=bfloat16 --out bench/results/serve-h100.json
     python bench/serve_bench.py --checkpoint runs/demo/runs/stage2/final
     python bench/serve_bench.py --option LLM.max_ongoing_requests=32 --llm-replicas 2   # deployment options
+    python bench/serve_bench.py --option LLM.user_config.continuous_batching=false      # one generate per request
 """
 from __future__ import annotations
 
@@ -375,11 +376,30 @@ async def serve_load(url: str, prompts: Prompts, args, model_name: str, headers:
                 raise SystemExit(f"warm-up request failed: {r['error']}")
     rows = []
     for users in args.users:
+        before = await llm_stats()
         recs = await load_level(url, prompts, users, args, model_name, headers)
         rows.append(summarise(users, recs, baseline, prompts.kinds))
+        rows[-1]["llm_rows_per_step"] = rows_per_step(before, await llm_stats())
         print(f"  {users} users: {rows[-1]['ok']}/{rows[-1]['requests']} ok, "
               f"{rows[-1]['output_tok_s']} tokens/s", flush=True)
     return rows
+
+
+async def llm_stats() -> dict:
+    """The LLM deployment's batching counters (one replica's when there are several)."""
+    from ray import serve
+
+    from serve.app import APP_NAME
+
+    return await serve.get_deployment_handle("LLM", APP_NAME).batching_stats.remote()
+
+
+def rows_per_step(before: dict, after: dict) -> float | None:
+    """Mean requests decoded together per forward pass over a level (None
+    without continuous batching)."""
+    steps = after.get("steps", 0) - before.get("steps", 0)
+    decoded = (after.get("tokens", 0) - before.get("tokens", 0)) - (after.get("prefills", 0) - before.get("prefills", 0))
+    return round(decoded / steps, 2) if steps > 0 else None
 
 
 # --------------------------------------------------------------------- main
@@ -406,25 +426,26 @@ def fmt(v, width: int, digits: int = 1) -> str:
 def print_table(res: dict) -> None:
     b = res.get("inprocess")
     print(f"\nserving benchmark: {res['card']}, preset {res['preset']}, {res['max_tokens']} tokens per answer, "
-          f"mix {res['mix']}, LLM replicas {res['llm_replicas']}")
+          f"mix {res['mix']}, LLM replicas {res['llm_replicas']}, LLM user_config {res['llm_user_config']}")
     if b:
         pre = ", ".join(f"{k} {v:.1f} ms ({b['prompt_tokens'][k]} tokens)" for k, v in b["prefill_ms"].items())
         print(f"in-process ({b['device']}): prefill {pre}" + (f"; vision {b['vision_ms']:.1f} ms/image"
                                                               if "vision_ms" in b else "")
               + f"; inter-token {b['itl_ms_batch1']:.2f} ms at batch 1")
     head = (f"{'users':>5} {'ok/req':>7} {'err':>4} {'TTFT p50':>9} {'TTFT p95':>9} {'ITL p50':>8} {'tok/s':>9} "
-            f"{'req/s':>7} {'in-proc':>9} {'served/':>8} {'TTFT/prefill':>13}")
+            f"{'req/s':>7} {'in-proc':>9} {'served/':>8} {'TTFT/prefill':>13} {'rows/':>6}")
     print(head)
     print(f"{'':>5} {'':>7} {'':>4} {'ms':>9} {'ms':>9} {'ms':>8} {'served':>9} {'':>7} {'tok/s@N':>9} "
-          f"{'in-proc':>8} {'(p50, by kind)':>13}")
+          f"{'in-proc':>8} {'(p50, by kind)':>13} {'step':>6}")
     for r in res["levels"]:
         tvp = " ".join(f"{k[0]}{v:.1f}" for k, v in (r.get("ttft_vs_prefill") or {}).items())
         print(f"{r['users']:>5} {str(r['ok']) + '/' + str(r['requests']):>7} {r['errors']:>4} "
               f"{fmt(r['ttft_ms_p50'], 9)} {fmt(r['ttft_ms_p95'], 9)} {fmt(r['itl_ms_p50'], 8, 2)} "
               f"{fmt(r['output_tok_s'], 9)} {fmt(r['requests_per_s'], 7, 2)} {fmt(r.get('inproc_tok_s'), 9)} "
-              f"{fmt(r.get('overhead_ratio'), 8, 2)} {tvp:>13}")
+              f"{fmt(r.get('overhead_ratio'), 8, 2)} {tvp:>13} {fmt(r.get('llm_rows_per_step'), 6, 1)}")
     print("TTFT/prefill: served TTFT p50 over in-process prefill, t = text, i = image + text "
-          "(image: prefill without the vision tower)")
+          "(image: prefill without the vision tower); rows/step: requests the LLM decoded together "
+          "per forward pass (continuous batching)")
 
 
 def parse_args(argv=None):
@@ -525,6 +546,7 @@ def main(argv=None) -> dict:
         "max_tokens": args.max_tokens, "temperature": 0, "mix": args.mix, "users": args.users,
         "requests_per_user": None if args.duration else args.requests_per_user, "duration_s": args.duration,
         "llm_replicas": "autoscaled" if args.autoscale else args.llm_replicas, "options": args.option,
+        "llm_user_config": deployment_options(args)[1]["LLM"].get("user_config"),
         "torch_threads": resolved.torch_threads, "serve_startup_s": round(startup, 1),
         "summary": summary, "inprocess": baseline, "levels": levels,
     }

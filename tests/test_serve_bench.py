@@ -4,7 +4,8 @@ Not a timing assertion: it checks that every request succeeded, that each
 answer has exactly the requested number of tokens (``min_tokens`` keeps
 greedy decoding from stopping at a stop token), that time to first token
 never exceeds the request's latency, and that the table's figures are the
-ones the per-request records and the in-process baseline give.
+ones the per-request records and the in-process baseline give, and that the
+LLM's batching counters were recorded per level.
 """
 from __future__ import annotations
 
@@ -79,3 +80,10 @@ def test_latencies_are_consistent(result):
         ref = result["inprocess"]["tok_s"][str(level["users"])]
         assert level["inproc_tok_s"] == ref
         assert level["overhead_ratio"] == pytest.approx(level["output_tok_s"] / ref, rel=0.01)
+
+
+@pytest.mark.slow
+def test_llm_batching_is_recorded(result):
+    assert result["llm_user_config"]["continuous_batching"] is True  # serve/config.yaml's default
+    for level in result["levels"]:  # mean requests per decoding step: at least one, at most the users
+        assert 1 <= level["llm_rows_per_step"] <= level["users"], level["llm_rows_per_step"]
