@@ -10,8 +10,9 @@ Pipeline (streaming, all Ray Data):
    rotation, CMYK/grey/palette/16-bit -> RGB) and resize + centre-crop it to
    uint8; an image that cannot be used becomes a logged "skipped" row;
 3. an actor pool (``ActorPoolStrategy``; one GPU per actor when
-   ``--gpus-per-actor`` > 0, else CPU) normalises on the device and runs the
-   CLIP tower in bf16/fp16/fp32 as the preset says;
+   ``--gpus-per-actor`` > 0, else CPU; ``--resources-per-actor`` pins the
+   actors to nodes with custom resources) normalises on the device and runs
+   the CLIP tower in bf16/fp16/fp32 as the preset says;
 4. CPU tasks write shards of ``--shard-size`` images, each one Parquet file
    written atomically, so a killed run loses at most the shards in flight.
 
@@ -37,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from . import storage
+from .resources import ResourcesAction, check_resources, warn_if_absent
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +216,7 @@ class EmbedSettings:
     actors: int = 1
     max_actors: int | None = None
     gpus_per_actor: float = 0.0
+    resources_per_actor: dict[str, float] = field(default_factory=dict)  # custom resources, e.g. {"infer_gpu": 1}
     cpus_per_actor: float = 0.5
     cpus_per_task: float = 0.25
     batch_size: int = 64
@@ -245,6 +248,9 @@ def job_identity(cfg, store_dtype: str) -> dict:
             "shape": [spec["num_tokens"], spec["feature_dim"]], "compute_dtype": cfg.vision.dtype}
 
 
+RESOURCE_HINTS = {"GPU": "--gpus-per-actor", "CPU": "EmbedSettings.cpus_per_actor"}
+
+
 def init_ray(address: str | None) -> None:
     import ray
 
@@ -268,6 +274,10 @@ def run(s: EmbedSettings) -> dict:
 
     if s.store_dtype not in STORE_DTYPES:
         raise EmbedError(f"--dtype must be one of {', '.join(STORE_DTYPES)}")
+    try:
+        resources = check_resources(s.resources_per_actor, RESOURCE_HINTS)
+    except ValueError as e:
+        raise EmbedError(f"--resources-per-actor: {e}") from None
     t0 = time.time()
     cfg = load_config(s.preset, s.overrides)
     ident = job_identity(cfg, s.store_dtype)
@@ -294,6 +304,8 @@ def run(s: EmbedSettings) -> dict:
     summaries = []
     if todo:
         init_ray(s.address)
+        gpus = s.gpus_per_actor
+        warn_if_absent({**resources, **({"GPU": gpus} if gpus else {})}, s.actors, "encoder actors")
         n_blocks = max(1, min(-(-len(todo) // s.decode_batch), 5000))  # about decode_batch rows a block
         ds = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=n_blocks)
         ds = ds.map_batches(decode_batch, batch_size=s.decode_batch, num_cpus=s.cpus_per_task,
@@ -304,7 +316,7 @@ def run(s: EmbedSettings) -> dict:
         ds = ds.map_batches(
             Embedder, batch_size=s.batch_size,
             compute=ActorPoolStrategy(min_size=s.actors, max_size=s.max_actors or s.actors),
-            num_gpus=s.gpus_per_actor, num_cpus=s.cpus_per_actor,
+            num_gpus=s.gpus_per_actor, num_cpus=s.cpus_per_actor, **({"resources": resources} if resources else {}),
             fn_constructor_kwargs={"config": cfg.to_dict(), "store_dtype": s.store_dtype},
         )
         ds = ds.map_batches(write_shard, batch_size=s.shard_size, num_cpus=s.cpus_per_task, fn_kwargs={"out": s.out})
@@ -326,7 +338,7 @@ def run(s: EmbedSettings) -> dict:
         "last_run": {"embedded": embedded_now, "skipped": sum(r["skipped"] for r in summaries),
                      "shards_written": len(summaries), "seconds": round(seconds, 2),
                      "images_per_s": round(embedded_now / seconds, 2) if seconds else None,
-                     "steady_images_per_s": steady,
+                     "steady_images_per_s": steady, "resources_per_actor": resources,
                      "shard_nodes": {r["file"]: json.loads(r["nodes"]) for r in summaries}},
     }
     storage.write_bytes_atomic(fs, storage.join(base, "manifest.json"), json.dumps(manifest, indent=2).encode())
@@ -399,6 +411,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-actors", type=int, default=None, help="max pool size (autoscaling)")
     p.add_argument("--gpus-per-actor", type=float, default=None,
                    help="GPUs per encoder actor (default: 1 when the cluster has GPUs, else 0)")
+    p.add_argument("--resources-per-actor", action=ResourcesAction, hints=RESOURCE_HINTS,
+                   help="custom Ray resource per encoder actor, repeatable, e.g. infer_gpu=1: the actors run "
+                        "only on nodes that declare it")
     p.add_argument("--batch-size", type=int, default=64, help="images per encoder call")
     p.add_argument("--shard-size", type=int, default=256, help="images per output Parquet file")
     p.add_argument("--limit", type=int, default=None, help="embed only the first N images (smoke runs)")
@@ -414,6 +429,7 @@ def settings_from_args(args: argparse.Namespace) -> EmbedSettings:
     return EmbedSettings(out=args.out, data=args.data, json_files=args.json_files, images=args.images,
                          preset=args.preset, overrides=args.overrides, store_dtype=args.store_dtype,
                          actors=args.actors, max_actors=args.max_actors, gpus_per_actor=gpus,
+                         resources_per_actor=dict(args.resources_per_actor or {}),
                          batch_size=args.batch_size, shard_size=args.shard_size, limit=args.limit,
                          address=args.address)
 

@@ -99,20 +99,26 @@ class Job:
 # LLaVA-format data on the shared file system, phi3-mini preset. Learning
 # rates and batch sizes follow LLaVA-1.5 (projector 1e-3; LoRA 2e-4 with the
 # projector at a tenth); they are starting points, not tuned for this code.
+# The jobs name their group's custom resource (--resources-per-actor,
+# --resources-per-worker), so the same command lines also run on the
+# launcher cluster, whose groups share one Ray cluster (docs/operations.md).
 JOBS: dict[str, Job] = {
     "embed": Job(
         ["python", "-m", "data_pipelines.embed", "--data", DATA, "--out", EMBEDDINGS, "--preset", "phi3-mini",
-         "--actors", "1", "--max-actors", "4", "--gpus-per-actor", "1", "--batch-size", "128"],
+         "--actors", "1", "--max-actors", "4", "--gpus-per-actor", "1", "--resources-per-actor", "infer_gpu=1",
+         "--batch-size", "128"],
         groups=["gpu-l4"]),
     "train-projector": Job(
         ["python", "-m", "ray_jobs.train", "projector", "--data", DATA, "--embeddings", EMBEDDINGS, "--out", RUNS,
-         "--name", "llava-s1", "--preset", "phi3-mini", "--workers", "8", "--gpu", "--cpus-per-worker", "8",
+         "--name", "llava-s1", "--preset", "phi3-mini", "--workers", "8", "--gpu", "--resources-per-worker",
+         "train_gpu=1", "--cpus-per-worker", "8",
          "--threads", "8", "--batch-size", "32", "--lr", "1e-3", "--projector-lr-scale", "1", "--steps", "600",
          "--ckpt-every", "100", "--eval-every", "200"],
         groups=["gpu-h100"]),
     "train-qlora": Job(
         ["python", "-m", "ray_jobs.train", "qlora", "--data", DATA, "--embeddings", EMBEDDINGS, "--out", RUNS,
          "--name", "llava-s2", "--init", f"{RUNS}/llava-s1/final", "--workers", "8", "--gpu",
+         "--resources-per-worker", "train_gpu=1",
          "--cpus-per-worker", "8", "--threads", "8", "--batch-size", "16", "--lr", "2e-4",
          "--projector-lr-scale", "0.1", "--steps", "1200", "--ckpt-every", "100", "--eval-every", "200"],
         groups=["gpu-h100"]),

@@ -62,6 +62,7 @@ class TrainSettings:
     seed: int = 0
     threads: int | None = None
     address: str | None = None
+    resources_per_worker: dict[str, float] = field(default_factory=dict)  # custom Ray resources, e.g. {"train_gpu": 1}
 
     def run_name(self) -> str:
         return self.name or f"{Path(self.data).name}-{self.stage}"
@@ -323,12 +324,17 @@ def run(s: TrainSettings) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from data_pipelines.embed import init_ray
+    from data_pipelines.resources import check_resources, warn_if_absent
     from models.config import apply_overrides, load_config
 
     from .outputs import RunOutputs
 
     if s.stage not in ("projector", "qlora"):
         raise ValueError(f"stage must be 'projector' or 'qlora', got {s.stage!r}")
+    try:
+        s.resources_per_worker = check_resources(s.resources_per_worker, RESOURCE_HINTS)
+    except ValueError as e:
+        raise ValueError(f"--resources-per-worker: {e}") from None
     if s.init:
         from models.checkpoint import read_meta
 
@@ -341,13 +347,14 @@ def run(s: TrainSettings) -> dict:
     if s.init:
         s.init = str(Path(s.init).resolve())
     init_ray(s.address)
+    warn_if_absent({**s.resources_per_worker, **({"GPU": 1} if s.gpu else {})}, s.workers, "Train workers")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"settings": asdict(s), "model_config": cfg.to_dict()},
         torch_config=TorchConfig(backend="nccl" if s.gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=s.gpu,
-                                     resources_per_worker={"CPU": s.cpus_per_worker}),
+                                     resources_per_worker={"CPU": s.cpus_per_worker, **s.resources_per_worker}),
         run_config=RunConfig(name=s.run_name(), storage_path=s.out,
                              failure_config=FailureConfig(max_failures=s.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
@@ -361,7 +368,12 @@ def run(s: TrainSettings) -> dict:
     return summary
 
 
+RESOURCE_HINTS = {"CPU": "--cpus-per-worker", "GPU": "--gpu"}
+
+
 def add_arguments(p: argparse.ArgumentParser, stage: str | None = None) -> None:
+    from data_pipelines.resources import ResourcesAction
+
     p.add_argument("--data", required=True, help="data set folder (train.json, val.json, images/)")
     p.add_argument("--embeddings", required=True, help="output folder of the embedding job for this data set")
     p.add_argument("--out", required=True, help="runs folder (local or s3://...): the run goes to OUT/NAME")
@@ -373,6 +385,9 @@ def add_arguments(p: argparse.ArgumentParser, stage: str | None = None) -> None:
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--resources-per-worker", action=ResourcesAction, hints=RESOURCE_HINTS,
+                   help="custom Ray resource per worker, repeatable, e.g. train_gpu=1: workers run only on "
+                        "nodes that declare it (deploy/cluster.yaml's groups)")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=16, help="per worker")
     p.add_argument("--lr", type=float, default=2e-3)
@@ -389,6 +404,7 @@ def add_arguments(p: argparse.ArgumentParser, stage: str | None = None) -> None:
 
 def settings_from_args(stage: str, a: argparse.Namespace) -> TrainSettings:
     return TrainSettings(stage=stage, data=a.data, embeddings=a.embeddings, out=a.out, name=a.name,
+                         resources_per_worker=dict(a.resources_per_worker or {}),
                          init=getattr(a, "init", None), preset=a.preset, overrides=a.overrides, workers=a.workers,
                          gpu=a.gpu, cpus_per_worker=a.cpus_per_worker, steps=a.steps, batch_size=a.batch_size,
                          lr=a.lr, projector_lr_scale=a.projector_lr_scale, warmup=a.warmup, eval_every=a.eval_every, ckpt_every=a.ckpt_every,

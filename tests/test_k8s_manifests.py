@@ -187,6 +187,18 @@ def test_jobs_fit_their_clusters():
             assert min(a.workers, per_pod) * a.cpus_per_worker <= max(cpus.values()), name
         if module == "data_pipelines.embed":
             assert (a.max_actors or a.actors) * a.gpus_per_actor <= capacity, name
+        # the custom resources a job's workers or actors ask for exist in its cluster, enough for all of them
+        asks, count = {}, 0
+        if module == "ray_jobs.train":
+            asks, count = a.resources_per_worker, a.workers
+        if module == "data_pipelines.embed":
+            asks, count = a.resources_per_actor, a.max_actors or a.actors
+        if module != "ray_jobs.evaluate":
+            assert asks, f"{name} does not pin its workers to its group"
+        for key, qty in asks.items():
+            per_pod = {n: json.loads(json.loads(g["rayStartParams"]["resources"])).get(key, 0) for n, g in groups.items()}
+            assert qty <= max(per_pod.values()), (name, key)
+            assert qty * count <= sum(per_pod[n] * groups[n]["maxReplicas"] for n in groups), (name, key)
         assert m["spec"].get("entrypointNumGpus", 0) <= max(gpus.values()), name
         assert m["spec"]["shutdownAfterJobFinishes"] is True, name
 

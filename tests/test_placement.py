@@ -1,0 +1,102 @@
+"""Job placement: custom resources per Train worker / encoder actor from the
+command line, and the embedding job's GPU default taken from the cluster."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from data_pipelines import embed
+from data_pipelines.resources import check_resources, parse_resource
+from ray_jobs import train
+
+
+def train_args(*extra: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser(exit_on_error=False)
+    train.add_arguments(p, "projector")
+    return p.parse_args(["--data", "d", "--embeddings", "e", "--out", "o", *extra])
+
+
+def embed_args(*extra: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser(exit_on_error=False)
+    embed.add_arguments(p)
+    return p.parse_args(["--data", "d", "--out", "o", *extra])
+
+
+@pytest.mark.parametrize("text, expected", [("train_gpu=1", ("train_gpu", 1.0)), (" spot = 0.25", ("spot", 0.25)),
+                                            ("node:10.0.0.5=0.01", ("node:10.0.0.5", 0.01))])
+def test_resource_values_parse(text, expected):
+    assert parse_resource(text) == expected
+
+
+@pytest.mark.parametrize("text, says", [("train_gpu", "KEY=N"), ("=1", "empty"), ("a b=1", "spaces"),
+                                        ("train_gpu=x", "number"), ("train_gpu=0", "positive"),
+                                        ("train_gpu=-1", "positive"), ("train_gpu=nan", "positive"),
+                                        ("train_gpu=0.00001", "0.0001"), ("memory=1000", "not a custom")])
+def test_bad_resource_values_say_why(text, says):
+    with pytest.raises(ValueError, match=says):
+        parse_resource(text)
+
+
+def test_train_flag_collects_repeated_resources():
+    s = train.settings_from_args("projector", train_args("--resources-per-worker", "train_gpu=1",
+                                                         "--resources-per-worker", "spot=0.5"))
+    assert s.resources_per_worker == {"train_gpu": 1.0, "spot": 0.5}
+    assert train.settings_from_args("projector", train_args()).resources_per_worker == {}
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--resources-per-worker", "CPU=2"], "--cpus-per-worker"),
+    (["--resources-per-worker", "GPU=1"], "--gpu"),
+    (["--resources-per-worker", "a=1", "--resources-per-worker", "a=2"], "a given twice"),
+    (["--resources-per-worker", "train_gpu"], "KEY=N"),
+])
+def test_train_flag_errors_name_the_flag_and_the_fix(argv, says):
+    with pytest.raises(argparse.ArgumentError, match=says) as e:
+        train_args(*argv)
+    assert "--resources-per-worker" in str(e.value)
+
+
+def test_embed_flag_and_its_errors():
+    s = embed.settings_from_args(embed_args("--resources-per-actor", "infer_gpu=1"))
+    assert s.resources_per_actor == {"infer_gpu": 1.0}
+    with pytest.raises(argparse.ArgumentError, match="--gpus-per-actor"):
+        embed_args("--resources-per-actor", "GPU=1")
+
+
+def test_resources_reach_the_scaling_config(monkeypatch, tmp_path):
+    """What run() hands Ray Train, without starting Ray."""
+    import ray.train.torch
+
+    import data_pipelines.embed
+    import data_pipelines.resources
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def trainer(*a, scaling_config, **kw):
+        seen["scaling"] = scaling_config
+        raise Stop
+
+    monkeypatch.setattr(data_pipelines.embed, "init_ray", lambda address: None)
+    monkeypatch.setattr(data_pipelines.resources, "warn_if_absent", lambda *a: [])
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", trainer)
+    s = train.TrainSettings(stage="projector", data=str(tmp_path), embeddings=str(tmp_path), out=str(tmp_path),
+                            workers=2, cpus_per_worker=1.5, resources_per_worker={"train_gpu": 1})
+    with pytest.raises(Stop):
+        train.run(s)
+    assert seen["scaling"].num_workers == 2
+    assert seen["scaling"].resources_per_worker == {"CPU": 1.5, "train_gpu": 1.0}
+    with pytest.raises(ValueError, match="--resources-per-worker: GPU .*--gpu"):
+        train.run(train.TrainSettings(stage="projector", data="d", embeddings="e", out=str(tmp_path),
+                                      resources_per_worker={"GPU": 1}))
+    with pytest.raises(embed.EmbedError, match="--resources-per-actor: .*positive"):
+        embed.run(embed.EmbedSettings(out=str(tmp_path / "emb"), data="d", resources_per_actor={"infer_gpu": 0}))
+
+
+def test_programmatic_resources_are_checked_too():
+    assert check_resources({"a": 2}) == {"a": 2.0}
+    with pytest.raises(ValueError, match="number"):
+        check_resources({"a": "1"})
