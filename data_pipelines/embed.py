@@ -9,10 +9,11 @@ Pipeline (streaming, all Ray Data):
 2. CPU tasks read each file (local or ``s3://``/``gs://``), decode it (EXIF
    rotation, CMYK/grey/palette/16-bit -> RGB) and resize + centre-crop it to
    uint8; an image that cannot be used becomes a logged "skipped" row;
-3. an actor pool (``ActorPoolStrategy``; one GPU per actor when
-   ``--gpus-per-actor`` > 0, else CPU; ``--resources-per-actor`` pins the
-   actors to nodes with custom resources) normalises on the device and runs
-   the CLIP tower in bf16/fp16/fp32 as the preset says;
+3. an actor pool (``ActorPoolStrategy``; ``--gpus-per-actor`` GPUs per
+   actor, by default 1 when the Ray cluster has GPUs and 0 (CPU) when it has
+   none; ``--resources-per-actor`` pins the actors to nodes with custom
+   resources) normalises on the device and runs the CLIP tower in
+   bf16/fp16/fp32 as the preset says;
 4. CPU tasks write shards of ``--shard-size`` images, each one Parquet file
    written atomically, so a killed run loses at most the shards in flight.
 
@@ -215,7 +216,7 @@ class EmbedSettings:
     store_dtype: str = "float16"
     actors: int = 1
     max_actors: int | None = None
-    gpus_per_actor: float = 0.0
+    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
     resources_per_actor: dict[str, float] = field(default_factory=dict)  # custom resources, e.g. {"infer_gpu": 1}
     cpus_per_actor: float = 0.5
     cpus_per_task: float = 0.25
@@ -251,6 +252,14 @@ def job_identity(cfg, store_dtype: str) -> dict:
 RESOURCE_HINTS = {"GPU": "--gpus-per-actor", "CPU": "EmbedSettings.cpus_per_actor"}
 
 
+def default_gpus_per_actor() -> float:
+    """1 when the connected Ray cluster has GPUs, else 0. The cluster decides,
+    not the driver: on a cluster the driver runs on a CPU head node."""
+    import ray
+
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
 def init_ray(address: str | None) -> None:
     import ray
 
@@ -278,6 +287,9 @@ def run(s: EmbedSettings) -> dict:
         resources = check_resources(s.resources_per_actor, RESOURCE_HINTS)
     except ValueError as e:
         raise EmbedError(f"--resources-per-actor: {e}") from None
+    if s.gpus_per_actor is not None and s.gpus_per_actor < 0:
+        raise EmbedError(f"--gpus-per-actor must be 0 or more, got {s.gpus_per_actor}")
+    gpus = s.gpus_per_actor
     t0 = time.time()
     cfg = load_config(s.preset, s.overrides)
     ident = job_identity(cfg, s.store_dtype)
@@ -304,7 +316,10 @@ def run(s: EmbedSettings) -> dict:
     summaries = []
     if todo:
         init_ray(s.address)
-        gpus = s.gpus_per_actor
+        if gpus is None:
+            gpus = default_gpus_per_actor()
+        log.info("encoder actors: %d to %d, %g GPU and %g CPU each%s", s.actors, s.max_actors or s.actors, gpus,
+                 s.cpus_per_actor, f", custom resources {resources}" if resources else "")
         warn_if_absent({**resources, **({"GPU": gpus} if gpus else {})}, s.actors, "encoder actors")
         n_blocks = max(1, min(-(-len(todo) // s.decode_batch), 5000))  # about decode_batch rows a block
         ds = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=n_blocks)
@@ -316,7 +331,7 @@ def run(s: EmbedSettings) -> dict:
         ds = ds.map_batches(
             Embedder, batch_size=s.batch_size,
             compute=ActorPoolStrategy(min_size=s.actors, max_size=s.max_actors or s.actors),
-            num_gpus=s.gpus_per_actor, num_cpus=s.cpus_per_actor, **({"resources": resources} if resources else {}),
+            num_gpus=gpus, num_cpus=s.cpus_per_actor, **({"resources": resources} if resources else {}),
             fn_constructor_kwargs={"config": cfg.to_dict(), "store_dtype": s.store_dtype},
         )
         ds = ds.map_batches(write_shard, batch_size=s.shard_size, num_cpus=s.cpus_per_task, fn_kwargs={"out": s.out})
@@ -338,7 +353,7 @@ def run(s: EmbedSettings) -> dict:
         "last_run": {"embedded": embedded_now, "skipped": sum(r["skipped"] for r in summaries),
                      "shards_written": len(summaries), "seconds": round(seconds, 2),
                      "images_per_s": round(embedded_now / seconds, 2) if seconds else None,
-                     "steady_images_per_s": steady, "resources_per_actor": resources,
+                     "steady_images_per_s": steady, "gpus_per_actor": gpus, "resources_per_actor": resources,
                      "shard_nodes": {r["file"]: json.loads(r["nodes"]) for r in summaries}},
     }
     storage.write_bytes_atomic(fs, storage.join(base, "manifest.json"), json.dumps(manifest, indent=2).encode())
@@ -410,7 +425,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--actors", type=int, default=1, help="encoder actors (min pool size)")
     p.add_argument("--max-actors", type=int, default=None, help="max pool size (autoscaling)")
     p.add_argument("--gpus-per-actor", type=float, default=None,
-                   help="GPUs per encoder actor (default: 1 when the cluster has GPUs, else 0)")
+                   help="GPUs per encoder actor (default: 1 when the Ray cluster has GPUs now, else 0; "
+                        "give it on an autoscaling cluster whose GPU nodes may be at zero)")
     p.add_argument("--resources-per-actor", action=ResourcesAction, hints=RESOURCE_HINTS,
                    help="custom Ray resource per encoder actor, repeatable, e.g. infer_gpu=1: the actors run "
                         "only on nodes that declare it")
@@ -421,14 +437,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> EmbedSettings:
-    gpus = args.gpus_per_actor
-    if gpus is None:
-        import torch
-
-        gpus = 1.0 if torch.cuda.is_available() else 0.0
     return EmbedSettings(out=args.out, data=args.data, json_files=args.json_files, images=args.images,
                          preset=args.preset, overrides=args.overrides, store_dtype=args.store_dtype,
-                         actors=args.actors, max_actors=args.max_actors, gpus_per_actor=gpus,
+                         actors=args.actors, max_actors=args.max_actors, gpus_per_actor=args.gpus_per_actor,
                          resources_per_actor=dict(args.resources_per_actor or {}),
                          batch_size=args.batch_size, shard_size=args.shard_size, limit=args.limit,
                          address=args.address)

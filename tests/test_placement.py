@@ -100,3 +100,49 @@ def test_programmatic_resources_are_checked_too():
     assert check_resources({"a": 2}) == {"a": 2.0}
     with pytest.raises(ValueError, match="number"):
         check_resources({"a": "1"})
+
+
+def test_gpu_default_reads_the_cluster_resources(monkeypatch):
+    import ray
+    import torch
+
+    assert embed.settings_from_args(embed_args()).gpus_per_actor is None  # left to the cluster
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a driver with CUDA does not count
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "infer_gpu": 1.0})
+    assert embed.default_gpus_per_actor() == 0.0
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 0.5})
+    assert embed.default_gpus_per_actor() == 1.0
+
+
+@pytest.mark.slow
+def test_gpu_default_follows_the_cluster_not_the_driver(monkeypatch, tmp_path):
+    """On a simulated cluster: the driver (this process, on a CPU head; then
+    pretending to have CUDA) decides nothing: a CPU-only cluster gets 0 GPUs
+    per actor, and 1 once a node with a GPU joins. The GPU is declared, not
+    real: the job's actors land on that node and, finding no CUDA, encode on
+    its CPU."""
+    import ray
+    import torch
+    from ray.cluster_utils import Cluster
+
+    from data_pipelines.synthetic import synthesize
+
+    synthesize(tmp_path / "data", images=8, seed=1, size=64, progress=False)
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        assert embed.default_gpus_per_actor() == 0.0
+        monkeypatch.undo()
+        gpu_node = cluster.add_node(num_cpus=1, num_gpus=1)
+        cluster.wait_for_nodes()
+        assert embed.default_gpus_per_actor() == 1.0
+        s = embed.settings_from_args(embed_args("--data", str(tmp_path / "data"), "--out", str(tmp_path / "emb")))
+        s.actor_wait_s = 180
+        m = embed.run(s)
+        assert m["last_run"]["gpus_per_actor"] == 1.0 and m["missing"] == 0
+        assert {n for ns in m["last_run"]["shard_nodes"].values() for n in ns} == {gpu_node.node_id}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
