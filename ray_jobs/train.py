@@ -7,7 +7,9 @@ instruction-tunes Phi-3 with (Q)LoRA together with the projector.
 
 Each worker reads its own shard of the samples (features from the embedding
 job, never JPEGs), batches them by length, and averages the trainable
-gradients (LoRA + projector) across workers after every backward pass. Every
+gradients (LoRA + projector) across workers after every backward pass
+(``--strategy ddp``, the default) or partitions them and the optimizer state
+with DeepSpeed ZeRO-2 (``--strategy deepspeed``; see ``ray_jobs.strategy``). Every
 ``--ckpt-every`` steps and at the end, rank 0 reports a checkpoint to Ray
 Train: the model checkpoint folder (projector, PEFT adapter, tokenizer,
 config) plus ``train_state.pt`` (optimizer, scheduler, step, data position).
@@ -63,29 +65,14 @@ class TrainSettings:
     threads: int | None = None
     address: str | None = None
     resources_per_worker: dict[str, float] = field(default_factory=dict)  # custom Ray resources, e.g. {"train_gpu": 1}
+    strategy: str = "ddp"  # or "deepspeed" (ZeRO)
+    zero_stage: int = 2
 
     def run_name(self) -> str:
         return self.name or f"{Path(self.data).name}-{self.stage}"
 
 
 # ------------------------------------------------------------------ worker side
-def _all_reduce_grads(params, world: int) -> None:
-    import torch
-    import torch.distributed as dist
-
-    if world == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[offset:offset + n].view_as(g).to(p.dtype)
-        offset += n
-
-
 def _broadcast_from_rank0(params, world: int) -> None:
     import torch.distributed as dist
 
@@ -183,6 +170,7 @@ def train_loop(config: dict) -> None:
     from models.multimodal import MultimodalPhi3
 
     from . import data as D
+    from . import strategy
     from .outputs import RunOutputs
 
     s = TrainSettings(**config["settings"])
@@ -244,9 +232,11 @@ def train_loop(config: dict) -> None:
     groups = [{"params": proj, "lr": s.lr * s.projector_lr_scale}] + ([{"params": rest, "lr": s.lr}] if rest else [])
     opt = torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s.warmup, s.steps))
+    replicas = strategy.make(s.strategy, model, opt, sched, world=world, device=device, batch_size=s.batch_size,
+                             zero_stage=s.zero_stage)
     step = 0
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
+        replicas.load_optimizer_state(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step = state["step"]
         torch.set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
@@ -259,10 +249,11 @@ def train_loop(config: dict) -> None:
     def report(metrics: dict, final: bool = False) -> None:
         ckpt_dir = None
         rng = [torch.get_rng_state()]
+        opt_state = replicas.optimizer_state()  # every rank: ZeRO gathers it from all partitions
         if rank == 0:
             ckpt_dir = tempfile.mkdtemp(prefix="mmphi-ckpt-")
             model.save_checkpoint(ckpt_dir, extra={"stage": s.stage, "step": step, "run": s.run_name()})
-            torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
+            torch.save({"optimizer": opt_state, "scheduler": sched.state_dict(), "step": step,
                         "epoch": step // spe, "batch_index": step % spe, "rng": rng}, Path(ckpt_dir) / "train_state.pt")
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
         if ckpt_dir:
@@ -276,21 +267,14 @@ def train_loop(config: dict) -> None:
     model.train()
     t_last, tokens = time.time(), 0
     running = []
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
     while step < s.steps:
         epoch, index = divmod(step, spe)
         order = D.length_batches(lengths, s.batch_size, s.seed, epoch, rank, world)
         idx = order[index]
         batch = collate([train_enc[i] for i in idx], tok.ids.pad)
         images = [train[i].image for i in idx if train[i].image]
-        with amp:
-            loss = model(**batch, image_features=feats.batch(images)).loss
-        loss.backward()
-        _all_reduce_grads(params, world)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        loss = replicas.loss(batch, feats.batch(images))
+        replicas.step(loss)  # average gradients, clip to norm 1, AdamW, scheduler
         step += 1
         running.append(loss.item())
         if outputs is not None:
@@ -328,6 +312,7 @@ def run(s: TrainSettings) -> dict:
     from models.config import apply_overrides, load_config
 
     from .outputs import RunOutputs
+    from .strategy import STRATEGIES
 
     if s.stage not in ("projector", "qlora"):
         raise ValueError(f"stage must be 'projector' or 'qlora', got {s.stage!r}")
@@ -335,6 +320,8 @@ def run(s: TrainSettings) -> dict:
         s.resources_per_worker = check_resources(s.resources_per_worker, RESOURCE_HINTS)
     except ValueError as e:
         raise ValueError(f"--resources-per-worker: {e}") from None
+    if s.strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {s.strategy!r}")
     if s.init:
         from models.checkpoint import read_meta
 
@@ -384,6 +371,9 @@ def add_arguments(p: argparse.ArgumentParser, stage: str | None = None) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    p.add_argument("--strategy", choices=("ddp", "deepspeed"), default="ddp",
+                   help="ddp: all-reduce the trainable gradients; deepspeed: ZeRO partitions them and the optimizer state")
+    p.add_argument("--zero-stage", type=int, choices=(1, 2), default=2, help="ZeRO stage with --strategy deepspeed")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--resources-per-worker", action=ResourcesAction, hints=RESOURCE_HINTS,
                    help="custom Ray resource per worker, repeatable, e.g. train_gpu=1: workers run only on "
@@ -409,7 +399,7 @@ def settings_from_args(stage: str, a: argparse.Namespace) -> TrainSettings:
                          gpu=a.gpu, cpus_per_worker=a.cpus_per_worker, steps=a.steps, batch_size=a.batch_size,
                          lr=a.lr, projector_lr_scale=a.projector_lr_scale, warmup=a.warmup, eval_every=a.eval_every, ckpt_every=a.ckpt_every,
                          eval_samples=a.eval_samples, max_failures=a.max_failures, threads=a.threads,
-                         seed=a.seed, address=a.address)
+                         seed=a.seed, address=a.address, strategy=a.strategy, zero_stage=a.zero_stage)
 
 
 def main(stage: str, args: argparse.Namespace) -> int:
