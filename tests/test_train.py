@@ -163,3 +163,91 @@ def test_eval_command_matches_the_training_evaluation(stages, dataset):
     assert res["answer_accuracy"] == pytest.approx(s2["answer_accuracy"])
     assert res["blind_answer_accuracy"] == pytest.approx(s2["blind_answer_accuracy"])
     assert res["chance"]["position"] == pytest.approx(1 / 9)
+
+
+# ---------------------------------------------------------------- DeepSpeed ZeRO-2
+@pytest.fixture(scope="module")
+def zero_runs(dataset):
+    """Stage 2 from a fresh model on 2 workers: 4 steps under ddp and under
+    DeepSpeed ZeRO-2 (the step-4 checkpoint of each kept aside), then each
+    resumed to 8 steps with the same name."""
+    import shutil
+
+    from models.config import load_config
+    from models.multimodal import MultimodalPhi3
+
+    # building the cached random weights the first time draws from torch's global
+    # generator, which moves the LoRA init after it: build them before both runs
+    MultimodalPhi3.from_config(load_config("tiny"), device="cpu", with_vision=False)
+    runs = dataset / "runs"
+    kw = dict(steps=4, eval_every=4, ckpt_every=4, eval_samples=16)
+    out = {}
+    for strategy in ("ddp", "deepspeed"):
+        name = f"zero-{strategy}"
+        out[strategy] = run(settings(dataset, "qlora", name, strategy=strategy, **kw))
+        kept = dataset / f"{name}-step4"
+        shutil.copytree(runs / name / "final", kept)
+        shutil.copy(Path(RunOutputs(str(runs), name).newest_checkpoint()[1]) / "train_state.pt", kept)
+    for strategy in ("ddp", "deepspeed"):
+        out[f"{strategy}-resumed"] = run(settings(dataset, "qlora", f"zero-{strategy}", strategy=strategy,
+                                                  **{**kw, "steps": 8}))
+    return out
+
+
+def _losses(dataset, name):
+    rows = (dataset / "runs" / name / "progress.jsonl").read_text().splitlines()
+    return [(json.loads(r)["step"], json.loads(r)["loss"]) for r in rows]
+
+
+def test_deepspeed_stage2_matches_ddp(zero_runs, dataset):
+    import torch
+    from safetensors.torch import load_file
+
+    from models.multimodal import MultimodalPhi3
+    from ray_jobs.evaluate import evaluate_checkpoint
+
+    ds = zero_runs["deepspeed"]
+    assert ds["steps"] == 4 and ds["workers"] == 2
+    assert ds["val_loss"] < 0.8 * ds["first_loss"]  # it learns
+    ddp_losses = [loss for _, loss in _losses(dataset, "zero-ddp")[:4]]
+    ds_losses = [loss for _, loss in _losses(dataset, "zero-deepspeed")[:4]]
+    assert ds_losses[-1] < 0.8 * ds_losses[0]
+    assert ds_losses == pytest.approx(ddp_losses, abs=1e-3)  # the first loss is before any update
+    # after 4 updates: the same weights and the same optimizer state, in the ddp checkpoint format
+    ref, got = dataset / "zero-ddp-step4", dataset / "zero-deepspeed-step4"
+    for f in ("projector.safetensors", "adapter/adapter_model.safetensors"):
+        a, b = load_file(str(ref / f)), load_file(str(got / f))
+        assert sorted(a) == sorted(b)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+    sa = torch.load(ref / "train_state.pt", weights_only=False)
+    sb = torch.load(got / "train_state.pt", weights_only=False)
+    assert sorted(sa) == sorted(sb) and sb["step"] == 4
+    assert sb["scheduler"] == sa["scheduler"]
+    strip = [{k: v for k, v in g.items() if k != "params"} for g in sa["optimizer"]["param_groups"]]
+    assert [{k: v for k, v in g.items() if k != "params"} for g in sb["optimizer"]["param_groups"]] == strip
+    assert sorted(sb["optimizer"]["state"]) == sorted(sa["optimizer"]["state"])
+    for i, entry in sa["optimizer"]["state"].items():
+        assert float(sb["optimizer"]["state"][i]["step"]) == 4
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(sb["optimizer"]["state"][i][key], entry[key], rtol=1e-3, atol=1e-8)
+    # the existing loaders read it, and it holds the weights the workers evaluated
+    m = MultimodalPhi3.from_checkpoint(got, device="cpu", with_vision=False)
+    assert m.num_image_tokens == 64
+    res = evaluate_checkpoint(str(got), str(dataset / "data"), str(dataset / "emb"), samples=16, device="cpu")
+    assert res["val_loss"] == pytest.approx(ds["val_loss"], rel=1e-4)
+
+
+def test_deepspeed_resume_continues_at_the_saved_step(zero_runs, dataset):
+    ds, ref = zero_runs["deepspeed-resumed"], zero_runs["ddp-resumed"]
+    assert ds["steps"] == 8
+    steps = _losses(dataset, "zero-deepspeed")
+    assert [s for s, _ in steps] == list(range(1, 9))  # 4 steps, then 4 more: none redone, none skipped
+    assert {w["start_step"] for w in RunOutputs(str(dataset / "runs"), "zero-deepspeed").workers()} == {4}
+    rows = [json.loads(r) for r in (dataset / "runs" / "zero-deepspeed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 4, 8]
+    # the same continuation as ddp's resume (weights, AdamW moments, schedule, data position restored)
+    assert [loss for _, loss in steps[4:]] == pytest.approx([loss for _, loss in _losses(dataset, "zero-ddp")[4:]],
+                                                            abs=1e-3)
+    assert ds["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-3)
+    assert ds["val_loss"] < zero_runs["deepspeed"]["val_loss"]
