@@ -49,6 +49,7 @@ def test_data_set_references_are_deduplicated(synth, tmp_path):
 @pytest.mark.slow
 def test_actors_on_both_nodes_and_output_complete(two_nodes, synth, tmp_path):
     import ray
+    from ray._private import state as ray_state
 
     out = "file://" + str(tmp_path / "emb")  # an object-store style URI, through pyarrow's filesystem layer
     # 1.5 CPUs per actor on 2-CPU nodes: one actor per node, room left for decode/write tasks
@@ -56,8 +57,12 @@ def test_actors_on_both_nodes_and_output_complete(two_nodes, synth, tmp_path):
                           shard_size=8))
     _, paths, _ = referenced_images(data=str(synth))
     assert m["count"] == len(paths) and m["missing"] == 0
-    nodes_used = {n for nodes in m["last_run"]["shard_nodes"].values() for n in nodes}
     alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-    assert len(alive) == 2 and nodes_used == alive
+    # one encoder actor on each node (Ray's actor table): on a busy machine the first actor
+    # that is ready can embed all 96 images before the other loads, so the shards need not name both
+    actors = [a for a in ray_state.actors().values() if "Embedder" in a["ActorClassName"]]
+    assert len(alive) == 2 and len(actors) == 2 and {a["Address"]["NodeID"] for a in actors} == alive
+    nodes_used = {n for nodes in m["last_run"]["shard_nodes"].values() for n in nodes}
+    assert nodes_used and nodes_used <= alive
     store = EmbeddingStore(out)
     assert store.paths() == paths
