@@ -31,9 +31,12 @@ def random_phi3_folder(cfg: LLMConfig, vocab_size: int, special: dict) -> Path:
         except TypeError as e:
             raise ConfigError(f"llm.random_init is not a valid Phi3Config: {e}") from None
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        torch.manual_seed(cfg.seed)
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[cfg.dtype])
+        # a private RNG: building the cache must not change the caller's random
+        # stream (a cold cache would otherwise give a different LoRA init)
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device == "cuda" else []):
+            torch.manual_seed(cfg.seed)
+            with torch.device(device):
+                model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[cfg.dtype])
         # written by hand: save_pretrained writes nothing on ranks other than 0
         # once torch.distributed is up (e.g. inside a Ray Train worker)
         from safetensors.torch import save_model

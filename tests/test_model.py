@@ -161,3 +161,21 @@ def test_training_updates_only_lora_and_projector(tiny_cfg):
     for n, p in m.named_parameters():
         if n in frozen_before:
             assert torch.equal(p, frozen_before[n]), n
+
+
+def test_building_random_weights_leaves_the_callers_rng_alone(tmp_path, monkeypatch):
+    """A cold weight cache must not reseed torch's global RNG (the LoRA and
+    projector inits that follow would then depend on whether the cache existed)."""
+    from models.config import load_config
+    from models.language import random_phi3_folder
+
+    monkeypatch.setenv("MMPHI_CACHE", str(tmp_path))
+    cfg = load_config("tiny", ["llm.random_init.hidden_size=32", "llm.random_init.intermediate_size=64",
+                               "llm.random_init.num_hidden_layers=1", "llm.random_init.num_attention_heads=2",
+                               "llm.random_init.num_key_value_heads=2"]).llm
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    folder = random_phi3_folder(cfg, 300, {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0})
+    assert any(folder.iterdir()), "the weights were not built"
+    assert torch.equal(torch.rand(4), expected)
