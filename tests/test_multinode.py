@@ -190,7 +190,8 @@ def test_training_places_one_worker_per_node_and_survives_losing_one(cluster, tr
     assert trained["summary"]["steps"] == STEPS
     done = trained["done"]
     assert sorted(set(done)) == list(range(1, STEPS + 1))
-    assert len(done) > STEPS  # the loss really interrupted it
+    # (the restart itself is shown by the workers' nodes above; a removal right
+    # after a checkpoint may redo no step at all, so the count is only bounded)
     assert len(done) - STEPS <= CKPT_EVERY  # at most one checkpoint interval redone
     # the restart began from a checkpoint no older than the newest on storage at the removal
     resumed = after[0]["start_step"]
