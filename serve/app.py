@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -148,8 +149,12 @@ def run_local(
     return url
 
 
-def serve_until_interrupted(url: str) -> None:
-    """Say where the page and API are, keep serving until Ctrl-C, then shut Serve down."""
+def serve_until_interrupted(url: str, shutdown_timeout_s: float = 60.0) -> None:
+    """Say where the page and API are, keep serving until Ctrl-C, then shut Serve down.
+
+    The shutdown is bounded: if Serve has not stopped within ``shutdown_timeout_s``
+    (a replica stuck starting on a busy machine), the command returns anyway and
+    Ray's own exit handler stops the local cluster's processes."""
     print(f"mmphi: chat page at {url}  API at {url}v1  (Ctrl-C stops)", flush=True)
     try:
         while True:
@@ -157,4 +162,10 @@ def serve_until_interrupted(url: str) -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        serve.shutdown()
+        print("mmphi: stopping Serve ...", flush=True)
+        stopper = threading.Thread(target=serve.shutdown, name="serve-shutdown", daemon=True)
+        stopper.start()
+        stopper.join(shutdown_timeout_s)
+        if stopper.is_alive():
+            log.warning("Serve did not stop within %.0f s; exiting and leaving the rest to Ray's shutdown",
+                        shutdown_timeout_s)
