@@ -187,8 +187,15 @@ def build_api(service: ChatService, *, api_key: str | None, mount_ui: bool = Tru
 
         from .ui import build_ui
 
+        # with an API key the page asks for it too (as the password, any user name):
+        # otherwise the page would be an open door to the model the key guards
+        def page_auth(_user: str, password: str) -> bool:
+            return hmac.compare_digest(password.encode(), api_key.encode())
+
         app = gr.mount_gradio_app(app, build_ui(service), path="/", max_file_size=limits.max_body_bytes,
-                                  footer_links=[])
+                                  footer_links=[], auth=page_auth if api_key else None,
+                                  auth_message=("This service needs its API key: enter it as the password "
+                                                "(any user name).") if api_key else None)
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
     return app
 

@@ -325,12 +325,21 @@ def test_hostile_transcriptions(client, files, data, status, words):
     assert ask(client)["usage"]["completion_tokens"] >= 1
 
 
-def test_api_key_is_required_for_the_api_only(server):
+def test_api_key_guards_the_api_and_the_page(server):
     assert httpx.get(server + "v1/models").status_code == 401
     r = httpx.get(server + "v1/models", headers={"Authorization": "Bearer nope"})
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-    assert httpx.get(server + "healthz", timeout=60).status_code == 200
-    assert httpx.get(server).status_code == 200  # the page
+    assert httpx.get(server + "healthz", timeout=60).status_code == 200  # open: load balancers probe it
+    # the page: its login form loads, its app config and API do not without the key
+    assert httpx.get(server).status_code == 200
+    r = httpx.get(server + "config")
+    assert r.status_code == 401 and "API key" in r.json()["detail"]["auth_message"]
+    assert httpx.get(server + "gradio_api/info").status_code == 401
+    with httpx.Client(base_url=server, timeout=60) as page:
+        assert page.post("/login", data={"username": "me", "password": "nope"}).status_code == 400
+        assert page.get("/config").status_code == 401
+        assert page.post("/login", data={"username": "me", "password": API_KEY}).status_code == 200
+        assert page.get("/config").status_code == 200
 
 
 # ------------------------------------------------------------------- page
@@ -341,7 +350,7 @@ def test_page_chats_through_gradio(server, tmp_path):
     assert page.status_code == 200 and "<html" in page.text.lower()
     img = tmp_path / "shape.png"
     img.write_bytes(png())
-    c = gradio_client.Client(server, verbose=False)
+    c = gradio_client.Client(server, auth=("me", API_KEY), verbose=False)
     job = c.submit({"text": "What colour is it?", "files": [gradio_client.handle_file(str(img))]}, api_name="/chat")
     outputs = list(job)
     assert outputs and isinstance(job.result(), str) and job.result()
@@ -389,6 +398,14 @@ def test_browser_uploads_an_image_and_sees_a_streamed_reply(server, tmp_path):
     img.write_bytes(png(128, 128, "blue"))
     driver = _browser()
     try:
+        driver.get(server)
+        # log in with the API key (the server runs with one), then reload the page
+        ok = driver.execute_async_script("""
+            const done = arguments[arguments.length - 1];
+            const form = new FormData(); form.append('username', 'me'); form.append('password', arguments[0]);
+            fetch('login', {method: 'POST', body: form}).then(r => done(r.status), e => done(String(e)));
+        """, API_KEY)
+        assert ok == 200, ok
         driver.get(server)
         wait = WebDriverWait(driver, 60)
         box = wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, "textarea")))
