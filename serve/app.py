@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -149,13 +150,23 @@ def run_local(
     return url
 
 
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def serve_until_interrupted(url: str, shutdown_timeout_s: float = 60.0) -> None:
     """Say where the page and API are, keep serving until Ctrl-C, then shut Serve down.
 
     The shutdown is bounded: if Serve has not stopped within ``shutdown_timeout_s``
-    (a replica stuck starting on a busy machine), the command returns anyway and
+    the command returns anyway and
     Ray's own exit handler stops the local cluster's processes."""
     print(f"mmphi: chat page at {url}  API at {url}v1  (Ctrl-C stops)", flush=True)
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C must work even when the command was started from a script in the
+        # background (such shells start it with SIGINT ignored, which Python keeps);
+        # SIGTERM (systemd, Kubernetes, kill) stops it the same orderly way
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         while True:
             time.sleep(3600)

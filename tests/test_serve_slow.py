@@ -47,7 +47,9 @@ def served(tmp_path_factory, checkpoint):
     log = open(tmp_path_factory.mktemp("log") / "serve.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "mmphi", "serve", "--checkpoint", str(checkpoint),
                              "--port", str(port), "--config", str(conf)],
-                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            # as a background job of a script: SIGINT starts ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 300
     while True:
