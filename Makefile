@@ -8,15 +8,18 @@ PYTHON ?= python3
 SLOW ?= 0
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+# the interpreter of bench-gpu: a GPU machine without .venv runs `make bench-gpu BENCH_PY=python3`
+BENCH_PY ?= $(PY)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup ffmpeg demo test manifests bench-serve clean
+.PHONY: help setup ffmpeg demo test manifests bench-serve bench-train bench-gpu clean
 
 help: ## list the commands
 	@echo "mmphi: a multimodal Phi-3 on Ray"
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "  options: SLOW=1 (make test: include end-to-end tests), PYTEST_ARGS='-k name',"
-	@echo "           BENCH_ARGS='--users 1,8 --mix text' (make bench-serve: benchmark flags)"
+	@echo "           BENCH_ARGS='--users 1,8 --mix text' (make bench-*: benchmark flags),"
+	@echo "           BENCH_PY=python3 (make bench-gpu without .venv, e.g. on a GPU machine)"
 
 setup: $(STAMP) ffmpeg ## create .venv and install the project (first use only)
 
@@ -43,6 +46,12 @@ manifests: setup ## regenerate the KubeRay manifests in deploy/k8s/ from serve/c
 
 bench-serve: setup ## serving load benchmark: 1/8/32 users vs the model in-process (tiny preset, CPU)
 	$(PY) bench/serve_bench.py $(BENCH_ARGS)
+
+bench-train: setup ## training throughput: the QLoRA job's step vs plain HF + PEFT (tiny preset, CPU)
+	HF_HUB_OFFLINE=1 $(PY) bench/train_bench.py $(BENCH_ARGS)
+
+bench-gpu: $(if $(filter $(PY),$(BENCH_PY)),setup) ## every stage vs its plain baseline in one run (phi3-mini shapes on a GPU; tiny on CPU)
+	HF_HUB_OFFLINE=1 $(BENCH_PY) bench/gpu_bench.py $(BENCH_ARGS)
 
 clean: ## remove run outputs and caches (keeps .venv)
 	rm -rf runs .pytest_cache .cache

@@ -103,7 +103,7 @@ def bare(cfg, folder: Path, names: list[str], batch: int, device: str, min_secon
             "bare_encoder_images_per_s": enc_rate}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
@@ -114,7 +114,7 @@ def main() -> None:
     ap.add_argument("--actors", type=int, default=1)
     ap.add_argument("--workdir", default=None, help="where images and embeddings go (default: a temp dir)")
     ap.add_argument("--out", default="embed_bench.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     import logging
 
@@ -165,7 +165,9 @@ def main() -> None:
     print(f"\n{'metric':<36}value")
     for k, v in res.items():
         print(f"{k:<36}{v}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2))
+    return res
 
 
 if __name__ == "__main__":

@@ -472,6 +472,8 @@ def parse_args(argv=None):
     ap.add_argument("--no-baseline", action="store_true", help="skip the in-process baseline")
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster")
     ap.add_argument("--port", type=int, default=None, help="HTTP port (default: a free one)")
+    ap.add_argument("--no-ui", action="store_true",
+                    help="serve the HTTP API without the Gradio page (machines without gradio)")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     ap.add_argument("--out", default="runs/bench/serve_bench.json")
     args = ap.parse_args(argv)
@@ -503,7 +505,7 @@ def main(argv=None) -> dict:
     limits["max_new_tokens"] = max(limits.get("max_new_tokens", 0), args.max_tokens)
     # a key set for `mmphi serve` (MMPHI_API_KEY) does not guard this private instance
     settings = {"preset": args.preset, "overrides": list(args.overrides), "limits": limits,
-                "device": None if args.gpu else "cpu", "api_key_env": "MMPHI_BENCH_API_KEY"}
+                "device": None if args.gpu else "cpu", "api_key_env": "MMPHI_BENCH_API_KEY", "ui": not args.no_ui}
     if args.checkpoint:
         settings["checkpoint"] = str(Path(args.checkpoint).expanduser().resolve())
     resolved = ServeSettings.from_dict({**app_args, **settings})

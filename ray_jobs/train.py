@@ -6,7 +6,9 @@ instruction-tunes Phi-3 with (Q)LoRA together with the projector.
     python -m ray_jobs.train qlora ...        # the same, for `ray job submit -- ...`
 
 Each worker reads its own shard of the samples (features from the embedding
-job, never JPEGs), batches them by length, and averages the trainable
+job, never JPEGs), batches them by length (or, with ``--packing``, packs whole
+conversations into rows of ``max_length`` tokens), computes the loss on answer
+tokens only, in chunks (``ray_jobs.packing``), and averages the trainable
 gradients (LoRA + projector) across workers after every backward pass
 (``--strategy ddp``, the default) or partitions them and the optimizer state
 with DeepSpeed ZeRO-2 (``--strategy deepspeed``; see ``ray_jobs.strategy``). Every
@@ -52,7 +54,7 @@ class TrainSettings:
     gpu: bool = False
     cpus_per_worker: float = 1.0
     steps: int = 200
-    batch_size: int = 16
+    batch_size: int = 16  # conversations per step; with packing, rows of up to max_length tokens per step
     lr: float = 2e-3
     projector_lr_scale: float = 3.0  # the projector's learning rate is lr x this
     warmup: int = 20
@@ -67,6 +69,10 @@ class TrainSettings:
     resources_per_worker: dict[str, float] = field(default_factory=dict)  # custom Ray resources, e.g. {"train_gpu": 1}
     strategy: str = "ddp"  # or "deepspeed" (ZeRO)
     zero_stage: int = 2
+    # several whole conversations per row, block-diagonal attention (ray_jobs.packing)
+    packing: bool = False
+    # LM head + cross-entropy on answer tokens only, this many tokens at a time; 0: the model's own loss
+    loss_chunk: int = 1024
 
     def run_name(self) -> str:
         return self.name or f"{Path(self.data).name}-{self.stage}"
@@ -98,6 +104,39 @@ def _lr_lambda(warmup: int, total: int):
         progress = (step - warmup) / max(1, total - warmup)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     return f
+
+
+def make_optimizer(model, s: TrainSettings):
+    """AdamW with the projector in its own group (``lr x projector_lr_scale``) and
+    the warm-up + cosine schedule."""
+    import torch
+
+    params = model.trainable_parameters()
+    proj = [p for p in model.projector.parameters() if p.requires_grad]
+    proj_ids = {id(p) for p in proj}
+    rest = [p for p in params if id(p) not in proj_ids]
+    groups = [{"params": proj, "lr": s.lr * s.projector_lr_scale}] + ([{"params": rest, "lr": s.lr}] if rest else [])
+    opt = torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s.warmup, s.steps))
+    return opt, sched
+
+
+def epoch_plan(lengths: list[int], s: TrainSettings, max_len: int, epoch: int, rank: int, world: int) -> list:
+    """This worker's steps for one epoch: sample indices per step (padded
+    batches), or rows of sample indices per step (packing)."""
+    from . import data as D
+    from .packing import pack_batches
+
+    if s.packing:
+        return pack_batches(lengths, s.batch_size, max_len, s.seed, epoch, rank, world)
+    return D.length_batches(lengths, s.batch_size, s.seed, epoch, rank, world)
+
+
+def step_batch(encoded: list, step: list, pad_id: int, packing: bool):
+    """The ``StepBatch`` of one entry of ``epoch_plan``."""
+    from .packing import packed_batch, padded_batch
+
+    return packed_batch(encoded, step, pad_id) if packing else padded_batch(encoded, step, pad_id)
 
 
 def evaluate(model, tok, val_enc, val_samples, feats, answer_samples, world: int, rank: int,
@@ -166,12 +205,12 @@ def train_loop(config: dict) -> None:
     from data_pipelines.embed import EmbeddingStore
     from models.checkpoint import load_checkpoint
     from models.config import config_from_dict
-    from models.conversation import collate
     from models.multimodal import MultimodalPhi3
 
     from . import data as D
     from . import strategy
     from .outputs import RunOutputs
+    from .packing import TrainingForward
 
     s = TrainSettings(**config["settings"])
     cfg = config_from_dict(config["model_config"])
@@ -219,21 +258,17 @@ def train_loop(config: dict) -> None:
     train_enc = D.encode_all(tok, train, model.num_image_tokens, max_len)
     val_enc = D.encode_all(tok, val, model.num_image_tokens, max_len)[: s.eval_samples]
     lengths = [len(e) for e in train_enc]
-    spe = len(D.length_batches(lengths, s.batch_size, s.seed, 0, rank, world))
+    plans = {0: epoch_plan(lengths, s, max_len, 0, rank, world)}
+    spe = len(plans[0])
     if spe == 0:
         raise ValueError(f"{len(train)} training samples are too few for {world} workers x batch {s.batch_size}")
 
     params = model.trainable_parameters()
     _broadcast_from_rank0(params, world)  # replicas start identical, whatever each rank loaded
     torch.manual_seed(s.seed + 1000 * (rank + 1))  # dropout differs per rank
-    proj = [p for p in model.projector.parameters() if p.requires_grad]
-    proj_ids = {id(p) for p in proj}
-    rest = [p for p in params if id(p) not in proj_ids]
-    groups = [{"params": proj, "lr": s.lr * s.projector_lr_scale}] + ([{"params": rest, "lr": s.lr}] if rest else [])
-    opt = torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s.warmup, s.steps))
-    replicas = strategy.make(s.strategy, model, opt, sched, world=world, device=device, batch_size=s.batch_size,
-                             zero_stage=s.zero_stage)
+    opt, sched = make_optimizer(model, s)
+    replicas = strategy.make(s.strategy, TrainingForward(model, s.loss_chunk), opt, sched, world=world, device=device,
+                             batch_size=s.batch_size, zero_stage=s.zero_stage)
     step = 0
     if state is not None:
         replicas.load_optimizer_state(state["optimizer"])
@@ -269,17 +304,17 @@ def train_loop(config: dict) -> None:
     running = []
     while step < s.steps:
         epoch, index = divmod(step, spe)
-        order = D.length_batches(lengths, s.batch_size, s.seed, epoch, rank, world)
-        idx = order[index]
-        batch = collate([train_enc[i] for i in idx], tok.ids.pad)
-        images = [train[i].image for i in idx if train[i].image]
-        loss = replicas.loss(batch, feats.batch(images))
+        if epoch not in plans:
+            plans = {epoch: epoch_plan(lengths, s, max_len, epoch, rank, world)}
+        batch = step_batch(train_enc, plans[epoch][index], tok.ids.pad, s.packing)
+        images = [train[i].image for i in batch.samples if train[i].image]
+        loss = replicas.loss(batch.inputs, feats.batch(images))
         replicas.step(loss)  # average gradients, clip to norm 1, AdamW, scheduler
         step += 1
         running.append(loss.item())
         if outputs is not None:
             outputs.progress(step, running[-1])
-        tokens += int(batch["attention_mask"].sum())
+        tokens += batch.real_tokens
         is_eval = step % s.eval_every == 0 or step == s.steps
         is_ckpt = step % s.ckpt_every == 0 or step == s.steps
         if is_eval or is_ckpt:
@@ -288,7 +323,7 @@ def train_loop(config: dict) -> None:
             metrics = {"step": step, "epoch": step / spe, "train_loss": train_loss[0] / max(train_loss[1], 1),
                        "lr": sched.get_last_lr()[-1],
                        "tokens_per_s": _sum_across([tokens], world)[0] / max(elapsed, 1e-9)}
-            running, tokens, t_last = [], 0, time.time()
+            running, tokens = [], 0
             if is_eval:
                 metrics.update(evaluate(model, tok, val_enc, val, feats, answers, world, rank, s.batch_size))
             if step == s.steps:
@@ -297,6 +332,7 @@ def train_loop(config: dict) -> None:
             if outputs is not None:
                 outputs.append(metrics)
             report({k: v for k, v in metrics.items() if not isinstance(v, dict)}, final=step == s.steps)
+            t_last = time.time()  # tokens/s counts training steps only, not evaluation or checkpointing
     if state is not None and state["step"] >= s.steps and outputs is not None and not outputs.has_final():
         outputs.export_final(resume_dir)
 
@@ -374,12 +410,17 @@ def add_arguments(p: argparse.ArgumentParser, stage: str | None = None) -> None:
     p.add_argument("--strategy", choices=("ddp", "deepspeed"), default="ddp",
                    help="ddp: all-reduce the trainable gradients; deepspeed: ZeRO partitions them and the optimizer state")
     p.add_argument("--zero-stage", type=int, choices=(1, 2), default=2, help="ZeRO stage with --strategy deepspeed")
+    p.add_argument("--packing", action="store_true",
+                   help="pack whole conversations into --batch-size rows of up to max_length tokens per step "
+                        "(block-diagonal attention; a step then holds a varying number of conversations)")
+    p.add_argument("--loss-chunk", type=int, default=1024,
+                   help="LM head + cross-entropy on answer tokens only, this many at a time (0: the model's own loss)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--resources-per-worker", action=ResourcesAction, hints=RESOURCE_HINTS,
                    help="custom Ray resource per worker, repeatable, e.g. train_gpu=1: workers run only on "
                         "nodes that declare it (deploy/cluster.yaml's groups)")
     p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=16, help="per worker")
+    p.add_argument("--batch-size", type=int, default=16, help="per worker: conversations per step (rows with --packing)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--projector-lr-scale", type=float, default=3.0, help="projector learning rate = lr x this")
     p.add_argument("--warmup", type=int, default=20)
@@ -399,7 +440,8 @@ def settings_from_args(stage: str, a: argparse.Namespace) -> TrainSettings:
                          gpu=a.gpu, cpus_per_worker=a.cpus_per_worker, steps=a.steps, batch_size=a.batch_size,
                          lr=a.lr, projector_lr_scale=a.projector_lr_scale, warmup=a.warmup, eval_every=a.eval_every, ckpt_every=a.ckpt_every,
                          eval_samples=a.eval_samples, max_failures=a.max_failures, threads=a.threads,
-                         seed=a.seed, address=a.address, strategy=a.strategy, zero_stage=a.zero_stage)
+                         seed=a.seed, address=a.address, strategy=a.strategy, zero_stage=a.zero_stage,
+                         packing=a.packing, loss_chunk=a.loss_chunk)
 
 
 def main(stage: str, args: argparse.Namespace) -> int:

@@ -54,7 +54,7 @@ class Ingress:
     def __serve_build_asgi_app__(self):
         from .api import build_api
 
-        return build_api(self.service, api_key=self.api_key)
+        return build_api(self.service, api_key=self.api_key, mount_ui=self.settings.ui)
 
     def check_health(self) -> None:
         if self.service is None:

@@ -59,6 +59,8 @@ class ServeSettings:
     torch_threads: int = 1
     # replica retries of one request when a model replica dies under it
     retries: int = 3
+    # the Gradio chat page at /; false serves the HTTP API alone (machines without gradio)
+    ui: bool = True
     limits: Limits = field(default_factory=Limits)
 
     def to_dict(self) -> dict:

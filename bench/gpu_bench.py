@@ -1,0 +1,276 @@
+"""Every stage against its plain baseline, on one device, in one run
+(``make bench-gpu``).
+
+- **embed** (``bench/embed_bench.py``): the Ray Data embedding job's steady
+  images/s against a bare single-process loop (read, decode, crop, encode)
+  and against the encoder alone on decoded images;
+- **train** (``bench/train_bench.py``): the stage-2 (QLoRA) job's step
+  against a bare Hugging Face + PEFT loop, same model, conversations and
+  batch size: real tokens/s and peak memory;
+- **serve** (``bench/serve_bench.py``): the Ray Serve application (API only,
+  no Gradio page) at 1 and 32 concurrent users against Hugging Face
+  ``generate`` in-process at batch 1 and 32: decode tokens/s of one stream,
+  served / in-process tokens/s at 32, time to first token (p50) of an image +
+  text request at 1 user.
+
+On CUDA every stage uses ``phi3-mini`` shapes with random weights (no
+downloads; the embed stage CLIP ViT-L/14 at 224 px, as in
+``bench/gpu_embed.sh``); on the CPU the same stages run the ``tiny`` preset
+at toy sizes so the command stays tested. Each stage runs in its own
+``try``: a failing stage records its error and the others still run. Each
+ratio is written next to its numerator and denominator. Prints a table and
+writes JSON (``--out``, default ``bench/results/gpu-bench-<device>.json``),
+with every stage's own full result under ``details``.
+
+    python bench/gpu_bench.py                      # on a GPU machine (predicted 6-8 minutes; bench/NOTES.md)
+    python bench/gpu_bench.py --stages train,serve --budget-s 540   # a subset, in this order, within 9 minutes
+    python bench/gpu_bench.py --cpu                # the CPU rehearsal (tiny preset), even where CUDA is present
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH.parent))
+STAGES = ("embed", "train", "serve")
+MIN_STAGE_S = 30.0  # with --budget-s, a stage is skipped when less than this is left
+
+
+def _module(name: str):
+    """A sibling benchmark script as a module (bench/ is not a package)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def stage_argv(stage: str, cuda: bool, work: Path) -> list[str]:
+    """Each stage script's flags: phi3-mini shapes on CUDA, toy sizes on the CPU."""
+    out = ["--out", str(work / f"{stage}.json")]
+    if stage == "embed":
+        if cuda:
+            return ["--preset", "phi3-mini", "--set", "vision.pretrained=null", "--set", "vision.model=ViT-L-14",
+                    "--images", "3000", "--batch-size", "256", "--workdir", str(work / "embed"), *out]
+        return ["--images", "160", "--batch-size", "32", "--workdir", str(work / "embed"), *out]
+    if stage == "train":
+        if cuda:
+            return ["--preset", "phi3-mini", "--gpu", "--batch", "8", "--max-len", "1024", "--steps", "6",
+                    "--warmup", "2", *out]
+        return ["--batch", "8", "--max-len", "256", "--steps", "4", "--warmup", "1", "--threads", "1", *out]
+    if stage == "serve":
+        common = ["--users", "1,32", "--mix", "both", "--no-ui", "--baseline-repeats", "1", *out]
+        if cuda:
+            sets = [x for o in _module("train_bench").offline_overrides("phi3-mini") for x in ("--set", o)]
+            return ["--preset", "phi3-mini", "--gpu", *sets, "--set", "llm.load_in_4bit=false",
+                    "--set", "llm.dtype=bfloat16", "--max-tokens", "64", "--requests-per-user", "2", *common]
+        # two requests per user: the lone user's second request is the image + text one (TTFT)
+        return ["--max-tokens", "8", "--requests-per-user", "2", "--warmup", "2", *common]
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    return num / den if num is not None and den else None
+
+
+def summarise_embed(r: dict) -> dict:
+    job, bare = r["job_steady_images_per_s"], r["bare_e2e_images_per_s"]
+    return {"job_images_per_s": job, "bare_images_per_s": bare, "ratio_vs_bare": _ratio(job, bare),
+            "bare_encoder_images_per_s": r["bare_encoder_images_per_s"],
+            "ratio_vs_bare_encoder": _ratio(job, r["bare_encoder_images_per_s"]),
+            "encoder": r["encoder"]["model"], "images": r["images"], "batch_size": r["batch_size"]}
+
+
+def summarise_train(r: dict) -> dict:
+    v = r["variants"]
+    job, base = v[r["job_variant"]], v["hf_peft_max_length"]
+    out = {"job_tokens_per_s": job["tokens_per_s"], "hf_peft_tokens_per_s": base["tokens_per_s"],
+           "ratio_vs_hf_peft": _ratio(job["tokens_per_s"], base["tokens_per_s"]),
+           "peak_gib": job["peak_gib"], "baseline_peak_gib": base["peak_gib"],
+           "job_supervised_tokens_per_s": job["supervised_tokens_per_s"],
+           "hf_peft_supervised_tokens_per_s": base["supervised_tokens_per_s"],
+           "batch": r["batch"], "max_len": r["max_len"], "mean_tokens": r["data"]["mean_tokens"]}
+    if "hf_peft_longest" in v:
+        out["hf_peft_longest_tokens_per_s"] = v["hf_peft_longest"]["tokens_per_s"]
+        out["ratio_vs_hf_peft_longest"] = _ratio(job["tokens_per_s"], out["hf_peft_longest_tokens_per_s"])
+    if "job_packed" in v:
+        out["job_packed_tokens_per_s"] = v["job_packed"]["tokens_per_s"]
+        out["ratio_packed_vs_hf_peft"] = _ratio(out["job_packed_tokens_per_s"], base["tokens_per_s"])
+        out["packed_peak_gib"] = v["job_packed"]["peak_gib"]
+    return out
+
+
+def summarise_serve(r: dict) -> dict:
+    levels = {lv["users"]: lv for lv in r["levels"]}
+    one, many = levels.get(1, {}), levels.get(32, {})
+    served, hf = many.get("output_tok_s"), (r.get("inprocess") or {}).get("tok_s", {}).get("32")
+    itl = one.get("itl_ms_p50")
+    return {"decode_tok_s_batch1": 1000 / itl if itl else None, "itl_ms_p50_batch1": itl,
+            "hf_decode_tok_s_batch1": _ratio(1000, (r.get("inprocess") or {}).get("itl_ms_batch1")),
+            "served_tok_s_batch32": served, "hf_tok_s_batch32": hf, "ratio_vs_hf_batch32": _ratio(served, hf),
+            "ttft_ms_p50": (one.get("ttft_ms_p50_by_kind") or {}).get("image"),
+            "errors": sum(lv["errors"] for lv in r["levels"]), "max_tokens": r["max_tokens"]}
+
+
+RUNNERS: dict[str, tuple[str, Callable[[dict], dict]]] = {
+    "embed": ("embed_bench", summarise_embed),
+    "train": ("train_bench", summarise_train),
+    "serve": ("serve_bench", summarise_serve),
+}
+
+
+def _cleanup() -> None:
+    """Between stages: no Ray cluster or GPU memory left behind."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            from ray import serve
+
+            try:
+                serve.shutdown()
+            except Exception:  # noqa: BLE001 - Serve may not be running
+                pass
+            ray.shutdown()
+    except ImportError:
+        pass
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class StageTimeout(Exception):
+    """A stage ran past what was left of ``--budget-s``."""
+
+
+def _on_alarm(signum, frame) -> None:
+    raise StageTimeout("ran past the time left in --budget-s")
+
+
+def run_stage(stage: str, cuda: bool, work: Path, seconds_left: float | None = None) -> dict:
+    """One stage in its own try: its summary and full result, or its error.
+    With ``seconds_left`` the stage is interrupted when that time is up."""
+    name, summarise = RUNNERS[stage]
+    argv = stage_argv(stage, cuda, work)
+    print(f"\n=== {stage}: bench/{name}.py {' '.join(argv)}", flush=True)
+    t = time.perf_counter()
+    if seconds_left is not None:
+        signal.signal(signal.SIGALRM, _on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, max(seconds_left, 0.01))
+    try:
+        result = _module(name).main(argv)
+        entry = {"ok": True, **summarise(result), "details": result}
+    except BaseException as e:  # noqa: BLE001 - SystemExit too: the other stages still run
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        entry = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]}
+        print(f"{stage} failed: {entry['error']}", flush=True)
+    finally:
+        if seconds_left is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        _cleanup()
+    entry["seconds"] = time.perf_counter() - t
+    entry["argv"] = argv
+    return entry
+
+
+TABLE = [  # (key, what, format)
+    ("embed.ratio_vs_bare", "embedding job / bare loop, images/s", "{:.2f}"),
+    ("embed.job_images_per_s", "embedding job, images/s (steady)", "{:,.0f}"),
+    ("embed.bare_images_per_s", "bare loop, images/s", "{:,.0f}"),
+    ("embed.ratio_vs_bare_encoder", "embedding job / encoder alone", "{:.2f}"),
+    ("train.ratio_vs_hf_peft", "training job / HF+PEFT (pad to max), real tokens/s", "{:.2f}"),
+    ("train.job_tokens_per_s", "training job, real tokens/s", "{:,.0f}"),
+    ("train.hf_peft_tokens_per_s", "HF+PEFT, real tokens/s", "{:,.0f}"),
+    ("train.ratio_vs_hf_peft_longest", "training job / HF+PEFT (pad to longest)", "{:.2f}"),
+    ("train.ratio_packed_vs_hf_peft", "training job packed / HF+PEFT (pad to max)", "{:.2f}"),
+    ("train.peak_gib", "training job peak GiB", "{:.2f}"),
+    ("train.baseline_peak_gib", "HF+PEFT peak GiB", "{:.2f}"),
+    ("serve.decode_tok_s_batch1", "served decode tokens/s, 1 user", "{:,.1f}"),
+    ("serve.hf_decode_tok_s_batch1", "in-process decode tokens/s, batch 1", "{:,.1f}"),
+    ("serve.ratio_vs_hf_batch32", "served / in-process generate tokens/s at 32", "{:.2f}"),
+    ("serve.served_tok_s_batch32", "served tokens/s, 32 users", "{:,.1f}"),
+    ("serve.hf_tok_s_batch32", "in-process generate tokens/s, batch 32", "{:,.1f}"),
+    ("serve.ttft_ms_p50", "time to first token p50, image + text, 1 user (ms)", "{:,.0f}"),
+]
+
+
+def print_table(res: dict) -> None:
+    print(f"\nGPU benchmark: {res['card']}, {res['date']}, {res['mode']}")
+    for stage in [s for s in res["stages"] if s in res]:
+        e = res[stage]
+        print(f"  {stage}: {'ok' if e['ok'] else 'FAILED: ' + e['error']} ({e['seconds']:.0f} s)")
+    print(f"{'key':<32} {'value':>10}  what")
+    for key, what, f in TABLE:
+        stage, field = key.split(".")
+        if stage not in res:
+            continue
+        v = res[stage].get(field)
+        print(f"{key:<32} {('-' if v is None else f.format(v)):>10}  {what}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, from {', '.join(STAGES)}")
+    ap.add_argument("--cpu", action="store_true", help="the CPU rehearsal even where CUDA is present")
+    ap.add_argument("--workdir", default=None, help="stage outputs and scratch (default: a temp dir)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="wall-clock budget for all stages: a stage still running when it is spent is "
+                         "interrupted (its error recorded), later ones are skipped")
+    ap.add_argument("--out", default=None, help="JSON path (default bench/results/gpu-bench-<device>.json)")
+    args = ap.parse_args(argv)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    if not stages or set(stages) - set(STAGES):
+        ap.error(f"--stages: choose from {', '.join(STAGES)}")
+    if args.cpu:  # every stage on the CPU, the embedding job's actors and Serve's replicas too
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import torch
+
+    cuda = torch.cuda.is_available() and not args.cpu
+    train_bench = _module("train_bench")
+    card = train_bench.card_name("cuda" if cuda else "cpu")
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="gpu-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    res: dict = {"benchmark": "gpu", "card": card, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                 "mode": "phi3-mini shapes, random weights" if cuda else "CPU rehearsal, tiny preset",
+                 "torch": torch.__version__, "stages": stages}
+    out = Path(args.out or BENCH / "results" / f"gpu-bench-{train_bench.card_slug(card)}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    res["details"] = {}
+    for stage in stages:
+        left = None if args.budget_s is None else args.budget_s - (time.perf_counter() - t)
+        if left is not None and left < MIN_STAGE_S:
+            entry = {"ok": False, "error": "skipped: --budget-s spent", "seconds": 0.0}
+        else:
+            entry = run_stage(stage, cuda, work, left)
+        if "details" in entry:
+            res["details"][stage] = entry.pop("details")
+        res[stage] = entry
+        res["seconds"] = time.perf_counter() - t
+        out.write_text(json.dumps(res, indent=2, default=str))  # after every stage: a run cut short keeps the rest
+    print_table(res)
+    print(f"total {res['seconds']:.0f} s; wrote {out}")
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""How a training step lays out its conversations, and how its loss is computed.
+
+**Padded** (the default): a step is ``batch_size`` conversations from
+``ray_jobs.data.length_batches`` (grouped by similar length), one per row,
+right-padded to the longest; a 2D attention mask hides the padding.
+
+**Packed** (``TrainSettings.packing``): a step is ``batch_size`` rows of at
+most ``max_length`` tokens, each filled with whole conversations (best fit in
+windows of shuffled conversations), so a step holds about ``batch_size x
+max_length`` real tokens and a varying number of conversations. Each row
+carries per-conversation ``position_ids`` that restart at 0 and no attention
+mask: Hugging Face then gives every conversation its own causal block (a
+block-diagonal mask with SDPA or eager attention, variable-length kernels with
+flash attention), and rotary positions are those of the conversation alone.
+No token sees another conversation, and the first token of every conversation
+is never a target, so the loss equals that of the conversations run one by one
+(``tests/test_packing.py``).
+
+**Loss** (``TrainSettings.loss_chunk``): the decoder's hidden states are kept
+only at answer positions (those whose next token is supervised), and the LM
+head and cross-entropy run over those in chunks of ``loss_chunk`` tokens, each
+chunk recomputed in the backward pass instead of stored. The mean over
+supervised tokens is Hugging Face's loss, without ever holding full-vocabulary
+logits for the whole batch (Phi-3-mini: 32,064 floats per token). ``0`` uses
+the model's own loss.
+
+Neither changes the weights, the checkpoint format or what a checkpoint holds.
+"""
+from __future__ import annotations
+
+import bisect
+import random
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from models.conversation import IGNORE_INDEX, Encoded, collate
+
+
+# ------------------------------------------------------------------ batches
+@dataclass
+class StepBatch:
+    """One step's model inputs and what they hold."""
+
+    inputs: dict[str, torch.Tensor]  # input_ids, labels, and attention_mask (padded) or position_ids (packed)
+    samples: list[int]  # sample indices in the order their image placeholders occur (row by row)
+    real_tokens: int  # tokens of the conversations (no padding)
+    supervised_tokens: int  # tokens whose label is not IGNORE_INDEX
+
+    @property
+    def slots(self) -> int:
+        """Tokens the model computes: rows x width, padding included."""
+        return int(self.inputs["input_ids"].numel())
+
+
+def padded_batch(encoded: Sequence[Encoded], idx: Sequence[int], pad_id: int) -> StepBatch:
+    """One conversation per row, right-padded to the longest (``models.conversation.collate``)."""
+    chosen = [encoded[i] for i in idx]
+    inputs = collate(chosen, pad_id)
+    return StepBatch(inputs, list(idx), sum(len(e) for e in chosen),
+                     int((inputs["labels"] != IGNORE_INDEX).sum()))
+
+
+def packed_batch(encoded: Sequence[Encoded], rows: Sequence[Sequence[int]], pad_id: int) -> StepBatch:
+    """Several conversations per row, each with positions 0..n-1; rows right-padded
+    to the longest row (the padding restarts its positions too: it is a block of
+    its own, with labels IGNORE_INDEX)."""
+    if not rows or not all(rows):
+        raise ValueError("a packed batch needs at least one row and no empty row")
+    lengths = [[len(encoded[i]) for i in row] for row in rows]
+    width = max(sum(r) for r in lengths)
+    n = len(rows)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((n, width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            e = encoded[i]
+            k = len(e)
+            ids[r, at:at + k] = torch.tensor(e.input_ids)
+            labels[r, at:at + k] = torch.tensor(e.labels)
+            labels[r, at] = IGNORE_INDEX  # never predict a conversation's first token from the one before
+            positions[r, at:at + k] = torch.arange(k)
+            at += k
+        positions[r, at:] = torch.arange(width - at)
+    samples = [i for row in rows for i in row]
+    return StepBatch({"input_ids": ids, "labels": labels, "position_ids": positions}, samples,
+                     sum(map(sum, lengths)), int((labels != IGNORE_INDEX).sum()))
+
+
+def _best_fit(items: list[int], lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: each conversation (longest first) into the fullest row it fits."""
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (free tokens, row index), sorted
+    for i in sorted(items, key=lambda j: -lengths[j]):
+        k = bisect.bisect_left(free, (lengths[i], -1))
+        if k < len(free):
+            room, r = free.pop(k)
+            rows[r].append(i)
+        else:
+            room, r = capacity, len(rows)
+            rows.append([i])
+        bisect.insort(free, (room - lengths[i], r))
+    return rows
+
+
+def _pack_shard(mine: list[int], lengths: Sequence[int], rows: int, capacity: int, window_steps: int) -> list[list[list[int]]]:
+    steps: list[list[list[int]]] = []
+    budget = rows * capacity * window_steps
+    carry: list[int] = []
+    pos = 0
+    while pos < len(mine) or carry:
+        window, tokens = list(carry), sum(lengths[i] for i in carry)
+        while pos < len(mine) and tokens < budget:
+            window.append(mine[pos])
+            tokens += lengths[mine[pos]]
+            pos += 1
+        packed = _best_fit(window, lengths, capacity)
+        packed.sort(key=lambda r: -sum(lengths[i] for i in r))  # fullest rows first
+        full = len(packed) - len(packed) % rows
+        if pos >= len(mine):  # the last window: keep a partial step too
+            full = len(packed)
+        steps += [packed[k:k + rows] for k in range(0, full, rows)]
+        carry = [i for row in packed[full:] for i in row]  # the rows of an incomplete step wait for the next window
+    return steps
+
+
+def pack_batches(lengths: Sequence[int], rows: int, capacity: int, seed: int, epoch: int, rank: int, world: int,
+                 window_steps: int = 8) -> list[list[list[int]]]:
+    """This worker's packed steps for one epoch: lists of ``rows`` rows of sample
+    indices, each row at most ``capacity`` tokens. Shuffled and sharded like
+    ``ray_jobs.data.length_batches`` (same shuffle, same shards), packed by
+    best fit inside windows of about ``window_steps`` steps of tokens;
+    every worker gets the same number of steps (the shortest shard's).
+    Deterministic in (seed, epoch, rank, world)."""
+    if any(n > capacity for n in lengths):
+        raise ValueError(f"a conversation of {max(lengths)} tokens does not fit rows of {capacity}")
+    rng = random.Random(seed * 100_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    usable = len(order) - len(order) % world
+    shards = [_pack_shard(order[r:usable:world], lengths, rows, capacity, window_steps) for r in range(world)]
+    steps = shards[rank][: min(len(s) for s in shards)]
+    rng.shuffle(steps)
+    return steps
+
+
+# --------------------------------------------------------------------- loss
+def _ce_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, *, image_features=None,
+                   attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                   chunk: int = 1024) -> torch.Tensor:
+    """The mean next-token cross-entropy over supervised tokens of a
+    ``MultimodalPhi3`` batch (Hugging Face's loss), computed on answer
+    positions only, ``chunk`` tokens of logits at a time."""
+    device = model.device
+    llm = model.llm.get_base_model() if hasattr(model.llm, "get_base_model") else model.llm  # under PEFT's wrapper
+    embeds = model.embed(input_ids.to(device), image_features)
+    hidden = llm.get_decoder()(
+        inputs_embeds=embeds,
+        attention_mask=None if attention_mask is None else attention_mask.to(device),
+        position_ids=None if position_ids is None else position_ids.to(device),
+        use_cache=False,
+    ).last_hidden_state
+    targets = labels.to(device)[:, 1:]
+    keep = targets != IGNORE_INDEX
+    h, t = hidden[:, :-1][keep], targets[keep]
+    if t.numel() == 0:
+        return hidden.sum() * 0.0
+    head = llm.get_output_embeddings()
+    total = torch.zeros((), device=device, dtype=torch.float32)
+    for start in range(0, t.numel(), chunk):
+        total = total + checkpoint(_ce_sum, head, h[start:start + chunk], t[start:start + chunk], use_reentrant=False)
+    return total / t.numel()
+
+
+class TrainingForward(nn.Module):
+    """What the training strategies call: ``module(**batch, image_features=...).loss``
+    for padded and packed batches, with the chunked loss (``chunk > 0``) or the
+    model's own. It holds the model as its only submodule: the same parameters,
+    in the same order, so optimizers and checkpoints see no difference."""
+
+    def __init__(self, model, chunk: int = 1024):
+        super().__init__()
+        self.model = model
+        self.chunk = chunk
+
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None, image_features=None):
+        if self.chunk > 0:
+            loss = causal_lm_loss(self.model, input_ids, labels, image_features=image_features,
+                                  attention_mask=attention_mask, position_ids=position_ids, chunk=self.chunk)
+        else:
+            loss = self.model(input_ids, attention_mask=attention_mask, labels=labels, image_features=image_features,
+                              position_ids=position_ids, use_cache=False).loss
+        return SimpleNamespace(loss=loss)

@@ -1,0 +1,158 @@
+"""``make bench-gpu``: one JSON with every stage against its baseline; a
+failing stage records its error and the others still run; each ratio is its
+recorded numerator over its denominator. The slow test runs the real CPU
+rehearsal (tiny preset: Ray Data, the training step, Ray Serve)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = ["card", "date", "embed.ratio_vs_bare", "train.ratio_vs_hf_peft", "train.peak_gib", "train.baseline_peak_gib",
+        "serve.decode_tok_s_batch1", "serve.ratio_vs_hf_batch32", "serve.ttft_ms_p50"]
+RATIOS = {("embed", "ratio_vs_bare"): ("job_images_per_s", "bare_images_per_s"),
+          ("embed", "ratio_vs_bare_encoder"): ("job_images_per_s", "bare_encoder_images_per_s"),
+          ("train", "ratio_vs_hf_peft"): ("job_tokens_per_s", "hf_peft_tokens_per_s"),
+          ("train", "ratio_vs_hf_peft_longest"): ("job_tokens_per_s", "hf_peft_longest_tokens_per_s"),
+          ("train", "ratio_packed_vs_hf_peft"): ("job_packed_tokens_per_s", "hf_peft_tokens_per_s"),
+          ("serve", "ratio_vs_hf_batch32"): ("served_tok_s_batch32", "hf_tok_s_batch32")}
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("gpu_bench_under_test", ROOT / "bench" / "gpu_bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _get(res: dict, dotted: str):
+    node = res
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _check_ratios(res: dict) -> None:
+    for (stage, key), (num, den) in RATIOS.items():
+        if stage in res["stages"] and res[stage]["ok"] and key in res[stage]:
+            e = res[stage]
+            assert e[key] == pytest.approx(e[num] / e[den], rel=1e-9), (stage, key)
+
+
+FAKE = {
+    "embed_bench": {"job_steady_images_per_s": 900.0, "bare_e2e_images_per_s": 200.0, "bare_encoder_images_per_s": 1500.0,
+                    "encoder": {"model": "ViT-L-14"}, "images": 10, "batch_size": 2},
+    "serve_bench": {"max_tokens": 8, "inprocess": {"tok_s": {"1": 50.0, "32": 400.0}, "itl_ms_batch1": 20.0},
+                    "levels": [{"users": 1, "itl_ms_p50": 25.0, "output_tok_s": 30.0, "errors": 0,
+                                "ttft_ms_p50_by_kind": {"text": 40.0, "image": 60.0}},
+                               {"users": 32, "itl_ms_p50": 80.0, "output_tok_s": 300.0, "errors": 0,
+                                "ttft_ms_p50_by_kind": {"text": 400.0, "image": 500.0}}]},
+}
+
+
+def test_a_failing_stage_is_recorded_and_the_others_run(tmp_path, monkeypatch):
+    gb = _load()
+    real_module = gb._module
+    calls = []
+
+    def module(name):
+        real = real_module(name)
+
+        def main(argv):
+            calls.append(name)
+            if name == "train_bench":
+                raise RuntimeError("CUDA out of memory (pretend)")
+            return FAKE[name]
+
+        # the stages' main is faked; the helpers (card_name, offline_overrides ...) are the real ones
+        helpers = {k: getattr(real, k) for k in dir(real) if not k.startswith("__") and k != "main"}
+        return SimpleNamespace(**helpers, main=main)
+
+    monkeypatch.setattr(gb, "_module", module)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # --cpu sets it: restored afterwards
+    res = gb.main(["--cpu", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "gpu.json")])
+    assert calls == ["embed_bench", "train_bench", "serve_bench"]
+    assert res["embed"]["ok"] and res["serve"]["ok"] and not res["train"]["ok"]
+    assert "CUDA out of memory (pretend)" in res["train"]["error"] and "RuntimeError" in res["train"]["traceback"]
+    assert res["embed"]["ratio_vs_bare"] == pytest.approx(4.5)
+    assert res["serve"]["decode_tok_s_batch1"] == pytest.approx(40.0)  # 1000 / ITL p50 at 1 user
+    assert res["serve"]["ttft_ms_p50"] == 60.0  # the image + text request's
+    assert res["serve"]["ratio_vs_hf_batch32"] == pytest.approx(0.75)
+    _check_ratios(res)
+    saved = json.loads((tmp_path / "gpu.json").read_text())
+    assert saved["details"]["serve"] == FAKE["serve_bench"] and "train" not in saved["details"]
+
+
+def test_budget_interrupts_a_stage_and_skips_the_rest(tmp_path, monkeypatch):
+    import time
+
+    gb = _load()
+    real_module = gb._module
+
+    def module(name):
+        real = real_module(name)
+
+        def main(argv):
+            if name == "embed_bench":
+                time.sleep(30)  # the alarm interrupts this
+            return FAKE[name]
+
+        helpers = {k: getattr(real, k) for k in dir(real) if not k.startswith("__") and k != "main"}
+        return SimpleNamespace(**helpers, main=main)
+
+    monkeypatch.setattr(gb, "_module", module)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # --cpu sets it: restored afterwards
+    monkeypatch.setattr(gb, "MIN_STAGE_S", 1.0)
+    t = time.perf_counter()
+    res = gb.main(["--cpu", "--budget-s", "2", "--stages", "embed,serve", "--workdir", str(tmp_path / "w"),
+                   "--out", str(tmp_path / "gpu.json")])
+    assert time.perf_counter() - t < 10
+    assert not res["embed"]["ok"] and "StageTimeout" in res["embed"]["error"]
+    assert not res["serve"]["ok"] and "skipped" in res["serve"]["error"]
+
+
+def test_stage_flags_fit_each_device(tmp_path):
+    gb = _load()
+    cpu = {s: gb.stage_argv(s, False, tmp_path) for s in gb.STAGES}
+    gpu = {s: gb.stage_argv(s, True, tmp_path) for s in gb.STAGES}
+    assert "--preset" not in cpu["train"] and gpu["train"][:3] == ["--preset", "phi3-mini", "--gpu"]
+    for argv in list(cpu.values()) + list(gpu.values()):
+        assert argv[argv.index("--out") + 1].startswith(str(tmp_path))
+    for argv in (cpu["serve"], gpu["serve"]):  # 1 and 32 users, both prompt kinds, no Gradio (not on the GPU image)
+        assert argv[argv.index("--users") + 1] == "1,32" and "--no-ui" in argv
+        assert argv[argv.index("--mix") + 1] == "both" and int(argv[argv.index("--requests-per-user") + 1]) >= 2
+    assert "llm.random_init" in " ".join(gpu["serve"]) and "vision.pretrained=null" in gpu["serve"]
+    # the stage scripts accept these flags
+    sys.path.insert(0, str(ROOT / "bench"))
+    tb, sb = gb._module("train_bench"), gb._module("serve_bench")
+    for argv in (cpu["train"], gpu["train"]):
+        tb.parse_args(argv)
+    for argv in (cpu["serve"], gpu["serve"]):
+        assert sb.parse_args(argv).no_ui
+    with pytest.raises(SystemExit):
+        gb.main(["--stages", "embed,nope"])
+
+
+@pytest.mark.slow
+def test_cpu_rehearsal_end_to_end(tmp_path):
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_bench.py"), "--cpu", "--workdir",
+                           str(tmp_path / "w"), "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    for stage in ("embed", "train", "serve"):
+        assert res[stage]["ok"], res[stage].get("error")
+        assert res[stage]["seconds"] > 0
+    for key in KEYS:
+        assert _get(res, key) is not None, key
+    _check_ratios(res)
+    assert res["serve"]["errors"] == 0 and res["serve"]["decode_tok_s_batch1"] > 0
+    assert "train.ratio_vs_hf_peft" in proc.stdout  # the table
