@@ -38,11 +38,17 @@ class VisionConfig:
     token_mode: str = "patches"
     # transformer block whose output is used in patches mode (-1 last, -2 penultimate)
     feature_layer: int = -2
-    # average-pool the patch grid by this factor (2 -> a quarter of the tokens)
+    # average-pool the patch grid by this factor (2 -> a quarter of the tokens);
+    # ignored with token_mode "pooled"
     patch_pool: int = 1
     # weights/compute dtype of the tower ("float32", "bfloat16", "float16")
     dtype: str = "bfloat16"
     seed: int = 0
+    # position embeddings of a randomly initialised tower (pretrained: null):
+    # "random" keeps open_clip's N(0, width^-1/2) draw; "sincos2d" sets fixed 2-D
+    # sine-cosine codes of the same norm (smooth in x and y, as trained ViTs'
+    # learned ones are), which makes patch positions far easier to read
+    random_pos_embed: str = "random"
 
 
 @dataclass
@@ -133,8 +139,12 @@ class ModelConfig:
             _choice(key, _get(self, key), ("float32", "bfloat16", "float16"))
         if v.patch_pool < 1:
             raise ConfigError(f"vision.patch_pool must be >= 1, got {v.patch_pool}")
-        if v.token_mode == "pooled" and v.patch_pool != 1:
-            raise ConfigError("vision.patch_pool only applies to token_mode 'patches'")
+        _choice("vision.random_pos_embed", v.random_pos_embed, ("random", "sincos2d"))
+        if v.random_pos_embed != "random" and v.pretrained:
+            raise ConfigError(
+                f"vision.random_pos_embed {v.random_pos_embed!r} only applies to a randomly initialised tower "
+                f"(vision.pretrained: null), not to pretrained weights {v.pretrained!r}"
+            )
         if self.llm.lora.r < 1:
             raise ConfigError(f"llm.lora.r must be >= 1, got {self.llm.lora.r}")
         if self.tokenizer.max_length < 16:

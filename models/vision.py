@@ -67,12 +67,50 @@ def vision_spec(cfg: VisionConfig) -> dict:
 def vision_identity(cfg: VisionConfig) -> dict:
     """What must match between embeddings, checkpoints and a serving model."""
     spec = vision_spec(cfg)
-    return {
+    out = {
         "model": cfg.model, "pretrained": cfg.pretrained, "token_mode": cfg.token_mode,
         "feature_layer": cfg.feature_layer if cfg.token_mode == "patches" else None,
         "patch_pool": cfg.patch_pool, "image_size": spec["image_size"],
         "num_tokens": spec["num_tokens"], "feature_dim": spec["feature_dim"],
     }
+    if cfg.random_pos_embed != "random":  # only then: identities written before the option stay valid
+        out["random_pos_embed"] = cfg.random_pos_embed
+    return out
+
+
+SINCOS_BASE = 100.0  # longest wavelength ~ 2*pi*100 patches; the grids here are at most 24 patches wide
+
+
+def sincos_2d(grid: int, dim: int, base: float = SINCOS_BASE) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position codes ``(grid * grid, dim)``, row-major
+    like the patch tokens: half the channels encode the row, half the column,
+    each as sin/cos pairs at ``dim // 4`` geometric frequencies (MAE's layout)."""
+    if dim % 4:
+        raise ValueError(f"2-D sine-cosine codes need a width divisible by 4, got {dim}")
+    q = dim // 4
+    omega = 1.0 / base ** (torch.arange(q, dtype=torch.float64) / q)
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                indexing="ij")
+
+    def code(pos: torch.Tensor) -> torch.Tensor:
+        angle = pos.flatten()[:, None] * omega[None]
+        return torch.cat([angle.sin(), angle.cos()], dim=1)
+
+    return torch.cat([code(rows), code(cols)], dim=1).float()
+
+
+@torch.no_grad()
+def _set_sincos_pos_embed(visual: nn.Module) -> None:
+    """Replace the patch tokens' position embeddings of a random open_clip tower by
+    2-D sine-cosine codes with the same mean norm (the class token's stays)."""
+    pe = getattr(visual, "positional_embedding", None)
+    grid = getattr(visual, "grid_size", None)
+    if pe is None or grid is None or grid[0] != grid[1] or pe.shape[0] != grid[0] * grid[1] + 1:
+        raise ConfigError("vision.random_pos_embed 'sincos2d' needs an open_clip ViT with a square patch grid "
+                          "and a class token")
+    codes = sincos_2d(grid[0], pe.shape[1])
+    norm = pe[1:].norm(dim=-1).mean()
+    pe[1:] = codes / codes.norm(dim=-1, keepdim=True) * norm
 
 
 def preprocess_cfg(cfg: VisionConfig) -> dict:
@@ -134,6 +172,8 @@ class VisionEncoder(nn.Module):
             raise ConfigError(f"cannot load open_clip {cfg.model!r} weights {cfg.pretrained!r}: {e}") from None
         self.visual = model.visual
         del model
+        if cfg.random_pos_embed == "sincos2d":
+            _set_sincos_pos_embed(self.visual)
         self.visual.requires_grad_(False).eval()
         self.visual.to(device=device, dtype=DTYPES[cfg.dtype])
         self.preprocess = preprocess  # open_clip's own transform (PIL -> normalised tensor)

@@ -77,7 +77,7 @@ def test_layout_and_plain_peft_loading(trained):
         assert torch.allclose(plain(input_ids=ids).logits, m(input_ids=ids).logits, atol=1e-5)
 
 
-@pytest.mark.parametrize("override", ["vision.token_mode=pooled", "vision.feature_layer=-1", "vision.patch_pool=2",
+@pytest.mark.parametrize("override", ["vision.token_mode=pooled", "vision.feature_layer=-1", "vision.patch_pool=1",
                                       "projector.kind=linear", "llm.seed=7"])
 def test_identity_changes_are_refused(trained, override):
     _, path, *_ = trained

@@ -169,9 +169,13 @@ def test_validation_errors_name_the_key(item, key):
     assert key in _config_error("tiny", [item])
 
 
-def test_pooled_mode_refuses_patch_pool():
-    msg = _config_error("tiny", ["vision.token_mode=pooled", "vision.patch_pool=2"])
-    assert "patch_pool" in msg
+def test_pooled_mode_ignores_patch_pool():
+    from models.vision import vision_spec
+
+    cfg = load_config("tiny", ["vision.token_mode=pooled"])
+    assert cfg.vision.patch_pool == 2  # the preset's, irrelevant to one pooled vector
+    assert vision_spec(cfg.vision)["num_tokens"] == 1
+    assert "patch_pool" in _config_error("tiny", ["vision.patch_pool=0"])
 
 
 def test_malformed_override():

@@ -88,8 +88,8 @@ def test_every_image_embedded_exactly_once(full_run, image_set):
         paths += pq.read_table(f, columns=["path"]).column("path").to_pylist()
     assert sorted(paths) == rel  # each once, nothing else
     assert manifest["count"] == N_IMAGES and manifest["missing"] == 0 and not manifest["skipped"]
-    assert manifest["shape"] == [64, 128] and manifest["dtype"] == "float16"
-    assert manifest["bytes_per_image"] == 64 * 128 * 2
+    assert manifest["shape"] == [9, 128] and manifest["dtype"] == "float16"
+    assert manifest["bytes_per_image"] == 9 * 128 * 2
     assert manifest["encoder"]["token_mode"] == "patches"
     assert len(manifest["shards"]) >= N_IMAGES // 64
 
@@ -107,7 +107,7 @@ def test_values_match_the_encoder_called_directly(full_run, image_set, tiny_cfg)
     direct = enc.encode([folder / p for p in sample]).numpy()
     for i, p in enumerate(sample):
         got = store[p].astype(np.float32)
-        assert got.shape == (64, 128)
+        assert got.shape == (9, 128)
         np.testing.assert_allclose(got, direct[i], rtol=2e-3, atol=2e-3)
     assert store.identity["vision"]["model"] == tiny_cfg.vision.model
 
@@ -149,9 +149,9 @@ def test_pooled_mode_and_patch_pooling_shapes(ray_local, image_set, tmp_path):
     pooled = run(EmbedSettings(out=str(tmp_path / "p"), images=str(folder), limit=16,
                                overrides=["vision.token_mode=pooled"]))
     assert pooled["shape"] == [1, 128] and pooled["count"] == 16
-    pool2 = run(EmbedSettings(out=str(tmp_path / "q"), images=str(folder), limit=16,
-                              overrides=["vision.patch_pool=2"], store_dtype="float32"))
-    assert pool2["shape"] == [16, 128] and pool2["bytes_per_image"] == 16 * 128 * 4
+    unpooled = run(EmbedSettings(out=str(tmp_path / "q"), images=str(folder), limit=16,
+                              overrides=["vision.patch_pool=1"], store_dtype="float32"))
+    assert unpooled["shape"] == [36, 128] and unpooled["bytes_per_image"] == 36 * 128 * 4  # the 6x6 grid unpooled
     assert EmbeddingStore(str(tmp_path / "q"))[rel[0]].dtype == np.float32
 
 

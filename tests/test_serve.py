@@ -145,7 +145,7 @@ def test_chat_with_image_audio_and_text(client, tokenizer):
     assert choice["finish_reason"] in ("stop", "length")
     u = body["usage"]
     assert 1 <= u["completion_tokens"] <= 8
-    assert u["prompt_tokens"] > 64  # one image is 64 placeholder tokens in the tiny preset
+    assert u["prompt_tokens"] > 9  # one image is 9 placeholder tokens in the tiny preset
     assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
 
 
@@ -196,7 +196,7 @@ def test_special_tokens_typed_by_users_stay_text(client, tokenizer):
 
     text = "<|assistant|><|end|><image>"
     body = ask(client, text)
-    expected = encode_conversation(tokenizer, [{"role": "user", "content": text}], 64, add_generation_prompt=True)
+    expected = encode_conversation(tokenizer, [{"role": "user", "content": text}], 9, add_generation_prompt=True)
     assert body["usage"]["prompt_tokens"] == len(expected)
     assert tokenizer.ids.image not in expected.input_ids  # the typed "<image>" is not an image slot
     assert len(tokenizer.encode_text(text)) > 3

@@ -14,18 +14,21 @@ from models.config import ConfigError, load_config
 from models.vision import ImageDecodeError, VisionEncoder, load_image, vision_spec
 
 N = 3  # images per batch in the shape tests
-GRID = 8  # tiny: 64 px / 8 px patches
+GRID = 6  # tiny: 96 px / 16 px patches (the preset pools them 2x2 into 9 tokens)
 WIDTH = 128  # tiny: ViT width == embed_dim
 
 
 def vcfg(*overrides: str):
-    return load_config("tiny", list(overrides)).vision
+    """The tiny tower as open_clip draws it (its own random position embeddings,
+    the penultimate block), so it can be compared with open_clip itself."""
+    return load_config("tiny", ["vision.random_pos_embed=random", "vision.feature_layer=-2", "vision.patch_pool=1",
+                                *overrides]).vision
 
 
 @pytest.fixture(scope="module")
 def pixels() -> torch.Tensor:
     g = torch.Generator().manual_seed(1234)
-    return torch.randn(N, 3, 64, 64, generator=g)
+    return torch.randn(N, 3, 96, 96, generator=g)
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +59,8 @@ def test_pooled_mode_shape(pixels):
 
 def test_patch_pool_is_avg_pool_of_the_grid(patch_features, pixels):
     pooled = VisionEncoder(vcfg("vision.patch_pool=2"))(pixels)
-    assert pooled.shape == (N, 16, WIDTH)
-    # tokens are the row-major patch grid: (N, 64, C) -> (N, C, 8, 8)
+    assert pooled.shape == (N, 9, WIDTH)
+    # tokens are the row-major patch grid: (N, 36, C) -> (N, C, 6, 6)
     grid = patch_features.transpose(1, 2).reshape(N, WIDTH, GRID, GRID)
     expected = F.avg_pool2d(grid, 2).flatten(2).transpose(1, 2)
     torch.testing.assert_close(pooled, expected, atol=1e-5, rtol=0)
@@ -74,16 +77,16 @@ def test_last_layer_differs_from_penultimate(patch_features, pixels):
 
 @pytest.mark.parametrize(
     "overrides",
-    [[], ["vision.token_mode=pooled"], ["vision.patch_pool=2"], ["vision.patch_pool=4"],
-     ["vision.patch_pool=8"], ["vision.feature_layer=0"]],
-    ids=["patches", "pooled", "pool2", "pool4", "pool8", "layer0"],
+    [[], ["vision.token_mode=pooled"], ["vision.patch_pool=2"], ["vision.patch_pool=3"],
+     ["vision.patch_pool=6"], ["vision.feature_layer=0"]],
+    ids=["patches", "pooled", "pool2", "pool3", "pool6", "layer0"],
 )
 def test_vision_spec_matches_output(overrides, pixels):
     cfg = vcfg(*overrides)
     spec = vision_spec(cfg)
     out = VisionEncoder(cfg)(pixels[:1])
     assert out.shape == (1, spec["num_tokens"], spec["feature_dim"])
-    assert spec["image_size"] == 64 and spec["patch_size"] == 8 and spec["layers"] == 4
+    assert spec["image_size"] == 96 and spec["patch_size"] == 16 and spec["layers"] == 4
 
 
 def test_phi3_mini_spec_from_open_clip_config():
@@ -311,8 +314,8 @@ def test_encode_refuses_a_bad_image(encoder):
 
 
 def test_patch_pool_must_divide_the_grid():
-    cfg = vcfg("vision.patch_pool=3")
-    with pytest.raises(ConfigError, match=r"patch_pool 3 does not divide the 8x8"):
+    cfg = vcfg("vision.patch_pool=4")
+    with pytest.raises(ConfigError, match=r"patch_pool 4 does not divide the 6x6"):
         vision_spec(cfg)
     with pytest.raises(ConfigError, match="patch_pool"):
         VisionEncoder(cfg)
@@ -326,8 +329,8 @@ def test_feature_layer_out_of_range(layer):
 
 
 def test_feature_layer_edges_are_valid():
-    assert vision_spec(vcfg("vision.feature_layer=3"))["num_tokens"] == 64
-    assert vision_spec(vcfg("vision.feature_layer=-4"))["num_tokens"] == 64
+    assert vision_spec(vcfg("vision.feature_layer=3"))["num_tokens"] == GRID * GRID
+    assert vision_spec(vcfg("vision.feature_layer=-4"))["num_tokens"] == GRID * GRID
 
 
 def test_unknown_open_clip_model():
@@ -348,3 +351,74 @@ def test_inline_config_may_not_shadow_a_builtin_model():
     with pytest.raises(ConfigError, match="built-in open_clip model"):
         vision_spec(load_config("tiny", ["vision.model=ViT-L-14-336"]).vision)
     assert vision_spec(load_config("phi3-mini").vision)["num_tokens"] == 576
+
+
+# ---------------------------------------------------------------- 2-D sine-cosine position embeddings
+
+
+def test_sincos_codes_are_smooth_in_both_directions():
+    from models.vision import sincos_2d
+
+    codes = sincos_2d(8, WIDTH).view(8, 8, WIDTH)
+    assert torch.isfinite(codes).all()
+    d = lambda a, b: float((codes[a] - codes[b]).norm())  # noqa: E731
+    # neighbours are closer than far cells, along rows, columns and diagonals
+    for near, far in (((0, 1), (0, 7)), ((1, 0), (7, 0)), ((1, 1), (6, 6))):
+        assert d((0, 0), near) < 0.5 * d((0, 0), far)
+    # every cell has its own code
+    flat = codes.view(64, WIDTH)
+    assert torch.cdist(flat, flat).add(torch.eye(64) * 1e9).min() > 1e-3
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_2d(4, 30)
+
+
+def test_tiny_preset_uses_sincos_position_embeddings(pixels):
+    from models.vision import sincos_2d, vision_identity
+
+    cfg = load_config("tiny").vision
+    assert cfg.random_pos_embed == "sincos2d"
+    ours = VisionEncoder(cfg)
+    drawn = VisionEncoder(vcfg(f"vision.feature_layer={cfg.feature_layer}", f"vision.patch_pool={cfg.patch_pool}"))
+    pe, pe0 = ours.visual.positional_embedding, drawn.visual.positional_embedding
+    # same class token, same mean norm, patch codes are the normalised sine-cosine codes
+    torch.testing.assert_close(pe[0], pe0[0])
+    torch.testing.assert_close(pe[1:].norm(dim=-1).mean(), pe0[1:].norm(dim=-1).mean())
+    codes = sincos_2d(GRID, WIDTH)
+    torch.testing.assert_close(pe[1:], codes / codes.norm(dim=-1, keepdim=True) * pe[1:].norm(dim=-1, keepdim=True))
+    # every other weight is open_clip's own draw, so only the position embeddings differ
+    others = {k: v for k, v in ours.visual.state_dict().items() if k != "positional_embedding"}
+    for k, v in drawn.visual.state_dict().items():
+        if k != "positional_embedding":
+            torch.testing.assert_close(others[k], v)
+    assert not torch.allclose(ours(pixels), drawn(pixels), atol=1e-3)
+    # embeddings made with one kind are not taken for the other
+    assert vision_identity(cfg)["random_pos_embed"] == "sincos2d"
+    assert "random_pos_embed" not in vision_identity(vcfg())
+
+
+def test_sincos_position_embeddings_tell_patches_apart_better():
+    """Where a patch is can be read linearly from its features far better with
+    the sine-cosine codes than with open_clip's random draw: a least-squares
+    probe from the features of a uniform image to the patch's (row, col)."""
+    flat = torch.full((1, 3, 96, 96), 0.1)
+
+    def residual(cfg) -> float:
+        f = VisionEncoder(cfg)(flat)[0]                      # (36 patches, width)
+        rows, cols = torch.meshgrid(torch.arange(GRID), torch.arange(GRID), indexing="ij")
+        y = torch.stack([rows.flatten(), cols.flatten()], 1).float()
+        # the 8 main directions of the features only, so the probe cannot memorise 36 points
+        u, _, _ = torch.linalg.svd(f - f.mean(0), full_matrices=False)
+        x = torch.cat([u[:, :8], torch.ones(len(f), 1)], 1)
+        sol = torch.linalg.lstsq(x, y).solution
+        return float((x @ sol - y).pow(2).mean())
+
+    layer = load_config("tiny").vision.feature_layer
+    assert residual(load_config("tiny", ["vision.patch_pool=1"]).vision) < \
+        0.25 * residual(vcfg(f"vision.feature_layer={layer}"))
+
+
+def test_sincos_only_for_random_towers():
+    with pytest.raises(ConfigError, match="random_pos_embed"):
+        load_config("tiny", ["vision.pretrained=openai"])
+    with pytest.raises(ConfigError, match="random_pos_embed"):
+        load_config("tiny", ["vision.random_pos_embed=learned"])
