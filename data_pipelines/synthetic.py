@@ -1,27 +1,25 @@
 """A learnable synthetic image data set in LLaVA format (``mmphi data synth``).
 
-Each image is a noisy grey background with 1 to 3 non-overlapping objects;
-each object has one of 6 shapes, one of 6 colours, a size (small or large)
-and a cell of a 3x3 grid. Objects of one image have distinct colours and
-distinct shapes, so naming one attribute picks one object. Each image gives
-one record (id = image stem) with 2 to 4 question/answer exchanges about
-colour, shape, position, count or size; about 5 % of the records are
-text-only arithmetic questions.
+Each image is a noisy grey background with 1 to 6 non-overlapping objects;
+each object has one of 6 shapes, one of 6 colours, a size (small or large;
+scenes of 4 or more objects only small ones) and a cell of a 3x3 grid;
+objects of one image have distinct colours and distinct shapes. Each image gives one record (id = image stem); about 5 % of
+the records are text-only arithmetic questions.
 
-Questions pick their object by an attribute a vision model can find without
-recognising shapes: colour questions name the object's grid cell ("What
-colour is the object at the top left?"); shape, position and size questions
-name its colour ("Where is the red object?"). Only shape questions need the
-shape itself.
+Two kinds of scene, so every question has one right answer that only the
+image gives, without referring expressions a small model must first learn
+to resolve:
 
-The answers can be read from the image alone and not guessed from the
-question: within each question type the answers are (close to) uniform, and
-no turn's answer follows from the earlier turns (a type is asked at most once
-per conversation; colour and position questions about one image never target
-the same object, and with a single object the colour question comes before
-the position question, which names the colour). Held-out accuracy is
-measured on first exchanges, so accuracy above the chance levels written to
-``synth.json`` measures vision.
+- single-object scenes (40 % of the images): 2 to 4 exchanges about the
+  object's colour, shape, position (its grid cell, 9 answers) and size, and
+  in 30 % of them first a count question ("one");
+- multi-object scenes (2 to 6 objects, 12 % each): one count question.
+
+So count answers are uniform over one..six (chance 1/6); counting needs the
+patch tokens pooled over the whole image. No question names an attribute of
+the object, so no turn's answer follows from the question or earlier turns.
+Held-out accuracy is measured on first exchanges, so accuracy above the
+chance levels written to ``synth.json`` measures vision.
 
 Everything is drawn from ``random.Random`` streams derived from the seed
 (one per image, so the first N images do not depend on how many follow)
@@ -40,7 +38,7 @@ from PIL import Image, ImageDraw
 
 from .llava import Record, write_llava
 
-VERSION = 2
+VERSION = 3
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (40, 60, 220),
            "yellow": (240, 220, 30), "purple": (140, 40, 170), "white": (250, 250, 250)}
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
@@ -56,34 +54,36 @@ NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight
            "nineteen", "twenty")
 DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 TEXT_FRACTION = 0.05
+MAX_OBJECTS = 6
+SINGLE_FRACTION = 0.4  # of the images; the rest have 2..MAX_OBJECTS objects, equally often
+# a single-object record starts with a count question this often, which makes
+# "one" as frequent an answer as each of two..six
+COUNT_SINGLE = (1 - SINGLE_FRACTION) / (MAX_OBJECTS - 1) / SINGLE_FRACTION
 
 ANSWERS = {
     "colour": sorted(COLOURS), "shape": list(SHAPES), "position": list(CELLS),
-    "count": ["one", "two", "three"], "size": ["small", "large"],
+    "count": list(NUMBERS[1:MAX_OBJECTS + 1]), "size": ["small", "large"],
 }
 CHANCE = {k: 1 / len(v) for k, v in ANSWERS.items()} | {"text": None}
 QTYPES = ("count", "colour", "shape", "position", "size")
 
 TEMPLATES = {
-    "colour": ["What colour is the object at the {position}?", "What is the colour of the shape at the {position}?",
-               "Which colour does the object at the {position} have?", "What color is the shape at the {position}?"],
-    "colour1": ["What colour is the shape?", "What is the colour of the object?",
-                "Which colour is the object in the picture?", "What color is the shape?"],
-    "shape": ["What shape is the {colour} object?", "What is the shape of the {colour} object?",
-              "Which shape is drawn in {colour}?"],
-    "shape1": ["What shape is shown?", "Which shape is in the picture?", "What is the shape of the object?"],
-    "position": ["Where is the {colour} object?", "In which part of the image is the {colour} shape?",
-                 "Where is the {colour} shape located?"],
+    "colour": ["What colour is the shape?", "What is the colour of the object?",
+               "Which colour is the object in the picture?", "What color is the shape?"],
+    "shape": ["What shape is shown?", "Which shape is in the picture?", "What is the shape of the object?"],
+    "position": ["Where is the object?", "In which part of the image is the shape?",
+                 "Where is the shape located?", "Where in the picture is the object?"],
     "count": ["How many shapes are there?", "How many objects are in the image?",
               "Count the shapes in the picture."],
-    "size": ["Is the {colour} object small or large?", "Is the {colour} shape large or small?",
-             "How big is the {colour} object: small or large?"],
+    "size": ["Is the object small or large?", "Is the shape large or small?",
+             "How big is the object: small or large?"],
     "plus": ["What is {a} plus {b}?", "How much is {a} plus {b}?", "Add {a} and {b}. What do you get?"],
     "minus": ["What is {a} minus {b}?", "How much is {a} take away {b}?", "Subtract {b} from {a}. What is left?"],
     "next": ["What number comes after {a}?", "Which number follows {a}?", "What is the next number after {a}?"],
     "day": ["What day comes after {day}?", "Which day follows {day}?", "What is the day after {day}?"],
 }
-EXCHANGE_WEIGHTS = {2: 0.3, 3: 0.4, 4: 0.3}  # exchanges per image record
+EXCHANGE_WEIGHTS = {2: 0.3, 3: 0.4, 4: 0.3}  # exchanges per single-object record
+OBJECT_QTYPES = ("colour", "shape", "position", "size")  # asked about the object of a single-object scene
 
 
 def answer_text(canonical: str) -> str:
@@ -171,10 +171,11 @@ def _place(rng: random.Random, radii: list[int], size: int) -> list[tuple[int, i
 
 def make_scene(rng: random.Random, size: int) -> tuple[Image.Image, list[dict]]:
     """One image and its objects (``shape, colour, size, position, center, radius, rgb``)."""
-    n = rng.randint(1, 3)
+    n = 1 if rng.random() < SINGLE_FRACTION else rng.randint(2, MAX_OBJECTS)
     shapes = rng.sample(SHAPES, n)
     colours = rng.sample(sorted(COLOURS), n)
-    sizes = [rng.choice(("small", "large")) for _ in range(n)]
+    # four or more objects only fit the 3x3 grid's cells when small
+    sizes = [rng.choice(("small", "large")) if n <= 3 else "small" for _ in range(n)]
     radii = [round(size * rng.uniform(*SIZES[s])) for s in sizes]
     places = _place(rng, radii, size)
     grey = rng.randint(*BACKGROUND)
@@ -192,36 +193,20 @@ def make_scene(rng: random.Random, size: int) -> tuple[Image.Image, list[dict]]:
 # ---------------------------------------------------------------- questions
 
 def _pick_qtypes(rng: random.Random, n_objects: int) -> list[str]:
+    if n_objects > 1:
+        return ["count"]
     k = rng.choices(list(EXCHANGE_WEIGHTS), weights=list(EXCHANGE_WEIGHTS.values()))[0]
-    qtypes = rng.sample(QTYPES, k)
-    if n_objects == 1 and {"colour", "position"} <= set(qtypes):
-        i, j = qtypes.index("colour"), qtypes.index("position")
-        if i > j:  # "Where is the red object?" would give the colour away
-            qtypes[i], qtypes[j] = qtypes[j], qtypes[i]
-    return qtypes
-
-
-def _pick_targets(rng: random.Random, qtypes: list[str], n_objects: int) -> list[int | None]:
-    targets = [None if q == "count" else rng.randrange(n_objects) for q in qtypes]
-    if n_objects > 1 and {"colour", "position"} <= set(qtypes):
-        i, j = qtypes.index("colour"), qtypes.index("position")
-        while targets[j] == targets[i]:
-            targets[j] = rng.randrange(n_objects)
-    return targets
-
-
-def _question(rng: random.Random, qtype: str, obj: dict | None, n: int) -> str:
-    if qtype in ("colour", "shape") and n == 1:
-        return rng.choice(TEMPLATES[qtype + "1"])
-    return rng.choice(TEMPLATES[qtype]).format(**(obj or {}))
+    if rng.random() < COUNT_SINGLE:
+        return ["count", *rng.sample(OBJECT_QTYPES, k - 1)]
+    return rng.sample(OBJECT_QTYPES, k)
 
 
 def image_record(rng: random.Random, stem: str, image_path: str, objects: list[dict]) -> Record:
     qtypes = _pick_qtypes(rng, len(objects))
-    targets = _pick_targets(rng, qtypes, len(objects))
+    targets = [None if q == "count" else 0 for q in qtypes]
     messages = []
-    for t, (qtype, target) in enumerate(zip(qtypes, targets)):
-        q = _question(rng, qtype, objects[target] if target is not None else None, len(objects))
+    for t, qtype in enumerate(qtypes):
+        q = rng.choice(TEMPLATES[qtype])
         a = expected_answer({"objects": objects, "qtypes": qtypes, "targets": targets}, t)
         content = [{"type": "image"}, {"type": "text", "text": q}] if t == 0 else q
         messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer_text(a)}]
@@ -341,8 +326,10 @@ def synthesize(out_dir, *, images: int = 600, seed: int = 0, size: int = 128, va
         "generator": "mmphi synthetic shapes",
         "version": VERSION,
         "params": {"images": images, "seed": seed, "size": size, "val_fraction": val_fraction,
-                   "text_records": n_text, "objects_per_image": [1, 3],
-                   "exchanges_per_image_record": {str(k): w for k, w in EXCHANGE_WEIGHTS.items()},
+                   "text_records": n_text, "objects_per_image": [1, MAX_OBJECTS],
+                   "single_object_fraction": SINGLE_FRACTION,
+                   "count_question_in_single_object_records": round(COUNT_SINGLE, 4),
+                   "exchanges_per_single_object_record": {str(k): w for k, w in EXCHANGE_WEIGHTS.items()},
                    "radius_fraction": {k: list(v) for k, v in SIZES.items()}, "cell_margin": CELL_MARGIN,
                    "edge_pad": EDGE_PAD, "object_gap": GAP, "background": list(BACKGROUND), "noise": NOISE},
         "colours": {k: list(v) for k, v in COLOURS.items()},
@@ -360,6 +347,31 @@ def synthesize(out_dir, *, images: int = 600, seed: int = 0, size: int = 128, va
     }
     (out / "synth.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return info | {"out_dir": str(out)}
+
+
+def single_object_view(data_dir, name: str = "single") -> Path:
+    """A data set folder ``data_dir/name`` holding the single-object and text-only
+    records of ``data_dir``'s training split, its whole validation split and a
+    link to its images (so embeddings made for ``data_dir`` serve it too).
+
+    A curriculum's first phase: "where is the object?" is learnt from scenes
+    with one object; counting several objects pulls a small model towards
+    features that ignore where objects are, so the demo trains on these first
+    and on everything after. Rewritten on every call (cheap)."""
+    from .llava import dataset_paths, read_llava
+
+    src = Path(data_dir)
+    paths = dataset_paths(src)
+    out = src / name
+    out.mkdir(exist_ok=True)
+    records = read_llava(paths["train"], paths["images"], check_images=False).records
+    keep = [r for r in records if len(r.meta.get("objects", [])) <= 1]
+    write_llava(keep, out / "train.json")
+    (out / "val.json").write_bytes(paths["val"].read_bytes())
+    link = out / "images"
+    if not link.exists():
+        link.symlink_to(Path("..") / paths["images"].name, target_is_directory=True)
+    return out
 
 
 def summary(info: dict) -> str:

@@ -7,9 +7,12 @@ It runs every stage built so far, reusing what an earlier run finished:
 2. ``mmphi data embed``: the Ray Data job embeds every image once with the
    CLIP tower (local Ray cluster; resumes if interrupted);
 3. ``mmphi train projector``: stage 1 with Ray Train (2 workers), projector only;
-4. ``mmphi train qlora``: stage 2 from stage 1, LoRA + projector, then
-   held-out answer accuracy per question type next to its chance level and
-   the "blind" accuracy (images replaced by their training mean);
+4. ``mmphi train qlora``: stage 2 from stage 1, LoRA + projector, in two
+   runs (a curriculum): first on the single-object scenes only (colour,
+   shape, position, size), then on every record (adds counting up to six
+   objects); then held-out answer accuracy per question type next to its
+   chance level and the "blind" accuracy (images replaced by their training
+   mean);
 5. the final checkpoint reloaded, the stored embeddings checked against the
    live CLIP tower (same logits within 1e-2), and one answer about a
    held-out image;
@@ -29,6 +32,9 @@ from pathlib import Path
 
 from mmphi.cli import add_model_args
 
+STEPS = 2500
+SINGLE_SHARE = 0.4  # of stage 2's steps: the curriculum's first run, on single-object scenes
+
 
 def register(sub) -> None:
     p = sub.add_parser("demo", help="run the main job on the tiny preset (offline, CPU)",
@@ -36,7 +42,9 @@ def register(sub) -> None:
     add_model_args(p)
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("--images", type=int, default=6000, help="synthetic images (default: 6000)")
-    p.add_argument("--steps", type=int, default=1500, help="stage-2 steps (default: 1500; stage 1 runs a tenth)")
+    p.add_argument("--steps", type=int, default=STEPS,
+                   help=f"stage-2 steps (default: {STEPS}); the first {SINGLE_SHARE:.0%} on single-object scenes; "
+                        "stage 1 runs a tenth")
     p.add_argument("--batch-size", type=int, default=16, help="per worker (default: 16)")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default: 2)")
     p.add_argument("--lr", type=float, default=2e-3)
@@ -54,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from data_pipelines.embed import EmbeddingStore, EmbedSettings
     from data_pipelines.embed import run as embed
     from data_pipelines.llava import dataset_paths
-    from data_pipelines.synthetic import synthesize
+    from data_pipelines.synthetic import single_object_view, synthesize
     from models.config import load_config
     from models.conversation import collate, encode_conversation
     from models.multimodal import MultimodalPhi3
@@ -78,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"[1/7] synthetic data: {args.images} images -> {data}")
         synthesize(data, images=args.images, seed=args.seed, progress=False)
 
+    timings = {"data": round(time.time() - t0, 1)}
     print("[2/7] Ray Data: embedding every image with the CLIP tower (resumes if interrupted)")
     emb_dir = out / "embeddings" / cfg.name
     m = embed(EmbedSettings(out=str(emb_dir), data=str(data), preset=args.preset, overrides=args.overrides))
@@ -85,19 +94,31 @@ def run(args: argparse.Namespace) -> int:
     print(f"      {m['count']} images in {emb_dir} ({m['bytes_per_image']:,} bytes each); this run embedded "
           f"{last['embedded']} in {last['seconds']} s, {len(m['skipped'])} skipped")
 
+    timings["embed"] = round(time.time() - t0 - sum(timings.values()), 1)
     runs = out / "runs"
     common = dict(data=str(data), embeddings=str(emb_dir), out=str(runs), preset=args.preset,
                   overrides=args.overrides, workers=args.workers, batch_size=args.batch_size, lr=args.lr,
-                  seed=args.seed, cpus_per_worker=0.5, threads=1, eval_samples=200)
+                  seed=args.seed, cpus_per_worker=0.5, threads=1, eval_samples=1200)
     s1_steps = max(args.steps // 10, 2)
     print(f"[3/7] Ray Train stage 1 (projector only): {s1_steps} steps, {args.workers} workers -> {runs / 'stage1'}")
     s1 = train(TrainSettings(stage="projector", name="stage1", steps=s1_steps, eval_every=s1_steps,
                              ckpt_every=s1_steps, warmup=min(10, s1_steps), **common))
+    timings["stage1"] = round(time.time() - t0 - sum(timings.values()), 1)
     print(f"      loss {s1['first_loss']:.3f} (ln vocab {s1['ln_vocab']:.3f}) -> {s1['val_loss']:.3f}")
-    print(f"[4/7] Ray Train stage 2 (LoRA + projector): {args.steps} steps -> {runs / 'stage2'}")
-    s2 = train(TrainSettings(stage="qlora", name="stage2", init=s1["final"], steps=args.steps,
-                             eval_every=max(args.steps // 2, 1), ckpt_every=max(args.steps // 4, 1), **common))
-    print(f"      loss {s2['first_loss']:.3f} -> {s2['val_loss']:.3f}; token accuracy {s2['token_accuracy']:.1%}")
+    single_steps = max(round(args.steps * SINGLE_SHARE), 1)
+    rest = max(args.steps - single_steps, 1)
+    print(f"[4/7] Ray Train stage 2 (LoRA + projector): {single_steps} steps on single-object scenes "
+          f"-> {runs / 'stage2-single'}, then {rest} on everything -> {runs / 'stage2'}")
+    s2a = train(TrainSettings(stage="qlora", name="stage2-single", init=s1["final"], steps=single_steps,
+                              eval_every=single_steps, ckpt_every=max(single_steps // 2, 1),
+                              **(common | {"data": str(single_object_view(data))})))
+    print(f"      single-object scenes: loss {s2a['first_loss']:.3f} -> {s2a['val_loss']:.3f}")
+    s2 = train(TrainSettings(stage="qlora", name="stage2", init=s2a["final"], steps=rest,
+                             eval_every=max(rest // 2, 1), ckpt_every=max(rest // 4, 1), **common))
+    timings["stage2"] = round(time.time() - t0 - sum(timings.values()), 1)
+    timings["trained"] = round(time.time() - t0, 1)  # data, embeddings, both stages and their evaluations
+    print(f"      loss {s2['first_loss']:.3f} -> {s2['val_loss']:.3f}; token accuracy {s2['token_accuracy']:.1%}; "
+          f"{timings['trained']:.0f} s from the start")
     print(f"      held-out answer accuracy (blind: images replaced by their mean); curves in "
           f"{runs / 'stage2' / 'curves.png'}:")
     print(accuracy_table(s2, indent="        "))
@@ -128,8 +149,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"      transcript: {text!r}")
 
     summary = {
-        "preset": cfg.name, "seconds": round(time.time() - t0, 1), "images": m["count"],
-        "stage1": s1, "stage2": s2, "store_matches_live_encoder": same, "checkpoint": s2["final"],
+        "preset": cfg.name, "seconds": round(time.time() - t0, 1), "timings": timings, "images": m["count"],
+        "stage1": s1, "stage2_single": s2a, "stage2": s2, "store_matches_live_encoder": same, "checkpoint": s2["final"],
         "embeddings": str(emb_dir), "in_process_answer": reply,
     }
     if args.serve == "off":
