@@ -19,7 +19,9 @@ So count answers are uniform over one..six (chance 1/6); counting needs the
 patch tokens pooled over the whole image. No question names an attribute of
 the object, so no turn's answer follows from the question or earlier turns.
 Held-out accuracy is measured on first exchanges, so accuracy above the
-chance levels written to ``synth.json`` measures vision.
+chance levels written to ``synth.json`` measures vision; the validation
+images are drawn in proportion from each (first question type, answer)
+group, so their first answers have the shares of the whole set.
 
 Everything is drawn from ``random.Random`` streams derived from the seed
 (one per image, so the first N images do not depend on how many follow)
@@ -265,6 +267,25 @@ def _split(n: int, fraction: float, rng: random.Random) -> set[int]:
     return set(rng.sample(range(n), k))
 
 
+def _split_stratified(keys: list[tuple], fraction: float, rng: random.Random) -> set[int]:
+    """The same number of indices as :func:`_split`, drawn from each group of
+    equal ``keys`` in proportion to its size (largest remainders), so the
+    held-out part has the answer shares of the whole set, not a sample's."""
+    n = len(keys)
+    if n < 2 or fraction <= 0:
+        return set()
+    k = min(max(1, round(n * fraction)), n - 1)
+    groups: dict[tuple, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    order = sorted(groups)
+    exact = {g: len(groups[g]) * k / n for g in order}
+    quota = {g: int(exact[g]) for g in order}
+    for g in sorted(order, key=lambda g: quota[g] - exact[g])[: k - sum(quota.values())]:
+        quota[g] += 1
+    return {i for g in order for i in rng.sample(groups[g], quota[g])}
+
+
 def _stats(records: list[Record]) -> dict:
     answers: dict[str, Counter] = {}
     for r in records:
@@ -312,7 +333,10 @@ def synthesize(out_dir, *, images: int = 600, seed: int = 0, size: int = 128, va
                     for i in range(n_text)]
 
     split_rng = random.Random(f"mmphi-synth/{seed}/split")
-    val_img = _split(images, val_fraction, split_rng)
+    # stratified by the first question's type and answer: held-out accuracy is
+    # measured on first questions, and a blind model's on the shares of their answers
+    val_img = _split_stratified([(r.meta["qtypes"][0], r.meta["answers"][0]) for r in image_records],
+                                val_fraction, split_rng)
     val_txt = _split(n_text, val_fraction, split_rng)
     train = [r for i, r in enumerate(image_records) if i not in val_img]
     train += [r for i, r in enumerate(text_records) if i not in val_txt]

@@ -71,6 +71,10 @@ def test_split_by_image(big):
     assert not tr & va
     assert len(tr) + len(va) == 600 and len(va) == info["counts"]["val_images"] == 120
     assert not {r.id for r in train.records} & {r.id for r in val.records}
+    # stratified by the first question's type and answer: each group is split 80/20 to within one image
+    first = lambda rs: Counter((r.meta["qtypes"][0], r.meta["answers"][0]) for r in rs if r.image)  # noqa: E731
+    every, held = first(train.records + val.records), first(val.records)
+    assert all(abs(held[g] - 0.2 * every[g]) < 1 for g in every), (every, held)
 
 
 def test_answers_agree_with_meta_and_questions_name_nothing(big):
