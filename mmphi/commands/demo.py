@@ -34,6 +34,7 @@ from mmphi.cli import add_model_args
 
 STEPS = 2500
 SINGLE_SHARE = 0.4  # of stage 2's steps: the curriculum's first run, on single-object scenes
+EVAL_SAMPLES = 1200  # held-out first questions scored by the job and asked again over HTTP (every validation image)
 
 
 def register(sub) -> None:
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     runs = out / "runs"
     common = dict(data=str(data), embeddings=str(emb_dir), out=str(runs), preset=args.preset,
                   overrides=args.overrides, workers=args.workers, batch_size=args.batch_size, lr=args.lr,
-                  seed=args.seed, cpus_per_worker=0.5, threads=1, eval_samples=1200)
+                  seed=args.seed, cpus_per_worker=0.5, threads=1, eval_samples=EVAL_SAMPLES)
     s1_steps = max(args.steps // 10, 2)
     print(f"[3/7] Ray Train stage 1 (projector only): {s1_steps} steps, {args.workers} workers -> {runs / 'stage1'}")
     s1 = train(TrainSettings(stage="projector", name="stage1", steps=s1_steps, eval_every=s1_steps,
@@ -156,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     if args.serve == "off":
         print("[7/7] Ray Serve: skipped (--serve off)")
     else:
-        summary["served"] = _serve(args, s2, val[:200], images)
+        summary["served"] = _serve(args, s2, val[:EVAL_SAMPLES], images)
     summary["seconds"] = round(time.time() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"done in {summary['seconds']} s; summary in {out / 'summary.json'}")
@@ -193,7 +194,7 @@ def _serve(args, s2: dict, questions: list, images: Path) -> dict:
         r.raise_for_status()
         return r.json()["choices"][0]["message"]["content"]
 
-    with ThreadPoolExecutor(4) as pool:
+    with ThreadPoolExecutor(8) as pool:  # the LLM replica batches them (continuous batching)
         answers = list(pool.map(ask, questions))
     right: dict[str, int] = {}
     total: dict[str, int] = {}
