@@ -76,7 +76,9 @@ def test_a_failing_stage_is_recorded_and_the_others_run(tmp_path, monkeypatch):
         return SimpleNamespace(**helpers, main=main)
 
     monkeypatch.setattr(gb, "_module", module)
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # --cpu sets it: restored afterwards
+    # --cpu sets it: recorded first (setenv), so teardown restores the original, absent or not
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     res = gb.main(["--cpu", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "gpu.json")])
     assert calls == ["embed_bench", "train_bench", "serve_bench"]
     assert res["embed"]["ok"] and res["serve"]["ok"] and not res["train"]["ok"]
@@ -108,7 +110,9 @@ def test_budget_interrupts_a_stage_and_skips_the_rest(tmp_path, monkeypatch):
         return SimpleNamespace(**helpers, main=main)
 
     monkeypatch.setattr(gb, "_module", module)
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # --cpu sets it: restored afterwards
+    # --cpu sets it: recorded first (setenv), so teardown restores the original, absent or not
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     monkeypatch.setattr(gb, "MIN_STAGE_S", 1.0)
     t = time.perf_counter()
     res = gb.main(["--cpu", "--budget-s", "2", "--stages", "embed,serve", "--workdir", str(tmp_path / "w"),
