@@ -57,28 +57,34 @@ FAKE = {
 }
 
 
-def test_a_failing_stage_is_recorded_and_the_others_run(tmp_path, monkeypatch):
-    gb = _load()
+def _fake_stages(gb, monkeypatch, fake_main) -> None:
+    """Replace each stage module's ``main`` by ``fake_main(name, argv)``; its helpers
+    (card_name, offline_overrides ...) stay the real ones. ``--cpu`` sets
+    CUDA_VISIBLE_DEVICES: it is recorded first (setenv), so teardown restores the
+    original, absent or not."""
     real_module = gb._module
-    calls = []
 
     def module(name):
         real = real_module(name)
-
-        def main(argv):
-            calls.append(name)
-            if name == "train_bench":
-                raise RuntimeError("CUDA out of memory (pretend)")
-            return FAKE[name]
-
-        # the stages' main is faked; the helpers (card_name, offline_overrides ...) are the real ones
         helpers = {k: getattr(real, k) for k in dir(real) if not k.startswith("__") and k != "main"}
-        return SimpleNamespace(**helpers, main=main)
+        return SimpleNamespace(**helpers, main=lambda argv: fake_main(name, argv))
 
     monkeypatch.setattr(gb, "_module", module)
-    # --cpu sets it: recorded first (setenv), so teardown restores the original, absent or not
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+
+
+def test_a_failing_stage_is_recorded_and_the_others_run(tmp_path, monkeypatch):
+    gb = _load()
+    calls = []
+
+    def main(name, argv):
+        calls.append(name)
+        if name == "train_bench":
+            raise RuntimeError("CUDA out of memory (pretend)")
+        return FAKE[name]
+
+    _fake_stages(gb, monkeypatch, main)
     res = gb.main(["--cpu", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "gpu.json")])
     assert calls == ["embed_bench", "train_bench", "serve_bench"]
     assert res["embed"]["ok"] and res["serve"]["ok"] and not res["train"]["ok"]
@@ -96,23 +102,13 @@ def test_budget_interrupts_a_stage_and_skips_the_rest(tmp_path, monkeypatch):
     import time
 
     gb = _load()
-    real_module = gb._module
 
-    def module(name):
-        real = real_module(name)
+    def main(name, argv):
+        if name == "embed_bench":
+            time.sleep(30)  # the alarm interrupts this
+        return FAKE[name]
 
-        def main(argv):
-            if name == "embed_bench":
-                time.sleep(30)  # the alarm interrupts this
-            return FAKE[name]
-
-        helpers = {k: getattr(real, k) for k in dir(real) if not k.startswith("__") and k != "main"}
-        return SimpleNamespace(**helpers, main=main)
-
-    monkeypatch.setattr(gb, "_module", module)
-    # --cpu sets it: recorded first (setenv), so teardown restores the original, absent or not
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    _fake_stages(gb, monkeypatch, main)
     monkeypatch.setattr(gb, "MIN_STAGE_S", 1.0)
     t = time.perf_counter()
     res = gb.main(["--cpu", "--budget-s", "2", "--stages", "embed,serve", "--workdir", str(tmp_path / "w"),
