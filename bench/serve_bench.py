@@ -379,7 +379,10 @@ async def serve_load(url: str, prompts: Prompts, args, model_name: str, headers:
         before = await llm_stats()
         recs = await load_level(url, prompts, users, args, model_name, headers)
         rows.append(summarise(users, recs, baseline, prompts.kinds))
-        rows[-1]["llm_rows_per_step"] = rows_per_step(before, await llm_stats())
+        after = await llm_stats()
+        rows[-1]["llm_rows_per_step"] = rows_per_step(before, after)
+        rows[-1]["llm_cache"] = {k: after[k] for k in ("kv_cache", "rows", "max_len", "cuda_graphs", "graphs_captured",
+                                                       "capture_s", "graph_error", "static_error") if k in after}
         print(f"  {users} users: {rows[-1]['ok']}/{rows[-1]['requests']} ok, "
               f"{rows[-1]['output_tok_s']} tokens/s", flush=True)
     return rows
@@ -539,6 +542,7 @@ def main(argv=None) -> dict:
     if 32 in by_users:
         summary["ratio_vs_hf_batch32"] = by_users[32].get("overhead_ratio")
         summary["tok_s_batch32"] = by_users[32].get("output_tok_s")
+    summary["llm_cache"] = one.get("llm_cache") or next((r.get("llm_cache") for r in levels), None)
     if "image" in prompts.kinds and 1 in by_users:
         summary["ttft_ms_p50"] = by_users[1]["ttft_ms_p50_by_kind"]["image"]
     res = {

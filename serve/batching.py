@@ -15,12 +15,25 @@ boundaries; every step
 4. drops rows that finished (a stop id, or ``max_new_tokens``) or whose
    caller went away.
 
-The batch's KV cache is a Hugging Face ``DynamicCache`` whose rows are
-left-padded to a common length: every row's real tokens are contiguous and
-end at the last column, a 2D attention mask hides the padding, and each row
-gets its own position ids (the count of its real tokens), so rotary
-embeddings and causal (or sliding-window) masks see each row as if it ran
-alone. Columns that only padding uses are cut when rows leave.
+Two KV caches (``BatchingOptions.kv_cache``):
+
+- ``static`` (the default for Phi-3): one cache allocated when the replica
+  starts, a row per running request (``serve.static_cache``): a request's
+  prefilled keys and values are copied into a free row and every step writes
+  each row's new token in place. On a GPU each step is a replayed CUDA
+  graph. Its size comes from ``max_batch_size`` rows of ``max_seq_len``
+  tokens, shrunk (length first, down to 2,048, then rows) to fit
+  ``kv_cache_fraction`` of the replica's part of the card
+  (``serve.static_cache.cache_budget``). A request
+  longer than a row (prompt + ``max_new_tokens``) does not join the batch: the
+  deployment runs it through ``generate`` alone (``fits``).
+- ``dynamic``: a Hugging Face ``DynamicCache`` whose rows are left-padded to
+  a common length: every row's real tokens are contiguous and end at the
+  last column, a 2D attention mask hides the padding, and each row gets its
+  own position ids (the count of its real tokens), so rotary embeddings and
+  causal (or sliding-window) masks see each row as if it ran alone. Columns
+  that only padding uses are cut when rows leave. Every step concatenates a
+  column, so a step costs more as answers grow.
 
 Greedy answers equal those of one-at-a-time ``generate`` token for token
 (``tests/test_batching.py``); logits agree to float rounding only, because a
@@ -34,7 +47,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -84,6 +97,16 @@ class BatchingOptions:
     continuous_batching: bool = True
     # rows decoded together per step; more requests wait for a free row
     max_batch_size: int = 32
+    # static: a preallocated cache, a row per request, CUDA graphs on a GPU;
+    # dynamic: Hugging Face's DynamicCache, left-padded rows (see the module text)
+    kv_cache: str = "static"
+    # tokens per static row (prompt + answer); null: the model's context length
+    max_seq_len: int | None = None
+    # share of the replica's part of its GPU (num_gpus x the card's memory,
+    # less the weights) the static cache may take; on the CPU, of the free RAM
+    kv_cache_fraction: float = 0.9
+    # capture the static cache's decoding step as CUDA graphs (GPU only)
+    cuda_graphs: bool = True
 
     @classmethod
     def from_dict(cls, data: dict | None) -> BatchingOptions:
@@ -97,7 +120,23 @@ class BatchingOptions:
             raise ValueError(f"continuous_batching must be true or false, got {opts.continuous_batching!r}")
         if isinstance(opts.max_batch_size, bool) or not isinstance(opts.max_batch_size, int) or opts.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be a positive integer, got {opts.max_batch_size!r}")
+        if opts.kv_cache not in ("static", "dynamic"):
+            raise ValueError(f"kv_cache must be 'static' or 'dynamic', got {opts.kv_cache!r}")
+        if opts.max_seq_len is not None and (isinstance(opts.max_seq_len, bool) or not isinstance(opts.max_seq_len, int)
+                                             or opts.max_seq_len < 16):
+            raise ValueError(f"max_seq_len must be null or an integer of at least 16, got {opts.max_seq_len!r}")
+        frac = opts.kv_cache_fraction
+        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac <= 0.95:
+            raise ValueError(f"kv_cache_fraction must be a number in (0, 0.95], got {frac!r}")
+        if not isinstance(opts.cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be true or false, got {opts.cuda_graphs!r}")
         return opts
+
+    def cache_key(self) -> tuple:
+        """The options fixed when a batcher is built (the others apply live)."""
+        static = self.kv_cache == "static"
+        return (self.kv_cache, self.max_seq_len, self.kv_cache_fraction, self.cuda_graphs,
+                self.max_batch_size if static else None)
 
 
 class Ticket:
@@ -137,12 +176,14 @@ class ContinuousBatcher:
     with an exception when the request failed. ``start()`` runs the loop in a
     daemon thread; tests may call ``step()`` directly instead."""
 
-    def __init__(self, model, max_batch_size: int = 32, *, suppress_ids=(), stop_ids=None):
+    def __init__(self, model, max_batch_size: int = 32, *, suppress_ids=(), stop_ids=None,
+                 options: BatchingOptions | None = None, context_length: int | None = None):
         from transformers import DynamicCache
 
         self._cache_class = DynamicCache
         self.model = model
-        self.max_batch_size = max_batch_size
+        self.options = replace(options or BatchingOptions(), max_batch_size=max_batch_size)
+        self._max_batch_size = max_batch_size
         self.stop_ids = sorted(set(model.tokenizer.stop_ids if stop_ids is None else stop_ids))
         self.suppress_ids = sorted(set(suppress_ids))
         self.device = model.device
@@ -157,6 +198,54 @@ class ContinuousBatcher:
         self._closed = False
         self.error: BaseException | None = None  # why the loop stopped, if it did
         self.stats = {"steps": 0, "prefills": 0, "tokens": 0, "largest_batch": 0}
+        self.static = None  # serve.static_cache.StaticDecoder when kv_cache is static
+        self.static_error: str | None = None  # why the static cache was not built, if it was asked for
+        if self.options.kv_cache == "static":
+            self._build_static(context_length)
+
+    def _build_static(self, context_length: int | None) -> None:
+        from . import static_cache as sc
+
+        opts, llm = self.options, self.model.llm
+        try:
+            config = (llm.get_base_model() if hasattr(llm, "get_base_model") else llm).config
+            context = opts.max_seq_len or context_length or config.max_position_embeddings
+            context = min(int(context), int(config.max_position_embeddings))
+            budget = sc.cache_budget(self.device, opts.kv_cache_fraction)
+            rows, length = sc.plan_cache(self._max_batch_size, context, sc.kv_bytes_per_token(llm), budget)
+            self.static = sc.StaticDecoder(llm, rows, length, cuda_graphs=opts.cuda_graphs)
+            self.static.capture_all()
+        except Exception as e:  # noqa: BLE001 - e.g. not a Phi-3, or no memory: the dynamic cache serves
+            self.static_error = f"{type(e).__name__}: {e}"
+            log.warning("static KV cache unavailable, using the dynamic cache: %s", self.static_error)
+            return
+        if rows < self._max_batch_size:
+            log.warning("static KV cache: %d rows of %d tokens fit in %.1f GiB (kv_cache_fraction %g), "
+                        "not max_batch_size %d", rows, length, budget / 2**30, opts.kv_cache_fraction,
+                        self._max_batch_size)
+        self._max_batch_size = rows
+        log.info("static KV cache: %d rows x %d tokens (%.2f GiB), CUDA graphs %s", rows, length,
+                 self.static.nbytes / 2**30, "on" if self.static.use_graphs else "off")
+
+    @property
+    def max_batch_size(self) -> int:
+        return self._max_batch_size
+
+    @max_batch_size.setter
+    def max_batch_size(self, n: int) -> None:
+        """Rows per step from now on; at most the static cache's rows."""
+        self._max_batch_size = min(n, self.static.rows) if self.static is not None else n
+
+    def fits(self, request: GenerationRequest) -> bool:
+        """Whether ``request`` (prompt + ``max_new_tokens``) fits one row of
+        the static cache; always with the dynamic cache."""
+        return self.static is None or len(request.input_ids) + request.max_new_tokens <= self.static.max_len
+
+    def describe(self) -> dict:
+        """The cache this batcher decodes with, for ``batching_stats``."""
+        if self.static is None:
+            return {"kv_cache": "dynamic", **({"static_error": self.static_error} if self.static_error else {})}
+        return {"kv_cache": "static", **self.static.describe()}
 
     # ----------------------------------------------------------- interface
     def submit(self, request: GenerationRequest, emit: Callable[[Any], None]) -> Ticket:
@@ -246,6 +335,10 @@ class ContinuousBatcher:
                 continue
             admitted = True
             try:
+                if not self.fits(ticket.request):
+                    req = ticket.request
+                    raise ValueError(f"{len(req.input_ids)} prompt tokens + max_new_tokens {req.max_new_tokens} "
+                                     f"exceed a KV cache row of {self.static.max_len} tokens")
                 cache, logits = self._prefill(ticket.request)
                 token = self._sample(logits, [ticket.request], [0])[0]
             except Exception as e:  # bad input or no memory: this request fails alone
@@ -270,6 +363,11 @@ class ContinuousBatcher:
 
     def _decode(self) -> list[int]:
         rows = self._rows
+        if self.static is not None:
+            logits = self.static.decode([r.last for r in rows], [r.position for r in rows])
+            self.stats["steps"] += 1
+            self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
+            return self._sample(logits, [r.ticket.request for r in rows], [r.generated for r in rows])
         ids = torch.tensor([[r.last] for r in rows], dtype=torch.long, device=self.device)
         positions = torch.tensor([[r.position] for r in rows], dtype=torch.long, device=self.device)
         mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
@@ -315,6 +413,10 @@ class ContinuousBatcher:
         """Add a prefilled request's cache to the batch, left-padding the
         shorter side to a common length."""
         length = row.position
+        if self.static is not None:
+            self.static.load(len(self._rows), cache)
+            self._rows.append(row)
+            return
         if self._cache is None or not self._rows:
             self._cache = cache
             self._mask = torch.ones(1, length, dtype=torch.long, device=self.device)
@@ -333,6 +435,9 @@ class ContinuousBatcher:
         if not gone:
             return
         ids = {id(r) for r in gone}
+        if self.static is not None:
+            self._drop_static(ids)
+            return
         keep = [i for i, r in enumerate(self._rows) if id(r) not in ids]
         self._rows = [self._rows[i] for i in keep]
         if not keep:
@@ -345,6 +450,18 @@ class ContinuousBatcher:
         for layer in self._cache.layers:
             layer.keys = layer.keys[index, :, start:]
             layer.values = layer.values[index, :, start:]
+
+    def _drop_static(self, gone: set[int]) -> None:
+        """Keep the static cache's rows dense: a row past the new count moves
+        into each hole a leaving row opens below it."""
+        rows = self._rows
+        n = len(rows) - sum(id(r) in gone for r in rows)
+        holes = [i for i in range(n) if id(rows[i]) in gone]
+        movers = [i for i in range(n, len(rows)) if id(rows[i]) not in gone]
+        for hole, mover in zip(holes, movers, strict=True):
+            self.static.move(mover, hole, rows[mover].position)
+            rows[hole] = rows[mover]
+        self._rows = rows[:n]
 
     def _reset(self) -> None:
         self._rows, self._cache, self._mask = [], None, None

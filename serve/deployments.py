@@ -149,6 +149,7 @@ class LLM:
         set_threads(self.settings)
         source = resolve(self.settings)
         self.model = load_llm(source, self.settings)
+        self.context_length = source.context_length
         self.stop_ids = set(self.model.tokenizer.stop_ids)
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="generate")
         self.batcher = None
@@ -156,17 +157,31 @@ class LLM:
         log.info("LLM ready: %s on %s", source.description, self.model.device)
 
     def reconfigure(self, config: dict) -> None:
-        """Apply the deployment's ``user_config`` (also live, on ``serve deploy``)."""
+        """Apply the deployment's ``user_config`` (also live, on ``serve deploy``).
+        ``max_batch_size`` and ``continuous_batching`` apply at once; the
+        cache options (``kv_cache``, ``max_seq_len``, ``kv_cache_fraction``,
+        ``cuda_graphs``, and ``max_batch_size`` with the static cache, whose
+        rows it sizes) rebuild the batcher when it is idle, else apply when
+        the replica restarts."""
         from .batching import BatchingOptions, ContinuousBatcher
 
         self.options = BatchingOptions.from_dict(config)
+        old = self.batcher
+        if old is not None and old.options.cache_key() != self.options.cache_key():
+            if old.active or old.waiting:
+                log.warning("LLM: new KV cache options apply when this replica restarts (requests are running)")
+            else:
+                old.close()
+                self.batcher = old = None
         if self.options.continuous_batching and self.batcher is None:
             self.batcher = ContinuousBatcher(self.model, self.options.max_batch_size,
-                                             suppress_ids=[self.model.tokenizer.ids.image]).start()
+                                             suppress_ids=[self.model.tokenizer.ids.image], options=self.options,
+                                             context_length=self.context_length).start()
         if self.batcher is not None:
             self.batcher.max_batch_size = self.options.max_batch_size
-        log.info("LLM batching: %s", f"continuous, up to {self.options.max_batch_size} rows per step"
-                 if self.options.continuous_batching else "off (one generate call per request)")
+        log.info("LLM batching: %s", f"continuous, up to {self.batcher.max_batch_size} rows per step, "
+                 f"{self.batcher.describe()}" if self.options.continuous_batching else
+                 "off (one generate call per request)")
 
     def ping(self) -> str:
         return "ok"
@@ -185,7 +200,7 @@ class LLM:
     def batching_stats(self) -> dict:
         b = self.batcher
         return {"continuous_batching": self.options.continuous_batching, "max_batch_size": self.options.max_batch_size,
-                **({"active": b.active, "waiting": b.waiting, **b.stats} if b is not None else {})}
+                **({"active": b.active, "waiting": b.waiting, **b.stats, **b.describe()} if b is not None else {})}
 
     async def generate(self, request: dict) -> AsyncIterator[list[int]]:
         """Stream new token ids for ``request``:
@@ -206,7 +221,7 @@ class LLM:
         def emit(item) -> None:  # from the batching or generate thread
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        if self.options.continuous_batching:
+        if self.options.continuous_batching and self.batcher.fits(req):
             ticket = self.batcher.submit(req, emit)
             cancel = ticket.cancel
         else:

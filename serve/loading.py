@@ -85,7 +85,10 @@ def load_vision(source: Source, device: str | None):
 
 
 def load_llm(source: Source, settings: ServeSettings):
-    """Phi-3 (+ adapter) and the projector, without the vision tower."""
+    """Phi-3 (+ adapter) and the projector, without the vision tower. Unless
+    the base is 4-bit, the LoRA adapter is merged into the base weights: the
+    same function, without two extra matrix products per projection per
+    token (a 4-bit base cannot take the sum, so its adapter stays apart)."""
     from models.multimodal import MultimodalPhi3
 
     if source.checkpoint is not None:
@@ -93,5 +96,8 @@ def load_llm(source: Source, settings: ServeSettings):
                                                device=settings.device, with_vision=False)
     else:
         model = MultimodalPhi3.from_config(source.cfg, device=settings.device, with_vision=False, trainable=False)
+    if not source.cfg.llm.load_in_4bit and hasattr(model.llm, "merge_and_unload"):
+        model.llm = model.llm.merge_and_unload()
+        log.info("LoRA adapter merged into the base weights")
     model.eval()
     return model

@@ -4,7 +4,10 @@ The tiny preset in fp32 on CPU, no Ray: requests of different lengths, with
 and without images, join the running batch at different steps and leave it
 early (their own length, a stop id, a cancelled caller); every greedy answer
 must equal, token for token, what ``MultimodalPhi3.generate`` gives that
-request alone with the processors the LLM deployment uses.
+request alone with the processors the LLM deployment uses. Each scheduling
+test runs with both KV caches: the dynamic one, and the static one (a row per
+request) with exact shapes and with the padded bucket shapes its CUDA graphs
+use on a GPU.
 """
 from __future__ import annotations
 
@@ -23,6 +26,22 @@ QUESTIONS = ["What is seven plus five?", "Hi", "Count from one to ten, slowly, a
 @pytest.fixture(scope="module")
 def model(tiny_model):
     return tiny_model
+
+
+@pytest.fixture(params=["static", "static-bucketed", "dynamic"])
+def kv(request):
+    return request.param
+
+
+def make(model, kv: str, max_batch_size: int = 32, **kwargs) -> ContinuousBatcher:
+    """A batcher with the cache ``kv`` names."""
+    opts = BatchingOptions(kv_cache=kv.split("-")[0], **kwargs.pop("options", {}))
+    b = ContinuousBatcher(model, max_batch_size, suppress_ids=[model.tokenizer.ids.image], options=opts,
+                          context_length=model.cfg.tokenizer.max_length, **kwargs)
+    assert b.describe()["kv_cache"] == opts.kv_cache, b.describe()
+    if kv == "static-bucketed":
+        b.static.bucketed = True
+    return b
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +128,7 @@ def run_schedule(batcher: ContinuousBatcher, joins: dict[int, list[int]], reqs, 
     return sinks
 
 
-def test_staggered_greedy_requests_equal_one_at_a_time_generate(model, images):
+def test_staggered_greedy_requests_equal_one_at_a_time_generate(model, images, kv):
     reqs = make_requests(model, images)
     stops = list(model.tokenizer.stop_ids)
     # a stop id the model really produces: the 6th token request 2 generates
@@ -124,7 +143,7 @@ def test_staggered_greedy_requests_equal_one_at_a_time_generate(model, images):
     assert len(expected[6]) >= 12 and expected[6][:5] == expected[2][:5]
     assert len({len(e) for e in expected}) >= 4  # rows leave at different steps
 
-    batcher = ContinuousBatcher(model, max_batch_size=32, suppress_ids=[model.tokenizer.ids.image], stop_ids=stops)
+    batcher = make(model, kv, stop_ids=stops)
     sinks = run_schedule(batcher, {0: [0, 1], 2: [2], 3: [3, 6], 7: [4], 8: [5]}, reqs)
     for k, (s, e) in enumerate(zip(sinks, expected)):
         assert s.done.is_set() and s.error is None and s.items_after_done == 0, k
@@ -132,13 +151,15 @@ def test_staggered_greedy_requests_equal_one_at_a_time_generate(model, images):
     assert batcher.stats["largest_batch"] >= 4  # rows really shared forward passes
     assert batcher.stats["steps"] < sum(len(e) for e in expected) - len(expected)
     assert batcher.active == 0 and batcher._cache is None
+    if batcher.static is not None:  # rows that left below others had the last row moved into their place
+        assert batcher.static.moves >= 1
 
 
-def test_max_batch_size_and_cancelled_rows(model, images):
+def test_max_batch_size_and_cancelled_rows(model, images, kv):
     reqs = make_requests(model, images)
     stops = list(model.tokenizer.stop_ids)
     expected = [reference(model, r, stops) for r in reqs]
-    batcher = ContinuousBatcher(model, max_batch_size=3, suppress_ids=[model.tokenizer.ids.image], stop_ids=stops)
+    batcher = make(model, kv, 3, stop_ids=stops)
     sinks = run_schedule(batcher, {0: [0, 1, 2, 3, 4, 5]}, reqs, cancel_after={4: 5, 1: 2})
     assert batcher.stats["largest_batch"] == 3  # the rest waited for a free row
     for k in (0, 2, 3, 5):
@@ -150,12 +171,11 @@ def test_max_batch_size_and_cancelled_rows(model, images):
             assert not sinks[k].done.is_set()
 
 
-def test_background_loop_with_concurrent_callers(model, images):
+def test_background_loop_with_concurrent_callers(model, images, kv):
     reqs = make_requests(model, images)
     stops = list(model.tokenizer.stop_ids)
     expected = [reference(model, r, stops) for r in reqs]
-    batcher = ContinuousBatcher(model, max_batch_size=4, suppress_ids=[model.tokenizer.ids.image],
-                                stop_ids=stops).start()
+    batcher = make(model, kv, 4, stop_ids=stops).start()
     sinks = [Collector() for _ in reqs]
     gate = threading.Barrier(len(reqs))
 
@@ -178,17 +198,17 @@ def test_background_loop_with_concurrent_callers(model, images):
         batcher.submit(reqs[0], Collector())
 
 
-def test_a_bad_request_fails_alone(model, images):
+def test_a_bad_request_fails_alone(model, images, kv):
     reqs = make_requests(model, images)
     stops = list(model.tokenizer.stop_ids)
     bad = GenerationRequest(reqs[1].input_ids, None, max_new_tokens=5)  # image slots, no features
-    batcher = ContinuousBatcher(model, suppress_ids=[model.tokenizer.ids.image], stop_ids=stops)
+    batcher = make(model, kv, stop_ids=stops)
     sinks = run_schedule(batcher, {0: [0], 2: [1]}, [reqs[0], bad])
     assert isinstance(sinks[1].error, ValueError) and "no image features" in str(sinks[1].error)
     assert sinks[0].error is None and sinks[0].tokens == reference(model, reqs[0], stops)
 
 
-def test_sampling_settings_per_row(model, images):
+def test_sampling_settings_per_row(model, images, kv):
     reqs = make_requests(model, images)[:4]
     stops = list(model.tokenizer.stop_ids)
     greedy = [reference(model, r, stops) for r in reqs]
@@ -197,7 +217,7 @@ def test_sampling_settings_per_row(model, images):
     reqs[1].temperature, reqs[1].top_p = 1.3, 1e-6
     # a hot row: any token but image slots, and no stop id before min_new_tokens
     reqs[2].temperature, reqs[2].top_p, reqs[2].min_new_tokens = 2.0, 1.0, reqs[2].max_new_tokens
-    batcher = ContinuousBatcher(model, suppress_ids=[model.tokenizer.ids.image], stop_ids=stops)
+    batcher = make(model, kv, stop_ids=stops)
     sinks = run_schedule(batcher, {0: [0, 1, 2, 3]}, reqs)
     assert sinks[0].tokens == greedy[0] and sinks[3].tokens == greedy[3]
     assert sinks[1].tokens == greedy[1]
@@ -216,8 +236,12 @@ def test_top_p_keeps_the_smallest_likely_set():
 
 def test_batching_options():
     assert BatchingOptions.from_dict({}) == BatchingOptions(True, 32)
+    assert BatchingOptions.from_dict({}).kv_cache == "static"
     assert BatchingOptions.from_dict({"max_batch_size": 4, "continuous_batching": False}).max_batch_size == 4
-    for bad in ({"max_batch_size": 0}, {"max_batch_size": True}, {"continuous_batching": "yes"}, {"batch": 2}):
+    assert BatchingOptions.from_dict({"kv_cache": "dynamic", "max_seq_len": 512}).max_seq_len == 512
+    for bad in ({"max_batch_size": 0}, {"max_batch_size": True}, {"continuous_batching": "yes"}, {"batch": 2},
+                {"kv_cache": "paged"}, {"max_seq_len": 8}, {"max_seq_len": "long"}, {"kv_cache_fraction": 0},
+                {"kv_cache_fraction": 1.5}, {"cuda_graphs": "auto"}):
         with pytest.raises(ValueError):
             BatchingOptions.from_dict(bad)
 

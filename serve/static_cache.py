@@ -1,0 +1,312 @@
+"""A preallocated KV cache for Phi-3 decoding, and CUDA graphs of its step.
+
+The LLM deployment's continuous batcher (``serve.batching``) keeps every
+running request in a row of one cache allocated once per replica: per layer,
+keys and values of shape ``(rows, kv_heads, max_len, head_dim)``. Requests
+are prefilled alone by the Hugging Face model (a ``DynamicCache``) and their
+keys and values copied into a free row; each decoding step then runs one
+token per row through :meth:`StaticDecoder.decode`, a forward pass of the
+same modules (embedding, norms, projections, MLP, LM head, LoRA layers if
+unmerged) that writes each row's new key and value at that row's own
+position and attends over the row's columns ``0..position`` (and within the
+sliding window, as Phi-3's mask does).
+
+Nothing in the step depends on data on the host, so on a GPU it is captured
+once per (rows, length) bucket as a CUDA graph and replayed: one launch per
+token instead of a few hundred kernel launches from Python. Rows beyond the
+running ones and columns beyond the longest row are padding of a bucket; a
+padding row writes only into a free row's first column. Rows stay dense
+(``0..n-1``): the batcher moves the last row into the hole a finished request
+leaves (:meth:`move`).
+
+Greedy answers equal those of the dynamic cache and of ``generate``
+(``tests/test_static_cache.py``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("ray.serve")
+
+
+class UnsupportedModel(ValueError):
+    """The static decoder knows Phi-3's layer layout only."""
+
+
+def kv_bytes_per_token(llm) -> int:
+    """Bytes of keys and values one token takes in every layer."""
+    cfg = _base(llm).config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    dtype = _base(llm).get_input_embeddings().weight.dtype
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def gpu_share() -> float:
+    """The part of its GPU this process was given by Ray (``num_gpus``), 1 outside Ray."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            share = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0) or 0)
+            if 0 < share < 1:
+                return share
+    except Exception:  # noqa: BLE001 - not in a Ray worker
+        pass
+    return 1.0
+
+
+def cache_budget(device: torch.device, fraction: float) -> int:
+    """Bytes the static cache may take: on a GPU, ``fraction`` of this
+    replica's part of the card (Ray's ``num_gpus`` share of its memory, less
+    what this process holds already: the weights), and never more than 90 %
+    of what is free; on the CPU, ``fraction`` of the available RAM."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        room = gpu_share() * total - torch.cuda.memory_reserved(device)
+        return int(max(0.0, min(fraction * room, 0.9 * free)))
+    return int(fraction * _available_ram())
+
+
+def plan_cache(rows: int, context: int, per_token: int, budget: int, *, min_len: int = 2048) -> tuple[int, int]:
+    """(rows, max_len) of a cache that fits in ``budget`` bytes: every row
+    first, with the length shrunk (in steps of 64) down to ``min_len`` (an
+    image, a question and a long answer), then fewer rows of that length.
+    ``ValueError`` when not even one row fits."""
+    min_len = min(min_len, context)
+    if rows * context * per_token <= budget:
+        return rows, context
+    length = budget // (rows * per_token) // 64 * 64
+    if length >= min_len:
+        return rows, int(length)
+    fit = budget // (min_len * per_token)
+    if fit < 1:
+        raise ValueError(f"a KV cache row of {min_len} tokens needs {min_len * per_token / 2**20:.0f} MiB; "
+                         f"the budget is {budget / 2**20:.0f} MiB")
+    return int(min(rows, fit)), min_len
+
+
+def _base(llm):
+    return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+
+
+def _buckets(limit: int, first: int, step_after: int | None = None) -> list[int]:
+    """Powers of two from ``first`` (then multiples of ``step_after``, if
+    given, past it), capped by and ending with ``limit``."""
+    out, v = [], first
+    while v < limit:
+        out.append(v)
+        v = v * 2 if step_after is None or v < step_after else v + step_after
+    out.append(limit)
+    return out
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Phi-3's rotary embedding (partial rotary dims pass through)."""
+    d = cos.shape[-1]
+    rot, rest = x[..., :d], x[..., d:]
+    half = d // 2
+    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+    return torch.cat((rot * cos + rotated * sin, rest), dim=-1)
+
+
+class StaticDecoder:
+    """``rows`` x ``max_len`` tokens of keys and values and a one-token
+    decoding step over the first ``n`` rows. ``cuda_graphs`` captures the
+    step per bucket on a CUDA device (ignored elsewhere); a capture that
+    fails turns graphs off for this decoder and the step runs eagerly."""
+
+    def __init__(self, llm, rows: int, max_len: int, *, cuda_graphs: bool = True):
+        base = _base(llm)
+        cfg = base.config
+        if getattr(cfg, "model_type", None) != "phi3":
+            raise UnsupportedModel(f"the static KV cache supports Phi-3 models, not {getattr(cfg, 'model_type', '?')!r}")
+        core = base.model
+        self.layers = list(core.layers[: cfg.num_hidden_layers])
+        self.embed_tokens, self.norm, self.lm_head = core.embed_tokens, core.norm, base.lm_head
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.scale = self.head_dim ** -0.5
+        self.window = getattr(cfg, "sliding_window", None)
+        self.rows, self.max_len = int(rows), int(max_len)
+        weight = self.embed_tokens.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        shape = (self.rows, self.kv_heads, self.max_len, self.head_dim)
+        self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.cos, self.sin = self._rope_table(core.rotary_emb, cfg)
+        self.columns = torch.arange(self.max_len, device=self.device)
+        self.row_index = torch.arange(self.rows, device=self.device)
+        self.tokens = torch.zeros(self.rows, dtype=torch.long, device=self.device)
+        self.positions = torch.zeros(self.rows, dtype=torch.long, device=self.device)
+        self.use_graphs = bool(cuda_graphs) and self.device.type == "cuda"
+        # steps padded to the buckets below (rows, columns), as graphs need;
+        # eager steps take the exact shape unless a test asks for buckets
+        self.bucketed = self.use_graphs
+        self.moves = 0
+        self.capture_s: float | None = None
+        self.graph_error: str | None = None
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None
+        self.row_buckets = _buckets(self.rows, 1)
+        self.length_buckets = _buckets(self.max_len, 64, step_after=1024)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    @torch.no_grad()
+    def _rope_table(self, rotary, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of every position, as the model's rotary module gives
+        them for a sequence that ends at that position (``longrope`` switches
+        factors past the original context, and so does this table)."""
+        probe = torch.zeros(1, dtype=self.dtype, device=self.device)
+        cos, sin = rotary(probe, torch.arange(self.max_len, device=self.device)[None])
+        cos, sin = cos[0].clone(), sin[0].clone()
+        original = getattr(cfg, "original_max_position_embeddings", None)
+        if original and original < self.max_len:
+            c, s = rotary(probe, torch.arange(original, device=self.device)[None])
+            cos[:original], sin[:original] = c[0], s[0]
+        return cos, sin
+
+    # ------------------------------------------------------------- rows
+    def load(self, row: int, cache) -> None:
+        """Copy a one-request ``DynamicCache`` into ``row`` (columns ``0..len-1``)."""
+        layers = cache.layers
+        n = layers[0].keys.shape[-2]
+        if n > self.max_len:
+            raise ValueError(f"a prompt of {n} tokens does not fit a KV cache row of {self.max_len}")
+        for layer, k, v in zip(layers, self.keys, self.values):
+            k[row, :, :n].copy_(layer.keys[0])
+            v[row, :, :n].copy_(layer.values[0])
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy row ``src``'s first ``length`` columns into row ``dst``."""
+        self.moves += 1
+        for k, v in zip(self.keys, self.values):
+            k[dst, :, :length].copy_(k[src, :, :length])
+            v[dst, :, :length].copy_(v[src, :, :length])
+
+    # ------------------------------------------------------------- step
+    @torch.no_grad()
+    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """Feed ``tokens[i]`` at ``positions[i]`` to row ``i``; logits ``(n, vocab)``."""
+        n = len(tokens)
+        need = max(positions) + 1
+        if n > self.rows or need > self.max_len:
+            raise ValueError(f"{n} rows up to position {need - 1} exceed the KV cache's {self.rows} rows of "
+                             f"{self.max_len} tokens")
+        if self.bucketed:
+            b = next(x for x in self.row_buckets if x >= n)
+            length = next(x for x in self.length_buckets if x >= need)
+        else:
+            b, length = n, need
+        self.tokens[:b].copy_(torch.tensor(tokens + [0] * (b - n), dtype=torch.long))
+        self.positions[:b].copy_(torch.tensor(positions + [0] * (b - n), dtype=torch.long))
+        if self.use_graphs:
+            try:
+                return self._replay(b, length)[:n]
+            except Exception as e:  # noqa: BLE001 - an op the capture refuses: run eagerly from now on
+                self.use_graphs = False
+                self.graph_error = f"{type(e).__name__}: {e}"
+                log.warning("CUDA graph capture failed, decoding eagerly from now on: %s", self.graph_error)
+                self.graphs.clear()
+        return self._forward(b, length)[:n]
+
+    @torch.no_grad()
+    def capture_all(self) -> None:
+        """Capture every (rows, length) bucket now, while no row is in use,
+        so that no request waits for a capture later. A no-op without graphs."""
+        import time
+
+        if not self.use_graphs:
+            return
+        t = time.perf_counter()
+        self.tokens.zero_()
+        self.positions.zero_()
+        try:
+            for b in self.row_buckets:
+                for length in self.length_buckets:
+                    if (b, length) not in self.graphs:
+                        self.graphs[(b, length)] = self._capture(b, length)
+        except Exception as e:  # noqa: BLE001 - as in decode: eager from now on
+            self.use_graphs = False
+            self.graph_error = f"{type(e).__name__}: {e}"
+            self.graphs.clear()
+            log.warning("CUDA graph capture failed, decoding eagerly: %s", self.graph_error)
+        torch.cuda.synchronize(self.device)
+        self.capture_s = round(time.perf_counter() - t, 2)
+        log.info("captured %d decoding graphs in %.1f s", len(self.graphs), self.capture_s)
+
+    def _replay(self, b: int, length: int) -> torch.Tensor:
+        key = (b, length)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(b, length)
+        graph, out = self.graphs[key]
+        graph.replay()
+        return out
+
+    def _capture(self, b: int, length: int):
+        # warm-up runs on a side stream, as capture requires; they write the
+        # same keys and values the step writes, so running them is harmless
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._forward(b, length)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: a generate call running in another thread of the
+        # replica does not break the capture
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            out = self._forward(b, length)
+        self._pool = graph.pool()
+        log.debug("captured the decoding step for %d rows x %d columns", b, length)
+        return graph, out
+
+    def _forward(self, b: int, length: int) -> torch.Tensor:
+        """One token for rows ``0..b-1``, attending over columns ``0..length-1``."""
+        tokens, pos, rows = self.tokens[:b], self.positions[:b], self.row_index[:b]
+        x = self.embed_tokens(tokens).unsqueeze(1)  # (b, 1, hidden)
+        cos = self.cos[pos][:, None, None, :]
+        sin = self.sin[pos][:, None, None, :]
+        cols = self.columns[:length].unsqueeze(0)
+        mask = cols <= pos[:, None]
+        if self.window is not None:
+            mask = mask & (cols > pos[:, None] - self.window)
+        mask = mask[:, None, None, :]  # (b, 1, 1, length)
+        q_end = self.heads * self.head_dim
+        k_end = q_end + self.kv_heads * self.head_dim
+        gqa = self.kv_heads != self.heads
+        for layer, keys, values in zip(self.layers, self.keys, self.values):
+            attn = layer.self_attn
+            qkv = attn.qkv_proj(layer.input_layernorm(x))
+            q = qkv[..., :q_end].view(b, 1, self.heads, self.head_dim).transpose(1, 2)
+            k = qkv[..., q_end:k_end].view(b, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = qkv[..., k_end:].view(b, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            keys[rows, :, pos] = k[:, :, 0]
+            values[rows, :, pos] = v[:, :, 0]
+            out = F.scaled_dot_product_attention(q, keys[:b, :, :length], values[:b, :, :length], attn_mask=mask,
+                                                 scale=self.scale, enable_gqa=gqa)
+            x = x + attn.o_proj(out.transpose(1, 2).reshape(b, 1, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.lm_head(self.norm(x[:, 0]))
+
+    def describe(self) -> dict:
+        return {"rows": self.rows, "max_len": self.max_len, "gib": round(self.nbytes / 2**30, 3), "moves": self.moves,
+                "cuda_graphs": self.use_graphs, "graphs_captured": len(self.graphs), "capture_s": self.capture_s, "graph_error": self.graph_error}

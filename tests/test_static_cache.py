@@ -1,0 +1,180 @@
+"""The static KV cache (serve.static_cache): its decoding step against the
+Hugging Face forward pass, its sizing, and how the batcher falls back.
+
+The tiny preset in fp32 on CPU: CUDA graphs cannot be captured here, but the
+padded bucket shapes they replay are run eagerly (``bucketed``).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from serve.batching import BatchingOptions, ContinuousBatcher, GenerationRequest
+from serve.static_cache import StaticDecoder, _buckets, plan_cache
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model):
+    return tiny_model.llm
+
+
+def prefill(llm, ids: list[int]):
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    with torch.no_grad():
+        llm(input_ids=torch.tensor([ids]), cache=cache, use_cache=True)
+    return cache
+
+
+def full_logits(llm, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return llm(input_ids=torch.tensor([ids])).logits[0, -1]
+
+
+def sequences(n: int, lengths) -> list[list[int]]:
+    g = torch.Generator().manual_seed(n)
+    return [torch.randint(10, 1000, (k,), generator=g).tolist() for k in lengths]
+
+
+@pytest.mark.parametrize("bucketed", [False, True])
+def test_decode_steps_equal_the_full_forward(llm, bucketed):
+    """Three rows of different lengths decode four tokens each, in place;
+    every step's logits equal the whole sequence run through the model."""
+    seqs = sequences(0, (5, 23, 11))
+    dec = StaticDecoder(llm, rows=8, max_len=128)
+    dec.bucketed = bucketed
+    for row, s in enumerate(seqs):
+        dec.load(row, prefill(llm, s))
+    for _ in range(4):
+        nxt = sequences(len(seqs[0]), (len(seqs),))[0]
+        logits = dec.decode(nxt, [len(s) for s in seqs])
+        assert logits.shape == (len(seqs), llm.config.vocab_size)
+        seqs = [s + [t] for s, t in zip(seqs, nxt)]
+        for row, s in enumerate(seqs):
+            torch.testing.assert_close(logits[row], full_logits(llm, s), atol=1e-4, rtol=1e-4)
+
+
+def test_sliding_window_masks_old_keys(llm):
+    cfg = llm.get_base_model().config
+    seq = sequences(1, (30,))[0]
+    saved = cfg.sliding_window
+    try:
+        cfg.sliding_window = 7
+        dec = StaticDecoder(llm, rows=1, max_len=64)
+        dec.load(0, prefill(llm, seq[:-1]))
+        windowed = dec.decode([seq[-1]], [len(seq) - 1])[0]
+        torch.testing.assert_close(windowed, full_logits(llm, seq), atol=1e-4, rtol=1e-4)
+    finally:
+        cfg.sliding_window = saved
+    unwindowed = full_logits(llm, seq)
+    assert (windowed - unwindowed).abs().max() > 1e-3  # the window really cut keys
+
+
+def test_move_keeps_a_row_intact(llm):
+    seqs = sequences(2, (9, 14))
+    dec = StaticDecoder(llm, rows=4, max_len=64)
+    dec.load(0, prefill(llm, seqs[0][:-1]))
+    dec.load(3, prefill(llm, seqs[1][:-1]))
+    dec.move(3, 1, len(seqs[1]) - 1)
+    logits = dec.decode([seqs[0][-1], seqs[1][-1]], [len(seqs[0]) - 1, len(seqs[1]) - 1])
+    torch.testing.assert_close(logits[1], full_logits(llm, seqs[1]), atol=1e-4, rtol=1e-4)
+    assert dec.moves == 1
+
+
+def test_decode_refuses_what_the_cache_cannot_hold(llm):
+    dec = StaticDecoder(llm, rows=2, max_len=32)
+    with pytest.raises(ValueError, match="exceed the KV cache"):
+        dec.decode([1, 2, 3], [0, 0, 0])
+    with pytest.raises(ValueError, match="exceed the KV cache"):
+        dec.decode([1], [32])
+    with pytest.raises(ValueError, match="does not fit"):
+        dec.load(0, prefill(llm, list(range(10, 50))))
+
+
+def test_cache_plan():
+    mib = 2**20
+    assert plan_cache(32, 4096, 1, 10**9) == (32, 4096)  # everything fits
+    assert plan_cache(4, 1000, 1, 10**9) == (4, 1000)
+    rows, length = plan_cache(32, 4096, 1024, 64 * mib)  # shorter rows first
+    assert rows == 32 and length == 2048
+    assert plan_cache(32, 4096, 1024, 8 * mib) == (4, 2048)  # then fewer rows of 2,048 tokens
+    assert plan_cache(32, 4096, 1024, 8 * mib, min_len=512) == (16, 512)
+    assert plan_cache(32, 300, 1024, 8 * mib) == (27, 300)  # a shorter context is its own floor
+    with pytest.raises(ValueError, match="needs 8 MiB"):
+        plan_cache(32, 4096, 4096, mib)
+
+
+def test_buckets():
+    assert _buckets(32, 1) == [1, 2, 4, 8, 16, 32]
+    assert _buckets(24, 1) == [1, 2, 4, 8, 16, 24]
+    assert _buckets(4096, 64, step_after=1024) == [64, 128, 256, 512, 1024, 2048, 3072, 4096]
+    assert _buckets(1000, 64, step_after=1024) == [64, 128, 256, 512, 1000]
+
+
+def test_batcher_sizes_the_cache_to_free_memory(tiny_model, monkeypatch):
+    import serve.static_cache as sc
+
+    per_token = sc.kv_bytes_per_token(tiny_model.llm)
+    cfg = tiny_model.llm.get_base_model().config
+    assert per_token == 2 * cfg.num_hidden_layers * cfg.hidden_size * 4  # fp32, no grouped heads
+    budget = sc.cache_budget(torch.device("cpu"), 0.5)
+    assert 0 < budget < 2**50 and sc.gpu_share() == 1.0  # half the free RAM, outside Ray
+    asked = []
+    monkeypatch.setattr(sc, "cache_budget", lambda device, fraction: asked.append(fraction) or 5 * 1024 * per_token)
+    b = ContinuousBatcher(tiny_model, 32, options=BatchingOptions(kv_cache_fraction=0.5), context_length=1024)
+    d = b.describe()
+    assert asked == [0.5] and (d["kv_cache"], d["rows"], d["max_len"]) == ("static", 5, 1024)
+    assert b.max_batch_size == 5
+    b.max_batch_size = 64  # a live user_config change cannot add rows
+    assert b.max_batch_size == 5
+    b.max_batch_size = 2
+    assert b.max_batch_size == 2
+
+
+def test_a_request_longer_than_a_row_fails_alone_and_reports_it(tiny_model):
+    b = ContinuousBatcher(tiny_model, 4, options=BatchingOptions(max_seq_len=48), context_length=1024)
+    short = GenerationRequest([10, 11, 12], max_new_tokens=4)
+    long = GenerationRequest(list(range(10, 50)), max_new_tokens=9)
+    assert b.fits(short) and not b.fits(long)
+    got = {}
+    b.submit(long, lambda item: got.setdefault("long", item))
+    b.submit(short, lambda item: got.setdefault("short", item))
+    while b.step():
+        pass
+    assert isinstance(got["long"], ValueError) and "KV cache row of 48 tokens" in str(got["long"])
+    assert isinstance(got["short"], list)
+
+
+def test_models_other_than_phi3_use_the_dynamic_cache(tiny_model, monkeypatch):
+    cfg = tiny_model.llm.get_base_model().config
+    monkeypatch.setattr(cfg, "model_type", "llama", raising=False)
+    b = ContinuousBatcher(tiny_model, 4, options=BatchingOptions(), context_length=1024)
+    d = b.describe()
+    assert d["kv_cache"] == "dynamic" and "Phi-3" in d["static_error"]
+    assert b.fits(GenerationRequest(list(range(10, 2000)), max_new_tokens=9))
+
+
+def test_served_llm_has_its_adapter_merged(tiny_model, monkeypatch):
+    """The LLM deployment's loader merges LoRA into a non-4-bit base: the
+    same logits as the model with its (trained, non-zero) adapter apart."""
+    import copy
+
+    from models.multimodal import MultimodalPhi3
+    from serve.loading import load_llm, resolve
+    from serve.settings import ServeSettings
+
+    trained = copy.deepcopy(tiny_model)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in trained.llm.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    ids = sequences(3, (12,))[0]
+    apart = full_logits(trained.llm, ids)
+    assert (apart - full_logits(tiny_model.llm, ids)).abs().max() > 1e-2  # the adapter matters
+    monkeypatch.setattr(MultimodalPhi3, "from_config", classmethod(lambda cls, *a, **k: trained))
+    settings = ServeSettings.from_dict({"preset": "tiny", "device": "cpu"})
+    served = load_llm(resolve(settings), settings)
+    assert not hasattr(served.llm, "peft_config")
+    torch.testing.assert_close(full_logits(served.llm, ids), apart, atol=1e-4, rtol=1e-4)
