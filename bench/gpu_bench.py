@@ -122,7 +122,22 @@ def summarise_serve(r: dict) -> dict:
             "hf_decode_tok_s_batch1": _ratio(1000, (r.get("inprocess") or {}).get("itl_ms_batch1")),
             "served_tok_s_batch32": served, "hf_tok_s_batch32": hf, "ratio_vs_hf_batch32": _ratio(served, hf),
             "ttft_ms_p50": (one.get("ttft_ms_p50_by_kind") or {}).get("image"),
-            "errors": sum(lv["errors"] for lv in r["levels"]), "max_tokens": r["max_tokens"]}
+            "errors": sum(lv["errors"] for lv in r["levels"]), "max_tokens": r["max_tokens"],
+            **engine_summary(r)}
+
+
+def engine_summary(r: dict) -> dict:
+    """The batching loop in-process (no Ray) per KV cache, and the served replica's cache."""
+    inproc = r.get("inprocess") or {}
+    out = {"llm_cache": (r.get("summary") or {}).get("llm_cache")}
+    for kv, e in (inproc.get("engine") or {}).items():
+        out[f"engine_{kv}_decode_tok_s_batch1"] = _ratio(1000, e.get("itl_ms_batch1"))
+        out[f"engine_{kv}_tok_s_batch32"] = e["tok_s"].get("32")
+        out[f"engine_{kv}_ratio_vs_hf_batch32"] = _ratio(e["tok_s"].get("32"), inproc.get("tok_s", {}).get("32"))
+        out[f"engine_{kv}_graphs"] = e.get("graphs_captured")
+        out[f"engine_{kv}_graph_error"] = e.get("graph_error")
+        out[f"engine_{kv}_agrees_with_generate"] = e.get("agrees_with_generate")
+    return out
 
 
 RUNNERS: dict[str, tuple[str, Callable[[dict], dict]]] = {
@@ -207,6 +222,10 @@ TABLE = [  # (key, what, format)
     ("serve.served_tok_s_batch32", "served tokens/s, 32 users", "{:,.1f}"),
     ("serve.hf_tok_s_batch32", "in-process generate tokens/s, batch 32", "{:,.1f}"),
     ("serve.ttft_ms_p50", "time to first token p50, image + text, 1 user (ms)", "{:,.0f}"),
+    ("serve.engine_static_decode_tok_s_batch1", "in-process batching loop, static cache: tokens/s, batch 1", "{:,.1f}"),
+    ("serve.engine_static_ratio_vs_hf_batch32", "in-process loop, static cache / generate at 32", "{:.2f}"),
+    ("serve.engine_dynamic_decode_tok_s_batch1", "in-process loop, dynamic cache: tokens/s, batch 1", "{:,.1f}"),
+    ("serve.engine_dynamic_ratio_vs_hf_batch32", "in-process loop, dynamic cache / generate at 32", "{:.2f}"),
 ]
 
 

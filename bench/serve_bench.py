@@ -114,9 +114,12 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def in_process(settings, prompts: Prompts, batches: list[int], max_tokens: int, repeats: int) -> dict:
+def in_process(settings, prompts: Prompts, batches: list[int], max_tokens: int, repeats: int,
+               engines: tuple[str, ...] = ("static", "dynamic")) -> dict:
     """Prefill time per prompt kind and ``generate`` tokens/s at each batch
-    size, with the LLM deployment's loader, thread count and generate call."""
+    size, with the LLM deployment's loader, thread count and generate call;
+    then the deployment's own batching loop in this process for each KV cache
+    in ``engines`` (``engine``)."""
     import torch
 
     from models.conversation import collate, encode_conversation
@@ -184,11 +187,71 @@ def in_process(settings, prompts: Prompts, batches: list[int], max_tokens: int, 
             secs, out = timed(lambda: run(idx, max_tokens, feats), repeats)
             assert tuple(out.shape) == (b, max_tokens), f"in-process generate gave {tuple(out.shape)}"
             res["tok_s"][str(b)] = round(b * max_tokens / secs, 1)
+        first_answer = run([first[prompts.kinds[0]]], max_tokens, features([first[prompts.kinds[0]]]))[0].tolist()
+    res["engine"] = {kv: engine(model, prompts, encode, features, batches, max_tokens, kv, device,
+                                source.context_length, first_answer) for kv in engines}
     del model, vision
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return res
+
+
+def engine(model, prompts: Prompts, encode, features, batches: list[int], max_tokens: int, kv: str, device: str,
+           context: int, reference: list[int]) -> dict:
+    """The LLM deployment's continuous batcher (``serve.batching``) driven in
+    this thread, without Ray: N requests submitted together for each N in
+    ``batches``, each ``max_tokens`` long. Tokens/s over the whole batch
+    (prefills included), the inter-token time of a single stream, and how
+    many leading tokens of the first prompt's greedy answer equal
+    ``generate``'s (``reference``; bf16 rounding may part them late)."""
+    import torch
+
+    from serve.batching import DONE, BatchingOptions, ContinuousBatcher, GenerationRequest
+
+    t = time.perf_counter()
+    batcher = ContinuousBatcher(model, max(batches), suppress_ids=[model.tokenizer.ids.image],
+                                options=BatchingOptions(kv_cache=kv), context_length=context)
+    out: dict = {"build_s": round(time.perf_counter() - t, 2), **batcher.describe(), "tok_s": {}}
+
+    def go(idx: list[int]) -> tuple[float, list[list[float]], list[list[int]]]:
+        feats = {i: features([i]) for i in idx}
+        stamps: list[list[float]] = [[] for _ in idx]
+        tokens: list[list[int]] = [[] for _ in idx]
+        errors: list[BaseException] = []
+        for k, i in enumerate(idx):
+            def emit(item, k=k):
+                if isinstance(item, BaseException):
+                    errors.append(item)
+                elif item is not DONE:
+                    stamps[k].append(time.perf_counter())
+                    tokens[k].extend(item)
+            req = GenerationRequest(list(encode(i).input_ids), feats[i], max_new_tokens=max_tokens,
+                                    min_new_tokens=max_tokens)
+            batcher.submit(req, emit)
+        sync(device)
+        t0 = time.perf_counter()
+        while batcher.step():
+            pass
+        sync(device)
+        if errors:
+            raise errors[0]
+        return time.perf_counter() - t0, stamps, tokens
+
+    with torch.no_grad():
+        go([0])  # warm-up
+        secs, stamps, tokens = go([0])
+        out["itl_ms_batch1"] = round(1000 * (stamps[0][-1] - stamps[0][0]) / (max_tokens - 1), 3)
+        same = next((k for k, (a, b) in enumerate(zip(tokens[0], reference)) if a != b), min(len(tokens[0]), len(reference)))
+        out["agrees_with_generate"] = f"{same}/{len(reference)}"
+        for b in batches:
+            go(list(range(b)))  # warm-up at this batch size
+            secs, _, tokens = go(list(range(b)))
+            assert all(len(x) == max_tokens for x in tokens), [len(x) for x in tokens]
+            out["tok_s"][str(b)] = round(b * max_tokens / secs, 1)
+    out["graphs_captured"] = batcher.describe().get("graphs_captured")
+    batcher.close()
+    return out
 
 
 # ------------------------------------------------------------------ serving
@@ -435,6 +498,12 @@ def print_table(res: dict) -> None:
         print(f"in-process ({b['device']}): prefill {pre}" + (f"; vision {b['vision_ms']:.1f} ms/image"
                                                               if "vision_ms" in b else "")
               + f"; inter-token {b['itl_ms_batch1']:.2f} ms at batch 1")
+        for kv, e in (b.get("engine") or {}).items():
+            rates = ", ".join(f"{v:,.0f} at {n}" for n, v in e["tok_s"].items())
+            gen = ", ".join(f"{v:,.0f} at {n}" for n, v in b["tok_s"].items())
+            print(f"in-process batching loop, {kv} KV cache{' + CUDA graphs' if e.get('cuda_graphs') else ''}: "
+                  f"inter-token {e['itl_ms_batch1']:.2f} ms at batch 1; tokens/s {rates} (generate: {gen}); "
+                  f"greedy tokens equal to generate's {e['agrees_with_generate']}")
     head = (f"{'users':>5} {'ok/req':>7} {'err':>4} {'TTFT p50':>9} {'TTFT p95':>9} {'ITL p50':>8} {'tok/s':>9} "
             f"{'req/s':>7} {'in-proc':>9} {'served/':>8} {'TTFT/prefill':>13} {'rows/':>6}")
     print(head)
@@ -542,6 +611,10 @@ def main(argv=None) -> dict:
     if 32 in by_users:
         summary["ratio_vs_hf_batch32"] = by_users[32].get("overhead_ratio")
         summary["tok_s_batch32"] = by_users[32].get("output_tok_s")
+    for kv, e in ((baseline or {}).get("engine") or {}).items():
+        summary[f"engine_{kv}_decode_tok_s_batch1"] = round(1000 / e["itl_ms_batch1"], 1) if e["itl_ms_batch1"] else None
+        top = str(max(int(n) for n in e["tok_s"]))
+        summary[f"engine_{kv}_ratio_vs_hf_batch{top}"] = round(e["tok_s"][top] / baseline["tok_s"][top], 3)
     summary["llm_cache"] = one.get("llm_cache") or next((r.get("llm_cache") for r in levels), None)
     if "image" in prompts.kinds and 1 in by_users:
         summary["ttft_ms_p50"] = by_users[1]["ttft_ms_p50_by_kind"]["image"]

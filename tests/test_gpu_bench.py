@@ -49,7 +49,11 @@ def _check_ratios(res: dict) -> None:
 FAKE = {
     "embed_bench": {"job_steady_images_per_s": 900.0, "bare_e2e_images_per_s": 200.0, "bare_encoder_images_per_s": 1500.0,
                     "encoder": {"model": "ViT-L-14"}, "images": 10, "batch_size": 2},
-    "serve_bench": {"max_tokens": 8, "inprocess": {"tok_s": {"1": 50.0, "32": 400.0}, "itl_ms_batch1": 20.0},
+    "serve_bench": {"max_tokens": 8, "inprocess": {"tok_s": {"1": 50.0, "32": 400.0}, "itl_ms_batch1": 20.0,
+                                                   "engine": {"static": {"itl_ms_batch1": 4.0, "tok_s": {"1": 200.0, "32": 1000.0},
+                                                                         "graphs_captured": 12, "graph_error": None,
+                                                                         "agrees_with_generate": "8/8"}}},
+                    "summary": {"llm_cache": {"kv_cache": "static", "rows": 32}},
                     "levels": [{"users": 1, "itl_ms_p50": 25.0, "output_tok_s": 30.0, "errors": 0,
                                 "ttft_ms_p50_by_kind": {"text": 40.0, "image": 60.0}},
                                {"users": 32, "itl_ms_p50": 80.0, "output_tok_s": 300.0, "errors": 0,
@@ -93,6 +97,9 @@ def test_a_failing_stage_is_recorded_and_the_others_run(tmp_path, monkeypatch):
     assert res["serve"]["decode_tok_s_batch1"] == pytest.approx(40.0)  # 1000 / ITL p50 at 1 user
     assert res["serve"]["ttft_ms_p50"] == 60.0  # the image + text request's
     assert res["serve"]["ratio_vs_hf_batch32"] == pytest.approx(0.75)
+    assert res["serve"]["engine_static_decode_tok_s_batch1"] == pytest.approx(250.0)  # 1000 / its ITL
+    assert res["serve"]["engine_static_ratio_vs_hf_batch32"] == pytest.approx(2.5)
+    assert res["serve"]["engine_static_graphs"] == 12 and res["serve"]["llm_cache"]["kv_cache"] == "static"
     _check_ratios(res)
     saved = json.loads((tmp_path / "gpu.json").read_text())
     assert saved["details"]["serve"] == FAKE["serve_bench"] and "train" not in saved["details"]
@@ -155,4 +162,10 @@ def test_cpu_rehearsal_end_to_end(tmp_path):
         assert _get(res, key) is not None, key
     _check_ratios(res)
     assert res["serve"]["errors"] == 0 and res["serve"]["decode_tok_s_batch1"] > 0
+    # the batching loop in-process, with either cache, gives generate's greedy tokens (fp32 on the CPU)
+    for kv in ("static", "dynamic"):
+        got, want = res["serve"][f"engine_{kv}_agrees_with_generate"].split("/")
+        assert got == want and int(want) > 0, kv
+        assert res["serve"][f"engine_{kv}_decode_tok_s_batch1"] > 0
+    assert res["serve"]["llm_cache"]["kv_cache"] == "static"
     assert "train.ratio_vs_hf_peft" in proc.stdout  # the table
