@@ -69,8 +69,8 @@ def stage_argv(stage: str, cuda: bool, work: Path) -> list[str]:
     if stage == "train":
         if cuda:
             return ["--preset", "phi3-mini", "--gpu", "--batch", "8", "--max-len", "1024", "--steps", "6",
-                    "--warmup", "2", *out]
-        return ["--batch", "8", "--max-len", "256", "--steps", "4", "--warmup", "1", "--threads", "1", *out]
+                    "--warmup", "2", "--profile", *out]
+        return ["--batch", "8", "--max-len", "256", "--steps", "4", "--warmup", "1", "--threads", "1", "--profile", *out]
     if stage == "serve":
         common = ["--users", "1,32", "--mix", "both", "--no-ui", "--baseline-repeats", "1", *out]
         if cuda:

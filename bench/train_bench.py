@@ -242,9 +242,12 @@ def data_stats(d: Data, max_len: int, num_image_tokens: int) -> dict:
 
 
 # ------------------------------------------------------------------- timing
-def timed_steps(run_step, plan: list, warm_plan: list, warmup: int, device: str, memory: PeakMemory) -> dict:
+def timed_steps(run_step, plan: list, warm_plan: list, warmup: int, device: str, memory: PeakMemory,
+                profile: bool = False) -> dict:
     """``warmup`` untimed steps of ``warm_plan`` (cycled), then every step of
-    ``plan`` timed alone; ``run_step(item) -> (loss, StepBatch-like)``."""
+    ``plan`` timed alone; ``run_step(item) -> (loss, StepBatch-like)``. With
+    ``profile``, one more (untimed) step of ``warm_plan`` runs under the torch
+    profiler: its top operators and kernels go in ``profile``."""
     memory.reset()
     for k in range(warmup):
         run_step(warm_plan[k % len(warm_plan)])
@@ -269,7 +272,50 @@ def timed_steps(run_step, plan: list, warm_plan: list, warmup: int, device: str,
         "step_s_mean": seconds / len(times), "step_s_median": statistics.median(times), "step_s_min": min(times),
         "step_s": times, "peak_gib": memory.peak_gib(), "first_loss": losses[0], "last_loss": losses[-1],
         "loss_finite": all(math.isfinite(x) for x in losses),
+        **({"profile": profile_step(lambda: run_step(warm_plan[0]), device)} if profile else {}),
     }
+
+
+def profile_step(fn, device: str, top: int = 25) -> dict:
+    """One call of ``fn`` under ``torch.profiler``: the operators and kernels
+    with the most self time on the device (the CPU's own time on the CPU),
+    each with its calls and share of the step, and totals by kind."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    sync(device)
+    t = time.perf_counter()
+    with profile(activities=acts) as prof:
+        fn()
+        sync(device)
+    wall = time.perf_counter() - t
+
+    def self_us(e) -> float:
+        if device == "cuda":
+            return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0)
+        return float(e.self_cpu_time_total)
+
+    events = [e for e in prof.key_averages() if self_us(e) > 0]
+    total = sum(self_us(e) for e in events) or 1.0
+    kinds = {"matmul": ("gemm", "matmul", "aten::mm", "aten::addmm", "aten::bmm", "cublas", "cutlass", "xmma", "sm90"),
+             "4-bit dequantize": ("dequant", "kdequant", "bitsandbytes"),
+             "attention": ("attention", "fmha", "flash", "sdpa", "efficient"),
+             "loss/softmax": ("softmax", "cross_entropy", "nll", "log_softmax")}
+    by_kind = {k: 0.0 for k in kinds}
+    for e in events:
+        name = e.key.lower()
+        kind = next((k for k, words in kinds.items() if any(w in name for w in words)), None)
+        if kind:
+            by_kind[kind] += self_us(e)
+    by_kind["other (elementwise, norms, copies, ...)"] = total - sum(by_kind.values())
+    rows = sorted(events, key=self_us, reverse=True)[:top]
+    del torch
+    return {"wall_s": round(wall, 4), "measured": "device self time" if device == "cuda" else "CPU self time",
+            "total_ms": round(total / 1000, 3),
+            "by_kind_share": {k: round(v / total, 4) for k, v in by_kind.items()},
+            "top": [{"name": e.key[:120], "calls": e.count, "ms": round(self_us(e) / 1000, 3),
+                     "share": round(self_us(e) / total, 4)} for e in rows]}
 
 
 def free(device: str) -> None:
@@ -284,7 +330,7 @@ def free(device: str) -> None:
 
 # ----------------------------------------------------------------- baseline
 def hf_peft(cfg, device: str, data: Data, timed: list[int], warm: list[int], batch: int, max_len: int, warmup: int,
-            memory: PeakMemory, pad_modes: list[str]) -> dict:
+            memory: PeakMemory, pad_modes: list[str], profile: bool = False) -> dict:
     """The bare loop: plain transformers + peft, images spliced by hand."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -364,14 +410,14 @@ def hf_peft(cfg, device: str, data: Data, timed: list[int], warm: list[int], bat
     for mode in pad_modes:
         width = max_len if mode == "max_length" else None
         r = timed_steps(lambda idx, width=width: step(idx, width), batches(timed), batches(warm), warmup, device,
-                        memory)
+                        memory, profile=profile and mode == "max_length")
         out[f"hf_peft_{mode}"] = {"batching": f"padding={mode!r}, data order", "loss": "transformers", **r}
     return {"load_s": load_s, "trainable_params": sum(p.numel() for p in params), "variants": out}
 
 
 # ---------------------------------------------------------------------- job
 def job(cfg, device: str, data: Data, timed: list[int], warm: list[int], batch: int, max_len: int, warmup: int,
-        memory: PeakMemory, variants: list[str]) -> dict:
+        memory: PeakMemory, variants: list[str], profile: bool = False) -> dict:
     """The Ray Train worker's step, in this process."""
     from models.multimodal import MultimodalPhi3
     from ray_jobs import strategy
@@ -401,7 +447,7 @@ def job(cfg, device: str, data: Data, timed: list[int], warm: list[int], batch: 
             replicas.step(loss)
             return loss.item(), b
 
-        r = timed_steps(run_step, plan(timed), plan(warm), warmup, device, memory)
+        r = timed_steps(run_step, plan(timed), plan(warm), warmup, device, memory, profile=profile and name == "job")
         batching = (f"packed: {batch} rows of <= {max_len} tokens, block-diagonal attention" if s.packing
                     else f"length buckets of {batch} (ray_jobs.data.length_batches), padded to the longest")
         out[name] = {"batching": batching, "loss": f"chunked ({s.loss_chunk} tokens)" if s.loss_chunk else "transformers",
@@ -436,6 +482,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help=f"job variants to time, comma-separated, from {', '.join(JOB_VARIANTS)}")
     ap.add_argument("--no-longest", action="store_true", help="skip the padding='longest' baseline")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile one extra step of the max-length baseline and of the job: top operators/kernels "
+                         "and time by kind in the JSON (compare shares: the two steps differ in size)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/train-<device>.json)")
     args = ap.parse_args(argv)
@@ -484,7 +533,8 @@ def run(args: argparse.Namespace) -> dict:
           f"{json.dumps({k: round(v, 3) for k, v in data_stats(timed_data, args.max_len, spec['num_tokens']).items()})}",
           flush=True)
     memory = PeakMemory(device)
-    common = {"batch": args.batch, "max_len": args.max_len, "warmup": args.warmup, "memory": memory}
+    common = {"batch": args.batch, "max_len": args.max_len, "warmup": args.warmup, "memory": memory,
+              "profile": args.profile}
     modes = ["max_length"] + ([] if args.no_longest else ["longest"])
     print(f"baseline: plain transformers + peft ({', '.join('padding=' + m for m in modes)}) ...", flush=True)
     base = hf_peft(cfg, device, data, timed, warm, pad_modes=modes, **common)
@@ -551,6 +601,12 @@ def print_table(res: dict) -> None:
               f"{r['ratio_vs_hf_peft']:>9.2f} {'' if longest is None else f'{longest:.2f}':>13}")
     print(f"real tokens: conversation tokens without padding (every side the same {d['conversations']} conversations); "
           f"step s: median; padding: share of computed positions that are padding; peak: {res['peak_memory']}")
+    for name, r in res["variants"].items():
+        p = r.get("profile")
+        if p:
+            kinds = ", ".join(f"{k} {v:.0%}" for k, v in p["by_kind_share"].items())
+            top = "; ".join(f"{t['name'][:48]} {t['share']:.0%}" for t in p["top"][:5])
+            print(f"profile {name} ({p['measured']}, {p['total_ms']:,.0f} ms): {kinds}\n    top: {top}")
 
 
 def main(argv=None) -> dict:

@@ -168,4 +168,9 @@ def test_cpu_rehearsal_end_to_end(tmp_path):
         assert got == want and int(want) > 0, kv
         assert res["serve"][f"engine_{kv}_decode_tok_s_batch1"] > 0
     assert res["serve"]["llm_cache"]["kv_cache"] == "static"
+    # one profiled step per training side: where its time goes, for the next optimisation
+    for side in ("hf_peft_max_length", "job"):
+        prof = res["details"]["train"]["variants"][side]["profile"]
+        assert prof["top"] and sum(prof["by_kind_share"].values()) == pytest.approx(1.0, abs=1e-3)
+        assert prof["by_kind_share"]["matmul"] > 0.2, prof["by_kind_share"]  # a transformer step is mostly matmuls
     assert "train.ratio_vs_hf_peft" in proc.stdout  # the table
