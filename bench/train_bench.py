@@ -68,7 +68,10 @@ JOB_VARIANTS = {  # TrainSettings changes of each job variant
     "job": {},
     "job_packed": {"packing": True},
     "job_hf_loss": {"loss_chunk": 0},
+    # fused kernels patch the model for good: always the last variant; GPU only
+    "job_liger": {"kernels": "liger"},
 }
+GPU_ONLY = {"job_liger"}
 
 
 def offline_overrides(preset: str) -> list[str]:
@@ -419,6 +422,7 @@ def hf_peft(cfg, device: str, data: Data, timed: list[int], warm: list[int], bat
 def job(cfg, device: str, data: Data, timed: list[int], warm: list[int], batch: int, max_len: int, warmup: int,
         memory: PeakMemory, variants: list[str], profile: bool = False) -> dict:
     """The Ray Train worker's step, in this process."""
+    from models.kernels import apply_kernels
     from models.multimodal import MultimodalPhi3
     from ray_jobs import strategy
     from ray_jobs.packing import TrainingForward
@@ -447,7 +451,16 @@ def job(cfg, device: str, data: Data, timed: list[int], warm: list[int], batch: 
             replicas.step(loss)
             return loss.item(), b
 
-        r = timed_steps(run_step, plan(timed), plan(warm), warmup, device, memory, profile=profile and name == "job")
+        try:
+            apply_kernels(model.llm, s.kernels, device)
+            r = timed_steps(run_step, plan(timed), plan(warm), warmup, device, memory, profile=profile and name == "job")
+        except Exception as e:  # an optional accelerator that fails here is a result, not the end of the run
+            if name not in GPU_ONLY:
+                raise
+            print(f"  {name} failed: {type(e).__name__}: {e}", flush=True)
+            out[name] = {"error": f"{type(e).__name__}: {e}"[:2000], "settings": JOB_VARIANTS[name]}
+            free(device)
+            continue
         batching = (f"packed: {batch} rows of <= {max_len} tokens, block-diagonal attention" if s.packing
                     else f"length buckets of {batch} (ray_jobs.data.length_batches), padded to the longest")
         out[name] = {"batching": batching, "loss": f"chunked ({s.loss_chunk} tokens)" if s.loss_chunk else "transformers",
@@ -478,8 +491,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="median text tokens per conversation (default 200 x max-len / 1024)")
     ap.add_argument("--sigma", type=float, default=0.6, help="lognormal sigma of the text lengths")
     ap.add_argument("--image-share", type=float, default=0.9, help="share of conversations with an image")
-    ap.add_argument("--variants", default=",".join(JOB_VARIANTS),
-                    help=f"job variants to time, comma-separated, from {', '.join(JOB_VARIANTS)}")
+    ap.add_argument("--variants", default=None,
+                    help=f"job variants to time, comma-separated, from {', '.join(JOB_VARIANTS)} "
+                         f"(default: all; {', '.join(sorted(GPU_ONLY))} with --gpu only)")
     ap.add_argument("--no-longest", action="store_true", help="skip the padding='longest' baseline")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--profile", action="store_true",
@@ -492,10 +506,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.variants is None:
+        args.variants = ",".join(v for v in JOB_VARIANTS if args.gpu or v not in GPU_ONLY)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = set(args.variants) - set(JOB_VARIANTS)
     if unknown or not args.variants:
         ap.error(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(JOB_VARIANTS)}")
+    if not args.gpu and set(args.variants) & GPU_ONLY:
+        ap.error(f"--variants: {', '.join(sorted(set(args.variants) & GPU_ONLY))} need --gpu")
+    # a variant that patches the model goes last, so the others run unpatched
+    args.variants.sort(key=lambda v: v in GPU_ONLY)
     if args.median_text is None:
         args.median_text = 200 * args.max_len / 1024
     return args
@@ -547,6 +567,8 @@ def run(args: argparse.Namespace) -> dict:
     longest = base["variants"].get("hf_peft_longest")
     sides = {**base["variants"], **mine["variants"]}
     for r in sides.values():
+        if "error" in r:
+            continue
         r["ratio_vs_hf_peft"] = r["tokens_per_s"] / ref["tokens_per_s"]
         if longest:
             r["ratio_vs_hf_peft_longest"] = r["tokens_per_s"] / longest["tokens_per_s"]
@@ -595,6 +617,9 @@ def print_table(res: dict) -> None:
             f"{'peak GiB':>9} {'vs HF max':>9} {'vs HF longest':>13}")
     print(head)
     for name, r in res["variants"].items():
+        if "error" in r:
+            print(f"{name:<22} failed: {r['error'][:200]}")
+            continue
         longest = r.get("ratio_vs_hf_peft_longest")
         print(f"{name:<22} {r['steps']:>5} {r['tokens_per_s']:>11,.0f} {r['supervised_tokens_per_s']:>11,.0f} "
               f"{r['step_s_median']:>8.3f} {r['padding_share']:>8.1%} {r['peak_gib']:>9.2f} "

@@ -37,6 +37,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from models.kernels import KERNELS
+
 log = logging.getLogger(__name__)
 
 
@@ -73,6 +75,8 @@ class TrainSettings:
     packing: bool = False
     # LM head + cross-entropy on answer tokens only, this many tokens at a time; 0: the model's own loss
     loss_chunk: int = 1024
+    # fused GPU kernels for norms, MLP and rotary embedding (models.kernels): none | liger
+    kernels: str = "none"
 
     def run_name(self) -> str:
         return self.name or f"{Path(self.data).name}-{self.stage}"
@@ -205,6 +209,7 @@ def train_loop(config: dict) -> None:
     from data_pipelines.embed import EmbeddingStore
     from models.checkpoint import load_checkpoint
     from models.config import config_from_dict
+    from models.kernels import apply_kernels
     from models.multimodal import MultimodalPhi3
 
     from . import data as D
@@ -242,6 +247,7 @@ def train_loop(config: dict) -> None:
     if s.stage == "projector":  # stage 1: only the projector learns
         for n, p in model.named_parameters():
             p.requires_grad_(n.startswith("projector."))
+    apply_kernels(model.llm, s.kernels, device)
     tok = model.tokenizer
     store = EmbeddingStore(s.embeddings)
     from models.checkpoint import assert_compatible, identity
@@ -358,6 +364,10 @@ def run(s: TrainSettings) -> dict:
         raise ValueError(f"--resources-per-worker: {e}") from None
     if s.strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {s.strategy!r}")
+    if s.kernels not in KERNELS:
+        raise ValueError(f"--kernels must be one of {', '.join(KERNELS)}, got {s.kernels!r}")
+    if s.kernels != "none" and not s.gpu:
+        raise ValueError(f"--kernels {s.kernels} runs on GPUs only: add --gpu, or leave --kernels none")
     if s.init:
         from models.checkpoint import read_meta
 
@@ -415,6 +425,9 @@ def add_arguments(p: argparse.ArgumentParser, stage: str | None = None) -> None:
                         "(block-diagonal attention; a step then holds a varying number of conversations)")
     p.add_argument("--loss-chunk", type=int, default=1024,
                    help="LM head + cross-entropy on answer tokens only, this many at a time (0: the model's own loss)")
+    p.add_argument("--kernels", choices=KERNELS, default="none",
+                   help="fused GPU kernels for RMSNorm, SwiGLU and rotary embedding (liger: Liger Kernel, "
+                        "pip install liger-kernel; needs --gpu)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--resources-per-worker", action=ResourcesAction, hints=RESOURCE_HINTS,
                    help="custom Ray resource per worker, repeatable, e.g. train_gpu=1: workers run only on "
@@ -441,7 +454,7 @@ def settings_from_args(stage: str, a: argparse.Namespace) -> TrainSettings:
                          lr=a.lr, projector_lr_scale=a.projector_lr_scale, warmup=a.warmup, eval_every=a.eval_every, ckpt_every=a.ckpt_every,
                          eval_samples=a.eval_samples, max_failures=a.max_failures, threads=a.threads,
                          seed=a.seed, address=a.address, strategy=a.strategy, zero_stage=a.zero_stage,
-                         packing=a.packing, loss_chunk=a.loss_chunk)
+                         packing=a.packing, loss_chunk=a.loss_chunk, kernels=a.kernels)
 
 
 def main(stage: str, args: argparse.Namespace) -> int:

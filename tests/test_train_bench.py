@@ -114,3 +114,14 @@ def test_the_run_is_described(result):
     d = result["data"]
     assert d["max_tokens"] <= MAX_LEN and d["min_tokens"] <= d["median_tokens"] <= d["p90_tokens"] <= d["max_tokens"]
     assert "lognormal" in d["text_tokens"]
+
+
+def test_gpu_only_variants_run_with_gpu_and_last():
+    tb = _bench()
+    assert "job_liger" not in tb.parse_args([]).variants  # CPU default: what can run here
+    gpu = tb.parse_args(["--gpu"]).variants
+    assert gpu[-1] == "job_liger" and set(gpu) == set(tb.JOB_VARIANTS)
+    # asked first, still run last: its kernels patch the model for the variants after it
+    assert tb.parse_args(["--gpu", "--variants", "job_liger,job"]).variants == ["job", "job_liger"]
+    with pytest.raises(SystemExit):
+        tb.parse_args(["--variants", "job_liger"])
