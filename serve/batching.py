@@ -181,6 +181,7 @@ class ContinuousBatcher:
         from transformers import DynamicCache
 
         self._cache_class = DynamicCache
+        self._cache_arg = cache_kwarg(model.llm)
         self.model = model
         self.options = replace(options or BatchingOptions(), max_batch_size=max_batch_size)
         self._max_batch_size = max_batch_size
@@ -357,8 +358,8 @@ class ContinuousBatcher:
         ids = torch.tensor([req.input_ids], dtype=torch.long, device=self.device)
         embeds = self.model.embed(ids, req.features_tensor())
         cache = self._cache_class()
-        out = self.model.llm(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), cache=cache,
-                             use_cache=True, logits_to_keep=1)
+        out = self.model.llm(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), use_cache=True,
+                             logits_to_keep=1, **{self._cache_arg: cache})
         return cache, out.logits[:, -1]
 
     def _decode(self) -> list[int]:
@@ -371,8 +372,8 @@ class ContinuousBatcher:
         ids = torch.tensor([[r.last] for r in rows], dtype=torch.long, device=self.device)
         positions = torch.tensor([[r.position] for r in rows], dtype=torch.long, device=self.device)
         mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
-        out = self.model.llm(input_ids=ids, attention_mask=mask, position_ids=positions, cache=self._cache,
-                             use_cache=True)
+        out = self.model.llm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             **{self._cache_arg: self._cache})
         self._mask = mask
         self.stats["steps"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
@@ -465,6 +466,17 @@ class ContinuousBatcher:
 
     def _reset(self) -> None:
         self._rows, self._cache, self._mask = [], None, None
+
+
+def cache_kwarg(llm) -> str:
+    """The name the causal LM's ``forward`` gives its KV cache argument:
+    ``cache`` in recent transformers releases, ``past_key_values`` before (an
+    unknown keyword would be swallowed by ``**kwargs`` and the cache left empty)."""
+    import inspect
+
+    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    params = inspect.signature(type(base).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _top_p(scores: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -21,9 +21,12 @@ def llm(tiny_model):
 def prefill(llm, ids: list[int]):
     from transformers import DynamicCache
 
+    from serve.batching import cache_kwarg
+
     cache = DynamicCache()
     with torch.no_grad():
-        llm(input_ids=torch.tensor([ids]), cache=cache, use_cache=True)
+        llm(input_ids=torch.tensor([ids]), use_cache=True, **{cache_kwarg(llm): cache})
+    assert cache.layers[0].keys.shape[-2] == len(ids)  # the model really filled it
     return cache
 
 
@@ -178,3 +181,21 @@ def test_served_llm_has_its_adapter_merged(tiny_model, monkeypatch):
     served = load_llm(resolve(settings), settings)
     assert not hasattr(served.llm, "peft_config")
     torch.testing.assert_close(full_logits(served.llm, ids), apart, atol=1e-4, rtol=1e-4)
+
+
+def test_cache_keyword_follows_the_transformers_release(tiny_model):
+    from serve.batching import cache_kwarg
+
+    class Old:
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None, **kwargs):
+            pass
+
+    class New:
+        def forward(self, input_ids=None, cache=None, use_cache=None, **kwargs):
+            pass
+
+    assert cache_kwarg(Old()) == "past_key_values" and cache_kwarg(New()) == "cache"
+    import inspect
+
+    installed = inspect.signature(type(tiny_model.llm.get_base_model()).forward).parameters
+    assert cache_kwarg(tiny_model.llm) in installed
