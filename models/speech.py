@@ -148,7 +148,7 @@ def load_whisper(cfg: SpeechConfig, device: str | torch.device = "cpu") -> Whisp
     the cache on first use) or a path to a checkpoint file.
     """
     if cfg.random_init is not None:
-        spec = {"random_init": cfg.random_init, "seed": cfg.seed}
+        spec = random_spec(cfg)
         name = str(materialize("whisper", spec, lambda folder: _build_random(cfg, folder)) / "model.pt")
     else:
         name = str(cfg.model)
@@ -164,11 +164,20 @@ def load_whisper(cfg: SpeechConfig, device: str | torch.device = "cpu") -> Whisp
     return model
 
 
+def random_spec(cfg: SpeechConfig) -> dict:
+    """What the cached random Whisper is keyed by (``init`` names the
+    initialisation below; a change to it makes a new cache entry)."""
+    return {"random_init": cfg.random_init, "seed": cfg.seed, "init": "decoder-positions-normal-0.01"}
+
+
 def _build_random(cfg: SpeechConfig, folder: Path) -> None:
     dims = ModelDimensions(**cfg.random_init)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = Whisper(dims)
+        # openai-whisper leaves the text decoder's learned position embedding as
+        # torch.empty: whatever the memory held, NaN included. Draw it instead.
+        torch.nn.init.normal_(model.decoder.positional_embedding, std=0.01)
     torch.save({"dims": dims.__dict__, "model_state_dict": model.state_dict()}, folder / "model.pt")
     log.info("materialised random Whisper %s (seed %d) in %s", dims, cfg.seed, folder)
 
