@@ -5,10 +5,12 @@ background thread. Requests join and leave the running batch at step
 boundaries; every step
 
 1. admits waiting requests (up to ``max_batch_size`` rows in all): each is
-   prefilled alone, through the model's own embedding path (image features
-   spliced over the placeholders, ``MultimodalPhi3.embed``), exactly as a
-   single ``generate`` call prefills it; its first token is sampled and
-   streamed, and its KV cache joins the batch's;
+   embedded through the model's own path (image features spliced over the
+   placeholders, ``MultimodalPhi3.embed``) and prefilled, a lone request as a
+   single ``generate`` call prefills it, several waiting ones together in
+   groups of similar length (right-padded, so each row sees only its own
+   tokens; ``prefill_batch_tokens`` bounds a group); each one's first token is
+   sampled and streamed, and its KV cache joins the batch's;
 2. decodes one token for every row in one forward pass;
 3. applies each row's own sampling settings and streams each row's token to
    its caller;
@@ -107,6 +109,8 @@ class BatchingOptions:
     kv_cache_fraction: float = 0.9
     # capture the static cache's decoding step as CUDA graphs (GPU only)
     cuda_graphs: bool = True
+    # waiting requests are prefilled together, up to this many padded tokens per forward pass
+    prefill_batch_tokens: int = 8192
 
     @classmethod
     def from_dict(cls, data: dict | None) -> BatchingOptions:
@@ -130,6 +134,9 @@ class BatchingOptions:
             raise ValueError(f"kv_cache_fraction must be a number in (0, 0.95], got {frac!r}")
         if not isinstance(opts.cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be true or false, got {opts.cuda_graphs!r}")
+        pbt = opts.prefill_batch_tokens
+        if isinstance(pbt, bool) or not isinstance(pbt, int) or pbt < 1:
+            raise ValueError(f"prefill_batch_tokens must be a positive integer, got {pbt!r}")
         return opts
 
     def cache_key(self) -> tuple:
@@ -157,6 +164,20 @@ class _Row:
     last: int  # the token fed next
     generated: int = 1
     done: bool = field(default=False)
+
+
+class _RowCache:
+    """Row ``i``'s first ``n`` columns of a batch's KV cache, shaped like a
+    one-request cache (``layers[k].keys`` of shape (1, heads, n, dim))."""
+
+    def __init__(self, cache, i: int, n: int):
+        self.layers = [_Layer(layer.keys[i:i + 1, :, :n], layer.values[i:i + 1, :, :n]) for layer in cache.layers]
+
+
+@dataclass
+class _Layer:
+    keys: torch.Tensor
+    values: torch.Tensor
 
 
 def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -326,41 +347,97 @@ class ContinuousBatcher:
         return True
 
     def _admit(self) -> bool:
-        admitted = False
-        while len(self._rows) < self.max_batch_size:
-            with self._cond:
-                if not self._pending:
-                    break
+        """Take waiting requests into free rows. Their prompts are prefilled
+        together, in groups of similar length of at most
+        ``prefill_batch_tokens`` padded tokens (one forward pass each); a
+        request that fails (bad input) fails alone."""
+        tickets = []
+        with self._cond:
+            while len(self._rows) + len(tickets) < self.max_batch_size and self._pending:
                 ticket = self._pending.popleft()
-            if ticket.cancelled:
-                continue
-            admitted = True
+                if not ticket.cancelled:
+                    tickets.append(ticket)
+        ready = []
+        for ticket in tickets:
             try:
-                if not self.fits(ticket.request):
-                    req = ticket.request
+                req = ticket.request
+                if not self.fits(req):
                     raise ValueError(f"{len(req.input_ids)} prompt tokens + max_new_tokens {req.max_new_tokens} "
                                      f"exceed a KV cache row of {self.static.max_len} tokens")
-                cache, logits = self._prefill(ticket.request)
-                token = self._sample(logits, [ticket.request], [0])[0]
-            except Exception as e:  # bad input or no memory: this request fails alone
+                ids = torch.tensor([req.input_ids], dtype=torch.long, device=self.device)
+                ready.append((ticket, self.model.embed(ids, req.features_tensor())))
+            except Exception as e:  # bad input: this request fails alone
                 _emit(ticket, e)
-                continue
-            self.stats["prefills"] += 1
-            row = _Row(ticket, position=len(ticket.request.input_ids), last=token)
-            self._deliver(row, token)
-            if not row.done and not ticket.cancelled:
-                self._join(row, cache)
-        return admitted
+        for group in self._prefill_groups(ready):
+            try:
+                results = self._prefill(group)
+            except Exception as e:  # e.g. out of memory for the group: each alone, each failing alone
+                if len(group) == 1:
+                    _emit(group[0][0], e)
+                    continue
+                log.warning("prefill of %d requests together failed (%s); prefilling them one by one", len(group), e)
+                results = []
+                for one in group:
+                    try:
+                        results += self._prefill([one])
+                    except Exception as e1:  # noqa: BLE001
+                        _emit(one[0], e1)
+            for ticket, cache, logits in results:
+                self._start(ticket, cache, logits)
+        return bool(tickets)
 
-    def _prefill(self, req: GenerationRequest):
-        """One request alone, as ``generate`` prefills it: its KV cache and
-        the logits of its last position."""
-        ids = torch.tensor([req.input_ids], dtype=torch.long, device=self.device)
-        embeds = self.model.embed(ids, req.features_tensor())
+    def _prefill_groups(self, ready: list) -> list[list]:
+        """Requests of similar prompt length together, each group padding to
+        at most ``prefill_batch_tokens`` tokens (a longer prompt goes alone)."""
+        budget = self.options.prefill_batch_tokens
+        groups: list[list] = []
+        for item in sorted(ready, key=lambda x: x[1].shape[1]):
+            n = item[1].shape[1]
+            if groups and (len(groups[-1]) + 1) * n <= budget:
+                groups[-1].append(item)
+            else:
+                groups.append([item])
+        return groups
+
+    def _prefill(self, group: list) -> list[tuple]:
+        """Prompts (embedded) through the model in one forward pass, right-
+        padded to the longest: padding comes after every real token, so causal
+        attention gives each row what it gets alone. Per request: its KV cache
+        (a view of its row's real columns) and the logits of its last token."""
+        if len(group) == 1:
+            ticket, embeds = group[0]
+            cache = self._cache_class()
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
+            out = self.model.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1,
+                                 **{self._cache_arg: cache})
+            return [(ticket, cache, out.logits[:, -1])]
+        lengths = [e.shape[1] for _, e in group]
+        width, first = max(lengths), group[0][1]
+        embeds = first.new_zeros(len(group), width, first.shape[-1])
+        mask = torch.zeros(len(group), width, dtype=torch.long, device=self.device)
+        for i, (_, e) in enumerate(group):
+            embeds[i, : lengths[i]] = e[0]
+            mask[i, : lengths[i]] = 1
+        keep = sorted({n - 1 for n in lengths})  # only the last positions' logits
         cache = self._cache_class()
-        out = self.model.llm(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), use_cache=True,
-                             logits_to_keep=1, **{self._cache_arg: cache})
-        return cache, out.logits[:, -1]
+        out = self.model.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=True,
+                             logits_to_keep=torch.tensor(keep, device=self.device), **{self._cache_arg: cache})
+        self.stats["batched_prefills"] = self.stats.get("batched_prefills", 0) + 1
+        return [(ticket, _RowCache(cache, i, n), out.logits[i, keep.index(n - 1)].unsqueeze(0))
+                for i, ((ticket, _), n) in enumerate(zip(group, lengths))]
+
+    def _start(self, ticket: Ticket, cache, logits: torch.Tensor) -> None:
+        """A prefilled request: its first token, then a row unless it is done."""
+        try:
+            token = self._sample(logits, [ticket.request], [0])[0]
+        except Exception as e:  # noqa: BLE001
+            _emit(ticket, e)
+            return
+        self.stats["prefills"] += 1
+        row = _Row(ticket, position=len(ticket.request.input_ids), last=token)
+        self._deliver(row, token)
+        if not row.done and not ticket.cancelled:
+            self._join(row, cache)
 
     def _decode(self) -> list[int]:
         rows = self._rows
@@ -418,6 +495,11 @@ class ContinuousBatcher:
             self.static.load(len(self._rows), cache)
             self._rows.append(row)
             return
+        if isinstance(cache, _RowCache):  # a row of a batched prefill: its own cache, not views
+            own = self._cache_class()
+            for i, layer in enumerate(cache.layers):
+                own.update(layer.keys.contiguous(), layer.values.contiguous(), i)
+            cache = own
         if self._cache is None or not self._rows:
             self._cache = cache
             self._mask = torch.ones(1, length, dtype=torch.long, device=self.device)

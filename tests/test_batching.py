@@ -149,6 +149,7 @@ def test_staggered_greedy_requests_equal_one_at_a_time_generate(model, images, k
         assert s.done.is_set() and s.error is None and s.items_after_done == 0, k
         assert s.tokens == e, f"request {k}: batched {s.tokens} != alone {e}"
     assert batcher.stats["largest_batch"] >= 4  # rows really shared forward passes
+    assert batcher.stats["batched_prefills"] >= 2  # requests that arrived together were prefilled together
     assert batcher.stats["steps"] < sum(len(e) for e in expected) - len(expected)
     assert batcher.active == 0 and batcher._cache is None
     if batcher.static is not None:  # rows that left below others had the last row moved into their place
@@ -226,6 +227,21 @@ def test_sampling_settings_per_row(model, images, kv):
     assert not set(hot) & set(stops) and hot != greedy[2][:len(hot)]
 
 
+def test_prefill_groups_stay_within_their_token_budget(model, images):
+    reqs = make_requests(model, images)  # prompt lengths 12 to 45 tokens
+    stops = list(model.tokenizer.stop_ids)
+    expected = [reference(model, r, stops) for r in reqs]
+    longest = max(len(r.input_ids) for r in reqs)
+    for budget, batched in ((1, False), (2 * longest, True)):
+        batcher = make(model, "static", stop_ids=stops, options={"prefill_batch_tokens": budget})
+        groups = batcher._prefill_groups([(None, torch.zeros(1, len(r.input_ids), 4)) for r in reqs])
+        assert all(len(g) * max(e.shape[1] for _, e in g) <= budget or len(g) == 1 for g in groups)
+        assert sum(len(g) for g in groups) == len(reqs) and (max(map(len, groups)) > 1) == batched
+        sinks = run_schedule(batcher, {0: list(range(len(reqs)))}, reqs)
+        assert [s.tokens for s in sinks] == expected, budget
+        assert (batcher.stats.get("batched_prefills", 0) > 0) == batched
+
+
 def test_top_p_keeps_the_smallest_likely_set():
     from serve.batching import _top_p
 
@@ -241,7 +257,7 @@ def test_batching_options():
     assert BatchingOptions.from_dict({"kv_cache": "dynamic", "max_seq_len": 512}).max_seq_len == 512
     for bad in ({"max_batch_size": 0}, {"max_batch_size": True}, {"continuous_batching": "yes"}, {"batch": 2},
                 {"kv_cache": "paged"}, {"max_seq_len": 8}, {"max_seq_len": "long"}, {"kv_cache_fraction": 0},
-                {"kv_cache_fraction": 1.5}, {"cuda_graphs": "auto"}):
+                {"kv_cache_fraction": 1.5}, {"cuda_graphs": "auto"}, {"prefill_batch_tokens": 0}):
         with pytest.raises(ValueError):
             BatchingOptions.from_dict(bad)
 
