@@ -21,6 +21,7 @@ it never takes a replica down.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -158,7 +159,7 @@ class LLM:
 
     def reconfigure(self, config: dict) -> None:
         """Apply the deployment's ``user_config`` (also live, on ``serve deploy``).
-        ``max_batch_size`` and ``continuous_batching`` apply at once; the
+        ``max_batch_size``, ``prefill_batch_tokens`` and ``continuous_batching`` apply at once; the
         cache options (``kv_cache``, ``max_seq_len``, ``kv_cache_fraction``,
         ``cuda_graphs``, and ``max_batch_size`` with the static cache, whose
         rows it sizes) rebuild the batcher when it is idle, else apply when
@@ -177,8 +178,10 @@ class LLM:
             self.batcher = ContinuousBatcher(self.model, self.options.max_batch_size,
                                              suppress_ids=[self.model.tokenizer.ids.image], options=self.options,
                                              context_length=self.context_length).start()
-        if self.batcher is not None:
+        if self.batcher is not None:  # the options that apply live
             self.batcher.max_batch_size = self.options.max_batch_size
+            self.batcher.options = dataclasses.replace(self.batcher.options,
+                                                       prefill_batch_tokens=self.options.prefill_batch_tokens)
         log.info("LLM batching: %s", f"continuous, up to {self.batcher.max_batch_size} rows per step, "
                  f"{self.batcher.describe()}" if self.options.continuous_batching else
                  "off (one generate call per request)")
