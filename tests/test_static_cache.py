@@ -199,3 +199,38 @@ def test_cache_keyword_follows_the_transformers_release(tiny_model):
 
     installed = inspect.signature(type(tiny_model.llm.get_base_model()).forward).parameters
     assert cache_kwarg(tiny_model.llm) in installed
+
+
+def test_llm_deployment_rebuilds_its_cache_and_routes_long_requests():
+    """The LLM deployment's class without Ray: user_config changes, and a
+    request longer than a static row answered through ``generate``."""
+    import asyncio
+
+    from serve.deployments import LLM
+
+    llm = LLM.func_or_class({"preset": "tiny", "device": "cpu"})
+    try:
+        first = llm.batcher
+        assert llm.batching_stats()["kv_cache"] == "static" and first.static.max_len == 1024
+        llm.reconfigure({"prefill_batch_tokens": 100})  # live: same batcher
+        assert llm.batcher is first and first.options.prefill_batch_tokens == 100
+        llm.reconfigure({"max_seq_len": 64})  # the cache's shape: a new batcher, the idle one closed
+        assert llm.batcher is not first and not first.alive() and llm.batcher.static.max_len == 64
+        llm.reconfigure({"max_seq_len": 64, "kv_cache": "dynamic"})
+        assert llm.batching_stats()["kv_cache"] == "dynamic"
+        llm.reconfigure({"max_seq_len": 64})
+        static = llm.batcher
+
+        async def ask(n_prompt: int, max_new: int) -> list[int]:
+            req = {"input_ids": list(range(10, 10 + n_prompt)), "max_new_tokens": max_new, "min_new_tokens": max_new}
+            return [t async for chunk in llm.generate(req) for t in chunk]
+
+        before = static.stats["prefills"]
+        assert len(asyncio.run(ask(60, 8))) == 8  # 68 tokens: longer than a row, so generate answers it
+        assert static.stats["prefills"] == before
+        assert len(asyncio.run(ask(20, 8))) == 8  # fits: the batching loop answers it
+        assert static.stats["prefills"] == before + 1
+    finally:
+        if llm.batcher is not None:
+            llm.batcher.close()
+        llm._pool.shutdown(wait=False)
