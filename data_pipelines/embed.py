@@ -266,11 +266,13 @@ def init_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if address and address != "local":
         ray.init(address=address, log_to_driver=True)
     else:
-        # logical CPUs above the core count: fractional tasks/actors never deadlock on a small machine
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), log_to_driver=True)
+        # a new local cluster (address "local": never a leftover one that
+        # /tmp/ray/ray_current_cluster still names); logical CPUs above the
+        # core count, so fractional tasks/actors never deadlock on a small machine
+        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), log_to_driver=True)
 
 
 def run(s: EmbedSettings) -> dict:

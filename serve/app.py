@@ -131,8 +131,8 @@ def run_local(
     if checkpoint is not None:
         args["checkpoint"] = str(Path(checkpoint).expanduser().resolve())
     ServeSettings.from_dict(args)  # fail here, not in four replicas
-    if not ray.is_initialized():
-        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
+    if not ray.is_initialized():  # a new local cluster, never a leftover one (see data_pipelines.embed.init_ray)
+        ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
                  log_to_driver=False)
     try:
         current = serve.context._global_client  # an already running Serve instance
