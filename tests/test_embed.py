@@ -190,3 +190,23 @@ def test_killed_run_resumes_without_redoing_finished_shards(image_set, tmp_path)
         assert (out / "shards" / name).stat().st_mtime_ns == stamp
     store = EmbeddingStore(str(out))
     assert store.paths() == rel and len(store) == N_IMAGES
+
+
+def test_init_ray_starts_its_own_local_cluster_unless_given_an_address(monkeypatch):
+    """Without an address the job starts a new local cluster (address "local"),
+    never one that /tmp/ray/ray_current_cluster still names after it died."""
+    import ray
+
+    import data_pipelines.embed as E
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    for env, arg in ((None, None), ("local", None), ("10.0.0.1:6379", None), (None, "10.0.0.2:6379")):
+        if env is None:
+            monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        else:
+            monkeypatch.setenv("RAY_ADDRESS", env)
+        E.init_ray(arg)
+    assert [c["address"] for c in calls] == ["local", "local", "10.0.0.1:6379", "10.0.0.2:6379"]
+    assert calls[0]["num_cpus"] >= 4 and "num_cpus" not in calls[2]  # a cluster's CPUs are its own
