@@ -125,7 +125,10 @@ def summarise_serve(r: dict) -> dict:
     one, many = levels.get(1, {}), levels.get(32, {})
     served, hf = many.get("output_tok_s"), (r.get("inprocess") or {}).get("tok_s", {}).get("32")
     itl = one.get("itl_ms_p50")
+    prompt_tokens = list(((r.get("inprocess") or {}).get("prompt_tokens") or {}).values())
+    context = sum(prompt_tokens) / len(prompt_tokens) + r["max_tokens"] / 2 if prompt_tokens else None
     return {"decode_tok_s_batch1": 1000 / itl if itl else None, "itl_ms_p50_batch1": itl,
+            "mean_context_tokens": context,
             "hf_decode_tok_s_batch1": _ratio(1000, (r.get("inprocess") or {}).get("itl_ms_batch1")),
             "served_tok_s_batch32": served, "hf_tok_s_batch32": hf, "ratio_vs_hf_batch32": _ratio(served, hf),
             "ttft_ms_p50": (one.get("ttft_ms_p50_by_kind") or {}).get("image"),
@@ -237,6 +240,59 @@ TABLE = [  # (key, what, format)
 ]
 
 
+def model_shapes(cuda: bool) -> tuple[dict, dict]:
+    """The CLIP tower's and Phi-3's shapes the stages run (for utilisation)."""
+    import open_clip
+
+    from models.config import load_config
+    from models.vision import _register
+
+    def config(stage: str):
+        argv = stage_argv(stage, cuda, Path("."))
+        preset = argv[argv.index("--preset") + 1] if "--preset" in argv else "tiny"
+        sets = [argv[k + 1] for k, a in enumerate(argv) if a == "--set"]
+        if stage == "train" and cuda:
+            sets = _module("train_bench").offline_overrides(preset) + sets
+        return load_config(preset, sets)
+
+    vc = config("embed").vision
+    _register(vc)
+    v = open_clip.get_model_config(vc.model)["vision_cfg"]
+    size = v["image_size"] if isinstance(v["image_size"], int) else v["image_size"][0]
+    run = vc.feature_layer % v["layers"] + 1 if vc.token_mode == "patches" else v["layers"]
+    vision = {"width": v["width"], "layers_run": run, "patch": v["patch_size"], "image": size,
+              "mlp_ratio": v.get("mlp_ratio", 4.0)}
+    lc = config("train")
+    llm = dict(lc.llm.random_init or {})
+    llm.setdefault("vocab_size", (lc.tokenizer.build or {}).get("vocab_size", 32064))
+    return vision, llm
+
+
+def add_utilisation(res: dict, cuda: bool) -> None:
+    """MFU / bandwidth utilisation of each figure (``bench/utilisation.py``)."""
+    try:
+        vision, llm = model_shapes(cuda)
+        res["utilisation"] = _module("utilisation").summarise(res["card"], vision, llm, res)
+    except Exception as e:  # noqa: BLE001 - the figures stand without it
+        res["utilisation"] = {"error": f"{type(e).__name__}: {e}"}
+
+
+UTIL_TABLE = [  # (key, what, format)
+    ("embed.job_mfu", "embedding job MFU", "{:.1%}"),
+    ("embed.bare_encoder_mfu", "encoder alone MFU", "{:.1%}"),
+    ("embed.compute_limit_images_per_s", "compute limit, images/s", "{:,.0f}"),
+    ("train.job_mfu", "training job MFU (useful FLOPs)", "{:.1%}"),
+    ("train.hf_peft_mfu", "HF+PEFT MFU (useful FLOPs)", "{:.1%}"),
+    ("train.liger_mfu", "training job + Liger MFU", "{:.1%}"),
+    ("serve.served_decode_batch1_hbm_util", "served decode, batch 1: HBM bandwidth used", "{:.1%}"),
+    ("serve.engine_static_batch1_hbm_util", "static-cache loop, batch 1: HBM bandwidth used", "{:.1%}"),
+    ("serve.hf_batch1_hbm_util", "generate, batch 1: HBM bandwidth used", "{:.1%}"),
+    ("serve.bandwidth_limit_tok_s_batch1", "bandwidth limit, tokens/s at batch 1", "{:,.0f}"),
+    ("serve.served_batch32_mfu", "served, 32 users: MFU", "{:.1%}"),
+    ("serve.hf_batch32_mfu", "generate, batch 32: MFU", "{:.1%}"),
+]
+
+
 def print_table(res: dict) -> None:
     print(f"\nGPU benchmark: {res['card']}, {res['date']}, {res['mode']}")
     for stage in [s for s in res["stages"] if s in res]:
@@ -249,6 +305,17 @@ def print_table(res: dict) -> None:
             continue
         v = res[stage].get(field)
         print(f"{key:<32} {('-' if v is None else f.format(v)):>10}  {what}")
+    util = res.get("utilisation") or {}
+    if util.get("error"):
+        print(f"utilisation: {util['error']}")
+    elif util.get("peaks"):
+        p = util["peaks"]
+        print(f"utilisation against {p['bf16_dense_tflops']:g} TFLOP/s bf16 dense, {p['hbm_tb_s']:g} TB/s ({p['source']}):")
+        for key, what, f in UTIL_TABLE:
+            stage, field = key.split(".")
+            v = (util.get(stage) or {}).get(field)
+            if v is not None:
+                print(f"  {key:<38} {f.format(v):>10}  {what}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -293,6 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
             res["details"][stage] = entry.pop("details")
         res[stage] = entry
         res["seconds"] = time.perf_counter() - t
+        add_utilisation(res, cuda)
         out.write_text(json.dumps(res, indent=2, default=str))  # after every stage: a run cut short keeps the rest
     print_table(res)
     print(f"total {res['seconds']:.0f} s; wrote {out}")

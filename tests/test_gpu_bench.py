@@ -100,6 +100,10 @@ def test_a_failing_stage_is_recorded_and_the_others_run(tmp_path, monkeypatch):
     assert res["serve"]["engine_static_decode_tok_s_batch1"] == pytest.approx(250.0)  # 1000 / its ITL
     assert res["serve"]["engine_static_ratio_vs_hf_batch32"] == pytest.approx(2.5)
     assert res["serve"]["engine_static_graphs"] == 12 and res["serve"]["llm_cache"]["kv_cache"] == "static"
+    # what each figure implies: FLOPs and bytes from the shapes run (no peaks for a CPU: no utilisation)
+    util = res["utilisation"]
+    assert util["peaks"] is None and util["embed"]["gflops_per_image"] > 0 and util["embed"]["job_mfu"] is None
+    assert "train" not in util and util["serve"]["bytes_per_token_batch1_gb"] > 0  # the train stage failed here
     _check_ratios(res)
     saved = json.loads((tmp_path / "gpu.json").read_text())
     assert saved["details"]["serve"] == FAKE["serve_bench"] and "train" not in saved["details"]
@@ -168,6 +172,7 @@ def test_cpu_rehearsal_end_to_end(tmp_path):
         assert got == want and int(want) > 0, kv
         assert res["serve"][f"engine_{kv}_decode_tok_s_batch1"] > 0
     assert res["serve"]["llm_cache"]["kv_cache"] == "static"
+    assert res["utilisation"]["train"]["gflops_per_token"] > 0 and res["serve"]["mean_context_tokens"] > 0
     # one profiled step per training side: where its time goes, for the next optimisation
     for side in ("hf_peft_max_length", "job"):
         prof = res["details"]["train"]["variants"][side]["profile"]
