@@ -155,14 +155,32 @@ def test_pooled_mode_and_patch_pooling_shapes(ray_local, image_set, tmp_path):
     assert EmbeddingStore(str(tmp_path / "q"))[rel[0]].dtype == np.float32
 
 
+SLOW_ENCODER = """
+import argparse, sys, time
+import data_pipelines.embed as E
+class SlowEmbedder(E.Embedder):
+    def __call__(self, batch):
+        time.sleep(0.4)
+        return super().__call__(batch)
+E.Embedder = SlowEmbedder
+parser = argparse.ArgumentParser()
+E.add_arguments(parser)
+sys.exit(E.main(parser.parse_args(sys.argv[1:])))
+"""
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_without_redoing_finished_shards(image_set, tmp_path):
     folder, rel = image_set
     out = tmp_path / "emb"
-    cmd = [sys.executable, "-m", "data_pipelines.embed", "--images", str(folder), "--out", str(out),
-           "--shard-size", "16", "--batch-size", "16"]
+    args = ["--images", str(folder), "--out", str(out), "--shard-size", "16", "--batch-size", "16"]
+    cmd = [sys.executable, "-m", "data_pipelines.embed", *args]
     env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # the first run's encoder takes 0.4 s more per batch of 16, so shards come
+    # one by one: otherwise Ray Data may write them all in one burst, before
+    # the kill below can land mid-run
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_ENCODER, *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
     try:
         while time.time() < deadline and len(list((out / "shards").glob("*.parquet"))) < 3:
