@@ -299,23 +299,25 @@ def print_table(res: dict) -> None:
         e = res[stage]
         print(f"  {stage}: {'ok' if e['ok'] else 'FAILED: ' + e['error']} ({e['seconds']:.0f} s)")
     print(f"{'key':<32} {'value':>10}  what")
-    for key, what, f in TABLE:
-        stage, field = key.split(".")
-        if stage not in res:
-            continue
-        v = res[stage].get(field)
-        print(f"{key:<32} {('-' if v is None else f.format(v)):>10}  {what}")
+    _print_rows(TABLE, res, "{key:<32}")
     util = res.get("utilisation") or {}
     if util.get("error"):
         print(f"utilisation: {util['error']}")
     elif util.get("peaks"):
         p = util["peaks"]
         print(f"utilisation against {p['bf16_dense_tflops']:g} TFLOP/s bf16 dense, {p['hbm_tb_s']:g} TB/s ({p['source']}):")
-        for key, what, f in UTIL_TABLE:
-            stage, field = key.split(".")
-            v = (util.get(stage) or {}).get(field)
-            if v is not None:
-                print(f"  {key:<38} {f.format(v):>10}  {what}")
+        _print_rows(UTIL_TABLE, util, "  {key:<38}", skip_missing=True)
+
+
+def _print_rows(table: list, source: dict, key_format: str, skip_missing: bool = False) -> None:
+    """One line per ``stage.field`` key of ``table`` whose stage ``source``
+    has: its value (``-`` when absent, or no line with ``skip_missing``)."""
+    for key, what, f in table:
+        stage, field = key.split(".")
+        v = (source.get(stage) or {}).get(field)
+        if stage not in source or (v is None and skip_missing):
+            continue
+        print(f"{key_format.format(key=key)} {('-' if v is None else f.format(v)):>10}  {what}")
 
 
 def main(argv: list[str] | None = None) -> dict:

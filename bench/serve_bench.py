@@ -178,6 +178,7 @@ def in_process(settings, prompts: Prompts, batches: list[int], max_tokens: int, 
         feats = features([i])
         full, out = timed(lambda: run([i], max_tokens, feats), repeats)
         assert out.shape[1] == max_tokens, f"in-process generate made {out.shape[1]} tokens, not {max_tokens}"
+        first_answer = out[0].tolist()  # the reference greedy answer for the batching loop (engine)
         res["itl_ms_batch1"] = round(1000 * (full - res["prefill_ms"][prompts.kinds[0]] / 1000) / (max_tokens - 1), 3)
         res["tok_s"] = {}
         for b in batches:
@@ -187,7 +188,6 @@ def in_process(settings, prompts: Prompts, batches: list[int], max_tokens: int, 
             secs, out = timed(lambda: run(idx, max_tokens, feats), repeats)
             assert tuple(out.shape) == (b, max_tokens), f"in-process generate gave {tuple(out.shape)}"
             res["tok_s"][str(b)] = round(b * max_tokens / secs, 1)
-        first_answer = run([first[prompts.kinds[0]]], max_tokens, features([first[prompts.kinds[0]]]))[0].tolist()
     res["engine"] = {kv: engine(model, prompts, encode, features, batches, max_tokens, kv, device,
                                 source.context_length, first_answer) for kv in engines}
     del model, vision

@@ -12,6 +12,7 @@ run on CUDA only: on the CPU this is refused.
 from __future__ import annotations
 
 from .config import ConfigError
+from .language import base_causal_lm
 
 KERNELS = ("none", "liger")
 
@@ -28,7 +29,7 @@ def apply_kernels(llm, kernels: str, device) -> None:
         from liger_kernel.transformers import apply_liger_kernel_to_phi3
     except ImportError as e:
         raise ConfigError(f"kernels='liger' needs the liger-kernel package (pip install liger-kernel): {e}") from None
-    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    base = base_causal_lm(llm)
     if getattr(base.config, "model_type", None) != "phi3":
         raise ConfigError(f"kernels='liger' is wired for Phi-3 models, not {base.config.model_type!r}")
     apply_liger_kernel_to_phi3(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,

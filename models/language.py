@@ -18,6 +18,11 @@ from .weights import materialize
 log = logging.getLogger(__name__)
 
 
+def base_causal_lm(llm):
+    """The transformers causal LM under PEFT's wrapper (or ``llm`` itself)."""
+    return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+
+
 def random_phi3_folder(cfg: LLMConfig, vocab_size: int, special: dict) -> Path:
     """Materialise seeded random Phi-3 weights of ``cfg.random_init``'s shape."""
     from transformers import AutoModelForCausalLM, Phi3Config

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from models.conversation import IGNORE_INDEX, Encoded, collate
+from models.language import base_causal_lm
 
 
 # ------------------------------------------------------------------ batches
@@ -163,7 +164,7 @@ def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, *, imag
     ``MultimodalPhi3`` batch (Hugging Face's loss), computed on answer
     positions only, ``chunk`` tokens of logits at a time."""
     device = model.device
-    llm = model.llm.get_base_model() if hasattr(model.llm, "get_base_model") else model.llm  # under PEFT's wrapper
+    llm = base_causal_lm(model.llm)
     embeds = model.embed(input_ids.to(device), image_features)
     hidden = llm.get_decoder()(
         inputs_embeds=embeds,

@@ -226,11 +226,13 @@ class ContinuousBatcher:
             self._build_static(context_length)
 
     def _build_static(self, context_length: int | None) -> None:
+        from models.language import base_causal_lm
+
         from . import static_cache as sc
 
         opts, llm = self.options, self.model.llm
         try:
-            config = (llm.get_base_model() if hasattr(llm, "get_base_model") else llm).config
+            config = base_causal_lm(llm).config
             context = opts.max_seq_len or context_length or config.max_position_embeddings
             context = min(int(context), int(config.max_position_embeddings))
             budget = sc.cache_budget(self.device, opts.kv_cache_fraction)
@@ -443,18 +445,17 @@ class ContinuousBatcher:
         rows = self._rows
         if self.static is not None:
             logits = self.static.decode([r.last for r in rows], [r.position for r in rows])
-            self.stats["steps"] += 1
-            self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
-            return self._sample(logits, [r.ticket.request for r in rows], [r.generated for r in rows])
-        ids = torch.tensor([[r.last] for r in rows], dtype=torch.long, device=self.device)
-        positions = torch.tensor([[r.position] for r in rows], dtype=torch.long, device=self.device)
-        mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
-        out = self.model.llm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                             **{self._cache_arg: self._cache})
-        self._mask = mask
+        else:
+            ids = torch.tensor([[r.last] for r in rows], dtype=torch.long, device=self.device)
+            positions = torch.tensor([[r.position] for r in rows], dtype=torch.long, device=self.device)
+            mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
+            out = self.model.llm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                                 **{self._cache_arg: self._cache})
+            self._mask = mask
+            logits = out.logits[:, -1]
         self.stats["steps"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
-        return self._sample(out.logits[:, -1], [r.ticket.request for r in rows], [r.generated for r in rows])
+        return self._sample(logits, [r.ticket.request for r in rows], [r.generated for r in rows])
 
     def _deliver(self, row: _Row, token: int) -> None:
         req = row.ticket.request
@@ -556,8 +557,9 @@ def cache_kwarg(llm) -> str:
     unknown keyword would be swallowed by ``**kwargs`` and the cache left empty)."""
     import inspect
 
-    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
-    params = inspect.signature(type(base).forward).parameters
+    from models.language import base_causal_lm
+
+    params = inspect.signature(type(base_causal_lm(llm)).forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 

@@ -30,6 +30,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from models.language import base_causal_lm
+
 log = logging.getLogger("ray.serve")
 
 
@@ -39,9 +41,9 @@ class UnsupportedModel(ValueError):
 
 def kv_bytes_per_token(llm) -> int:
     """Bytes of keys and values one token takes in every layer."""
-    cfg = _base(llm).config
+    cfg = base_causal_lm(llm).config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    dtype = _base(llm).get_input_embeddings().weight.dtype
+    dtype = base_causal_lm(llm).get_input_embeddings().weight.dtype
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
 
 
@@ -100,10 +102,6 @@ def plan_cache(rows: int, context: int, per_token: int, budget: int, *, min_len:
     return int(min(rows, fit)), min_len
 
 
-def _base(llm):
-    return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
-
-
 def _buckets(limit: int, first: int, step_after: int | None = None) -> list[int]:
     """Powers of two from ``first`` (then multiples of ``step_after``, if
     given, past it), capped by and ending with ``limit``."""
@@ -131,7 +129,7 @@ class StaticDecoder:
     fails turns graphs off for this decoder and the step runs eagerly."""
 
     def __init__(self, llm, rows: int, max_len: int, *, cuda_graphs: bool = True):
-        base = _base(llm)
+        base = base_causal_lm(llm)
         cfg = base.config
         if getattr(cfg, "model_type", None) != "phi3":
             raise UnsupportedModel(f"the static KV cache supports Phi-3 models, not {getattr(cfg, 'model_type', '?')!r}")
@@ -221,11 +219,14 @@ class StaticDecoder:
             try:
                 return self._replay(b, length)[:n]
             except Exception as e:  # noqa: BLE001 - an op the capture refuses: run eagerly from now on
-                self.use_graphs = False
-                self.graph_error = f"{type(e).__name__}: {e}"
-                log.warning("CUDA graph capture failed, decoding eagerly from now on: %s", self.graph_error)
-                self.graphs.clear()
+                self._graphs_failed(e)
         return self._forward(b, length)[:n]
+
+    def _graphs_failed(self, e: Exception) -> None:
+        self.use_graphs = False
+        self.graph_error = f"{type(e).__name__}: {e}"
+        self.graphs.clear()
+        log.warning("CUDA graph capture failed, decoding eagerly from now on: %s", self.graph_error)
 
     @torch.no_grad()
     def capture_all(self) -> None:
@@ -244,10 +245,7 @@ class StaticDecoder:
                     if (b, length) not in self.graphs:
                         self.graphs[(b, length)] = self._capture(b, length)
         except Exception as e:  # noqa: BLE001 - as in decode: eager from now on
-            self.use_graphs = False
-            self.graph_error = f"{type(e).__name__}: {e}"
-            self.graphs.clear()
-            log.warning("CUDA graph capture failed, decoding eagerly: %s", self.graph_error)
+            self._graphs_failed(e)
         torch.cuda.synchronize(self.device)
         self.capture_s = round(time.perf_counter() - t, 2)
         log.info("captured %d decoding graphs in %.1f s", len(self.graphs), self.capture_s)
