@@ -283,7 +283,6 @@ def profile_step(fn, device: str, top: int = 25) -> dict:
     """One call of ``fn`` under ``torch.profiler``: the operators and kernels
     with the most self time on the device (the CPU's own time on the CPU),
     each with its calls and share of the step, and totals by kind."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -313,7 +312,6 @@ def profile_step(fn, device: str, top: int = 25) -> dict:
             by_kind[kind] += self_us(e)
     by_kind["other (elementwise, norms, copies, ...)"] = total - sum(by_kind.values())
     rows = sorted(events, key=self_us, reverse=True)[:top]
-    del torch
     return {"wall_s": round(wall, 4), "measured": "device self time" if device == "cuda" else "CPU self time",
             "total_ms": round(total / 1000, 3),
             "by_kind_share": {k: round(v / total, 4) for k, v in by_kind.items()},

@@ -41,10 +41,10 @@ class UnsupportedModel(ValueError):
 
 def kv_bytes_per_token(llm) -> int:
     """Bytes of keys and values one token takes in every layer."""
-    cfg = base_causal_lm(llm).config
+    base = base_causal_lm(llm)
+    cfg = base.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    dtype = base_causal_lm(llm).get_input_embeddings().weight.dtype
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * base.get_input_embeddings().weight.element_size()
 
 
 def _available_ram() -> int:
