@@ -134,7 +134,7 @@ def in_process(settings, prompts: Prompts, batches: list[int], max_tokens: int, 
     vision = load_vision(source, settings.device or device) if "image" in prompts.kinds else None
     load_s = time.perf_counter() - t
     tok = model.tokenizer
-    gen = {"suppress_tokens": [tok.ids.image]}
+    gen = {"suppress_tokens": model.suppressed_ids}
 
     def encode(i: int):
         return encode_conversation(tok, prompts.messages(i), model.num_image_tokens, add_generation_prompt=True,
@@ -210,7 +210,7 @@ def engine(model, prompts: Prompts, encode, features, batches: list[int], max_to
     from serve.batching import DONE, BatchingOptions, ContinuousBatcher, GenerationRequest
 
     t = time.perf_counter()
-    batcher = ContinuousBatcher(model, max(batches), suppress_ids=[model.tokenizer.ids.image],
+    batcher = ContinuousBatcher(model, max(batches), suppress_ids=model.suppressed_ids,
                                 options=BatchingOptions(kv_cache=kv), context_length=context)
     out: dict = {"build_s": round(time.perf_counter() - t, 2), **batcher.describe(), "tok_s": {}}
 

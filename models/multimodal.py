@@ -81,6 +81,16 @@ class MultimodalPhi3(nn.Module):
     def device(self) -> torch.device:
         return self.llm.get_input_embeddings().weight.device
 
+    @property
+    def suppressed_ids(self) -> list[int]:
+        """Token ids a reply never contains: the image placeholder, and every
+        row of the embedding table past the tokenizer's vocabulary (Phi-3 pads
+        its 32,011 tokens to 32,064 rows). Those rows decode to nothing, yet a
+        random or lightly trained model can still pick them, which would stream
+        an answer with no text."""
+        rows = self.llm.get_input_embeddings().weight.shape[0]
+        return sorted({self.tokenizer.ids.image, *range(len(self.tokenizer), rows)})
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 

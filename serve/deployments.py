@@ -176,7 +176,7 @@ class LLM:
                 self.batcher = old = None
         if self.options.continuous_batching and self.batcher is None:
             self.batcher = ContinuousBatcher(self.model, self.options.max_batch_size,
-                                             suppress_ids=[self.model.tokenizer.ids.image], options=self.options,
+                                             suppress_ids=self.model.suppressed_ids, options=self.options,
                                              context_length=self.context_length).start()
         if self.batcher is not None:  # the options that apply live
             self.batcher.max_batch_size = self.options.max_batch_size
@@ -266,7 +266,7 @@ class LLM:
 
         ids = torch.tensor([req.input_ids], dtype=torch.long)
         gen = {"max_new_tokens": req.max_new_tokens, "streamer": Streamer(),
-               "suppress_tokens": [self.model.tokenizer.ids.image],
+               "suppress_tokens": self.model.suppressed_ids,
                "stopping_criteria": StoppingCriteriaList([Cancel()])}
         if req.min_new_tokens > 0:
             gen["min_new_tokens"] = req.min_new_tokens

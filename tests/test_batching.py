@@ -36,7 +36,7 @@ def kv(request):
 def make(model, kv: str, max_batch_size: int = 32, **kwargs) -> ContinuousBatcher:
     """A batcher with the cache ``kv`` names."""
     opts = BatchingOptions(kv_cache=kv.split("-")[0], **kwargs.pop("options", {}))
-    b = ContinuousBatcher(model, max_batch_size, suppress_ids=[model.tokenizer.ids.image], options=opts,
+    b = ContinuousBatcher(model, max_batch_size, suppress_ids=model.suppressed_ids, options=opts,
                           context_length=model.cfg.tokenizer.max_length, **kwargs)
     assert b.describe()["kv_cache"] == opts.kv_cache, b.describe()
     if kv == "static-bucketed":
@@ -74,7 +74,7 @@ def make_requests(model, images) -> list[GenerationRequest]:
 def reference(model, req: GenerationRequest, stop_ids: list[int]) -> list[int]:
     """The request alone through ``generate``, as the LLM deployment's
     per-request path calls it (greedy, image slots suppressed)."""
-    gen = {"max_new_tokens": req.max_new_tokens, "suppress_tokens": [model.tokenizer.ids.image],
+    gen = {"max_new_tokens": req.max_new_tokens, "suppress_tokens": model.suppressed_ids,
            "eos_token_id": stop_ids}
     if req.min_new_tokens:
         gen["min_new_tokens"] = req.min_new_tokens
@@ -207,6 +207,35 @@ def test_a_bad_request_fails_alone(model, images, kv):
     sinks = run_schedule(batcher, {0: [0], 2: [1]}, [reqs[0], bad])
     assert isinstance(sinks[1].error, ValueError) and "no image features" in str(sinks[1].error)
     assert sinks[0].error is None and sinks[0].tokens == reference(model, reqs[0], stops)
+
+
+def test_replies_never_hold_embedding_rows_past_the_tokenizer(tiny_cfg):
+    """Phi-3 pads its vocabulary to more embedding rows than the tokenizer has
+    tokens; those rows decode to nothing. With them made the likeliest next
+    token, neither the batcher nor the per-request ``generate`` path picks one."""
+    import dataclasses
+
+    from models.multimodal import MultimodalPhi3
+
+    n_tok = len(MultimodalPhi3.from_config(tiny_cfg, device="cpu", trainable=False, with_vision=False).tokenizer)
+    llm_cfg = dataclasses.replace(tiny_cfg.llm, random_init={**tiny_cfg.llm.random_init, "vocab_size": n_tok + 64})
+    cfg = dataclasses.replace(tiny_cfg, llm=llm_cfg)
+    model = MultimodalPhi3.from_config(cfg, device="cpu", trainable=False, with_vision=False).eval()
+    assert set(range(n_tok, n_tok + 64)) <= set(model.suppressed_ids)
+    assert model.tokenizer.ids.image in model.suppressed_ids
+    req = GenerationRequest(prompt(model, 0, 0), None, max_new_tokens=8)
+    with torch.no_grad():  # every padding row along the prompt's last hidden state: they win the first step
+        out = model(torch.tensor([req.input_ids]), output_hidden_states=True)
+        last = out.hidden_states[-1][0, -1]
+        head = model.llm.get_output_embeddings().weight
+        head[n_tok:] = 50 * last / last.norm() * head[:n_tok].norm(dim=1).max()
+    plain = model.generate(torch.tensor([req.input_ids]), max_new_tokens=8)[0].tolist()
+    assert plain[0] >= n_tok, plain  # without suppression a padding row is the first token
+    for kv in ("static", "dynamic"):
+        sinks = run_schedule(make(model, kv), {0: [0]}, [req])
+        assert sinks[0].error is None and len(sinks[0].tokens) == 8
+        assert all(t < n_tok for t in sinks[0].tokens), sinks[0].tokens
+        assert sinks[0].tokens == reference(model, req, []), kv
 
 
 def test_sampling_settings_per_row(model, images, kv):
