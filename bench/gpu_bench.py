@@ -110,6 +110,9 @@ def summarise_train(r: dict) -> dict:
         out["job_packed_tokens_per_s"] = v["job_packed"]["tokens_per_s"]
         out["ratio_packed_vs_hf_peft"] = _ratio(out["job_packed_tokens_per_s"], base["tokens_per_s"])
         out["packed_peak_gib"] = v["job_packed"]["peak_gib"]
+    if "job_peft_lora" in v:  # the job with PEFT's own LoRA forward: what the fused one gives
+        out["job_peft_lora_tokens_per_s"] = v["job_peft_lora"]["tokens_per_s"]
+        out["ratio_peft_lora_vs_hf_peft"] = _ratio(out["job_peft_lora_tokens_per_s"], base["tokens_per_s"])
     if "job_liger" in v:  # fused kernels (GPU only); its error when they failed
         lg = v["job_liger"]
         out["job_liger_tokens_per_s"] = lg.get("tokens_per_s")
@@ -224,6 +227,7 @@ TABLE = [  # (key, what, format)
     ("train.hf_peft_tokens_per_s", "HF+PEFT, real tokens/s", "{:,.0f}"),
     ("train.ratio_vs_hf_peft_longest", "training job / HF+PEFT (pad to longest)", "{:.2f}"),
     ("train.ratio_packed_vs_hf_peft", "training job packed / HF+PEFT (pad to max)", "{:.2f}"),
+    ("train.ratio_peft_lora_vs_hf_peft", "training job, PEFT's LoRA forward / HF+PEFT (pad to max)", "{:.2f}"),
     ("train.ratio_liger_vs_hf_peft", "training job + Liger kernels / HF+PEFT (pad to max)", "{:.2f}"),
     ("train.peak_gib", "training job peak GiB", "{:.2f}"),
     ("train.baseline_peak_gib", "HF+PEFT peak GiB", "{:.2f}"),

@@ -68,6 +68,7 @@ JOB_VARIANTS = {  # TrainSettings changes of each job variant
     "job": {},
     "job_packed": {"packing": True},
     "job_hf_loss": {"loss_chunk": 0},
+    "job_peft_lora": {"lora_forward": "peft"},
     # fused kernels patch the model for good: always the last variant; GPU only
     "job_liger": {"kernels": "liger"},
 }
@@ -254,7 +255,7 @@ def timed_steps(run_step, plan: list, warm_plan: list, warmup: int, device: str,
     memory.reset()
     for k in range(warmup):
         run_step(warm_plan[k % len(warm_plan)])
-    times, losses = [], []
+    times, losses, step_slots = [], [], []
     real = supervised = slots = conversations = 0
     for item in plan:
         sync(device)
@@ -266,6 +267,7 @@ def timed_steps(run_step, plan: list, warm_plan: list, warmup: int, device: str,
         real += b.real_tokens
         supervised += b.supervised_tokens
         slots += b.slots
+        step_slots.append(b.slots)
         conversations += len(b.samples)
     seconds = sum(times)
     return {
@@ -273,19 +275,23 @@ def timed_steps(run_step, plan: list, warm_plan: list, warmup: int, device: str,
         "slots": slots, "padding_share": 1 - real / slots, "seconds": seconds,
         "tokens_per_s": real / seconds, "supervised_tokens_per_s": supervised / seconds, "slots_per_s": slots / seconds,
         "step_s_mean": seconds / len(times), "step_s_median": statistics.median(times), "step_s_min": min(times),
-        "step_s": times, "peak_gib": memory.peak_gib(), "first_loss": losses[0], "last_loss": losses[-1],
+        "step_s": times, "step_slots": step_slots, "peak_gib": memory.peak_gib(), "first_loss": losses[0], "last_loss": losses[-1],
         "loss_finite": all(math.isfinite(x) for x in losses),
         **({"profile": profile_step(lambda: run_step(warm_plan[0]), device)} if profile else {}),
     }
 
 
 def profile_step(fn, device: str, top: int = 25) -> dict:
-    """One call of ``fn`` under ``torch.profiler``: the operators and kernels
-    with the most self time on the device (the CPU's own time on the CPU),
-    each with its calls and share of the step, and totals by kind."""
+    """One call of ``fn`` under ``torch.profiler``. On CUDA: the device time
+    of the kernels (and copies) it ran, totals by kind, the top kernels and
+    the top operators (their kernels' time, under the operator that launched
+    them); on the CPU the operators' own CPU time. Each with its calls and
+    share of the step."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    cuda = device == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sync(device)
     t = time.perf_counter()
     with profile(activities=acts) as prof:
@@ -294,29 +300,38 @@ def profile_step(fn, device: str, top: int = 25) -> dict:
     wall = time.perf_counter() - t
 
     def self_us(e) -> float:
-        if device == "cuda":
+        if cuda:
             return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0)
         return float(e.self_cpu_time_total)
 
-    events = [e for e in prof.key_averages() if self_us(e) > 0]
-    total = sum(self_us(e) for e in events) or 1.0
-    kinds = {"matmul": ("gemm", "matmul", "aten::mm", "aten::addmm", "aten::bmm", "cublas", "cutlass", "xmma", "sm90"),
-             "4-bit dequantize": ("dequant", "kdequant", "bitsandbytes"),
-             "attention": ("attention", "fmha", "flash", "sdpa", "efficient"),
-             "loss/softmax": ("softmax", "cross_entropy", "nll", "log_softmax")}
+    averages = [e for e in prof.key_averages() if self_us(e) > 0]
+    # on CUDA an operator's self device time is its kernels' time: count kernels only, or it counts twice
+    kernels = [e for e in averages if not cuda or e.device_type != DeviceType.CPU]
+    ops = [e for e in averages if cuda and e.device_type == DeviceType.CPU]
+    total = sum(self_us(e) for e in kernels) or 1.0
+    kinds = {"attention": ("attention", "fmha", "flash", "sdpa", "efficient"),
+             "4-bit dequantize": ("dequant", "bitsandbytes"),
+             "loss/softmax": ("softmax", "cross_entropy", "nll", "log_softmax"),
+             "matmul": ("gemm", "matmul", "nvjet", "aten::mm", "aten::addmm", "aten::bmm", "cublas", "cutlass",
+                        "xmma", "sm90_xmma")}
     by_kind = {k: 0.0 for k in kinds}
-    for e in events:
+    for e in kernels:
         name = e.key.lower()
         kind = next((k for k, words in kinds.items() if any(w in name for w in words)), None)
         if kind:
             by_kind[kind] += self_us(e)
     by_kind["other (elementwise, norms, copies, ...)"] = total - sum(by_kind.values())
-    rows = sorted(events, key=self_us, reverse=True)[:top]
-    return {"wall_s": round(wall, 4), "measured": "device self time" if device == "cuda" else "CPU self time",
-            "total_ms": round(total / 1000, 3),
-            "by_kind_share": {k: round(v / total, 4) for k, v in by_kind.items()},
-            "top": [{"name": e.key[:120], "calls": e.count, "ms": round(self_us(e) / 1000, 3),
-                     "share": round(self_us(e) / total, 4)} for e in rows]}
+
+    def rows(events: list) -> list[dict]:
+        return [{"name": e.key[:120], "calls": e.count, "ms": round(self_us(e) / 1000, 3),
+                 "share": round(self_us(e) / total, 4)} for e in sorted(events, key=self_us, reverse=True)[:top]]
+
+    out = {"wall_s": round(wall, 4), "measured": "device time of kernels" if cuda else "CPU self time",
+           "total_ms": round(total / 1000, 3),
+           "by_kind_share": {k: round(v / total, 4) for k, v in by_kind.items()}, "top": rows(kernels)}
+    if cuda:
+        out["top_ops"] = rows(ops)
+    return out
 
 
 def free(device: str) -> None:
@@ -420,7 +435,10 @@ def hf_peft(cfg, device: str, data: Data, timed: list[int], warm: list[int], bat
 def job(cfg, device: str, data: Data, timed: list[int], warm: list[int], batch: int, max_len: int, warmup: int,
         memory: PeakMemory, variants: list[str], profile: bool = False) -> dict:
     """The Ray Train worker's step, in this process."""
+    import torch
+
     from models.kernels import apply_kernels
+    from models.lora_forward import fuse_lora
     from models.multimodal import MultimodalPhi3
     from ray_jobs import strategy
     from ray_jobs.packing import TrainingForward
@@ -429,13 +447,18 @@ def job(cfg, device: str, data: Data, timed: list[int], warm: list[int], batch: 
     t = time.perf_counter()
     model = MultimodalPhi3.from_config(cfg, device=device, with_vision=False, trainable=True)
     base = TrainSettings(stage="qlora", data="", embeddings="", out="", batch_size=batch, steps=10_000, warmup=1)
-    opt, sched = make_optimizer(model, base)
     load_s = time.perf_counter() - t
     pad = model.tokenizer.ids.pad
     model.train()
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     out = {}
     for name in variants:
         s = TrainSettings(**{**base.__dict__, **JOB_VARIANTS[name]})
+        with torch.no_grad():  # every variant starts from the same weights and a fresh optimizer
+            for n, p in model.named_parameters():
+                if n in start:
+                    p.copy_(start[n])
+        opt, sched = make_optimizer(model, base)
         replicas = strategy.make("ddp", TrainingForward(model, s.loss_chunk), opt, sched, world=1, device=device,
                                  batch_size=batch)
 
@@ -451,6 +474,7 @@ def job(cfg, device: str, data: Data, timed: list[int], warm: list[int], batch: 
 
         try:
             apply_kernels(model.llm, s.kernels, device)
+            fuse_lora(model.llm, s.lora_forward)
             r = timed_steps(run_step, plan(timed), plan(warm), warmup, device, memory, profile=profile and name == "job")
         except Exception as e:  # an optional accelerator that fails here is a result, not the end of the run
             if name not in GPU_ONLY:
@@ -630,6 +654,9 @@ def print_table(res: dict) -> None:
             kinds = ", ".join(f"{k} {v:.0%}" for k, v in p["by_kind_share"].items())
             top = "; ".join(f"{t['name'][:48]} {t['share']:.0%}" for t in p["top"][:5])
             print(f"profile {name} ({p['measured']}, {p['total_ms']:,.0f} ms): {kinds}\n    top: {top}")
+            if p.get("top_ops"):
+                ops = "; ".join(f"{t['name'][:32]} {t['share']:.0%}" for t in p["top_ops"][:8])
+                print(f"    operators: {ops}")
 
 
 def main(argv=None) -> dict:

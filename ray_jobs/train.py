@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from models.kernels import KERNELS
+from models.lora_forward import LORA_FORWARDS
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,9 @@ class TrainSettings:
     loss_chunk: int = 1024
     # fused GPU kernels for norms, MLP and rotary embedding (models.kernels): none | liger
     kernels: str = "none"
+    # LoRA layers' forward (models.lora_forward): fused (adapter matmuls in the compute dtype, one GEMM adds
+    # the update) | peft (PEFT's own: fp32 adapter path, clone, casts)
+    lora_forward: str = "fused"
 
     def run_name(self) -> str:
         return self.name or f"{Path(self.data).name}-{self.stage}"
@@ -210,6 +214,7 @@ def train_loop(config: dict) -> None:
     from models.checkpoint import load_checkpoint
     from models.config import config_from_dict
     from models.kernels import apply_kernels
+    from models.lora_forward import fuse_lora
     from models.multimodal import MultimodalPhi3
 
     from . import data as D
@@ -248,6 +253,7 @@ def train_loop(config: dict) -> None:
         for n, p in model.named_parameters():
             p.requires_grad_(n.startswith("projector."))
     apply_kernels(model.llm, s.kernels, device)
+    fuse_lora(model.llm, s.lora_forward)
     tok = model.tokenizer
     store = EmbeddingStore(s.embeddings)
     from models.checkpoint import assert_compatible, identity
@@ -366,6 +372,8 @@ def run(s: TrainSettings) -> dict:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {s.strategy!r}")
     if s.kernels not in KERNELS:
         raise ValueError(f"--kernels must be one of {', '.join(KERNELS)}, got {s.kernels!r}")
+    if s.lora_forward not in LORA_FORWARDS:
+        raise ValueError(f"--lora-forward must be one of {', '.join(LORA_FORWARDS)}, got {s.lora_forward!r}")
     if s.kernels != "none" and not s.gpu:
         raise ValueError(f"--kernels {s.kernels} runs on GPUs only: add --gpu, or leave --kernels none")
     if s.init:
@@ -428,6 +436,9 @@ def add_arguments(p: argparse.ArgumentParser, stage: str | None = None) -> None:
     p.add_argument("--kernels", choices=KERNELS, default="none",
                    help="fused GPU kernels for RMSNorm, SwiGLU and rotary embedding (liger: Liger Kernel, "
                         "pip install liger-kernel; needs --gpu)")
+    p.add_argument("--lora-forward", choices=LORA_FORWARDS, default="fused",
+                   help="LoRA layers' forward: fused (adapter matmuls in the compute dtype, the update added by one "
+                        "GEMM; same math, far less memory traffic) or peft (PEFT's own)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--resources-per-worker", action=ResourcesAction, hints=RESOURCE_HINTS,
                    help="custom Ray resource per worker, repeatable, e.g. train_gpu=1: workers run only on "
@@ -454,7 +465,8 @@ def settings_from_args(stage: str, a: argparse.Namespace) -> TrainSettings:
                          lr=a.lr, projector_lr_scale=a.projector_lr_scale, warmup=a.warmup, eval_every=a.eval_every, ckpt_every=a.ckpt_every,
                          eval_samples=a.eval_samples, max_failures=a.max_failures, threads=a.threads,
                          seed=a.seed, address=a.address, strategy=a.strategy, zero_stage=a.zero_stage,
-                         packing=a.packing, loss_chunk=a.loss_chunk, kernels=a.kernels)
+                         packing=a.packing, loss_chunk=a.loss_chunk, kernels=a.kernels,
+                         lora_forward=a.lora_forward)
 
 
 def main(stage: str, args: argparse.Namespace) -> int:

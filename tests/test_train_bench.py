@@ -70,7 +70,8 @@ def result(tmp_path_factory):
 @pytest.mark.slow
 def test_every_side_saw_the_same_conversations(result):
     v = result["variants"]
-    assert set(v) == {"hf_peft_max_length", "hf_peft_longest", "job", "job_packed", "job_hf_loss"}
+    assert set(v) == {"hf_peft_max_length", "hf_peft_longest", "job", "job_packed", "job_hf_loss",
+                      "job_peft_lora"}
     for key in ("conversations", "real_tokens", "supervised_tokens"):
         assert len({r[key] for r in v.values()}) == 1, key
     assert v["job"]["conversations"] == BATCH * STEPS == result["data"]["conversations"]
@@ -88,7 +89,7 @@ def test_figures_are_the_records_own(result):
     ref = v["hf_peft_max_length"]
     for name, r in v.items():
         assert r["seconds"] == pytest.approx(sum(r["step_s"]))
-        assert len(r["step_s"]) == r["steps"]
+        assert len(r["step_s"]) == len(r["step_slots"]) == r["steps"] and sum(r["step_slots"]) == r["slots"]
         assert r["tokens_per_s"] == pytest.approx(r["real_tokens"] / r["seconds"])
         assert r["supervised_tokens_per_s"] == pytest.approx(r["supervised_tokens"] / r["seconds"])
         assert r["padding_share"] == pytest.approx(1 - r["real_tokens"] / r["slots"])
