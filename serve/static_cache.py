@@ -28,6 +28,7 @@ import logging
 import os
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from models.language import base_causal_lm
@@ -113,13 +114,32 @@ def _buckets(limit: int, first: int, step_after: int | None = None) -> list[int]
     return out
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Phi-3's rotary embedding (partial rotary dims pass through)."""
+def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Phi-3's rotary embedding (partial rotary dims pass through), in three
+    kernels: ``rotate_half(x) * sin`` is ``roll(x, d/2) * signed_sin`` with
+    the first half of ``signed_sin`` negated."""
     d = cos.shape[-1]
-    rot, rest = x[..., :d], x[..., d:]
-    half = d // 2
-    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
-    return torch.cat((rot * cos + rotated * sin, rest), dim=-1)
+    if d == x.shape[-1]:
+        return torch.addcmul(x * cos, x.roll(d // 2, dims=-1), signed_sin)
+    rot = x[..., :d]
+    return torch.cat((torch.addcmul(rot * cos, rot.roll(d // 2, dims=-1), signed_sin), x[..., d:]), dim=-1)
+
+
+def _rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """Phi-3's RMSNorm as one fused kernel (``F.rms_norm``; fp32 statistics
+    like the module's own); a norm of another kind runs as itself."""
+    weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
+    if weight is None or eps is None:
+        return norm(x)
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def _add_linear(x: torch.Tensor, linear: nn.Module, inp: torch.Tensor) -> torch.Tensor:
+    """``x + linear(inp)``; for a plain bias-free ``nn.Linear`` (bf16 weights,
+    the LoRA merged) one GEMM that adds into ``x``."""
+    if type(linear) is nn.Linear and linear.bias is None:
+        return torch.addmm(x, inp, linear.weight.t())
+    return x + linear(inp)
 
 
 class StaticDecoder:
@@ -146,7 +166,9 @@ class StaticDecoder:
         shape = (self.rows, self.kv_heads, self.max_len, self.head_dim)
         self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-        self.cos, self.sin = self._rope_table(core.rotary_emb, cfg)
+        self.cos, sin = self._rope_table(core.rotary_emb, cfg)
+        half = self.cos.shape[-1] // 2
+        self.signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
         self.columns = torch.arange(self.max_len, device=self.device)
         self.row_index = torch.arange(self.rows, device=self.device)
         self.tokens = torch.zeros(self.rows, dtype=torch.long, device=self.device)
@@ -277,11 +299,14 @@ class StaticDecoder:
         return graph, out
 
     def _forward(self, b: int, length: int) -> torch.Tensor:
-        """One token for rows ``0..b-1``, attending over columns ``0..length-1``."""
+        """One token for rows ``0..b-1``, attending over columns ``0..length-1``.
+        Hidden states stay ``(b, hidden)``; norms, rotary embedding and the
+        residual adds take few kernels (a replayed graph still pays a few
+        microseconds for each of its kernels)."""
         tokens, pos, rows = self.tokens[:b], self.positions[:b], self.row_index[:b]
-        x = self.embed_tokens(tokens).unsqueeze(1)  # (b, 1, hidden)
+        x = self.embed_tokens(tokens)  # (b, hidden)
         cos = self.cos[pos][:, None, None, :]
-        sin = self.sin[pos][:, None, None, :]
+        sin = self.signed_sin[pos][:, None, None, :]
         cols = self.columns[:length].unsqueeze(0)
         mask = cols <= pos[:, None]
         if self.window is not None:
@@ -291,19 +316,22 @@ class StaticDecoder:
         k_end = q_end + self.kv_heads * self.head_dim
         gqa = self.kv_heads != self.heads
         for layer, keys, values in zip(self.layers, self.keys, self.values):
-            attn = layer.self_attn
-            qkv = attn.qkv_proj(layer.input_layernorm(x))
-            q = qkv[..., :q_end].view(b, 1, self.heads, self.head_dim).transpose(1, 2)
-            k = qkv[..., q_end:k_end].view(b, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = qkv[..., k_end:].view(b, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = attn.qkv_proj(_rms_norm(x, layer.input_layernorm))
+            qk = _rope(qkv[:, :k_end].view(b, self.heads + self.kv_heads, 1, self.head_dim), cos, sin)
+            q, k = qk[:, :self.heads], qk[:, self.heads:]
             keys[rows, :, pos] = k[:, :, 0]
-            values[rows, :, pos] = v[:, :, 0]
+            values[rows, :, pos] = qkv[:, k_end:].view(b, self.kv_heads, self.head_dim)
             out = F.scaled_dot_product_attention(q, keys[:b, :, :length], values[:b, :, :length], attn_mask=mask,
                                                  scale=self.scale, enable_gqa=gqa)
-            x = x + attn.o_proj(out.transpose(1, 2).reshape(b, 1, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.lm_head(self.norm(x[:, 0]))
+            x = _add_linear(x, attn.o_proj, out.reshape(b, -1))
+            h = _rms_norm(x, layer.post_attention_layernorm)
+            if hasattr(mlp, "gate_up_proj") and hasattr(mlp, "activation_fn"):  # Phi3MLP's own steps
+                gate, up = mlp.gate_up_proj(h).chunk(2, dim=-1)
+                x = _add_linear(x, mlp.down_proj, up * mlp.activation_fn(gate))
+            else:
+                x = x + mlp(h)
+        return self.lm_head(_rms_norm(x, self.norm))
 
     def describe(self) -> dict:
         return {"rows": self.rows, "max_len": self.max_len, "gib": round(self.nbytes / 2**30, 3), "moves": self.moves,
