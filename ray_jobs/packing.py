@@ -162,9 +162,29 @@ def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, *, imag
                    chunk: int = 1024) -> torch.Tensor:
     """The mean next-token cross-entropy over supervised tokens of a
     ``MultimodalPhi3`` batch (Hugging Face's loss), computed on answer
-    positions only, ``chunk`` tokens of logits at a time."""
+    positions only, ``chunk`` tokens of logits at a time.
+
+    The answer positions are found on the host from CPU ``labels`` and sent
+    ahead of the forward pass (pinned, asynchronous), so the step never waits
+    for the device mid-way: a wait there empties the queue of launched
+    kernels, and the GPU then idles wherever the host launches slower than it
+    computes. (With the labels sent after the forward pass and a boolean
+    index, two such waits, the chunked loss measured 0.16-0.18 s a step
+    slower than the model's own loss on an H200.)"""
     device = model.device
     llm = base_causal_lm(model.llm)
+    width = labels.shape[1]
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    if labels.device.type == "cpu":
+        rows, cols = keep.nonzero(as_tuple=True)
+        where, t = rows * width + cols, targets[rows, cols]  # rows of hidden.view(-1, dim), and their targets
+        if device.type == "cuda":
+            where, t = where.pin_memory(), t.pin_memory()
+        where, t = where.to(device, non_blocking=True), t.to(device, non_blocking=True)
+    else:  # already on the device: finding the positions waits for it once
+        rows, cols = keep.nonzero(as_tuple=True)
+        where, t = rows * width + cols, targets[rows, cols]
     embeds = model.embed(input_ids.to(device), image_features)
     hidden = llm.get_decoder()(
         inputs_embeds=embeds,
@@ -172,11 +192,9 @@ def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, *, imag
         position_ids=None if position_ids is None else position_ids.to(device),
         use_cache=False,
     ).last_hidden_state
-    targets = labels.to(device)[:, 1:]
-    keep = targets != IGNORE_INDEX
-    h, t = hidden[:, :-1][keep], targets[keep]
     if t.numel() == 0:
         return hidden.sum() * 0.0
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, where)
     head = llm.get_output_embeddings()
     total = torch.zeros((), device=device, dtype=torch.float32)
     for start in range(0, t.numel(), chunk):
