@@ -1,36 +1,66 @@
-"""Fused GPU kernels for Phi-3 training: an optional speed-up, same math.
+"""Fused kernels for Phi-3 training: an optional speed-up, same math.
 
-``apply_kernels(llm, "liger", device)`` swaps Phi-3's RMSNorm, SwiGLU MLP
-and rotary embedding for Liger Kernel's fused Triton versions
-(``pip install liger-kernel``) on the model's existing modules; LoRA layers
-inside them keep working, since the fused MLP still calls the (LoRA-wrapped)
-projections. The loss stays the job's own chunked one
-(``ray_jobs.packing``), so Liger's fused linear cross-entropy is not used.
-The rotary function is patched for every Phi-3 in the process. Triton kernels
-run on CUDA only: on the CPU this is refused.
+- ``native``: every RMSNorm of the model runs as ``torch.nn.functional.rms_norm``
+  (one fused kernel each way on CUDA in recent PyTorch; fp32 statistics as
+  Phi-3's own, the weight applied before the single rounding to bf16 instead
+  of after it). No extra package; runs anywhere. ``none`` undoes it.
+- ``liger``: Liger Kernel's fused Triton RMSNorm, SwiGLU MLP and rotary
+  embedding (``pip install liger-kernel``) on the model's existing modules;
+  LoRA layers inside them keep working, since the fused MLP still calls the
+  (LoRA-wrapped) projections. The loss stays the job's own chunked one
+  (``ray_jobs.packing``), so Liger's fused linear cross-entropy is not used.
+  The rotary function is patched for every Phi-3 in the process, and Liger's
+  patches are not undone. Triton kernels run on CUDA only: on the CPU this is
+  refused.
 """
 from __future__ import annotations
+
+import types
+
+import torch.nn.functional as F
 
 from .config import ConfigError
 from .language import base_causal_lm
 
-KERNELS = ("none", "liger")
+KERNELS = ("none", "native", "liger")
 
 
-def apply_kernels(llm, kernels: str, device) -> None:
-    """Fuse ``llm``'s (a Phi-3, PEFT-wrapped or not) norms, MLPs and rotary embedding in place."""
+def _native_rms_norm(self, hidden_states):
+    return F.rms_norm(hidden_states, (hidden_states.shape[-1],), self.weight, self.variance_epsilon)
+
+
+def _rms_norms(llm):
+    return [m for m in base_causal_lm(llm).modules()
+            if type(m).__name__.endswith("RMSNorm") and hasattr(m, "weight") and hasattr(m, "variance_epsilon")]
+
+
+def apply_kernels(llm, kernels: str, device) -> int:
+    """Fuse ``llm``'s (a Phi-3, PEFT-wrapped or not) norms (``native``), or
+    norms, MLPs and rotary embedding (``liger``), in place; ``none`` removes
+    the ``native`` norms. Returns how many modules it changed."""
     if kernels in (None, "none"):
-        return
+        undone = 0
+        for m in _rms_norms(llm):
+            if m.__dict__.get("forward") is not None and getattr(m.forward, "__func__", None) is _native_rms_norm:
+                del m.forward
+                undone += 1
+        return undone
     if kernels not in KERNELS:
         raise ConfigError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+    base = base_causal_lm(llm)
+    if getattr(base.config, "model_type", None) != "phi3":
+        raise ConfigError(f"kernels={kernels!r} is wired for Phi-3 models, not {base.config.model_type!r}")
+    if kernels == "native":
+        norms = _rms_norms(llm)
+        for m in norms:
+            m.forward = types.MethodType(_native_rms_norm, m)
+        return len(norms)
     if not str(device).startswith("cuda"):
-        raise ConfigError(f"kernels={kernels!r} needs a CUDA device (Triton kernels); on {device} use 'none'")
+        raise ConfigError(f"kernels={kernels!r} needs a CUDA device (Triton kernels); on {device} use 'none' or 'native'")
     try:
         from liger_kernel.transformers import apply_liger_kernel_to_phi3
     except ImportError as e:
         raise ConfigError(f"kernels='liger' needs the liger-kernel package (pip install liger-kernel): {e}") from None
-    base = base_causal_lm(llm)
-    if getattr(base.config, "model_type", None) != "phi3":
-        raise ConfigError(f"kernels='liger' is wired for Phi-3 models, not {base.config.model_type!r}")
     apply_liger_kernel_to_phi3(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                fused_linear_cross_entropy=False, model=base)
+    return len(_rms_norms(llm))

@@ -76,7 +76,8 @@ class TrainSettings:
     packing: bool = False
     # LM head + cross-entropy on answer tokens only, this many tokens at a time; 0: the model's own loss
     loss_chunk: int = 1024
-    # fused GPU kernels for norms, MLP and rotary embedding (models.kernels): none | liger
+    # fused kernels (models.kernels): none | native (RMSNorm through torch's fused rms_norm) |
+    # liger (Liger Kernel's RMSNorm, SwiGLU and rotary embedding; GPUs only)
     kernels: str = "none"
     # LoRA layers' forward (models.lora_forward): fused (adapter matmuls in the compute dtype, one GEMM adds
     # the update) | peft (PEFT's own: fp32 adapter path, clone, casts)
@@ -374,7 +375,7 @@ def run(s: TrainSettings) -> dict:
         raise ValueError(f"--kernels must be one of {', '.join(KERNELS)}, got {s.kernels!r}")
     if s.lora_forward not in LORA_FORWARDS:
         raise ValueError(f"--lora-forward must be one of {', '.join(LORA_FORWARDS)}, got {s.lora_forward!r}")
-    if s.kernels != "none" and not s.gpu:
+    if s.kernels == "liger" and not s.gpu:
         raise ValueError(f"--kernels {s.kernels} runs on GPUs only: add --gpu, or leave --kernels none")
     if s.init:
         from models.checkpoint import read_meta
@@ -434,8 +435,8 @@ def add_arguments(p: argparse.ArgumentParser, stage: str | None = None) -> None:
     p.add_argument("--loss-chunk", type=int, default=1024,
                    help="LM head + cross-entropy on answer tokens only, this many at a time (0: the model's own loss)")
     p.add_argument("--kernels", choices=KERNELS, default="none",
-                   help="fused GPU kernels for RMSNorm, SwiGLU and rotary embedding (liger: Liger Kernel, "
-                        "pip install liger-kernel; needs --gpu)")
+                   help="fused kernels: native (every RMSNorm as torch's fused rms_norm) or liger (Liger Kernel's "
+                        "RMSNorm, SwiGLU and rotary embedding; pip install liger-kernel; needs --gpu)")
     p.add_argument("--lora-forward", choices=LORA_FORWARDS, default="fused",
                    help="LoRA layers' forward: fused (adapter matmuls in the compute dtype, the update added by one "
                         "GEMM; same math, far less memory traffic) or peft (PEFT's own)")

@@ -1,6 +1,7 @@
 """Fused-kernel switch (models.kernels) and the training job's checks of it.
-Liger's Triton kernels need CUDA: here only the refusals can be checked; the
-GPU benchmark times them (bench/train_bench.py's job_liger variant)."""
+``native`` runs anywhere and is checked against Phi-3's own norm here;
+Liger's Triton kernels need CUDA: here only the refusals can be checked. The
+GPU benchmark times both (bench/train_bench.py's job_native and job_liger)."""
 from __future__ import annotations
 
 import pytest
@@ -13,7 +14,7 @@ def test_kernels_are_refused_where_they_cannot_run(tiny_model):
     apply_kernels(tiny_model.llm, "none", "cpu")  # the default: nothing changes
     with pytest.raises(ConfigError, match="needs a CUDA device"):
         apply_kernels(tiny_model.llm, "liger", "cpu")
-    with pytest.raises(ConfigError, match="must be one of none, liger"):
+    with pytest.raises(ConfigError, match="must be one of none, native, liger"):
         apply_kernels(tiny_model.llm, "triton", "cuda")
     norm = type(tiny_model.llm.get_base_model().model.norm).__name__
     assert norm == "Phi3RMSNorm"  # the refusals patched nothing
@@ -28,3 +29,40 @@ def test_the_training_job_refuses_kernels_without_gpus(tmp_path):
     with pytest.raises(ValueError, match="--kernels must be one of"):
         run(TrainSettings(stage="qlora", data=str(tmp_path), embeddings=str(tmp_path), out=str(tmp_path),
                           kernels="fast", gpu=True))
+
+
+def test_native_norms_match_phi3s_own_and_come_off_again(tiny_cfg):
+    import torch
+
+    from models.multimodal import MultimodalPhi3
+
+    torch.manual_seed(0)
+    model = MultimodalPhi3.from_config(tiny_cfg, device="cpu", with_vision=False, trainable=True)
+    with torch.no_grad():  # norm weights away from 1, so a norm that ignored them would show
+        for n, p in model.llm.named_parameters():
+            if "layernorm" in n or n.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    ids = torch.randint(5, 1000, (2, 32))
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model.llm(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.llm.named_parameters() if p.requires_grad}
+
+    ref_loss, ref = loss_and_grads()
+    layers = tiny_cfg.llm.random_init["num_hidden_layers"]
+    assert apply_kernels(model.llm, "native", "cpu") == 2 * layers + 1  # two per layer and the final one
+    calls = []
+    real = torch.nn.functional.rms_norm
+    torch.nn.functional.rms_norm = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        loss, got = loss_and_grads()
+    finally:
+        torch.nn.functional.rms_norm = real
+    assert len(calls) == 2 * layers + 1
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-6)
+    assert apply_kernels(model.llm, "none", "cpu") == 2 * layers + 1
+    assert not any("forward" in m.__dict__ for m in model.llm.modules() if type(m).__name__ == "Phi3RMSNorm")
