@@ -234,3 +234,29 @@ def test_llm_deployment_rebuilds_its_cache_and_routes_long_requests():
         if llm.batcher is not None:
             llm.batcher.close()
         llm._pool.shutdown(wait=False)
+
+
+def test_llm_stream_sends_what_waits_in_one_message():
+    """A reader that falls behind gets the ids decoded meanwhile in one
+    message instead of one message per id; the answer is the same."""
+    import asyncio
+
+    from serve.deployments import LLM
+
+    llm = LLM.func_or_class({"preset": "tiny", "device": "cpu"})
+    req = {"input_ids": list(range(10, 30)), "max_new_tokens": 12, "min_new_tokens": 12}
+    try:
+        async def read(pause: float) -> list[list[int]]:
+            chunks = []
+            async for chunk in llm.generate(req):
+                chunks.append(chunk)
+                await asyncio.sleep(pause)  # a slow reader: the batcher runs on meanwhile
+            return chunks
+
+        slow = asyncio.run(read(0.3))
+        fast = asyncio.run(read(0.0))
+        assert [t for c in slow for t in c] == [t for c in fast for t in c] and len(sum(slow, [])) == 12
+        assert len(slow) < 12 and max(map(len, slow)) > 1, slow
+    finally:
+        llm.batcher.close()
+        llm._pool.shutdown(wait=False)
