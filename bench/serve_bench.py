@@ -173,9 +173,13 @@ def in_process(settings, prompts: Prompts, batches: list[int], max_tokens: int, 
             run([i], 2, feats)  # warm-up
             res["prefill_ms"][kind] = round(1000 * timed(lambda: run([i], 1, feats), 5)[0], 2)
             res["prompt_tokens"][kind] = len(encode(i).input_ids)
-        # single stream: decode time per token after the first
+        # single stream: decode time per token after the first. One untimed
+        # full-length run first: eager attention meets a new key length at
+        # every step, and the first call at each length is slow (on an H200 a
+        # lone timed run gave 79 ms a token, the next run 23 ms)
         i = first[prompts.kinds[0]]
         feats = features([i])
+        run([i], max_tokens, feats)
         full, out = timed(lambda: run([i], max_tokens, feats), repeats)
         assert out.shape[1] == max_tokens, f"in-process generate made {out.shape[1]} tokens, not {max_tokens}"
         first_answer = out[0].tolist()  # the reference greedy answer for the batching loop (engine)
