@@ -88,7 +88,8 @@ def load_llm(source: Source, settings: ServeSettings):
     """Phi-3 (+ adapter) and the projector, without the vision tower. Unless
     the base is 4-bit, the LoRA adapter is merged into the base weights: the
     same function, without two extra matrix products per projection per
-    token (a 4-bit base cannot take the sum, so its adapter stays apart)."""
+    token. A 4-bit base cannot take the sum, so its adapter stays apart, in
+    the compute dtype, with the fused LoRA forward (``models.lora_forward``)."""
     from models.multimodal import MultimodalPhi3
 
     if source.checkpoint is not None:
@@ -99,5 +100,12 @@ def load_llm(source: Source, settings: ServeSettings):
     if not source.cfg.llm.load_in_4bit and hasattr(model.llm, "merge_and_unload"):
         model.llm = model.llm.merge_and_unload()
         log.info("LoRA adapter merged into the base weights")
+    elif hasattr(model.llm, "peft_config"):
+        from models.lora_forward import lora_for_inference
+        from models.vision import DTYPES
+
+        n = lora_for_inference(model.llm, DTYPES[source.cfg.llm.compute_dtype])
+        log.info("LoRA adapter kept apart from the 4-bit base: %d layers in %s, fused forward",
+                 n, source.cfg.llm.compute_dtype)
     model.eval()
     return model

@@ -183,6 +183,53 @@ def test_served_llm_has_its_adapter_merged(tiny_model, monkeypatch):
     torch.testing.assert_close(full_logits(served.llm, ids), apart, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
+def test_served_4bit_llm_keeps_its_adapter_apart_and_fused(tiny_cfg, monkeypatch, compute):
+    """A 4-bit base keeps its adapter apart: in the compute dtype, every LoRA
+    layer on the fused forward, the logits those of PEFT's own forward."""
+    import dataclasses
+
+    from models.lora_forward import _fused_forward
+    from models.multimodal import MultimodalPhi3
+    from serve.loading import load_llm, resolve
+    from serve.settings import ServeSettings
+
+    # bitsandbytes' CPU kernel wants every 4-bit row a whole number of 64-value blocks (tiny's MLP has 688)
+    shape = {**tiny_cfg.llm.random_init, "intermediate_size": 768}
+    cfg = dataclasses.replace(tiny_cfg, llm=dataclasses.replace(tiny_cfg.llm, load_in_4bit=True, compute_dtype=compute,
+                                                                random_init=shape))
+    torch.manual_seed(0)
+    plain = MultimodalPhi3.from_config(cfg, device="cpu", with_vision=False, trainable=False).eval()
+    with torch.no_grad():
+        for name, p in plain.llm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    ids = sequences(3, (12,))[0]
+    apart = full_logits(plain.llm, ids)
+    monkeypatch.setattr(MultimodalPhi3, "from_config", classmethod(lambda cls, *a, **k: plain))
+    settings = ServeSettings.from_dict({"preset": "tiny", "device": "cpu",
+                                        "overrides": ["llm.load_in_4bit=true", f"llm.compute_dtype={compute}"]})
+    served = load_llm(resolve(settings), settings)
+    assert hasattr(served.llm, "peft_config")  # not merged
+    lora = [p for n, p in served.llm.named_parameters() if "lora_" in n]
+    assert lora and all(p.dtype == getattr(torch, compute) for p in lora)
+    fused = [m for m in served.llm.modules() if getattr(m.__dict__.get("forward"), "__func__", None) is _fused_forward]
+    assert len(fused) == tiny_cfg.llm.random_init["num_hidden_layers"] * len(tiny_cfg.llm.lora.target_modules)
+    tol = 1e-5 if compute == "float32" else 3e-2
+    torch.testing.assert_close(full_logits(served.llm, ids).float(), apart.float(), atol=tol, rtol=tol)
+    if compute == "float32":  # the static cache's step over 4-bit layers: generate's greedy answer
+        from serve.batching import BatchingOptions, ContinuousBatcher, GenerationRequest
+
+        b = ContinuousBatcher(served, 2, suppress_ids=served.suppressed_ids, options=BatchingOptions(kv_cache="static"),
+                              context_length=128)
+        got = []
+        b.submit(GenerationRequest(ids, None, max_new_tokens=8), lambda item: isinstance(item, list) and got.extend(item))
+        while b.active or b.waiting:
+            b.step()
+        ref = served.generate(torch.tensor([ids]), max_new_tokens=8, suppress_tokens=served.suppressed_ids)[0]
+        assert b.describe()["kv_cache"] == "static" and got == ref.tolist()
+
+
 def test_cache_keyword_follows_the_transformers_release(tiny_model):
     from serve.batching import cache_kwarg
 
