@@ -44,6 +44,7 @@ from typing import Callable
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 STAGES = ("embed", "train", "serve")
+EXTRA_STAGES = ("serve4bit",)  # on request only (--stages): the 4-bit LLM (the phi3-mini preset's default) at 1 user
 MIN_STAGE_S = 30.0  # with --budget-s, a stage is skipped when less than this is left
 
 
@@ -79,6 +80,15 @@ def stage_argv(stage: str, cuda: bool, work: Path) -> list[str]:
                     "--set", "llm.dtype=bfloat16", "--max-tokens", "64", "--requests-per-user", "2", *common]
         # two requests per user: the lone user's second request is the image + text one (TTFT)
         return ["--max-tokens", "8", "--requests-per-user", "2", "--warmup", "2", *common]
+    if stage == "serve4bit":  # the preset's 4-bit base (LoRA apart, fused): does decoding keep its graphs, how fast
+        common = ["--users", "1", "--mix", "both", "--no-ui", "--baseline-repeats", "1", *out]
+        if cuda:
+            sets = [x for o in _module("train_bench").offline_overrides("phi3-mini") for x in ("--set", o)]
+            return ["--preset", "phi3-mini", "--gpu", *sets, "--max-tokens", "64", "--requests-per-user", "2", *common]
+        return ["--set", "llm.load_in_4bit=true", "--set", "llm.compute_dtype=float32", "--set",
+                "llm.random_init={hidden_size: 256, intermediate_size: 768, num_hidden_layers: 2, "
+                "num_attention_heads: 4, num_key_value_heads: 4, max_position_embeddings: 2048, "
+                "original_max_position_embeddings: 2048}", "--max-tokens", "8", "--requests-per-user", "2", *common]
     raise ValueError(f"unknown stage {stage!r}")
 
 
@@ -160,6 +170,7 @@ RUNNERS: dict[str, tuple[str, Callable[[dict], dict]]] = {
     "embed": ("embed_bench", summarise_embed),
     "train": ("train_bench", summarise_train),
     "serve": ("serve_bench", summarise_serve),
+    "serve4bit": ("serve_bench", summarise_serve),
 }
 
 
@@ -245,6 +256,10 @@ TABLE = [  # (key, what, format)
     ("serve.engine_static_ratio_vs_hf_batch32", "in-process loop, static cache / generate at 32", "{:.2f}"),
     ("serve.engine_dynamic_decode_tok_s_batch1", "in-process loop, dynamic cache: tokens/s, batch 1", "{:,.1f}"),
     ("serve.engine_dynamic_ratio_vs_hf_batch32", "in-process loop, dynamic cache / generate at 32", "{:.2f}"),
+    ("serve4bit.decode_tok_s_batch1", "4-bit LLM: served decode tokens/s, 1 user", "{:,.1f}"),
+    ("serve4bit.hf_decode_tok_s_batch1", "4-bit LLM: in-process generate tokens/s, batch 1", "{:,.1f}"),
+    ("serve4bit.engine_static_decode_tok_s_batch1", "4-bit LLM: static-cache loop tokens/s, batch 1", "{:,.1f}"),
+    ("serve4bit.ttft_ms_p50", "4-bit LLM: time to first token p50, image + text (ms)", "{:,.0f}"),
 ]
 
 
@@ -330,7 +345,8 @@ def _print_rows(table: list, source: dict, key_format: str, skip_missing: bool =
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, from {', '.join(STAGES)}")
+    ap.add_argument("--stages", default=",".join(STAGES),
+                    help=f"comma-separated, from {', '.join(STAGES + EXTRA_STAGES)} (default: {', '.join(STAGES)})")
     ap.add_argument("--cpu", action="store_true", help="the CPU rehearsal even where CUDA is present")
     ap.add_argument("--workdir", default=None, help="stage outputs and scratch (default: a temp dir)")
     ap.add_argument("--budget-s", type=float, default=None,
@@ -339,8 +355,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/gpu-bench-<device>.json)")
     args = ap.parse_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    if not stages or set(stages) - set(STAGES):
-        ap.error(f"--stages: choose from {', '.join(STAGES)}")
+    if not stages or set(stages) - set(STAGES + EXTRA_STAGES):
+        ap.error(f"--stages: choose from {', '.join(STAGES + EXTRA_STAGES)}")
     if args.cpu:  # every stage on the CPU, the embedding job's actors and Serve's replicas too
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

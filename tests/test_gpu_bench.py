@@ -149,6 +149,12 @@ def test_stage_flags_fit_each_device(tmp_path):
         tb.parse_args(argv)
     for argv in (cpu["serve"], gpu["serve"]):
         assert sb.parse_args(argv).no_ui
+    # on request: the 4-bit LLM at one user (the preset's own 4-bit, not the bf16 override)
+    assert "serve4bit" not in gb.STAGES and "serve4bit" in gb.EXTRA_STAGES
+    for cuda in (False, True):
+        argv = gb.stage_argv("serve4bit", cuda, tmp_path)
+        assert sb.parse_args(argv).users == [1] and "llm.load_in_4bit=false" not in argv
+    assert "llm.load_in_4bit=true" in gb.stage_argv("serve4bit", False, tmp_path)
     with pytest.raises(SystemExit):
         gb.main(["--stages", "embed,nope"])
 
