@@ -69,7 +69,7 @@ JOB_VARIANTS = {  # TrainSettings changes of each job variant
     "job_packed": {"packing": True},
     "job_hf_loss": {"loss_chunk": 0},
     "job_peft_lora": {"lora_forward": "peft"},
-    "job_native": {"kernels": "native"},
+    "job_hf_norm": {"kernels": "none"},
     # Liger patches the model for good: always the last variant; GPU only
     "job_liger": {"kernels": "liger"},
 }

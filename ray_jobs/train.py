@@ -78,7 +78,7 @@ class TrainSettings:
     loss_chunk: int = 1024
     # fused kernels (models.kernels): none | native (RMSNorm through torch's fused rms_norm) |
     # liger (Liger Kernel's RMSNorm, SwiGLU and rotary embedding; GPUs only)
-    kernels: str = "none"
+    kernels: str = "native"
     # LoRA layers' forward (models.lora_forward): fused (adapter matmuls in the compute dtype, one GEMM adds
     # the update) | peft (PEFT's own: fp32 adapter path, clone, casts)
     lora_forward: str = "fused"
@@ -434,9 +434,10 @@ def add_arguments(p: argparse.ArgumentParser, stage: str | None = None) -> None:
                         "(block-diagonal attention; a step then holds a varying number of conversations)")
     p.add_argument("--loss-chunk", type=int, default=1024,
                    help="LM head + cross-entropy on answer tokens only, this many at a time (0: the model's own loss)")
-    p.add_argument("--kernels", choices=KERNELS, default="none",
-                   help="fused kernels: native (every RMSNorm as torch's fused rms_norm) or liger (Liger Kernel's "
-                        "RMSNorm, SwiGLU and rotary embedding; pip install liger-kernel; needs --gpu)")
+    p.add_argument("--kernels", choices=KERNELS, default="native",
+                   help="fused kernels: native (the default: every RMSNorm as torch's fused rms_norm), liger "
+                        "(Liger Kernel's RMSNorm, SwiGLU and rotary embedding; pip install liger-kernel; needs --gpu) "
+                        "or none (Phi-3's own modules)")
     p.add_argument("--lora-forward", choices=LORA_FORWARDS, default="fused",
                    help="LoRA layers' forward: fused (adapter matmuls in the compute dtype, the update added by one "
                         "GEMM; same math, far less memory traffic) or peft (PEFT's own)")

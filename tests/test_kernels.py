@@ -11,7 +11,7 @@ from models.kernels import apply_kernels
 
 
 def test_kernels_are_refused_where_they_cannot_run(tiny_model):
-    apply_kernels(tiny_model.llm, "none", "cpu")  # the default: nothing changes
+    apply_kernels(tiny_model.llm, "none", "cpu")  # Phi-3's own modules: nothing changes
     with pytest.raises(ConfigError, match="needs a CUDA device"):
         apply_kernels(tiny_model.llm, "liger", "cpu")
     with pytest.raises(ConfigError, match="must be one of none, native, liger"):
