@@ -54,18 +54,36 @@ class TextStream:
     """Incremental detokenisation with stop strings.
 
     Text that may still change (a trailing incomplete UTF-8 sequence) or that
-    may be the start of a stop string is held back until it is settled."""
+    may be the start of a stop string is held back until it is settled.
+    Each push decodes only a window of the last few tokens (from the token
+    before the last settled piece), not the whole answer: decoding the whole
+    answer at every token costs the ingress time quadratic in its length."""
 
     def __init__(self, tokenizer, stops: list[str]):
         self.tok, self.stops = tokenizer, list(stops)
         self.ids: list[int] = []
+        self.prefix = 0  # the window starts here: a settled token, so leading-space rules match
+        self.read = 0  # ids[:read] are in self.text
+        self.text = ""
         self.sent = 0
         self.text_so_far = ""
+
+    def _settle(self, final: bool) -> None:
+        """Append the text of the new ids once it no longer ends in an
+        incomplete UTF-8 sequence (or at the end)."""
+        if self.read == len(self.ids):
+            return
+        head = self.tok.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        window = self.tok.decode(self.ids[self.prefix:], skip_special_tokens=True)
+        if final or (len(window) > len(head) and not window.endswith("\ufffd")):
+            self.text += window[len(head):]
+            self.prefix, self.read = self.read, len(self.ids)
 
     def push(self, ids: list[int], final: bool = False) -> tuple[str, bool]:
         """Add token ids; returns (new text to send, a stop string was reached)."""
         self.ids.extend(ids)
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        self._settle(final)
+        text = self.text
         hits = [i for i in (text.find(s, self.sent) for s in self.stops) if i >= 0]
         if hits:
             cut = min(hits)

@@ -155,6 +155,36 @@ def test_incomplete_utf8_is_held_until_complete():
     assert ts.push([euro[2]]) == ("€", False)
 
 
+class CountingTokenizer:
+    """The real (tiny preset's) tokenizer, recording how many ids each decode saw."""
+
+    def __init__(self, tok):
+        self.tok, self.sizes = tok, []
+
+    def decode(self, ids, skip_special_tokens=True):
+        self.sizes.append(len(ids))
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+@pytest.mark.parametrize("source", ["text", "random"])
+def test_incremental_text_equals_decoding_the_whole_answer(tok, source):
+    """Token by token, the text sent adds up to the whole answer decoded at
+    once (multi-byte characters split over byte tokens, special tokens
+    skipped), while each push decodes only a few tokens."""
+    import random
+
+    if source == "text":
+        ids = tok.encode_text("Héllo wörld, 3 × 4 = 12 € — naïve café 😀 über 漢字 end. " * 8)
+    else:
+        rng = random.Random(5)
+        ids = [rng.randrange(len(tok)) for _ in range(400)]
+    counting = CountingTokenizer(tok)
+    ts = TextStream(counting, [])
+    sent = [ts.push([t])[0] for t in ids] + [ts.push([], final=True)[0]]
+    assert "".join(sent) == tok.decode(ids) and len(ids) >= 100
+    assert max(counting.sizes) <= 12, max(counting.sizes)  # windows, never the whole answer
+
+
 def test_settings_refuse_unknown_keys_and_bad_limits():
     with pytest.raises(SettingsError, match="checkpont"):
         ServeSettings.from_dict({"checkpont": "x"})
