@@ -119,12 +119,16 @@ def test_fifty_concurrent_requests_survive_an_llm_replica_kill(served):
             content.insert(0, image_part(png(64, 64, "green")))
         if kind == "audio":
             content.insert(0, audio_part(wav(0.5)))
-        return {"model": "mmphi", "max_tokens": 48, "temperature": 0, "stream": kind == "stream",
+        # min_tokens: every answer is long enough to be live when the replica dies
+        return {"model": "mmphi", "max_tokens": 48, "min_tokens": 32, "temperature": 0, "stream": kind == "stream",
                 "messages": [{"role": "user", "content": content}]}
 
     done = []
 
     async def one(client, i):
+        # arrivals spread over a second: a replica's batch does not all finish at one step,
+        # so both replicas hold live answers whenever the kill comes
+        await asyncio.sleep(0.02 * i)
         r = await client.post(url + "v1/chat/completions", json=body(i))
         assert r.status_code == 200, r.text
         if body(i)["stream"]:
