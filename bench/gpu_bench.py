@@ -85,10 +85,12 @@ def stage_argv(stage: str, cuda: bool, work: Path) -> list[str]:
         if cuda:
             sets = [x for o in _module("train_bench").offline_overrides("phi3-mini") for x in ("--set", o)]
             return ["--preset", "phi3-mini", "--gpu", *sets, "--max-tokens", "64", "--requests-per-user", "2", *common]
+        from models.config import load_config
+
+        # bitsandbytes' CPU kernel wants whole 64-value blocks per row: the tiny shape with a 768-wide MLP (688)
+        shape = json.dumps({**load_config("tiny").llm.random_init, "intermediate_size": 768})
         return ["--set", "llm.load_in_4bit=true", "--set", "llm.compute_dtype=float32", "--set",
-                "llm.random_init={hidden_size: 256, intermediate_size: 768, num_hidden_layers: 2, "
-                "num_attention_heads: 4, num_key_value_heads: 4, max_position_embeddings: 2048, "
-                "original_max_position_embeddings: 2048}", "--max-tokens", "8", "--requests-per-user", "2", *common]
+                f"llm.random_init={shape}", "--max-tokens", "8", "--requests-per-user", "2", *common]
     raise ValueError(f"unknown stage {stage!r}")
 
 

@@ -25,8 +25,18 @@ from .language import base_causal_lm
 KERNELS = ("none", "native", "liger")
 
 
+def fused_rms_norm(x, norm):
+    """``norm(x)`` for an RMSNorm module with ``weight`` and
+    ``variance_epsilon`` (Phi-3's) as torch's fused ``rms_norm`` (fp32
+    statistics like the module's own); a norm of another kind runs as itself."""
+    weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
+    if weight is None or eps is None:
+        return norm(x)
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
 def _native_rms_norm(self, hidden_states):
-    return F.rms_norm(hidden_states, (hidden_states.shape[-1],), self.weight, self.variance_epsilon)
+    return fused_rms_norm(hidden_states, self)
 
 
 def _rms_norms(llm):

@@ -89,4 +89,4 @@ def lora_for_inference(llm, dtype) -> int:
     for name, p in llm.named_parameters():
         if "lora_A" in name or "lora_B" in name:
             p.data = p.data.to(dtype)
-    return fuse_lora(llm) if any(isinstance(m, _lora_linear_classes()) for m in llm.modules()) else 0
+    return fuse_lora(llm)

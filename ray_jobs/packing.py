@@ -176,15 +176,13 @@ def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, *, imag
     width = labels.shape[1]
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
-    if labels.device.type == "cpu":
-        rows, cols = keep.nonzero(as_tuple=True)
-        where, t = rows * width + cols, targets[rows, cols]  # rows of hidden.view(-1, dim), and their targets
+    # where labels live: on the host, no wait; labels already on the device wait for it once here
+    rows, cols = keep.nonzero(as_tuple=True)
+    where, t = rows * width + cols, targets[rows, cols]  # rows of hidden.view(-1, dim), and their targets
+    if where.device != device:
         if device.type == "cuda":
             where, t = where.pin_memory(), t.pin_memory()
         where, t = where.to(device, non_blocking=True), t.to(device, non_blocking=True)
-    else:  # already on the device: finding the positions waits for it once
-        rows, cols = keep.nonzero(as_tuple=True)
-        where, t = rows * width + cols, targets[rows, cols]
     embeds = model.embed(input_ids.to(device), image_features)
     hidden = llm.get_decoder()(
         inputs_embeds=embeds,

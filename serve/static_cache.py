@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.kernels import fused_rms_norm as _rms_norm
 from models.language import base_causal_lm
 
 log = logging.getLogger("ray.serve")
@@ -123,15 +124,6 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch
         return torch.addcmul(x * cos, x.roll(d // 2, dims=-1), signed_sin)
     rot = x[..., :d]
     return torch.cat((torch.addcmul(rot * cos, rot.roll(d // 2, dims=-1), signed_sin), x[..., d:]), dim=-1)
-
-
-def _rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    """Phi-3's RMSNorm as one fused kernel (``F.rms_norm``; fp32 statistics
-    like the module's own); a norm of another kind runs as itself."""
-    weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
-    if weight is None or eps is None:
-        return norm(x)
-    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 def _add_linear(x: torch.Tensor, linear: nn.Module, inp: torch.Tensor) -> torch.Tensor:
