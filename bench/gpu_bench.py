@@ -128,6 +128,10 @@ def summarise_train(r: dict) -> dict:
     if "job_hf_norm" in v:  # the job with Phi-3's own RMSNorm (--kernels none): what the fused norm gives
         out["job_hf_norm_tokens_per_s"] = v["job_hf_norm"]["tokens_per_s"]
         out["ratio_hf_norm_vs_hf_peft"] = _ratio(out["job_hf_norm_tokens_per_s"], base["tokens_per_s"])
+    if "job_fp32_frozen" in v:  # the job with fp32 frozen embeddings/norms/LM head: what bf16 ones give
+        out["job_fp32_frozen_tokens_per_s"] = v["job_fp32_frozen"]["tokens_per_s"]
+        out["ratio_fp32_frozen_vs_hf_peft"] = _ratio(out["job_fp32_frozen_tokens_per_s"], base["tokens_per_s"])
+        out["fp32_frozen_peak_gib"] = v["job_fp32_frozen"]["peak_gib"]
     if "job_liger" in v:  # fused kernels (GPU only); its error when they failed
         lg = v["job_liger"]
         out["job_liger_tokens_per_s"] = lg.get("tokens_per_s")

@@ -31,7 +31,11 @@ the ``ddp`` strategy (autocast, clipping, AdamW, schedule), the worker's
 ``epoch_plan`` / ``step_batch`` and ``ray_jobs.packing.TrainingForward``. Its
 default settings (length-bucketed batches of ``--batch`` conversations,
 chunked loss), with ``--packing`` (``--batch`` rows of ``--max-len`` tokens
-per step), and with the model's own loss (``loss_chunk=0``).
+per step), with the model's own loss (``loss_chunk=0``), and one side per
+default it measures: PEFT's LoRA forward (``job_peft_lora``), Phi-3's own
+RMSNorm (``job_hf_norm``), the frozen embeddings, norms and LM head upcast to
+fp32 as ``prepare_model_for_kbit_training`` does (``job_fp32_frozen``; the job
+keeps them in bf16), and Liger's kernels (``job_liger``, GPU only).
 
 Every side trains on the same ``--steps x --batch`` conversations once, after
 ``--warmup`` untimed steps on other conversations; a step's time includes
@@ -70,10 +74,14 @@ JOB_VARIANTS = {  # TrainSettings changes of each job variant
     "job_hf_loss": {"loss_chunk": 0},
     "job_peft_lora": {"lora_forward": "peft"},
     "job_hf_norm": {"kernels": "none"},
+    # a model setting, not a TrainSettings one: the frozen embeddings, norms and
+    # LM head in fp32 (peft's prepare_model_for_kbit_training), so an fp32 residual stream
+    "job_fp32_frozen": {"frozen_fp32": True},
     # Liger patches the model for good: always the last variant; GPU only
     "job_liger": {"kernels": "liger"},
 }
 GPU_ONLY = {"job_liger"}
+MODEL_SETTINGS = {"frozen_fp32"}  # variant keys applied to the loaded model instead of TrainSettings
 
 
 def offline_overrides(preset: str) -> list[str]:
@@ -439,8 +447,10 @@ def job(cfg, device: str, data: Data, timed: list[int], warm: list[int], batch: 
     import torch
 
     from models.kernels import apply_kernels
+    from models.language import set_frozen_dtype
     from models.lora_forward import fuse_lora
     from models.multimodal import MultimodalPhi3
+    from models.vision import DTYPES
     from ray_jobs import strategy
     from ray_jobs.packing import TrainingForward
     from ray_jobs.train import TrainSettings, epoch_plan, make_optimizer, step_batch
@@ -454,7 +464,11 @@ def job(cfg, device: str, data: Data, timed: list[int], warm: list[int], batch: 
     start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     out = {}
     for name in variants:
-        s = TrainSettings(**{**base.__dict__, **JOB_VARIANTS[name]})
+        changes = JOB_VARIANTS[name]
+        s = TrainSettings(**{**base.__dict__, **{k: v for k, v in changes.items() if k not in MODEL_SETTINGS}})
+        fp32_frozen = changes.get("frozen_fp32", cfg.llm.frozen_fp32 or cfg.llm.dtype == "float16")
+        frozen_dtype = torch.float32 if fp32_frozen else DTYPES[cfg.llm.dtype]
+        set_frozen_dtype(model.llm, frozen_dtype)
         with torch.no_grad():  # every variant starts from the same weights and a fresh optimizer
             for n, p in model.named_parameters():
                 if n in start:
@@ -487,7 +501,7 @@ def job(cfg, device: str, data: Data, timed: list[int], warm: list[int], batch: 
         batching = (f"packed: {batch} rows of <= {max_len} tokens, block-diagonal attention" if s.packing
                     else f"length buckets of {batch} (ray_jobs.data.length_batches), padded to the longest")
         out[name] = {"batching": batching, "loss": f"chunked ({s.loss_chunk} tokens)" if s.loss_chunk else "transformers",
-                     "settings": JOB_VARIANTS[name], **r}
+                     "settings": JOB_VARIANTS[name], "frozen_dtype": str(frozen_dtype).removeprefix("torch."), **r}
     return {"load_s": load_s, "trainable_params": sum(p.numel() for p in model.trainable_parameters()),
             "variants": out}
 

@@ -86,6 +86,13 @@ class LLMConfig:
     # compute dtype of the 4-bit layers
     compute_dtype: str = "bfloat16"
     gradient_checkpointing: bool = False
+    # 4-bit training only: cast the frozen weights that are not quantised
+    # (token embeddings, norms, LM head) to fp32, as peft's
+    # prepare_model_for_kbit_training does. false keeps them in ``dtype``, so
+    # the residual stream and every activation stay in the compute dtype: no
+    # fp32 copies, casts and adds in each layer, half the checkpointed
+    # activations. A float16 model is always upcast (fp16 residuals overflow).
+    frozen_fp32: bool = False
     attn_implementation: str = "sdpa"
     lora: LoraSettings = field(default_factory=LoraSettings)
 

@@ -63,6 +63,21 @@ def resolve_llm_source(cfg: LLMConfig, tokenizer) -> str:
     return str(random_phi3_folder(cfg, len(tokenizer), special))
 
 
+def set_frozen_dtype(llm, dtype: torch.dtype) -> int:
+    """Cast the frozen floating-point weights of ``llm`` that are not
+    quantised (embeddings, norms, LM head) to ``dtype`` in place, as
+    ``prepare_model_for_kbit_training`` does for fp32; trainable weights
+    (LoRA, fp32 master copies) stay as they are. Casting bf16 to fp32 and
+    back is exact. Returns how many tensors changed."""
+    n = 0
+    for p in base_causal_lm(llm).parameters():
+        if (not p.requires_grad and p.is_floating_point() and p.dtype != dtype
+                and type(p).__name__ not in ("Params4bit", "Int8Params")):
+            p.data = p.data.to(dtype)
+            n += 1
+    return n
+
+
 def _quantization(cfg: LLMConfig):
     if not cfg.load_in_4bit:
         return None
@@ -108,7 +123,7 @@ def load_language_model(
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     model.config.use_cache = not (trainable and cfg.gradient_checkpointing)
     if trainable:
-        if quant is not None:
+        if quant is not None and (cfg.frozen_fp32 or cfg.dtype == "float16"):
             model = prepare_model_for_kbit_training(
                 model,
                 use_gradient_checkpointing=cfg.gradient_checkpointing,

@@ -23,6 +23,7 @@ RATIOS = {("embed", "ratio_vs_bare"): ("job_images_per_s", "bare_images_per_s"),
           ("train", "ratio_vs_hf_peft_longest"): ("job_tokens_per_s", "hf_peft_longest_tokens_per_s"),
           ("train", "ratio_packed_vs_hf_peft"): ("job_packed_tokens_per_s", "hf_peft_tokens_per_s"),
           ("train", "ratio_hf_norm_vs_hf_peft"): ("job_hf_norm_tokens_per_s", "hf_peft_tokens_per_s"),
+          ("train", "ratio_fp32_frozen_vs_hf_peft"): ("job_fp32_frozen_tokens_per_s", "hf_peft_tokens_per_s"),
           ("train", "ratio_peft_lora_vs_hf_peft"): ("job_peft_lora_tokens_per_s", "hf_peft_tokens_per_s"),
           ("serve", "ratio_vs_hf_batch32"): ("served_tok_s_batch32", "hf_tok_s_batch32")}
 
