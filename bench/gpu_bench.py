@@ -125,7 +125,7 @@ def summarise_train(r: dict) -> dict:
     if "job_peft_lora" in v:  # the job with PEFT's own LoRA forward: what the fused one gives
         out["job_peft_lora_tokens_per_s"] = v["job_peft_lora"]["tokens_per_s"]
         out["ratio_peft_lora_vs_hf_peft"] = _ratio(out["job_peft_lora_tokens_per_s"], base["tokens_per_s"])
-    if "job_hf_norm" in v:  # the job with Phi-3's own RMSNorm (--kernels none): what the fused norm gives
+    if "job_hf_norm" in v:  # the job with Phi-3's own RMSNorm and rotary (--kernels none): what native gives
         out["job_hf_norm_tokens_per_s"] = v["job_hf_norm"]["tokens_per_s"]
         out["ratio_hf_norm_vs_hf_peft"] = _ratio(out["job_hf_norm_tokens_per_s"], base["tokens_per_s"])
     if "job_fp32_frozen" in v:  # the job with fp32 frozen embeddings/norms/LM head: what bf16 ones give

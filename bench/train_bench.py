@@ -33,9 +33,10 @@ default settings (length-bucketed batches of ``--batch`` conversations,
 chunked loss), with ``--packing`` (``--batch`` rows of ``--max-len`` tokens
 per step), with the model's own loss (``loss_chunk=0``), and one side per
 default it measures: PEFT's LoRA forward (``job_peft_lora``), Phi-3's own
-RMSNorm (``job_hf_norm``), the frozen embeddings, norms and LM head upcast to
-fp32 as ``prepare_model_for_kbit_training`` does (``job_fp32_frozen``; the job
-keeps them in bf16), and Liger's kernels (``job_liger``, GPU only).
+RMSNorm and rotary embedding (``job_hf_norm``), the frozen embeddings, norms
+and LM head upcast to fp32 as ``prepare_model_for_kbit_training`` does
+(``job_fp32_frozen``; the job keeps them in bf16), and Liger's kernels
+(``job_liger``, GPU only).
 
 Every side trains on the same ``--steps x --batch`` conversations once, after
 ``--warmup`` untimed steps on other conversations; a step's time includes

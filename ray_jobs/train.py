@@ -76,7 +76,7 @@ class TrainSettings:
     packing: bool = False
     # LM head + cross-entropy on answer tokens only, this many tokens at a time; 0: the model's own loss
     loss_chunk: int = 1024
-    # fused kernels (models.kernels): none | native (RMSNorm through torch's fused rms_norm) |
+    # fused kernels (models.kernels): none | native (RMSNorm through torch's fused rms_norm, rotary in 3 kernels) |
     # liger (Liger Kernel's RMSNorm, SwiGLU and rotary embedding; GPUs only)
     kernels: str = "native"
     # LoRA layers' forward (models.lora_forward): fused (adapter matmuls in the compute dtype, one GEMM adds
@@ -435,7 +435,8 @@ def add_arguments(p: argparse.ArgumentParser, stage: str | None = None) -> None:
     p.add_argument("--loss-chunk", type=int, default=1024,
                    help="LM head + cross-entropy on answer tokens only, this many at a time (0: the model's own loss)")
     p.add_argument("--kernels", choices=KERNELS, default="native",
-                   help="fused kernels: native (the default: every RMSNorm as torch's fused rms_norm), liger "
+                   help="fused kernels: native (the default: every RMSNorm as torch's fused rms_norm, the rotary "
+                        "embedding in three kernels), liger "
                         "(Liger Kernel's RMSNorm, SwiGLU and rotary embedding; pip install liger-kernel; needs --gpu) "
                         "or none (Phi-3's own modules)")
     p.add_argument("--lora-forward", choices=LORA_FORWARDS, default="fused",

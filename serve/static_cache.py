@@ -32,6 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.kernels import fused_rms_norm as _rms_norm
+from models.kernels import rotary as _rope
+from models.kernels import signed
 from models.language import base_causal_lm
 
 log = logging.getLogger("ray.serve")
@@ -115,17 +117,6 @@ def _buckets(limit: int, first: int, step_after: int | None = None) -> list[int]
     return out
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """Phi-3's rotary embedding (partial rotary dims pass through), in three
-    kernels: ``rotate_half(x) * sin`` is ``roll(x, d/2) * signed_sin`` with
-    the first half of ``signed_sin`` negated."""
-    d = cos.shape[-1]
-    if d == x.shape[-1]:
-        return torch.addcmul(x * cos, x.roll(d // 2, dims=-1), signed_sin)
-    rot = x[..., :d]
-    return torch.cat((torch.addcmul(rot * cos, rot.roll(d // 2, dims=-1), signed_sin), x[..., d:]), dim=-1)
-
-
 def _add_linear(x: torch.Tensor, linear: nn.Module, inp: torch.Tensor) -> torch.Tensor:
     """``x + linear(inp)``; for a plain bias-free ``nn.Linear`` (bf16 weights,
     the LoRA merged) one GEMM that adds into ``x``."""
@@ -159,8 +150,7 @@ class StaticDecoder:
         self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.cos, sin = self._rope_table(core.rotary_emb, cfg)
-        half = self.cos.shape[-1] // 2
-        self.signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+        self.signed_sin = signed(sin)
         self.columns = torch.arange(self.max_len, device=self.device)
         self.row_index = torch.arange(self.rows, device=self.device)
         self.tokens = torch.zeros(self.rows, dtype=torch.long, device=self.device)

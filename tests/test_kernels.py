@@ -66,3 +66,53 @@ def test_native_norms_match_phi3s_own_and_come_off_again(tiny_cfg):
         torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-6)
     assert apply_kernels(model.llm, "none", "cpu") == 2 * layers + 1
     assert not any("forward" in m.__dict__ for m in model.llm.modules() if type(m).__name__ == "Phi3RMSNorm")
+
+
+def test_native_rotary_is_phi3s_and_comes_off_again(tiny_cfg):
+    """``native`` swaps Phi-3's rotary function for the three-kernel one: the
+    same loss and gradients through the whole model (full and partial rotary
+    dims), and ``none`` puts Phi-3's back."""
+    import torch
+    from transformers.models.phi3 import modeling_phi3 as mp
+
+    from models.kernels import _native_rope
+    from models.multimodal import MultimodalPhi3
+
+    torch.manual_seed(0)
+    model = MultimodalPhi3.from_config(tiny_cfg, device="cpu", with_vision=False, trainable=True)
+    apply_kernels(model.llm, "none", "cpu")  # whatever ran before in this process
+    hf = mp.apply_rotary_pos_emb
+    assert hf is not _native_rope
+    g = torch.Generator().manual_seed(0)
+    for rotary_dims in (64, 32):  # head_dim 64: full, then partial (the rest passes through)
+        q, k = torch.randn(2, 4, 7, 64, generator=g), torch.randn(2, 4, 7, 64, generator=g)
+        cos, sin = torch.randn(2, 7, rotary_dims, generator=g), torch.randn(2, 7, rotary_dims, generator=g)
+        for got, want in zip(_native_rope(q, k, cos, sin), hf(q, k, cos, sin)):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+    ids = torch.randint(5, 1000, (2, 32))
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model.llm(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.llm.named_parameters() if p.requires_grad}
+
+    ref_loss, ref = loss_and_grads()
+    try:
+        apply_kernels(model.llm, "native", "cpu")
+        assert mp.apply_rotary_pos_emb is _native_rope
+        calls = []
+        real = torch.Tensor.roll
+        torch.Tensor.roll = lambda self, *a, **k: calls.append(1) or real(self, *a, **k)
+        try:
+            loss, got = loss_and_grads()
+        finally:
+            torch.Tensor.roll = real
+        assert len(calls) == 2 * tiny_cfg.llm.random_init["num_hidden_layers"]  # q and k of each layer
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-6)
+    finally:
+        apply_kernels(model.llm, "none", "cpu")
+    assert mp.apply_rotary_pos_emb is hf
