@@ -213,10 +213,12 @@ class LLM:
         ``max_new_tokens``, ``temperature`` (0: greedy), ``top_p``, optional
         ``min_new_tokens`` (stop ids are suppressed until then).
         Each message is a list of the ids decoded since the last one: one id
-        per step while the reader keeps up, more when it falls behind (32
-        streams at 80 tokens/s each are 2,600 messages a second through Ray
-        and HTTP otherwise). The last ends with a stop id unless the length
-        ran out. Image placeholder ids are never generated
+        per step while the reader keeps up and the request decodes alone,
+        more when it falls behind or while other requests decode with it
+        (then a message leaves ``stream_interval_ms`` after the previous one
+        at the soonest: 32 streams at 80 tokens/s each are 2,600 messages a
+        second through Ray and HTTP otherwise). The last ends with a stop id
+        unless the length ran out. Image placeholder ids are never generated
         (a continued answer re-reads the answer so far as prompt)."""
         from .batching import DONE, GenerationRequest
 
@@ -232,21 +234,32 @@ class LLM:
             cancel = ticket.cancel
         else:
             cancel = self._generate_in_thread(req, emit)
+        interval, last = self.options.stream_interval_ms / 1000, None
         try:
             while True:
                 item = await queue.get()
+                if isinstance(item, list) and last is not None and interval > 0 and self._shared():
+                    wait = last + interval - loop.time()
+                    if wait > 0:  # let more of this stream's ids gather, then send them together
+                        await asyncio.sleep(wait)
                 ids: list[int] = []
                 while isinstance(item, list):  # everything already waiting goes in one message
                     ids.extend(item)
                     item = queue.get_nowait() if not queue.empty() else None
                 if ids:
                     yield ids
+                    last = loop.time()
                 if item is DONE:
                     return
                 if isinstance(item, BaseException):
                     raise item
         finally:
             cancel()
+
+    def _shared(self) -> bool:
+        """Whether the batching loop decodes more than one request."""
+        b = self.batcher
+        return b is not None and b.active > 1
 
     def _generate_in_thread(self, req, emit):
         """One ``generate`` call for ``req`` in the worker pool; returns its cancel function."""

@@ -6,6 +6,8 @@ padded bucket shapes they replay are run eagerly (``bucketed``).
 """
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -304,6 +306,52 @@ def test_llm_stream_sends_what_waits_in_one_message():
         fast = asyncio.run(read(0.0))
         assert [t for c in slow for t in c] == [t for c in fast for t in c] and len(sum(slow, [])) == 12
         assert len(slow) < 12 and max(map(len, slow)) > 1, slow
+    finally:
+        llm.batcher.close()
+        llm._pool.shutdown(wait=False)
+
+
+def test_streams_that_share_the_loop_send_fewer_messages():
+    """While several requests decode together, each stream's messages leave
+    ``stream_interval_ms`` apart at the soonest and carry the ids decoded
+    meanwhile; a lone stream still sends every id at once. The answers do not
+    change."""
+    import asyncio
+
+    from serve.deployments import LLM
+
+    llm = LLM.func_or_class({"preset": "tiny", "device": "cpu"})
+    reqs = [{"input_ids": list(range(10 + k, 30 + k)), "max_new_tokens": 48, "min_new_tokens": 48} for k in range(4)]
+
+    async def stream(req) -> tuple[list[list[int]], list[float]]:
+        chunks, times = [], []
+        async for chunk in llm.generate(req):
+            chunks.append(chunk)
+            times.append(time.perf_counter())
+        return chunks, times
+
+    async def together():
+        return await asyncio.gather(*(stream(r) for r in reqs))
+
+    try:
+        llm.reconfigure({"stream_interval_ms": 0})
+        at_once = asyncio.run(together())
+        alone = asyncio.run(stream(reqs[0]))[0]
+        llm.reconfigure({"stream_interval_ms": 30})
+        spaced = asyncio.run(together())
+        alone_spaced = asyncio.run(stream(reqs[0]))[0]
+        for (a, _), (b, _) in zip(at_once, spaced):
+            assert sum(a, []) == sum(b, []) and len(sum(a, [])) == 48
+        assert sum(alone_spaced, []) == sum(alone, []) == sum(at_once[0][0], [])
+        assert all(len(c) == 1 for c in alone_spaced)  # decoding alone: one id per message
+        n_at_once, n_spaced = sum(len(c) for c, _ in at_once), sum(len(c) for c, _ in spaced)
+        assert n_spaced < n_at_once / 2, (n_spaced, n_at_once)
+        gaps = sorted(b - a for _, times in spaced for a, b in zip(times, times[1:]))
+        # messages of a stream leave at least the interval apart while the others decode (less a timer's slack)
+        assert gaps and gaps[len(gaps) // 2] > 0.025, gaps
+        assert all(len(c[0]) == 1 for c, _ in spaced)  # first ids at once
+        with pytest.raises(ValueError, match="stream_interval_ms"):
+            llm.reconfigure({"stream_interval_ms": -1})
     finally:
         llm.batcher.close()
         llm._pool.shutdown(wait=False)
