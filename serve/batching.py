@@ -115,7 +115,7 @@ class BatchingOptions:
     # this long after its previous one at the soonest, with every token
     # decoded meanwhile: fewer messages through Ray and HTTP per token when
     # the replica is busy. A lone stream and first tokens are sent at once; 0: always at once
-    stream_interval_ms: float = 20.0
+    stream_interval_ms: float = 40.0
 
     @classmethod
     def from_dict(cls, data: dict | None) -> BatchingOptions:
