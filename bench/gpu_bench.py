@@ -65,8 +65,9 @@ def stage_argv(stage: str, cuda: bool, work: Path) -> list[str]:
     if stage == "embed":
         if cuda:
             return ["--preset", "phi3-mini", "--set", "vision.pretrained=null", "--set", "vision.model=ViT-L-14",
-                    "--images", "3000", "--batch-size", "256", "--workdir", str(work / "embed"), *out]
-        return ["--images", "160", "--batch-size", "32", "--workdir", str(work / "embed"), *out]
+                    "--images", "3000", "--batch-size", "256", "--calls-per-actor", "2,1",
+                    "--workdir", str(work / "embed"), *out]
+        return ["--images", "160", "--batch-size", "32", "--calls-per-actor", "2,1", "--workdir", str(work / "embed"), *out]
     if stage == "train":
         if cuda:
             return ["--preset", "phi3-mini", "--gpu", "--batch", "8", "--max-len", "1024", "--steps", "6",
@@ -103,7 +104,11 @@ def summarise_embed(r: dict) -> dict:
     return {"job_images_per_s": job, "bare_images_per_s": bare, "ratio_vs_bare": _ratio(job, bare),
             "bare_encoder_images_per_s": r["bare_encoder_images_per_s"],
             "ratio_vs_bare_encoder": _ratio(job, r["bare_encoder_images_per_s"]),
-            "encoder": r["encoder"]["model"], "images": r["images"], "batch_size": r["batch_size"]}
+            "encoder": r["encoder"]["model"], "images": r["images"], "batch_size": r["batch_size"],
+            # the job without overlap in its encoder actor (one Ray Data call at a time): what the overlap gives
+            **({"job_one_call_images_per_s": r["job_steady_images_per_s_by_calls"].get("1"),
+                "ratio_overlap_vs_one_call": _ratio(job, r["job_steady_images_per_s_by_calls"].get("1"))}
+               if "1" in r.get("job_steady_images_per_s_by_calls", {}) and r.get("calls_per_actor") != 1 else {})}
 
 
 def summarise_train(r: dict) -> dict:

@@ -167,13 +167,19 @@ class Embedder:
 
         ok = np.array([not e for e in batch["error"]], dtype=bool)
         n = len(batch["path"])
-        emb = np.zeros((n, self.nbytes), np.uint8)  # fixed-width rows: a tensor column, no pickling
+        every = bool(ok.all())
+        emb = None if every else np.zeros((n, self.nbytes), np.uint8)  # fixed-width rows: a tensor column, no pickling
         if ok.any():
             with torch.inference_mode():
-                x = self.encoder.pipeline.normalize(batch["pixels"][ok], self.device, self.dtype)
+                # a batch without failures goes as it is: no copies of its pixels or features on the host
+                x = self.encoder.pipeline.normalize(batch["pixels"] if every else batch["pixels"][ok],
+                                                    self.device, self.dtype)
                 feats = self.encoder(x).to(self.store_torch)  # cast on the device: fewer bytes to copy
-                raw = feats.contiguous().view(torch.uint8)  # the stored bytes, little-endian
-                emb[ok] = raw.reshape(int(ok.sum()), -1).cpu().numpy()
+                raw = feats.contiguous().view(torch.uint8).reshape(int(ok.sum()), -1)  # the stored bytes, little-endian
+                if every:
+                    emb = raw.cpu().numpy()
+                else:
+                    emb[ok] = raw.cpu().numpy()
         return {"path": batch["path"], "embedding": emb, "error": batch["error"],
                 "node": np.array([self.node] * n, dtype=object), "t_end": np.full(n, time.time())}
 
@@ -219,6 +225,10 @@ class EmbedSettings:
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
     resources_per_actor: dict[str, float] = field(default_factory=dict)  # custom resources, e.g. {"infer_gpu": 1}
     cpus_per_actor: float = 0.5
+    # Ray Data calls in flight per encoder actor: the encoder runs one batch at
+    # a time, while the next batch's input and the last one's output are
+    # assembled on other threads (without this the device idles meanwhile)
+    calls_per_actor: int = 2
     cpus_per_task: float = 0.25
     batch_size: int = 64
     decode_batch: int = 32
@@ -289,6 +299,8 @@ def run(s: EmbedSettings) -> dict:
         resources = check_resources(s.resources_per_actor, RESOURCE_HINTS)
     except ValueError as e:
         raise EmbedError(f"--resources-per-actor: {e}") from None
+    if isinstance(s.calls_per_actor, bool) or not isinstance(s.calls_per_actor, int) or s.calls_per_actor < 1:
+        raise EmbedError(f"--calls-per-actor must be a positive integer, got {s.calls_per_actor!r}")
     if s.gpus_per_actor is not None and s.gpus_per_actor < 0:
         raise EmbedError(f"--gpus-per-actor must be 0 or more, got {s.gpus_per_actor}")
     gpus = s.gpus_per_actor
@@ -332,7 +344,8 @@ def run(s: EmbedSettings) -> dict:
         ray.data.DataContext.get_current().wait_for_min_actors_s = s.actor_wait_s
         ds = ds.map_batches(
             Embedder, batch_size=s.batch_size,
-            compute=ActorPoolStrategy(min_size=s.actors, max_size=s.max_actors or s.actors),
+            compute=ActorPoolStrategy(min_size=s.actors, max_size=s.max_actors or s.actors,
+                                      max_concurrent_calls_per_actor=s.calls_per_actor),
             num_gpus=gpus, num_cpus=s.cpus_per_actor, **({"resources": resources} if resources else {}),
             fn_constructor_kwargs={"config": cfg.to_dict(), "store_dtype": s.store_dtype},
         )
@@ -433,6 +446,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="custom Ray resource per encoder actor, repeatable, e.g. infer_gpu=1: the actors run "
                         "only on nodes that declare it")
     p.add_argument("--batch-size", type=int, default=64, help="images per encoder call")
+    p.add_argument("--calls-per-actor", type=int, default=2,
+                   help="Ray Data calls in flight per encoder actor: batches are assembled while the encoder runs "
+                        "(1: one at a time)")
     p.add_argument("--shard-size", type=int, default=256, help="images per output Parquet file")
     p.add_argument("--limit", type=int, default=None, help="embed only the first N images (smoke runs)")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local cluster)")
@@ -444,7 +460,7 @@ def settings_from_args(args: argparse.Namespace) -> EmbedSettings:
                          actors=args.actors, max_actors=args.max_actors, gpus_per_actor=args.gpus_per_actor,
                          resources_per_actor=dict(args.resources_per_actor or {}),
                          batch_size=args.batch_size, shard_size=args.shard_size, limit=args.limit,
-                         address=args.address)
+                         address=args.address, calls_per_actor=args.calls_per_actor)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ KEYS = ["card", "date", "embed.ratio_vs_bare", "train.ratio_vs_hf_peft", "train.
         "serve.decode_tok_s_batch1", "serve.ratio_vs_hf_batch32", "serve.ttft_ms_p50"]
 RATIOS = {("embed", "ratio_vs_bare"): ("job_images_per_s", "bare_images_per_s"),
           ("embed", "ratio_vs_bare_encoder"): ("job_images_per_s", "bare_encoder_images_per_s"),
+          ("embed", "ratio_overlap_vs_one_call"): ("job_images_per_s", "job_one_call_images_per_s"),
           ("train", "ratio_vs_hf_peft"): ("job_tokens_per_s", "hf_peft_tokens_per_s"),
           ("train", "ratio_vs_hf_peft_longest"): ("job_tokens_per_s", "hf_peft_longest_tokens_per_s"),
           ("train", "ratio_packed_vs_hf_peft"): ("job_packed_tokens_per_s", "hf_peft_tokens_per_s"),
@@ -181,6 +182,8 @@ def test_cpu_rehearsal_end_to_end(tmp_path):
         assert got == want and int(want) > 0, kv
         assert res["serve"][f"engine_{kv}_decode_tok_s_batch1"] > 0
     assert res["serve"]["llm_cache"]["kv_cache"] == "static"
+    assert res["embed"]["job_one_call_images_per_s"] > 0  # the job timed with and without the actor's overlap
+    assert set(res["details"]["embed"]["job_steady_images_per_s_by_calls"]) == {"1", "2"}
     assert res["utilisation"]["train"]["gflops_per_token"] > 0 and res["serve"]["mean_context_tokens"] > 0
     # one profiled step per training side: where its time goes, for the next optimisation
     for side in ("hf_peft_max_length", "job"):
