@@ -467,7 +467,8 @@ def job(cfg, device: str, data: Data, timed: list[int], warm: list[int], batch: 
     for name in variants:
         changes = JOB_VARIANTS[name]
         s = TrainSettings(**{**base.__dict__, **{k: v for k, v in changes.items() if k not in MODEL_SETTINGS}})
-        fp32_frozen = changes.get("frozen_fp32", cfg.llm.frozen_fp32 or cfg.llm.dtype == "float16")
+        # as the loader: only a 4-bit model's frozen weights are ever upcast
+        fp32_frozen = cfg.llm.load_in_4bit and changes.get("frozen_fp32", cfg.llm.frozen_fp32 or cfg.llm.dtype == "float16")
         frozen_dtype = torch.float32 if fp32_frozen else DTYPES[cfg.llm.dtype]
         set_frozen_dtype(model.llm, frozen_dtype)
         with torch.no_grad():  # every variant starts from the same weights and a fresh optimizer
