@@ -20,7 +20,11 @@ Two parts, one run, same weights, same prompts, same token counts:
 Every request asks for ``--max-tokens`` tokens with ``min_tokens`` equal to
 it and temperature 0, so no answer stops early at a stop token; the token
 counts come from the response's ``usage`` (the JSON records the range).
-Inter-token latency is per request (last text chunk - first) / (tokens - 1).
+Inter-token latency is per request (last text chunk - first) / (tokens - 1)
+(none for an answer whose text came in one chunk; while several requests
+decode together a stream's messages leave ``stream_interval_ms`` apart, so
+the last tokens may wait up to that long, which adds at most that over
+tokens - 1 to the figure).
 The serving-overhead ratio is served tokens/s at N users / in-process
 tokens/s at batch N. Prints a table and writes JSON (``--out``).
 
@@ -358,7 +362,8 @@ async def one_request(client, body: dict, kind: str) -> dict:
         rec["error"] = "no text in the answer"
     else:
         rec.update(ok=True, ttft_s=first - t0, latency_s=end - t0, start=t0, end=end,
-                   itl_s=(last - first) / (rec["tokens"] - 1) if rec["tokens"] > 1 else None)
+                   # one text chunk (the stream coalesced the rest with it): no gap to measure
+                   itl_s=(last - first) / (rec["tokens"] - 1) if rec["tokens"] > 1 and rec["chunks"] > 1 else None)
     return rec
 
 

@@ -69,7 +69,8 @@ def test_latencies_are_consistent(result):
         reqs = level["per_request"]
         for r in reqs:
             assert 0 < r["ttft_ms"] <= r["latency_ms"], r
-            assert r["itl_ms"] > 0
+            # a lone stream sends every token at once; streams that share the loop may come in one chunk
+            assert r["itl_ms"] > 0 if level["users"] == 1 else (r["itl_ms"] is None or r["itl_ms"] > 0), r
         ttft = [r["ttft_ms"] for r in reqs]
         assert level["ttft_ms_p50"] == pytest.approx(statistics.median(ttft), rel=1e-3, abs=0.02)
         assert level["ttft_ms_p50"] <= level["ttft_ms_p95"] <= max(ttft) + 0.01
