@@ -137,6 +137,11 @@ def summarise_train(r: dict) -> dict:
         out["job_fp32_frozen_tokens_per_s"] = v["job_fp32_frozen"]["tokens_per_s"]
         out["ratio_fp32_frozen_vs_hf_peft"] = _ratio(out["job_fp32_frozen_tokens_per_s"], base["tokens_per_s"])
         out["fp32_frozen_peak_gib"] = v["job_fp32_frozen"]["peak_gib"]
+    if "job_compile" in v:  # torch.compile of every decoder layer (GPU only); its error when it failed
+        jc = v["job_compile"]
+        out["job_compile_tokens_per_s"] = jc.get("tokens_per_s")
+        out["ratio_compile_vs_hf_peft"] = _ratio(jc.get("tokens_per_s"), base["tokens_per_s"])
+        out["compile_peak_gib"] = jc.get("peak_gib")
     if "job_liger" in v:  # fused kernels (GPU only); its error when they failed
         lg = v["job_liger"]
         out["job_liger_tokens_per_s"] = lg.get("tokens_per_s")

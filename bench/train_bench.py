@@ -35,8 +35,9 @@ per step), with the model's own loss (``loss_chunk=0``), and one side per
 default it measures: PEFT's LoRA forward (``job_peft_lora``), Phi-3's own
 RMSNorm and rotary embedding (``job_hf_norm``), the frozen embeddings, norms
 and LM head upcast to fp32 as ``prepare_model_for_kbit_training`` does
-(``job_fp32_frozen``; the job keeps them in bf16), and Liger's kernels
-(``job_liger``, GPU only).
+(``job_fp32_frozen``; the job keeps them in bf16), ``torch.compile`` of every
+decoder layer (``job_compile``, ``--compile``; GPU only: its warm-up steps
+compile) and Liger's kernels (``job_liger``, GPU only).
 
 Every side trains on the same ``--steps x --batch`` conversations once, after
 ``--warmup`` untimed steps on other conversations; a step's time includes
@@ -78,10 +79,12 @@ JOB_VARIANTS = {  # TrainSettings changes of each job variant
     # a model setting, not a TrainSettings one: the frozen embeddings, norms and
     # LM head in fp32 (peft's prepare_model_for_kbit_training), so an fp32 residual stream
     "job_fp32_frozen": {"frozen_fp32": True},
+    # torch.compile of every decoder layer; GPU only (minutes of compilation on the CPU)
+    "job_compile": {"compile": True},
     # Liger patches the model for good: always the last variant; GPU only
     "job_liger": {"kernels": "liger"},
 }
-GPU_ONLY = {"job_liger"}
+GPU_ONLY = {"job_compile", "job_liger"}
 MODEL_SETTINGS = {"frozen_fp32"}  # variant keys applied to the loaded model instead of TrainSettings
 
 
@@ -447,7 +450,7 @@ def job(cfg, device: str, data: Data, timed: list[int], warm: list[int], batch: 
     """The Ray Train worker's step, in this process."""
     import torch
 
-    from models.kernels import apply_kernels
+    from models.kernels import apply_kernels, compile_layers
     from models.language import set_frozen_dtype
     from models.lora_forward import fuse_lora
     from models.multimodal import MultimodalPhi3
@@ -490,6 +493,7 @@ def job(cfg, device: str, data: Data, timed: list[int], warm: list[int], batch: 
             return loss.item(), b
 
         try:
+            compile_layers(model.llm, s.compile)  # on, or off again after a compiled side
             apply_kernels(model.llm, s.kernels, device)
             fuse_lora(model.llm, s.lora_forward)
             r = timed_steps(run_step, plan(timed), plan(warm), warmup, device, memory, profile=profile and name == "job")
@@ -554,7 +558,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.gpu and set(args.variants) & GPU_ONLY:
         ap.error(f"--variants: {', '.join(sorted(set(args.variants) & GPU_ONLY))} need --gpu")
     # a variant that patches the model goes last, so the others run unpatched
-    args.variants.sort(key=lambda v: v in GPU_ONLY)
+    args.variants.sort(key=lambda v: (v in GPU_ONLY, v == "job_liger"))
     if args.median_text is None:
         args.median_text = 200 * args.max_len / 1024
     return args

@@ -20,6 +20,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import types
 
 import torch
@@ -127,3 +128,31 @@ def apply_kernels(llm, kernels: str, device) -> int:
     apply_liger_kernel_to_phi3(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                fused_linear_cross_entropy=False, model=base)
     return len(_rms_norms(llm))
+
+
+def compile_layers(llm, on: bool = True) -> int:
+    """``torch.compile`` every decoder layer of ``llm`` in place (dynamic
+    shapes, so every batch length shares one graph; the layers share it too),
+    or undo it (``on=False``). In place: parameter names, checkpoints and
+    optimizers see no difference. Inductor fuses the elementwise work between
+    the GEMMs (norms, residual adds, rotary, SwiGLU, dropout, casts); the first
+    steps pay the compilation. Returns how many layers it changed."""
+    layers = base_causal_lm(llm).get_decoder().layers
+    for layer in layers:
+        if on:
+            layer.compile(dynamic=True)
+        else:
+            layer._compiled_call_impl = None
+    return len(layers)
+
+
+@contextlib.contextmanager
+def eager():
+    """Compiled modules run eagerly inside (evaluation and ``generate``, whose
+    cache objects and one-token steps would only make the compiler retrace)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None:
+        yield
+        return
+    with set_stance("force_eager"):
+        yield

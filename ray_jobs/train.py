@@ -82,12 +82,22 @@ class TrainSettings:
     # LoRA layers' forward (models.lora_forward): fused (adapter matmuls in the compute dtype, one GEMM adds
     # the update) | peft (PEFT's own: fp32 adapter path, clone, casts)
     lora_forward: str = "fused"
+    # torch.compile every decoder layer for training steps (models.kernels.compile_layers); evaluation runs eagerly
+    compile: bool = False
 
     def run_name(self) -> str:
         return self.name or f"{Path(self.data).name}-{self.stage}"
 
 
 # ------------------------------------------------------------------ worker side
+def check_embeddings(cfg, store_identity: dict, where: str) -> None:
+    """Refuse embeddings of another encoder than ``cfg``'s, naming each field
+    as the embeddings have it and as the model expects it."""
+    from models.checkpoint import assert_compatible, identity
+
+    assert_compatible(store_identity, {"vision": identity(cfg)["vision"]}, f"embeddings {where}")
+
+
 def _broadcast_from_rank0(params, world: int) -> None:
     import torch.distributed as dist
 
@@ -156,6 +166,7 @@ def evaluate(model, tok, val_enc, val_samples, feats, answer_samples, world: int
 
     from data_pipelines.synthetic import normalise_answer
     from models.conversation import IGNORE_INDEX, collate, encode_conversation
+    from models.kernels import eager
 
     def image_feats(images):
         if blind_mean is not None:
@@ -165,7 +176,7 @@ def evaluate(model, tok, val_enc, val_samples, feats, answer_samples, world: int
     model.eval()
     loss_sum = tok_right = tok_total = 0.0
     mine = list(range(rank, len(val_enc), world))
-    with torch.no_grad():
+    with torch.no_grad(), eager():
         for i in range(0, len(mine), batch_size):
             idx = mine[i:i + batch_size]
             batch = collate([val_enc[j] for j in idx], tok.ids.pad)
@@ -214,7 +225,7 @@ def train_loop(config: dict) -> None:
     from data_pipelines.embed import EmbeddingStore
     from models.checkpoint import load_checkpoint
     from models.config import config_from_dict
-    from models.kernels import apply_kernels
+    from models.kernels import apply_kernels, compile_layers
     from models.lora_forward import fuse_lora
     from models.multimodal import MultimodalPhi3
 
@@ -255,11 +266,11 @@ def train_loop(config: dict) -> None:
             p.requires_grad_(n.startswith("projector."))
     apply_kernels(model.llm, s.kernels, device)
     fuse_lora(model.llm, s.lora_forward)
+    if s.compile:
+        compile_layers(model.llm)
     tok = model.tokenizer
     store = EmbeddingStore(s.embeddings)
-    from models.checkpoint import assert_compatible, identity
-
-    assert_compatible({"vision": identity(model.cfg)["vision"]}, store.identity, f"embeddings {s.embeddings}")
+    check_embeddings(model.cfg, store.identity, s.embeddings)
 
     train = D.load_samples(s.data, "train", s.stage)
     val = D.load_samples(s.data, "val", s.stage)
@@ -442,6 +453,9 @@ def add_arguments(p: argparse.ArgumentParser, stage: str | None = None) -> None:
     p.add_argument("--lora-forward", choices=LORA_FORWARDS, default="fused",
                    help="LoRA layers' forward: fused (adapter matmuls in the compute dtype, the update added by one "
                         "GEMM; same math, far less memory traffic) or peft (PEFT's own)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every decoder layer for the training steps (dynamic shapes; the first steps "
+                        "compile); evaluation runs eagerly")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--resources-per-worker", action=ResourcesAction, hints=RESOURCE_HINTS,
                    help="custom Ray resource per worker, repeatable, e.g. train_gpu=1: workers run only on "
@@ -469,7 +483,7 @@ def settings_from_args(stage: str, a: argparse.Namespace) -> TrainSettings:
                          eval_samples=a.eval_samples, max_failures=a.max_failures, threads=a.threads,
                          seed=a.seed, address=a.address, strategy=a.strategy, zero_stage=a.zero_stage,
                          packing=a.packing, loss_chunk=a.loss_chunk, kernels=a.kernels,
-                         lora_forward=a.lora_forward)
+                         lora_forward=a.lora_forward, compile=a.compile)
 
 
 def main(stage: str, args: argparse.Namespace) -> int:

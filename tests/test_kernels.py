@@ -116,3 +116,55 @@ def test_native_rotary_is_phi3s_and_comes_off_again(tiny_cfg):
     finally:
         apply_kernels(model.llm, "none", "cpu")
     assert mp.apply_rotary_pos_emb is hf
+
+
+@pytest.mark.slow
+def test_compiled_layers_train_like_eager_ones_and_evaluation_stays_eager(tiny_cfg):
+    """``--compile``: every decoder layer compiled in place (one graph for all,
+    no graph breaks, gradient checkpointing on) gives the eager loss and
+    gradients; parameter names do not change; ``eager()`` runs ``generate``
+    without compiling anything; ``compile_layers(..., False)`` undoes it."""
+    import dataclasses
+
+    import torch
+    from torch._dynamo.utils import counters
+
+    from models.kernels import compile_layers, eager
+    from models.multimodal import MultimodalPhi3
+
+    cfg = dataclasses.replace(tiny_cfg, llm=dataclasses.replace(tiny_cfg.llm, gradient_checkpointing=True))
+    torch.manual_seed(0)
+    model = MultimodalPhi3.from_config(cfg, device="cpu", with_vision=False, trainable=True)
+    apply_kernels(model.llm, "native", "cpu")
+    model.train()
+    ids = torch.randint(5, 1000, (2, 40))
+
+    def loss_and_grads(n):
+        model.zero_grad()
+        loss = model.llm(input_ids=ids[:, :n], labels=ids[:, :n]).loss
+        loss.backward()
+        return loss.item(), {k: p.grad.clone() for k, p in model.llm.named_parameters() if p.requires_grad}
+
+    names = [n for n, _ in model.named_parameters()]
+    ref = {n: loss_and_grads(n) for n in (40, 23)}
+    torch._dynamo.reset()
+    counters.clear()
+    layers = cfg.llm.random_init["num_hidden_layers"]
+    try:
+        assert compile_layers(model.llm) == layers
+        assert [n for n, _ in model.named_parameters()] == names
+        for n in (40, 23):  # two lengths: dynamic shapes, no recompilation needed
+            loss, got = loss_and_grads(n)
+            assert loss == pytest.approx(ref[n][0], rel=1e-5)
+            for k in ref[n][1]:
+                torch.testing.assert_close(got[k], ref[n][1][k], rtol=1e-4, atol=1e-5)
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        assert counters["stats"]["unique_graphs"] >= 1
+        graphs = counters["stats"]["unique_graphs"]
+        model.eval()
+        with torch.no_grad(), eager():
+            model.llm.generate(input_ids=ids[:1, :10], max_new_tokens=4, do_sample=False)
+        assert counters["stats"]["unique_graphs"] == graphs  # generate ran eagerly
+    finally:
+        assert compile_layers(model.llm, False) == layers
+    assert all(layer._compiled_call_impl is None for layer in model.llm.get_base_model().model.layers)

@@ -251,3 +251,21 @@ def test_deepspeed_resume_continues_at_the_saved_step(zero_runs, dataset):
                                                             abs=1e-3)
     assert ds["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-3)
     assert ds["val_loss"] < zero_runs["deepspeed"]["val_loss"]
+
+
+def test_embeddings_of_another_encoder_are_refused_naming_both_sides(tiny_cfg):
+    """The worker's check before training: the message says what the
+    embeddings hold and what the model expects, each on its own side."""
+    import dataclasses
+
+    from models.checkpoint import CheckpointMismatch, identity
+    from ray_jobs.train import check_embeddings
+
+    mine = {"vision": identity(tiny_cfg)["vision"]}
+    check_embeddings(tiny_cfg, mine, "emb/ok")  # the same encoder: accepted
+    other = dataclasses.replace(tiny_cfg, vision=dataclasses.replace(tiny_cfg.vision, feature_layer=-2))
+    with pytest.raises(CheckpointMismatch) as e:
+        check_embeddings(tiny_cfg, {"vision": identity(other)["vision"]}, "emb/other")
+    msg = str(e.value)
+    assert "embeddings emb/other" in msg
+    assert "vision.feature_layer: embeddings emb/other has -2, expected 1" in msg, msg
