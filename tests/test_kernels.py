@@ -10,6 +10,13 @@ from models.config import ConfigError
 from models.kernels import apply_kernels
 
 
+def _loss_and_grads(model, ids):
+    model.zero_grad()
+    loss = model.llm(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.llm.named_parameters() if p.requires_grad}
+
+
 def test_kernels_are_refused_where_they_cannot_run(tiny_model):
     apply_kernels(tiny_model.llm, "none", "cpu")  # Phi-3's own modules: nothing changes
     with pytest.raises(ConfigError, match="needs a CUDA device"):
@@ -44,20 +51,14 @@ def test_native_norms_match_phi3s_own_and_come_off_again(tiny_cfg):
                 p.uniform_(0.5, 1.5)
     ids = torch.randint(5, 1000, (2, 32))
 
-    def loss_and_grads():
-        model.zero_grad()
-        loss = model.llm(input_ids=ids, labels=ids).loss
-        loss.backward()
-        return loss.item(), {n: p.grad.clone() for n, p in model.llm.named_parameters() if p.requires_grad}
-
-    ref_loss, ref = loss_and_grads()
+    ref_loss, ref = _loss_and_grads(model, ids)
     layers = tiny_cfg.llm.random_init["num_hidden_layers"]
     assert apply_kernels(model.llm, "native", "cpu") == 2 * layers + 1  # two per layer and the final one
     calls = []
     real = torch.nn.functional.rms_norm
     torch.nn.functional.rms_norm = lambda *a, **k: calls.append(1) or real(*a, **k)
     try:
-        loss, got = loss_and_grads()
+        loss, got = _loss_and_grads(model, ids)
     finally:
         torch.nn.functional.rms_norm = real
     assert len(calls) == 2 * layers + 1
@@ -92,13 +93,7 @@ def test_native_rotary_is_phi3s_and_comes_off_again(tiny_cfg):
 
     ids = torch.randint(5, 1000, (2, 32))
 
-    def loss_and_grads():
-        model.zero_grad()
-        loss = model.llm(input_ids=ids, labels=ids).loss
-        loss.backward()
-        return loss.item(), {n: p.grad.clone() for n, p in model.llm.named_parameters() if p.requires_grad}
-
-    ref_loss, ref = loss_and_grads()
+    ref_loss, ref = _loss_and_grads(model, ids)
     try:
         apply_kernels(model.llm, "native", "cpu")
         assert mp.apply_rotary_pos_emb is _native_rope
@@ -106,7 +101,7 @@ def test_native_rotary_is_phi3s_and_comes_off_again(tiny_cfg):
         real = torch.Tensor.roll
         torch.Tensor.roll = lambda self, *a, **k: calls.append(1) or real(self, *a, **k)
         try:
-            loss, got = loss_and_grads()
+            loss, got = _loss_and_grads(model, ids)
         finally:
             torch.Tensor.roll = real
         assert len(calls) == 2 * tiny_cfg.llm.random_init["num_hidden_layers"]  # q and k of each layer
@@ -139,14 +134,9 @@ def test_compiled_layers_train_like_eager_ones_and_evaluation_stays_eager(tiny_c
     model.train()
     ids = torch.randint(5, 1000, (2, 40))
 
-    def loss_and_grads(n):
-        model.zero_grad()
-        loss = model.llm(input_ids=ids[:, :n], labels=ids[:, :n]).loss
-        loss.backward()
-        return loss.item(), {k: p.grad.clone() for k, p in model.llm.named_parameters() if p.requires_grad}
 
     names = [n for n, _ in model.named_parameters()]
-    ref = {n: loss_and_grads(n) for n in (40, 23)}
+    ref = {n: _loss_and_grads(model, ids[:, :n]) for n in (40, 23)}
     torch._dynamo.reset()
     counters.clear()
     layers = cfg.llm.random_init["num_hidden_layers"]
@@ -154,7 +144,7 @@ def test_compiled_layers_train_like_eager_ones_and_evaluation_stays_eager(tiny_c
         assert compile_layers(model.llm) == layers
         assert [n for n, _ in model.named_parameters()] == names
         for n in (40, 23):  # two lengths: dynamic shapes, no recompilation needed
-            loss, got = loss_and_grads(n)
+            loss, got = _loss_and_grads(model, ids[:, :n])
             assert loss == pytest.approx(ref[n][0], rel=1e-5)
             for k in ref[n][1]:
                 torch.testing.assert_close(got[k], ref[n][1][k], rtol=1e-4, atol=1e-5)
