@@ -252,13 +252,16 @@ TABLE = [  # (key, what, format)
     ("embed.job_images_per_s", "embedding job, images/s (steady)", "{:,.0f}"),
     ("embed.bare_images_per_s", "bare loop, images/s", "{:,.0f}"),
     ("embed.ratio_vs_bare_encoder", "embedding job / encoder alone", "{:.2f}"),
+    ("embed.ratio_overlap_vs_one_call", "embedding job / the same with one call per actor", "{:.2f}"),
     ("train.ratio_vs_hf_peft", "training job / HF+PEFT (pad to max), real tokens/s", "{:.2f}"),
     ("train.job_tokens_per_s", "training job, real tokens/s", "{:,.0f}"),
     ("train.hf_peft_tokens_per_s", "HF+PEFT, real tokens/s", "{:,.0f}"),
     ("train.ratio_vs_hf_peft_longest", "training job / HF+PEFT (pad to longest)", "{:.2f}"),
     ("train.ratio_packed_vs_hf_peft", "training job packed / HF+PEFT (pad to max)", "{:.2f}"),
     ("train.ratio_peft_lora_vs_hf_peft", "training job, PEFT's LoRA forward / HF+PEFT (pad to max)", "{:.2f}"),
-    ("train.ratio_hf_norm_vs_hf_peft", "training job, Phi-3's own RMSNorm / HF+PEFT (pad to max)", "{:.2f}"),
+    ("train.ratio_hf_norm_vs_hf_peft", "training job, Phi-3's own RMSNorm and rotary / HF+PEFT (pad to max)", "{:.2f}"),
+    ("train.ratio_fp32_frozen_vs_hf_peft", "training job, fp32 frozen weights / HF+PEFT (pad to max)", "{:.2f}"),
+    ("train.ratio_compile_vs_hf_peft", "training job + torch.compile / HF+PEFT (pad to max)", "{:.2f}"),
     ("train.ratio_liger_vs_hf_peft", "training job + Liger kernels / HF+PEFT (pad to max)", "{:.2f}"),
     ("train.peak_gib", "training job peak GiB", "{:.2f}"),
     ("train.baseline_peak_gib", "HF+PEFT peak GiB", "{:.2f}"),
@@ -337,8 +340,9 @@ def print_table(res: dict) -> None:
     for stage in [s for s in res["stages"] if s in res]:
         e = res[stage]
         print(f"  {stage}: {'ok' if e['ok'] else 'FAILED: ' + e['error']} ({e['seconds']:.0f} s)")
-    print(f"{'key':<32} {'value':>10}  what")
-    _print_rows(TABLE, res, "{key:<32}")
+    width = max(len(k) for k, _, _ in TABLE)
+    print(f"{'key':<{width}} {'value':>10}  what")
+    _print_rows(TABLE, res, "{key:<" + str(width) + "}")
     util = res.get("utilisation") or {}
     if util.get("error"):
         print(f"utilisation: {util['error']}")
