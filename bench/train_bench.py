@@ -61,7 +61,7 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -451,7 +451,7 @@ def job(cfg, device: str, data: Data, timed: list[int], warm: list[int], batch: 
     import torch
 
     from models.kernels import apply_kernels, compile_layers
-    from models.language import set_frozen_dtype
+    from models.language import set_frozen_dtype, upcasts_frozen
     from models.lora_forward import fuse_lora
     from models.multimodal import MultimodalPhi3
     from models.vision import DTYPES
@@ -470,9 +470,9 @@ def job(cfg, device: str, data: Data, timed: list[int], warm: list[int], batch: 
     for name in variants:
         changes = JOB_VARIANTS[name]
         s = TrainSettings(**{**base.__dict__, **{k: v for k, v in changes.items() if k not in MODEL_SETTINGS}})
-        # as the loader: only a 4-bit model's frozen weights are ever upcast
-        fp32_frozen = cfg.llm.load_in_4bit and changes.get("frozen_fp32", cfg.llm.frozen_fp32 or cfg.llm.dtype == "float16")
-        frozen_dtype = torch.float32 if fp32_frozen else DTYPES[cfg.llm.dtype]
+        # the loader's rule, with the variant's frozen_fp32
+        llm_cfg = replace(cfg.llm, frozen_fp32=changes.get("frozen_fp32", cfg.llm.frozen_fp32))
+        frozen_dtype = torch.float32 if upcasts_frozen(llm_cfg) else DTYPES[cfg.llm.dtype]
         set_frozen_dtype(model.llm, frozen_dtype)
         with torch.no_grad():  # every variant starts from the same weights and a fresh optimizer
             for n, p in model.named_parameters():

@@ -63,6 +63,12 @@ def resolve_llm_source(cfg: LLMConfig, tokenizer) -> str:
     return str(random_phi3_folder(cfg, len(tokenizer), special))
 
 
+def upcasts_frozen(cfg: LLMConfig) -> bool:
+    """Whether training casts the frozen weights that are not quantised to
+    fp32: a 4-bit model with ``frozen_fp32``, or any 4-bit float16 model."""
+    return cfg.load_in_4bit and (cfg.frozen_fp32 or cfg.dtype == "float16")
+
+
 def set_frozen_dtype(llm, dtype: torch.dtype) -> int:
     """Cast the frozen floating-point weights of ``llm`` that are not
     quantised (embeddings, norms, LM head) to ``dtype`` in place, as
@@ -123,7 +129,7 @@ def load_language_model(
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     model.config.use_cache = not (trainable and cfg.gradient_checkpointing)
     if trainable:
-        if quant is not None and (cfg.frozen_fp32 or cfg.dtype == "float16"):
+        if upcasts_frozen(cfg):
             model = prepare_model_for_kbit_training(
                 model,
                 use_gradient_checkpointing=cfg.gradient_checkpointing,

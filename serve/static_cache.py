@@ -31,9 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.kernels import fused_rms_norm as _rms_norm
-from models.kernels import rotary as _rope
-from models.kernels import signed
+from models.kernels import fused_rms_norm as _rms_norm, rotary as _rope, signed
 from models.language import base_causal_lm
 
 log = logging.getLogger("ray.serve")
