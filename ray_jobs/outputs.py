@@ -41,9 +41,10 @@ class RunOutputs:
             self._write(kept)
 
     # live progress ------------------------------------------------------------
-    def register_worker(self, rank: int, start_step: int) -> None:
-        """``workers/rank-N.json``: where each worker runs (node, pid) and the
-        step it (re)started from; rewritten on every restart."""
+    def register_worker(self, rank: int, start_step: int, **extra) -> None:
+        """``workers/rank-N.json``: where each worker runs (node, pid), the
+        step it (re)started from and ``extra`` (its device, whether it
+        compiled); rewritten on every restart."""
         import os
         import time
 
@@ -52,7 +53,7 @@ class RunOutputs:
         folder = storage.join(self.root, "workers")
         self.fs.create_dir(folder, recursive=True)
         info = {"rank": rank, "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
-                "start_step": start_step, "time": time.time()}
+                "start_step": start_step, "time": time.time(), **extra}
         storage.write_bytes_atomic(self.fs, storage.join(folder, f"rank-{rank}.json"), json.dumps(info).encode())
 
     def progress(self, step: int, loss: float) -> None:

@@ -158,3 +158,92 @@ def test_compiled_layers_train_like_eager_ones_and_evaluation_stays_eager(tiny_c
     finally:
         assert compile_layers(model.llm, False) == layers
     assert all(layer._compiled_call_impl is None for layer in model.llm.get_base_model().model.layers)
+
+
+def test_compile_auto_compiles_on_cuda_with_ddp_only_and_says_why(monkeypatch):
+    """``--compile auto`` (the default): compiled on CUDA with DDP when the
+    compiler's prerequisites are there; eager on the CPU, with DeepSpeed and
+    when Triton or a C compiler is missing, each with its reason. ``on``
+    refuses clearly where it cannot compile; older settings' booleans still
+    mean on / off."""
+    import sys
+
+    from models import kernels
+
+    assert kernels.resolve_compile("auto", "cpu") == (False, "auto: eager on cpu (--compile on forces compilation)")
+    assert kernels.resolve_compile("off", "cuda") == (False, "off")
+    assert kernels.resolve_compile(False, "cuda") == (False, "off")
+    monkeypatch.setattr(kernels, "compile_blocker", lambda device: None)
+    assert kernels.resolve_compile("auto", "cuda", "ddp") == (True, "auto: compiled (CUDA, ddp)")
+    assert kernels.resolve_compile(True, "cpu") == (True, "on")
+    compiled, why = kernels.resolve_compile("auto", "cuda", "deepspeed")
+    assert not compiled and "deepspeed" in why
+    with pytest.raises(ConfigError, match="compile='fast': choose one of auto, on, off"):
+        kernels.resolve_compile("fast", "cuda")
+    monkeypatch.undo()
+
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(kernels.shutil, "which", lambda name: None)  # a slim image: no C compiler
+    assert "no C compiler on PATH" in kernels.compile_blocker("cuda")
+    compiled, why = kernels.resolve_compile("auto", "cuda")
+    assert not compiled and why.startswith("auto: eager, no C compiler")
+    with pytest.raises(ConfigError, match="compile='on' cannot compile on cuda: no C compiler"):
+        kernels.resolve_compile("on", "cuda")
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton fails
+    assert kernels.compile_blocker("cuda").startswith("Triton is not installed")
+
+
+def test_a_compilation_error_in_auto_mode_falls_back_to_eager_steps(tiny_cfg, monkeypatch):
+    """When the compiler fails (here Inductor raises, as a missing toolchain
+    or an unsupported op would), ``auto`` turns compilation off and reruns the
+    step eagerly: the same loss and gradients as an eager model, the layers
+    uncompiled, the reason kept; ``on`` lets the error stand, and errors of
+    the model's own never trigger the fallback."""
+    import torch
+    import torch._inductor.compile_fx as compile_fx
+
+    from models.kernels import CompiledSteps, compile_layers, is_compile_error
+    from models.multimodal import MultimodalPhi3
+
+    torch.manual_seed(0)
+    model = MultimodalPhi3.from_config(tiny_cfg, device="cpu", with_vision=False, trainable=True)
+    model.train()
+    ids = torch.randint(5, 1000, (2, 24))
+    ref_loss, ref = _loss_and_grads(model, ids)
+
+    def broken_inductor(*args, **kwargs):
+        raise RuntimeError("injected: the C compiler is gone")
+
+    monkeypatch.setattr(compile_fx, "compile_fx", broken_inductor)
+    torch._dynamo.reset()
+    layers = model.llm.get_base_model().model.layers
+    zeroed = []
+    try:
+        compile_layers(model.llm)
+        strict = CompiledSteps(model.llm, True, "on", fall_back=False, zero_grad=lambda: zeroed.append("on"))
+        with pytest.raises(Exception, match="injected") as err:
+            strict(_loss_and_grads, model, ids)
+        assert is_compile_error(err.value) and not zeroed
+        assert all(layer._compiled_call_impl is not None for layer in layers)  # still compiled
+
+        torch._dynamo.reset()
+        steps = CompiledSteps(model.llm, True, "auto: compiled (CUDA, ddp)", fall_back=True,
+                              zero_grad=lambda: zeroed.append("auto") or model.zero_grad(set_to_none=True))
+        loss, got = steps(_loss_and_grads, model, ids)
+        assert zeroed == ["auto"] and not steps.compiled
+        assert steps.reason.startswith("auto: eager after a compilation error") and "injected" in steps.reason
+        assert all(layer._compiled_call_impl is None for layer in layers)
+        assert loss == pytest.approx(ref_loss, rel=1e-6)
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k])
+
+        def model_error(*args):
+            raise ValueError("a bad batch")
+
+        steps.compiled = True  # even while compiled, the model's own errors stand
+        with pytest.raises(ValueError, match="a bad batch"):
+            steps(model_error)
+        assert not is_compile_error(ValueError("x"))
+    finally:
+        compile_layers(model.llm, False)
+        torch._dynamo.reset()

@@ -76,6 +76,10 @@ def test_stage1_then_stage2(stages, dataset):
     assert meta["extra"]["step"] == 12 and meta["extra"]["stage"] == "qlora"
     assert json.loads((runs / "s2" / "final" / "summary.json").read_text())["steps"] == 12
     assert m.num_image_tokens == 9  # the tiny preset: 3x3 pooled patch tokens
+    # --compile auto (the default) leaves CPU workers eager, and each worker records why
+    workers = RunOutputs(str(runs), "s2").workers()
+    assert len(workers) == 2 and all(w["device"] == "cpu" and w["compiled"] is False for w in workers)
+    assert {w["compile"] for w in workers} == {"auto: eager on cpu (--compile on forces compilation)"}
 
 
 def test_rerun_with_same_name_does_no_more_steps(stages, dataset):

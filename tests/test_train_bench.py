@@ -123,10 +123,10 @@ def test_gpu_only_variants_run_with_gpu_and_last():
     tb = _bench()
     assert "job_liger" not in tb.parse_args([]).variants  # CPU default: what can run here
     gpu = tb.parse_args(["--gpu"]).variants
-    assert gpu[-2:] == ["job_compile", "job_liger"] and set(gpu) == set(tb.JOB_VARIANTS)
+    assert gpu[-2:] == ["job_eager", "job_liger"] and set(gpu) == set(tb.JOB_VARIANTS)
     # asked first, still run last: its kernels patch the model for the variants after it
     assert tb.parse_args(["--gpu", "--variants", "job_liger,job"]).variants == ["job", "job_liger"]
-    assert tb.parse_args(["--gpu", "--variants", "job_liger,job_compile,job"]).variants == ["job", "job_compile",
+    assert tb.parse_args(["--gpu", "--variants", "job_liger,job_eager,job"]).variants == ["job", "job_eager",
                                                                                           "job_liger"]
     with pytest.raises(SystemExit):
         tb.parse_args(["--variants", "job_liger"])
