@@ -35,9 +35,11 @@ per step), with the model's own loss (``loss_chunk=0``), and one side per
 default it measures: PEFT's LoRA forward (``job_peft_lora``), Phi-3's own
 RMSNorm and rotary embedding (``job_hf_norm``), the frozen embeddings, norms
 and LM head upcast to fp32 as ``prepare_model_for_kbit_training`` does
-(``job_fp32_frozen``; the job keeps them in bf16), ``torch.compile`` of every
-decoder layer (``job_compile``, ``--compile``; GPU only: its warm-up steps
-compile) and Liger's kernels (``job_liger``, GPU only).
+(``job_fp32_frozen``; the job keeps them in bf16), no ``torch.compile``
+(``job_eager``, ``--compile off``; GPU only: on a GPU the job compiles its
+decoder layers by default, during its warm-up steps, and on the CPU it does
+not) and Liger's kernels (``job_liger``, GPU only). The one-change sides are
+of the eager job (a compilation each would not fit the run).
 
 Every side trains on the same ``--steps x --batch`` conversations once, after
 ``--warmup`` untimed steps on other conversations; a step's time includes
@@ -71,20 +73,21 @@ from bench.gpu_model_check import PHI3_MINI  # noqa: E402 - Phi-3-mini-4k's shap
 CPU_DEFAULTS = {"batch": 8, "max_len": 256, "steps": 8, "warmup": 2}
 GPU_DEFAULTS = {"batch": 8, "max_len": 1024, "steps": 8, "warmup": 2}
 JOB_VARIANTS = {  # TrainSettings changes of each job variant
-    "job": {},
-    "job_packed": {"packing": True},
-    "job_hf_loss": {"loss_chunk": 0},
-    "job_peft_lora": {"lora_forward": "peft"},
-    "job_hf_norm": {"kernels": "none"},
+    "job": {},  # the defaults; on a GPU these compile the decoder layers (--compile auto)
+    # the one-change sides below are of the eager job: compiling each would add a compilation per side
+    "job_packed": {"packing": True, "compile": "off"},
+    "job_hf_loss": {"loss_chunk": 0, "compile": "off"},
+    "job_peft_lora": {"lora_forward": "peft", "compile": "off"},
+    "job_hf_norm": {"kernels": "none", "compile": "off"},
     # a model setting, not a TrainSettings one: the frozen embeddings, norms and
     # LM head in fp32 (peft's prepare_model_for_kbit_training), so an fp32 residual stream
-    "job_fp32_frozen": {"frozen_fp32": True},
-    # torch.compile of every decoder layer; GPU only (minutes of compilation on the CPU)
-    "job_compile": {"compile": True},
+    "job_fp32_frozen": {"frozen_fp32": True, "compile": "off"},
+    # the job without torch.compile; GPU only (on the CPU the job itself is eager)
+    "job_eager": {"compile": "off"},
     # Liger patches the model for good: always the last variant; GPU only
-    "job_liger": {"kernels": "liger"},
+    "job_liger": {"kernels": "liger", "compile": "off"},
 }
-GPU_ONLY = {"job_compile", "job_liger"}
+GPU_ONLY = {"job_eager", "job_liger"}
 MODEL_SETTINGS = {"frozen_fp32"}  # variant keys applied to the loaded model instead of TrainSettings
 
 
@@ -450,7 +453,7 @@ def job(cfg, device: str, data: Data, timed: list[int], warm: list[int], batch: 
     """The Ray Train worker's step, in this process."""
     import torch
 
-    from models.kernels import apply_kernels, compile_layers
+    from models.kernels import CompiledSteps, apply_kernels, compile_layers, resolve_compile
     from models.language import set_frozen_dtype, upcasts_frozen
     from models.lora_forward import fuse_lora
     from models.multimodal import MultimodalPhi3
@@ -486,14 +489,22 @@ def job(cfg, device: str, data: Data, timed: list[int], warm: list[int], batch: 
             lengths = [len(data.encoded[i]) for i in ids]
             return [_remap(item, ids) for item in epoch_plan(lengths, s, max_len, 0, 0, 1)]
 
-        def run_step(item, s=s, replicas=replicas):
-            b = step_batch(data.encoded, item, pad, s.packing)
-            loss = replicas.loss(b.inputs, data.feats(b.samples))
+        # the worker's rule: compiled on a GPU by default, eager again after a compilation error
+        compiled, why = resolve_compile(s.compile, device, "ddp")
+        steps = CompiledSteps(model.llm, compiled, why, fall_back=s.compile == "auto",
+                              zero_grad=lambda opt=opt: opt.zero_grad(set_to_none=True))
+
+        def train_step(inputs, image_features, replicas=replicas):
+            loss = replicas.loss(inputs, image_features)
             replicas.step(loss)
-            return loss.item(), b
+            return loss
+
+        def run_step(item, s=s, steps=steps):
+            b = step_batch(data.encoded, item, pad, s.packing)
+            return steps(train_step, b.inputs, data.feats(b.samples)).item(), b
 
         try:
-            compile_layers(model.llm, s.compile)  # on, or off again after a compiled side
+            compile_layers(model.llm, compiled)  # on, or off again after a compiled side
             apply_kernels(model.llm, s.kernels, device)
             fuse_lora(model.llm, s.lora_forward)
             r = timed_steps(run_step, plan(timed), plan(warm), warmup, device, memory, profile=profile and name == "job")
@@ -507,7 +518,8 @@ def job(cfg, device: str, data: Data, timed: list[int], warm: list[int], batch: 
         batching = (f"packed: {batch} rows of <= {max_len} tokens, block-diagonal attention" if s.packing
                     else f"length buckets of {batch} (ray_jobs.data.length_batches), padded to the longest")
         out[name] = {"batching": batching, "loss": f"chunked ({s.loss_chunk} tokens)" if s.loss_chunk else "transformers",
-                     "settings": JOB_VARIANTS[name], "frozen_dtype": str(frozen_dtype).removeprefix("torch."), **r}
+                     "settings": JOB_VARIANTS[name], "frozen_dtype": str(frozen_dtype).removeprefix("torch."),
+                     "compiled": steps.compiled, "compile": steps.reason, **r}
     return {"load_s": load_s, "trainable_params": sum(p.numel() for p in model.trainable_parameters()),
             "variants": out}
 

@@ -97,6 +97,7 @@ def summarise(card: str, vision: dict | None, llm: dict | None, results: dict) -
         out["train"] = {"gflops_per_token": round(f / 1e9, 3),
                         "job_mfu": _share(_mul(tr.get("job_tokens_per_s"), f), flops),
                         "hf_peft_mfu": _share(_mul(tr.get("hf_peft_tokens_per_s"), f), flops),
+                        "eager_mfu": _share(_mul(tr.get("job_eager_tokens_per_s"), f), flops),
                         "liger_mfu": _share(_mul(tr.get("job_liger_tokens_per_s"), f), flops),
                         "basis": "4N + attention per real token (frozen base: forward and input gradients; "
                                  "recomputation and padding not counted), over dense bf16 peak"}
