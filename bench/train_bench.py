@@ -490,7 +490,7 @@ def job(cfg, device: str, data: Data, timed: list[int], warm: list[int], batch: 
             return [_remap(item, ids) for item in epoch_plan(lengths, s, max_len, 0, 0, 1)]
 
         # the worker's rule: compiled on a GPU by default, eager again after a compilation error
-        compiled, why = resolve_compile(s.compile, device, "ddp")
+        compiled, why = resolve_compile(s.compile, device, "ddp", s.kernels)
         steps = CompiledSteps(model.llm, compiled, why, fall_back=s.compile == "auto",
                               zero_grad=lambda opt=opt: opt.zero_grad(set_to_none=True))
 

@@ -150,7 +150,7 @@ def compile_blocker(device) -> str | None:
     return None
 
 
-def resolve_compile(mode, device, strategy: str = "ddp") -> tuple[bool, str]:
+def resolve_compile(mode, device, strategy: str = "ddp", kernels: str = "native") -> tuple[bool, str]:
     """Whether the training job compiles its decoder layers, and why.
 
     ``off``: never. ``on``: always (a clear ``ConfigError`` when this machine
@@ -158,8 +158,8 @@ def resolve_compile(mode, device, strategy: str = "ddp") -> tuple[bool, str]:
     prerequisites are there (on an H200 the compiled job trained 1.83x as
     many tokens a second as the eager one, bench/NOTES.md try 7); eager on
     the CPU (compiling costs minutes there and gains little), with DeepSpeed
-    (not measured compiled) and when a prerequisite is missing. Older
-    settings' booleans mean on / off."""
+    or Liger's kernels (neither measured compiled) and when a prerequisite is
+    missing. Older settings' booleans mean on / off."""
     if isinstance(mode, bool):
         mode = "on" if mode else "off"
     mode = str(mode).lower()
@@ -176,6 +176,8 @@ def resolve_compile(mode, device, strategy: str = "ddp") -> tuple[bool, str]:
         return False, f"auto: eager on {device} (--compile on forces compilation)"
     if strategy != "ddp":
         return False, f"auto: eager with strategy {strategy!r} (--compile on forces compilation)"
+    if kernels == "liger":
+        return False, "auto: eager with Liger's kernels (--compile on forces compilation)"
     if blocker:
         return False, f"auto: eager, {blocker}"
     return True, "auto: compiled (CUDA, ddp)"

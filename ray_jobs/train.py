@@ -267,7 +267,7 @@ def train_loop(config: dict) -> None:
             p.requires_grad_(n.startswith("projector."))
     apply_kernels(model.llm, s.kernels, device)
     fuse_lora(model.llm, s.lora_forward)
-    compiled, compile_reason = resolve_compile(s.compile, device, s.strategy)
+    compiled, compile_reason = resolve_compile(s.compile, device, s.strategy, s.kernels)
     if compiled:
         compile_layers(model.llm)
     if rank == 0:
@@ -475,7 +475,8 @@ def add_arguments(p: argparse.ArgumentParser, stage: str | None = None) -> None:
                         "GEMM; same math, far less memory traffic) or peft (PEFT's own)")
     p.add_argument("--compile", nargs="?", const="on", default="auto", choices=COMPILE_MODES,
                    help="torch.compile every decoder layer for the training steps (dynamic shapes; the first steps "
-                        "compile; evaluation runs eagerly). auto (the default): on with --gpu and --strategy ddp "
+                        "compile; evaluation runs eagerly). auto (the default): on with --gpu, --strategy ddp and "
+                        "--kernels native or none "
                         "when Triton and a C compiler are there (1.8x the eager job's tokens/s on an H200), eager otherwise; "
                         "on (also plain --compile): always; off: never")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)

@@ -162,8 +162,9 @@ def test_compiled_layers_train_like_eager_ones_and_evaluation_stays_eager(tiny_c
 
 def test_compile_auto_compiles_on_cuda_with_ddp_only_and_says_why(monkeypatch):
     """``--compile auto`` (the default): compiled on CUDA with DDP when the
-    compiler's prerequisites are there; eager on the CPU, with DeepSpeed and
-    when Triton or a C compiler is missing, each with its reason. ``on``
+    compiler's prerequisites are there; eager on the CPU, with DeepSpeed or
+    Liger's kernels and when Triton or a C compiler is missing, each with its
+    reason. ``on``
     refuses clearly where it cannot compile; older settings' booleans still
     mean on / off."""
     import sys
@@ -178,6 +179,8 @@ def test_compile_auto_compiles_on_cuda_with_ddp_only_and_says_why(monkeypatch):
     assert kernels.resolve_compile(True, "cpu") == (True, "on")
     compiled, why = kernels.resolve_compile("auto", "cuda", "deepspeed")
     assert not compiled and "deepspeed" in why
+    compiled, why = kernels.resolve_compile("auto", "cuda", "ddp", "liger")
+    assert not compiled and "Liger" in why
     with pytest.raises(ConfigError, match="compile='fast': choose one of auto, on, off"):
         kernels.resolve_compile("fast", "cuda")
     monkeypatch.undo()
