@@ -96,10 +96,17 @@ def test_rerun_with_same_name_does_no_more_steps(stages, dataset):
 
 
 def test_other_name_starts_fresh(stages, dataset):
-    s = run(settings(dataset, "projector", "s1-other", steps=6, eval_every=6))
-    rows = (dataset / "runs" / "s1-other" / "progress.jsonl").read_text().splitlines()
-    assert [json.loads(r)["step"] for r in rows] == list(range(1, 7))
+    """A new name trains from scratch; this run also takes the GPU default's
+    path, every decoder layer compiled (``--compile on``; ``auto`` compiles on
+    GPUs only): its first step's loss is the eager run's."""
+    s = run(settings(dataset, "projector", "s1-other", steps=6, eval_every=6, compile="on"))
+    rows = [json.loads(r) for r in (dataset / "runs" / "s1-other" / "progress.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7))
     assert s["first_loss"] == pytest.approx(json.loads((dataset / "runs" / "s1" / "summary.json").read_text())["first_loss"])
+    eager = [json.loads(r) for r in (dataset / "runs" / "s1" / "progress.jsonl").read_text().splitlines()]
+    assert rows[0]["loss"] == pytest.approx(eager[0]["loss"], rel=1e-4)  # the same batch, before any update
+    workers = RunOutputs(str(dataset / "runs"), "s1-other").workers()
+    assert len(workers) == 2 and all(w["compiled"] is True and w["compile"] == "on" for w in workers)
 
 
 def test_killed_worker_resumes_from_last_checkpoint(stages, dataset):
