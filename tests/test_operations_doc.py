@@ -118,3 +118,26 @@ def test_memory_figures_are_measured_or_computed(doc):
     assert PHI3_MINI["num_key_value_heads"] == PHI3_MINI["num_attention_heads"]  # no grouped-query sharing
     assert f"KV cache {kv // 1024} KiB per token" in line
     assert f"{kv * 4096 / 2**30:.1f} GiB for a full 4,096-token context" in line
+
+
+def test_h200_training_and_serving_costs_are_the_last_gpu_benchmarks(doc):
+    """The H200 rows quote bench-gpu's last run: the training job as it runs
+    by default on a GPU (its decoder layers compiled: the ``job`` side once
+    it compiles, or the run's compiled side before that default) and the
+    served replica at 32 users."""
+    price_h200 = price(doc, "H200")
+    g = bench("gpu-bench-h200.json")
+    assert "H200" in g["card"]
+    tr, sv = g["train"], g["serve"]
+    compiled = tr["job_tokens_per_s"] if tr.get("job_compiled") else tr["job_compile_tokens_per_s"]
+    eager = tr["job_eager_tokens_per_s"] if tr.get("job_compiled") else tr["job_tokens_per_s"]
+    line = row(doc, "the QLoRA job's step", "H200")
+    assert f"| {compiled:,.0f} real tokens/s per GPU with the layers compiled" in line, line
+    assert f"plain HF + PEFT: {tr['hf_peft_tokens_per_s']:,.0f}; the job eagerly: {eager:,.0f}" in line, line
+    assert f"| {1e6 / compiled:.0f} H200-s ({1e6 / compiled / 3600:.3f} H200-h)" in line, line
+    assert f"| ${1e6 / compiled / 3600 * price_h200:.2f} at an assumed" in line, line
+    line = row(doc, "32 concurrent streams", "H200")
+    served = sv["served_tok_s_batch32"]
+    assert f"| {served:,.0f} tokens/s per replica | {1e6 / served / 3600:.2f} H200-h" in line, line
+    assert f"| ${1e6 / served / 3600 * price_h200:.2f} at" in line, line
+    assert f"one stream alone decodes {sv['decode_tok_s_batch1']:.0f} tokens/s" in line, line
