@@ -120,6 +120,23 @@ class RunOutputs:
                 self.fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
                 pafs.copy_files(str(f), dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
 
+    def finished(self, steps: int) -> dict | None:
+        """The summary of a run that already finished ``steps`` or more, when
+        its final checkpoint holds the newest step on storage: rerunning it
+        would train nothing, so the caller can skip starting Ray Train."""
+        summary_path = storage.join(self.root, "summary.json")
+        if not (self.has_final() and storage.exists(self.fs, summary_path)):
+            return None
+        try:
+            summary = json.loads(storage.read_bytes(self.fs, summary_path))
+            final_step = json.loads(storage.read_bytes(self.fs, storage.join(self.final, "mmphi.json")))["extra"]["step"]
+        except (ValueError, KeyError, TypeError):
+            return None
+        newest = self.newest_checkpoint()
+        if final_step < steps or summary.get("steps") != final_step or (newest and newest[0] > final_step):
+            return None
+        return summary
+
     # summary ----------------------------------------------------------------
     def write_summary(self, settings: dict, seconds: float, checkpoint: str | None) -> dict:
         rows = self.metrics()

@@ -419,6 +419,10 @@ def run(s: TrainSettings) -> dict:
     s.data, s.embeddings = str(Path(s.data).resolve()), str(Path(s.embeddings).resolve()) if "://" not in s.embeddings else s.embeddings
     if s.init:
         s.init = str(Path(s.init).resolve())
+    done = RunOutputs(s.out, s.run_name()).finished(s.steps)
+    if done is not None:  # nothing to train: no Ray Train start-up
+        print(f"{s.run_name()}: finished at step {done['steps']} (asked {s.steps}); reusing {done['final']}", flush=True)
+        return done
     init_ray(s.address)
     warn_if_absent({**s.resources_per_worker, **({"GPU": 1} if s.gpu else {})}, s.workers, "Train workers")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")

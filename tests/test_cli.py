@@ -264,5 +264,7 @@ def test_demo_learns_from_the_image_and_reuses_everything(work):
     again = mmphi("demo", "--out", out, "--serve", "off", cwd=work, timeout=1200)
     assert again.returncode == 0, describe(again)
     assert "reusing" in again.stdout
+    for run in ("stage1", "stage2-single", "stage2"):  # finished runs are reused without starting Ray Train
+        assert f"{run}: finished at step " in again.stdout, describe(again)
     assert json.loads((out / "embeddings" / "tiny" / "manifest.json").read_text())["last_run"]["embedded"] == 0
     assert (out / "runs" / "stage2" / "progress.jsonl").read_text() == progress  # no step trained again

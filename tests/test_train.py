@@ -88,8 +88,13 @@ def test_rerun_with_same_name_does_no_more_steps(stages, dataset):
     before_rows = (runs / "metrics.jsonl").read_text()
     before_progress = (runs / "progress.jsonl").read_text()
     s1 = json.loads((dataset / "runs" / "s1" / "summary.json").read_text())
+    workers = sorted(RunOutputs(str(dataset / "runs"), "s2").workers(), key=lambda w: w["rank"])
+    summary = json.loads((runs / "summary.json").read_text())
     again = run(settings(dataset, "qlora", "s2", init=s1["final"]))
     assert again["steps"] == 12
+    assert again == summary  # the finished run's own summary
+    # decided before Ray Train: no worker started again
+    assert sorted(RunOutputs(str(dataset / "runs"), "s2").workers(), key=lambda w: w["rank"]) == workers
     assert (runs / "progress.jsonl").read_text() == before_progress  # not one step more
     assert (runs / "metrics.jsonl").read_text() == before_rows
     assert sorted(p.name for p in runs.glob("checkpoint_*")) == before_ckpts
