@@ -191,3 +191,5 @@ def test_cpu_rehearsal_end_to_end(tmp_path):
         assert prof["top"] and sum(prof["by_kind_share"].values()) == pytest.approx(1.0, abs=1e-3)
         assert prof["by_kind_share"]["matmul"] > 0.2, prof["by_kind_share"]  # a transformer step is mostly matmuls
     assert "train.ratio_vs_hf_peft" in proc.stdout  # the table
+    # on the CPU the job stays eager under --compile auto, and the summary says why
+    assert res["train"]["job_compiled"] is False and res["train"]["job_compile"].startswith("auto: eager on cpu")

@@ -74,6 +74,9 @@ def test_every_side_saw_the_same_conversations(result):
                       "job_peft_lora", "job_hf_norm", "job_fp32_frozen"}
     assert v["job_fp32_frozen"]["frozen_dtype"] == "float32"  # tiny is an fp32 model: the side equals the job here
     assert v["job"]["frozen_dtype"] == result["model"]["dtype"]  # the preset's dtype: no upcast by default
+    # the job follows --compile auto: eager on the CPU, and says so; the ablations are eager by setting
+    assert v["job"]["compiled"] is False and v["job"]["compile"].startswith("auto: eager on cpu")
+    assert all(v[k]["compile"] == "off" for k in v if k.startswith("job_"))
     for key in ("conversations", "real_tokens", "supervised_tokens"):
         assert len({r[key] for r in v.values()}) == 1, key
     assert v["job"]["conversations"] == BATCH * STEPS == result["data"]["conversations"]
