@@ -453,7 +453,7 @@ def job(cfg, device: str, data: Data, timed: list[int], warm: list[int], batch: 
     """The Ray Train worker's step, in this process."""
     import torch
 
-    from models.kernels import CompiledSteps, apply_kernels, compile_layers, resolve_compile
+    from models.kernels import CompiledSteps, apply_kernels
     from models.language import set_frozen_dtype, upcasts_frozen
     from models.lora_forward import fuse_lora
     from models.multimodal import MultimodalPhi3
@@ -489,10 +489,10 @@ def job(cfg, device: str, data: Data, timed: list[int], warm: list[int], batch: 
             lengths = [len(data.encoded[i]) for i in ids]
             return [_remap(item, ids) for item in epoch_plan(lengths, s, max_len, 0, 0, 1)]
 
-        # the worker's rule: compiled on a GPU by default, eager again after a compilation error
-        compiled, why = resolve_compile(s.compile, device, "ddp", s.kernels)
-        steps = CompiledSteps(model.llm, compiled, why, fall_back=s.compile == "auto",
-                              zero_grad=lambda opt=opt: opt.zero_grad(set_to_none=True))
+        # the worker's rule: compiled on a GPU by default (eager again after a compiled side, or after a
+        # compilation error)
+        steps = CompiledSteps.start(model.llm, s.compile, device, "ddp", s.kernels,
+                                    zero_grad=lambda opt=opt: opt.zero_grad(set_to_none=True))
 
         def train_step(inputs, image_features, replicas=replicas):
             loss = replicas.loss(inputs, image_features)
@@ -504,7 +504,6 @@ def job(cfg, device: str, data: Data, timed: list[int], warm: list[int], batch: 
             return steps(train_step, b.inputs, data.feats(b.samples)).item(), b
 
         try:
-            compile_layers(model.llm, compiled)  # on, or off again after a compiled side
             apply_kernels(model.llm, s.kernels, device)
             fuse_lora(model.llm, s.lora_forward)
             r = timed_steps(run_step, plan(timed), plan(warm), warmup, device, memory, profile=profile and name == "job")

@@ -150,6 +150,17 @@ def compile_blocker(device) -> str | None:
     return None
 
 
+def compile_mode(mode) -> str:
+    """``mode`` as one of ``COMPILE_MODES`` (settings written before the three
+    modes hold booleans: on / off); a clear ``ConfigError`` for anything else."""
+    if isinstance(mode, bool):
+        mode = "on" if mode else "off"
+    mode = str(mode).lower()
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"compile={mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+    return mode
+
+
 def resolve_compile(mode, device, strategy: str = "ddp", kernels: str = "native") -> tuple[bool, str]:
     """Whether the training job compiles its decoder layers, and why.
 
@@ -159,12 +170,8 @@ def resolve_compile(mode, device, strategy: str = "ddp", kernels: str = "native"
     many tokens a second as the eager one, bench/NOTES.md try 7); eager on
     the CPU (compiling costs minutes there and gains little), with DeepSpeed
     or Liger's kernels (neither measured compiled) and when a prerequisite is
-    missing. Older settings' booleans mean on / off."""
-    if isinstance(mode, bool):
-        mode = "on" if mode else "off"
-    mode = str(mode).lower()
-    if mode not in COMPILE_MODES:
-        raise ConfigError(f"compile={mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+    missing."""
+    mode = compile_mode(mode)
     if mode == "off":
         return False, "off"
     blocker = compile_blocker(device)
@@ -231,6 +238,14 @@ class CompiledSteps:
 
     def __init__(self, llm, compiled: bool, reason: str, fall_back: bool, zero_grad):
         self.llm, self.compiled, self.reason, self.fall_back, self.zero_grad = llm, compiled, reason, fall_back, zero_grad
+
+    @classmethod
+    def start(cls, llm, mode, device, strategy: str, kernels: str, zero_grad) -> "CompiledSteps":
+        """The training job's rule (``resolve_compile``) applied to ``llm``: its
+        layers compiled, or made eager again, and its steps wrapped."""
+        compiled, reason = resolve_compile(mode, device, strategy, kernels)
+        compile_layers(llm, compiled)
+        return cls(llm, compiled, reason, fall_back=compile_mode(mode) == "auto", zero_grad=zero_grad)
 
     def __call__(self, step, *args):
         try:

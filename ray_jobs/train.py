@@ -37,7 +37,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from models.kernels import COMPILE_MODES, KERNELS
+from models.kernels import COMPILE_MODES, KERNELS, compile_mode
 from models.lora_forward import LORA_FORWARDS
 
 log = logging.getLogger(__name__)
@@ -226,7 +226,7 @@ def train_loop(config: dict) -> None:
     from data_pipelines.embed import EmbeddingStore
     from models.checkpoint import load_checkpoint
     from models.config import config_from_dict
-    from models.kernels import CompiledSteps, apply_kernels, compile_layers, resolve_compile
+    from models.kernels import CompiledSteps, apply_kernels
     from models.lora_forward import fuse_lora
     from models.multimodal import MultimodalPhi3
 
@@ -267,12 +267,6 @@ def train_loop(config: dict) -> None:
             p.requires_grad_(n.startswith("projector."))
     apply_kernels(model.llm, s.kernels, device)
     fuse_lora(model.llm, s.lora_forward)
-    compiled, compile_reason = resolve_compile(s.compile, device, s.strategy, s.kernels)
-    if compiled:
-        compile_layers(model.llm)
-    if rank == 0:
-        print(f"decoder layers: {'compiled, the first steps compile' if compiled else 'eager'} (compile {compile_reason})",
-              flush=True)
     tok = model.tokenizer
     store = EmbeddingStore(s.embeddings)
     check_embeddings(model.cfg, store.identity, s.embeddings)
@@ -304,8 +298,11 @@ def train_loop(config: dict) -> None:
         sched.load_state_dict(state["scheduler"])
         step = state["step"]
         torch.set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
-    steps = CompiledSteps(model.llm, compiled, compile_reason, fall_back=s.compile == "auto",
-                          zero_grad=lambda: opt.zero_grad(set_to_none=True))
+    steps = CompiledSteps.start(model.llm, s.compile, device, s.strategy, s.kernels,
+                                zero_grad=lambda: opt.zero_grad(set_to_none=True))
+    if rank == 0:
+        print(f"decoder layers: {'compiled, the first steps compile' if steps.compiled else 'eager'} "
+              f"(compile {steps.reason})", flush=True)
 
     def train_step(inputs, image_features):
         loss = replicas.loss(inputs, image_features)
@@ -313,7 +310,8 @@ def train_loop(config: dict) -> None:
         return loss
 
     start_step = step
-    run_outputs.register_worker(rank, start_step, device=device, compiled=compiled, compile=compile_reason)
+    compile_reason = steps.reason
+    run_outputs.register_worker(rank, start_step, device=device, compiled=steps.compiled, compile=compile_reason)
     outputs = run_outputs if rank == 0 else None
     if outputs is not None:
         outputs.truncate_metrics(after_step=step)
@@ -402,10 +400,7 @@ def run(s: TrainSettings) -> dict:
         raise ValueError(f"--kernels must be one of {', '.join(KERNELS)}, got {s.kernels!r}")
     if s.lora_forward not in LORA_FORWARDS:
         raise ValueError(f"--lora-forward must be one of {', '.join(LORA_FORWARDS)}, got {s.lora_forward!r}")
-    if isinstance(s.compile, bool):  # settings written before the three modes
-        s.compile = "on" if s.compile else "off"
-    if s.compile not in COMPILE_MODES:
-        raise ValueError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {s.compile!r}")
+    s.compile = compile_mode(s.compile)  # a clear error before any worker starts
     if s.kernels == "liger" and not s.gpu:
         raise ValueError(f"--kernels {s.kernels} runs on GPUs only: add --gpu, or leave --kernels none")
     if s.init:
