@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import sys
 from collections import Counter
@@ -299,16 +300,45 @@ def _stats(records: list[Record]) -> dict:
     }
 
 
+def _render(job: tuple[str, int, int, int, int]) -> list[Record]:
+    """Draw and save images ``start`` to ``stop - 1``; their records, in order.
+    Each image's generator is seeded by its index alone, so any split of the
+    range over processes writes the same files and records."""
+    out, seed, size, start, stop = job
+    records = []
+    for i in range(start, stop):
+        rng = random.Random(f"mmphi-synth/{seed}/image/{i}")
+        stem = f"{i:06d}"
+        img, objects = make_scene(rng, size)
+        img.save(Path(out) / "images" / f"{stem}.png", format="PNG")
+        records.append(image_record(rng, stem, f"{stem}.png", objects))
+    return records
+
+
+PARALLEL_FROM = 1000  # fewer images are drawn in this process: starting workers would cost more than it saves
+
+
+def default_workers(images: int) -> int:
+    """Processes for ``images`` images: one per core (at most 8) from
+    ``PARALLEL_FROM`` images, one below."""
+    return 1 if images < PARALLEL_FROM else max(1, min(os.cpu_count() or 1, 8))
+
+
 def synthesize(out_dir, *, images: int = 600, seed: int = 0, size: int = 128, val_fraction: float = 0.2,
-               progress: bool = True) -> dict:
+               progress: bool = True, workers: int = 1) -> dict:
     """Write ``train.json``, ``val.json``, ``images/NNNNNN.png`` and ``synth.json``
-    under ``out_dir``; returns what ``synth.json`` holds (plus ``out_dir``)."""
+    under ``out_dir``; returns what ``synth.json`` holds (plus ``out_dir``).
+    ``workers``: processes drawing the images (``default_workers`` picks a
+    count); the output does not depend on it. Above 1 they are spawned, so a
+    script calling this needs the ``if __name__ == "__main__":`` guard."""
     if images < 1:
         raise ValueError(f"images must be at least 1, got {images}")
     if size < 32:
         raise ValueError(f"size must be at least 32 pixels, got {size}")
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     n_text = max(1, round(images * TEXT_FRACTION / (1 - TEXT_FRACTION)))
@@ -318,15 +348,26 @@ def synthesize(out_dir, *, images: int = 600, seed: int = 0, size: int = 128, va
         from tqdm import tqdm
 
         bar = tqdm(total=images, desc="synth images", unit="img", file=sys.stderr, leave=False)
+    chunk = max(1, min(250, -(-images // (4 * workers))))  # a few chunks per worker keep them all busy to the end
+    jobs = [(str(out), seed, size, start, min(start + chunk, images)) for start in range(0, images, chunk)]
     image_records = []
-    for i in range(images):
-        rng = random.Random(f"mmphi-synth/{seed}/image/{i}")
-        stem = f"{i:06d}"
-        img, objects = make_scene(rng, size)
-        img.save(out / "images" / f"{stem}.png", format="PNG")
-        image_records.append(image_record(rng, stem, f"{stem}.png", objects))
-        if bar is not None:
-            bar.update()
+    if workers == 1:
+        done = map(_render, jobs)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn, not fork: the caller may hold threads (Ray, PyTorch) that a forked child would inherit broken
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        done = pool.map(_render, jobs)
+    try:
+        for records in done:  # in order
+            image_records += records
+            if bar is not None:
+                bar.update(len(records))
+    finally:
+        if workers > 1:
+            pool.shutdown(cancel_futures=True)
     if bar is not None:
         bar.close()
     text_records = [text_record(random.Random(f"mmphi-synth/{seed}/text/{i}"), f"text-{i:06d}")
@@ -411,10 +452,11 @@ def summary(info: dict) -> str:
 
 
 def main(args) -> int:
-    """``mmphi data synth``: reads ``args.out, images, seed, size, val_fraction``."""
+    """``mmphi data synth``: reads ``args.out, images, seed, size, val_fraction, workers``."""
     try:
         info = synthesize(args.out, images=args.images, seed=args.seed, size=args.size,
-                          val_fraction=args.val_fraction, progress=True)
+                          val_fraction=args.val_fraction, progress=True,
+                          workers=args.workers if getattr(args, "workers", None) else default_workers(args.images))
     except ValueError as e:
         print(f"mmphi data synth: {e}", file=sys.stderr)
         return 2

@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 
 from data_pipelines.llava import dataset_paths, read_llava
-from data_pipelines.synthetic import main, synthesize
+from data_pipelines.synthetic import PARALLEL_FROM, default_workers, main, synthesize
 
 NUM = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
        "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"]
@@ -183,17 +183,30 @@ def test_images_decode_and_show_the_objects(big):
     assert r_ == g == b and r_ < 120
 
 
-def test_deterministic_by_seed(tmp_path):
+def test_deterministic_by_seed_whatever_the_processes(tmp_path):
+    """The same seed writes the same files, drawn in this process or by two
+    spawned ones (which get the images in chunks, out of order)."""
     a = synthesize(tmp_path / "a", images=12, seed=3, size=64, progress=False)
-    b = synthesize(tmp_path / "b", images=12, seed=3, size=64, progress=False)
+    b = synthesize(tmp_path / "b", images=12, seed=3, size=64, progress=False, workers=2)
     synthesize(tmp_path / "c", images=12, seed=4, size=64, progress=False)
     assert a["counts"] == b["counts"]
-    for name in ("train.json", "val.json", "synth.json", "images/000000.png", "images/000007.png",
-                 "images/000011.png"):
+    images = sorted(p.name for p in (tmp_path / "a" / "images").iterdir())
+    assert images == sorted(p.name for p in (tmp_path / "b" / "images").iterdir()) and len(images) == 12
+    for name in ["train.json", "val.json", "synth.json"] + [f"images/{n}" for n in images]:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     assert (tmp_path / "a" / "train.json").read_bytes() != (tmp_path / "c" / "train.json").read_bytes()
     assert (tmp_path / "a" / "images/000000.png").read_bytes() != (tmp_path / "c" / "images/000000.png").read_bytes()
     assert read_llava(tmp_path / "c" / "val.json", tmp_path / "c" / "images").errors == []
+
+
+def test_drawing_processes_follow_the_size_and_the_cores(monkeypatch, tmp_path):
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert default_workers(PARALLEL_FROM - 1) == 1  # small sets: starting processes costs more than it saves
+    assert default_workers(PARALLEL_FROM) == 8  # one per core, at most 8
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert default_workers(6000) == 2
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        synthesize(tmp_path / "w", images=4, workers=0, progress=False)
 
 
 def test_main_prints_summary(tmp_path, capsys):

@@ -18,6 +18,9 @@ def register(sub) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--size", type=int, default=128, help="image side in pixels (default: 128)")
     s.add_argument("--val-fraction", type=float, default=0.2, help="share of images held out (default: 0.2)")
+    s.add_argument("--workers", type=int, default=None,
+                   help="processes drawing the images (default: one per core, at most 8, from 1,000 images; "
+                        "the output does not depend on it)")
     s.set_defaults(func=_synth)
 
     from data_pipelines.embed import add_arguments

@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from data_pipelines.embed import EmbeddingStore, EmbedSettings
     from data_pipelines.embed import run as embed
     from data_pipelines.llava import dataset_paths
-    from data_pipelines.synthetic import single_object_view, synthesize
+    from data_pipelines.synthetic import default_workers, single_object_view, synthesize
     from models.config import load_config
     from models.conversation import collate, encode_conversation
     from models.multimodal import MultimodalPhi3
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"[1/7] synthetic data: reusing {data}")
     else:
         print(f"[1/7] synthetic data: {args.images} images -> {data}")
-        synthesize(data, images=args.images, seed=args.seed, progress=False)
+        synthesize(data, images=args.images, seed=args.seed, progress=False, workers=default_workers(args.images))
 
     timings = {"data": round(time.time() - t0, 1)}
     print("[2/7] Ray Data: embedding every image with the CLIP tower (resumes if interrupted)")
