@@ -123,7 +123,9 @@ class RunOutputs:
     def finished(self, steps: int) -> dict | None:
         """The summary of a run that already finished ``steps`` or more, when
         its final checkpoint holds the newest step on storage: rerunning it
-        would train nothing, so the caller can skip starting Ray Train."""
+        would train nothing, so the caller can skip starting Ray Train. Its
+        paths are this run folder's, also when the folder was moved or copied
+        after the run wrote them."""
         summary_path = storage.join(self.root, "summary.json")
         if not (self.has_final() and storage.exists(self.fs, summary_path)):
             return None
@@ -135,6 +137,13 @@ class RunOutputs:
         newest = self.newest_checkpoint()
         if final_step < steps or summary.get("steps") != final_step or (newest and newest[0] > final_step):
             return None
+        stored = summary.get("final")
+        if isinstance(stored, str) and stored != self.final:  # the runs folder moved since: its paths follow it
+            old_root = stored.rsplit("/", 1)[0]
+            ray_ckpt = summary.get("ray_checkpoint")
+            if isinstance(ray_ckpt, str) and ray_ckpt.startswith(old_root + "/"):
+                ray_ckpt = self.root + ray_ckpt[len(old_root):]
+            summary = summary | {"final": self.final, "ray_checkpoint": ray_ckpt}
         return summary
 
     # summary ----------------------------------------------------------------

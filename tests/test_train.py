@@ -100,6 +100,24 @@ def test_rerun_with_same_name_does_no_more_steps(stages, dataset):
     assert sorted(p.name for p in runs.glob("checkpoint_*")) == before_ckpts
 
 
+def test_a_copied_runs_folder_is_reused_from_its_new_place(stages, dataset, tmp_path):
+    """A finished run copied elsewhere (a moved disk, a synced bucket) is
+    reused there, and its summary names the copy's checkpoint, not the
+    original's: the next stage and the server load what is there."""
+    import shutil
+
+    shutil.copytree(dataset / "runs" / "s1", tmp_path / "moved" / "s1")
+    original = json.loads((dataset / "runs" / "s1" / "summary.json").read_text())
+    again = run(settings(dataset, "projector", "s1", out=str(tmp_path / "moved")))
+    assert again["final"] == str(tmp_path / "moved" / "s1" / "final") != original["final"]
+    assert again["ray_checkpoint"].startswith(str(tmp_path / "moved" / "s1") + "/")
+    assert Path(again["ray_checkpoint"]).is_dir()
+    assert {k: v for k, v in again.items() if k not in ("final", "ray_checkpoint")} == \
+        {k: v for k, v in original.items() if k not in ("final", "ray_checkpoint")}
+    # decided before Ray Train: the copied worker records are the original run's
+    assert RunOutputs(str(tmp_path / "moved"), "s1").workers() == RunOutputs(str(dataset / "runs"), "s1").workers()
+
+
 def test_other_name_starts_fresh(stages, dataset):
     """A new name trains from scratch; this run also takes the GPU default's
     path, every decoder layer compiled (``--compile on``; ``auto`` compiles on
