@@ -456,7 +456,7 @@ def main(args) -> int:
     try:
         info = synthesize(args.out, images=args.images, seed=args.seed, size=args.size,
                           val_fraction=args.val_fraction, progress=True,
-                          workers=args.workers if getattr(args, "workers", None) else default_workers(args.images))
+                          workers=default_workers(args.images) if getattr(args, "workers", None) is None else args.workers)
     except ValueError as e:
         print(f"mmphi data synth: {e}", file=sys.stderr)
         return 2

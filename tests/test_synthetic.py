@@ -217,3 +217,5 @@ def test_main_prints_summary(tmp_path, capsys):
     assert (tmp_path / "cli" / "synth.json").is_file()
     bad = argparse.Namespace(out=str(tmp_path / "bad"), images=0, seed=0, size=48, val_fraction=0.5)
     assert main(bad) == 2
+    no_workers = argparse.Namespace(out=str(tmp_path / "bad"), images=6, seed=0, size=48, val_fraction=0.5, workers=0)
+    assert main(no_workers) == 2 and "workers must be at least 1" in capsys.readouterr().err
