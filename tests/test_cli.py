@@ -223,7 +223,7 @@ def test_demo_learns_from_the_image_and_reuses_everything(work):
     stage 1, stage 2 with 2 Ray Train workers) reads colour, position and
     count from the image: >= 90 % held-out answer accuracy on colour and
     position, >= 60 % on counting up to six objects (chance 1/6), blind
-    accuracy within 10 points of chance everywhere, in at most 15 minutes
+    accuracy at most 10 points above chance everywhere, in at most 15 minutes
     from the start to the trained, evaluated checkpoint."""
     from mmphi.commands.demo import SINGLE_SHARE, STEPS
 
@@ -237,10 +237,16 @@ def test_demo_learns_from_the_image_and_reuses_everything(work):
     report = {q: (acc[q], blind.get(q), chance.get(q), n[q]) for q in acc}
     assert acc["colour"] >= 0.9 and acc["position"] >= 0.9, report
     assert chance["count"] <= 1 / 6 + 1e-9 and acc["count"] >= 0.6, report
+    assert set(blind) == set(acc), report
     for q in acc:
         if chance.get(q):  # every image question: the accuracy comes from the image
-            assert abs(blind[q] - chance[q]) <= 0.10, report
+            # blind (every image replaced by the training mean) does no better than chance. It may do worse:
+            # what the model answers about an image it never saw is arbitrary (a rare answer, a non-answer),
+            # and which one changes with the host's floating-point kernels (count: 6 % on one CPU, 18 % on another)
+            assert blind[q] <= chance[q] + 0.10, report
             assert n[q] >= 40, report
+    for q in ("colour", "position", "count"):  # the gap to blind is what the model reads from the image
+        assert acc[q] - blind[q] >= 0.5, report
     assert s["timings"]["trained"] <= 15 * 60, s["timings"]
     assert abs(s1["first_loss"] - s1["ln_vocab"]) <= 0.15 * s1["ln_vocab"], s1
     single = max(round(STEPS * SINGLE_SHARE), 1)
