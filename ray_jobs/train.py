@@ -334,8 +334,9 @@ def train_loop(config: dict) -> None:
 
     if step == 0:  # the loss before any update, every worker on its share
         first = evaluate(model, tok, val_enc, val, feats, [], world, rank, s.batch_size)
-    if step == 0 and outputs is not None:
-        outputs.append({"step": 0, "val_loss": first["val_loss"], "ln_vocab": math.log(model.llm.get_input_embeddings().weight.shape[0])})
+        if outputs is not None:
+            outputs.append({"step": 0, "val_loss": first["val_loss"],
+                            "ln_vocab": math.log(model.llm.get_input_embeddings().weight.shape[0])})
     model.train()
     t_last, tokens = time.time(), 0
     running = []
