@@ -77,6 +77,7 @@ JOB_VARIANTS = {  # TrainSettings changes of each job variant
     # the one-change sides below are of the eager job: compiling each would add a compilation per side
     "job_packed": {"packing": True, "compile": "off"},
     "job_hf_loss": {"loss_chunk": 0, "compile": "off"},
+    "job_whole_last_layer": {"last_layer": "all", "compile": "off"},
     "job_peft_lora": {"lora_forward": "peft", "compile": "off"},
     "job_hf_norm": {"kernels": "none", "compile": "off"},
     # a model setting, not a TrainSettings one: the frozen embeddings, norms and
@@ -482,7 +483,7 @@ def job(cfg, device: str, data: Data, timed: list[int], warm: list[int], batch: 
                 if n in start:
                     p.copy_(start[n])
         opt, sched = make_optimizer(model, base)
-        replicas = strategy.make("ddp", TrainingForward(model, s.loss_chunk), opt, sched, world=1, device=device,
+        replicas = strategy.make("ddp", TrainingForward(model, s.loss_chunk, s.last_layer), opt, sched, world=1, device=device,
                                  batch_size=batch)
 
         def plan(ids: list[int], s=s) -> list:

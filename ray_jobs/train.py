@@ -40,6 +40,8 @@ from pathlib import Path
 from models.kernels import COMPILE_MODES, KERNELS, compile_mode
 from models.lora_forward import LORA_FORWARDS
 
+from .packing import LAST_LAYER
+
 log = logging.getLogger(__name__)
 
 
@@ -76,6 +78,8 @@ class TrainSettings:
     packing: bool = False
     # LM head + cross-entropy on answer tokens only, this many tokens at a time; 0: the model's own loss
     loss_chunk: int = 1024
+    # with the chunked loss, the last decoder layer at answer positions only (ray_jobs.packing) | all
+    last_layer: str = "answers"
     # fused kernels (models.kernels): none | native (RMSNorm through torch's fused rms_norm, rotary in 3 kernels) |
     # liger (Liger Kernel's RMSNorm, SwiGLU and rotary embedding; GPUs only)
     kernels: str = "native"
@@ -290,8 +294,8 @@ def train_loop(config: dict) -> None:
     _broadcast_from_rank0(params, world)  # replicas start identical, whatever each rank loaded
     torch.manual_seed(s.seed + 1000 * (rank + 1))  # dropout differs per rank
     opt, sched = make_optimizer(model, s)
-    replicas = strategy.make(s.strategy, TrainingForward(model, s.loss_chunk), opt, sched, world=world, device=device,
-                             batch_size=s.batch_size, zero_stage=s.zero_stage)
+    replicas = strategy.make(s.strategy, TrainingForward(model, s.loss_chunk, s.last_layer), opt, sched, world=world,
+                             device=device, batch_size=s.batch_size, zero_stage=s.zero_stage)
     step = 0
     if state is not None:
         replicas.load_optimizer_state(state["optimizer"])
@@ -402,6 +406,8 @@ def run(s: TrainSettings) -> dict:
         raise ValueError(f"--kernels must be one of {', '.join(KERNELS)}, got {s.kernels!r}")
     if s.lora_forward not in LORA_FORWARDS:
         raise ValueError(f"--lora-forward must be one of {', '.join(LORA_FORWARDS)}, got {s.lora_forward!r}")
+    if s.last_layer not in LAST_LAYER:
+        raise ValueError(f"--last-layer must be one of {', '.join(LAST_LAYER)}, got {s.last_layer!r}")
     s.compile = compile_mode(s.compile)  # a clear error before any worker starts
     if s.kernels == "liger" and not s.gpu:
         raise ValueError(f"--kernels {s.kernels} runs on GPUs only: add --gpu, or leave --kernels none")
@@ -466,6 +472,9 @@ def add_arguments(p: argparse.ArgumentParser, stage: str | None = None) -> None:
                         "(block-diagonal attention; a step then holds a varying number of conversations)")
     p.add_argument("--loss-chunk", type=int, default=1024,
                    help="LM head + cross-entropy on answer tokens only, this many at a time (0: the model's own loss)")
+    p.add_argument("--last-layer", choices=LAST_LAYER, default="answers",
+                   help="with the chunked loss, run the last decoder layer's queries, attention and MLP at answer "
+                        "positions only (answers, the default: the same loss and gradients, less work), or everywhere")
     p.add_argument("--kernels", choices=KERNELS, default="native",
                    help="fused kernels: native (the default: every RMSNorm as torch's fused rms_norm, the rotary "
                         "embedding in three kernels), liger "
@@ -506,7 +515,7 @@ def settings_from_args(stage: str, a: argparse.Namespace) -> TrainSettings:
                          lr=a.lr, projector_lr_scale=a.projector_lr_scale, warmup=a.warmup, eval_every=a.eval_every, ckpt_every=a.ckpt_every,
                          eval_samples=a.eval_samples, max_failures=a.max_failures, threads=a.threads,
                          seed=a.seed, address=a.address, strategy=a.strategy, zero_stage=a.zero_stage,
-                         packing=a.packing, loss_chunk=a.loss_chunk, kernels=a.kernels,
+                         packing=a.packing, loss_chunk=a.loss_chunk, last_layer=a.last_layer, kernels=a.kernels,
                          lora_forward=a.lora_forward, compile=a.compile)
 
 

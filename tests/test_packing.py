@@ -189,6 +189,92 @@ def test_qlora_with_checkpointing_chunked_equals_hf():
     _assert_same(ours, hf, tol=1e-4)
 
 
+def _last_mlp_rows(model, fn):
+    """``fn()``'s loss, and how many token rows the last decoder layer's MLP saw."""
+    from models.language import base_causal_lm
+
+    seen = []
+    mlp = base_causal_lm(model.llm).get_decoder().layers[-1].mlp
+    handle = mlp.register_forward_hook(lambda m, args, out: seen.append(args[0].reshape(-1, args[0].shape[-1]).shape[0]))
+    try:
+        loss = fn()
+    finally:
+        handle.remove()
+    return loss, seen
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_last_layer_runs_at_answer_positions_only(model, convs, packed):
+    """Same loss and gradients as the whole last layer, which its MLP computes
+    for every token; the trimmed one computes it for the supervised ones."""
+    enc, feats = convs
+    pad = model.tokenizer.ids.pad
+    b = packed_batch(enc, ROWS, pad) if packed else padded_batch(enc, [0, 1, 2, 3, 4, 5, 6], pad)
+    f = _features(b.samples, feats)
+    whole = _loss_and_grads(model, lambda: causal_lm_loss(model, **b.inputs, image_features=f, last_layer="all"))
+    (_, rows_all) = _last_mlp_rows(model, lambda: causal_lm_loss(model, **b.inputs, image_features=f, last_layer="all"))
+    trimmed = _loss_and_grads(model, lambda: causal_lm_loss(model, **b.inputs, image_features=f))
+    (_, rows) = _last_mlp_rows(model, lambda: causal_lm_loss(model, **b.inputs, image_features=f))
+    _assert_same(trimmed, whole)
+    assert rows_all == [b.slots]
+    supervised = int((b.inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
+    assert rows == [supervised] and supervised < b.slots / 2
+    with pytest.raises(ValueError, match="last_layer"):
+        causal_lm_loss(model, **b.inputs, image_features=f, last_layer="some")
+
+
+def test_a_compiled_last_layer_runs_whole(model):
+    """A layer given to torch.compile keeps its compiled forward: the trimmed path steps aside."""
+    from models.language import base_causal_lm
+    from ray_jobs.packing import _trimmable
+
+    decoder = base_causal_lm(model.llm).get_decoder()
+    assert _trimmable(decoder)
+    decoder.layers[-1].compile(dynamic=True)  # compiles on its first call, which never comes here
+    try:
+        assert not _trimmable(decoder)
+    finally:
+        decoder.layers[-1]._compiled_call_impl = None
+    assert _trimmable(decoder)
+
+
+def test_trimmed_last_layer_with_grouped_queries_and_a_sliding_window():
+    """Grouped-query attention (2 key/value heads for 4 queries) and a window
+    of 6 tokens, shorter than the conversations: the trimmed layer masks like
+    Hugging Face's (against its own loss), and packed like padded."""
+    from models.config import load_config
+    from models.multimodal import MultimodalPhi3
+
+    cfg = load_config("tiny", ["llm.random_init.num_key_value_heads=2", "llm.random_init.sliding_window=6",
+                               "llm.lora.dropout=0.0"])
+    m = MultimodalPhi3.from_config(cfg, device="cpu", with_vision=False, trainable=True)
+    m.train()
+    decoder_cfg = m.llm.get_base_model().config if hasattr(m.llm, "get_base_model") else m.llm.config
+    assert decoder_cfg.num_key_value_heads == 2 and decoder_cfg.sliding_window == 6
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(4)))
+    tok = m.tokenizer
+    enc = [encode_for_training(tok, _messages(k, k != 2), m.num_image_tokens, 1024) for k in range(5)]
+    f = torch.randn(4, m.num_image_tokens, m.projector.in_dim, generator=torch.Generator().manual_seed(5))
+    padded = padded_batch(enc, [0, 1, 2, 3, 4], tok.ids.pad)
+    packed = packed_batch(enc, [[0, 1], [2, 3, 4]], tok.ids.pad)
+    hf = _loss_and_grads(m, lambda: m(**padded.inputs, image_features=f).loss)
+    ours = _loss_and_grads(m, lambda: causal_lm_loss(m, **padded.inputs, image_features=f, chunk=8))
+    _assert_same(ours, hf)
+    ours_packed = _loss_and_grads(m, lambda: causal_lm_loss(m, **packed.inputs, image_features=f, chunk=8))
+    _assert_same(ours_packed, hf)
+    # the window matters here: without it the same weights give another loss
+    decoder_cfg.sliding_window = None
+    try:
+        with torch.no_grad():
+            unwindowed = causal_lm_loss(m, **padded.inputs, image_features=f, chunk=8)
+    finally:
+        decoder_cfg.sliding_window = 6
+    assert abs(unwindowed.item() - hf[0].item()) > 1e-3
+
+
 def test_pack_batches_fill_rows_without_overlap():
     g = torch.Generator().manual_seed(3)
     lengths = [int(x) for x in torch.randint(20, 300, (500,), generator=g)]

@@ -71,7 +71,9 @@ def result(tmp_path_factory):
 def test_every_side_saw_the_same_conversations(result):
     v = result["variants"]
     assert set(v) == {"hf_peft_max_length", "hf_peft_longest", "job", "job_packed", "job_hf_loss",
-                      "job_peft_lora", "job_hf_norm", "job_fp32_frozen"}
+                      "job_whole_last_layer", "job_peft_lora", "job_hf_norm", "job_fp32_frozen"}
+    # the last layer at answer positions only is the same math as the whole layer
+    assert v["job_whole_last_layer"]["first_loss"] == pytest.approx(v["job"]["first_loss"], abs=1e-4)
     assert v["job_fp32_frozen"]["frozen_dtype"] == "float32"  # tiny is an fp32 model: the side equals the job here
     assert v["job"]["frozen_dtype"] == result["model"]["dtype"]  # the preset's dtype: no upcast by default
     # the job follows --compile auto: eager on the CPU, and says so; the ablations are eager by setting
