@@ -164,14 +164,21 @@ def step_batch(encoded: list, step: list, pad_id: int, packing: bool):
 
 
 def evaluate(model, tok, val_enc, val_samples, feats, answer_samples, world: int, rank: int,
-             batch_size: int, blind_mean=None) -> dict:
-    """Validation loss, perplexity, token accuracy and per-type answer accuracy,
-    each worker on its share of the validation set, summed across workers."""
+             batch_size: int, blind_mean=None, loss: bool = True) -> dict:
+    """Validation loss, perplexity and token accuracy (``loss``) and per-type
+    answer accuracy, each worker on its share of the validation set, summed
+    across workers. The loss is Hugging Face's (the mean over supervised
+    tokens), with logits at answer positions only (``ray_jobs.packing``), in
+    batches of similar length."""
     import torch
+    import torch.nn.functional as F
 
     from data_pipelines.synthetic import normalise_answer
-    from models.conversation import IGNORE_INDEX, collate, encode_conversation
+    from models.conversation import collate, encode_conversation
     from models.kernels import eager
+    from models.language import base_causal_lm
+
+    from .packing import answer_states
 
     def image_feats(images):
         if blind_mean is not None:
@@ -180,19 +187,19 @@ def evaluate(model, tok, val_enc, val_samples, feats, answer_samples, world: int
 
     model.eval()
     loss_sum = tok_right = tok_total = 0.0
-    mine = list(range(rank, len(val_enc), world))
+    mine = sorted(range(rank, len(val_enc), world), key=lambda j: len(val_enc[j])) if loss else []
+    head = base_causal_lm(model.llm).get_output_embeddings()
     with torch.no_grad(), eager():
         for i in range(0, len(mine), batch_size):
             idx = mine[i:i + batch_size]
             batch = collate([val_enc[j] for j in idx], tok.ids.pad)
             images = [val_samples[j].image for j in idx if val_samples[j].image]
-            out = model(**batch, image_features=image_feats(images))
-            logits, labels = out.logits[:, :-1], batch["labels"][:, 1:].to(out.logits.device)
-            keep = labels != IGNORE_INDEX
-            n = int(keep.sum())
-            loss_sum += float(out.loss) * n
-            tok_right += float((logits.argmax(-1)[keep] == labels[keep]).sum())
-            tok_total += n
+            h, t = answer_states(model, **batch, image_features=image_feats(images))
+            if t.numel():
+                logits = head(h).float()
+                loss_sum += float(F.cross_entropy(logits, t, reduction="sum"))
+                tok_right += float((logits.argmax(-1) == t).sum())
+                tok_total += t.numel()
         right: dict[str, float] = {}
         total: dict[str, float] = {}
         ans = answer_samples[rank::world]
@@ -214,12 +221,13 @@ def evaluate(model, tok, val_enc, val_samples, feats, answer_samples, world: int
     loss_sum, tok_right, tok_total = sums[:3]
     r, t = sums[3:3 + len(qtypes)], sums[3 + len(qtypes):]
     model.train()
+    answers = {"answer_accuracy": {q: r[k] / t[k] for k, q in enumerate(qtypes) if t[k]},
+               "answer_counts": {q: int(t[k]) for k, q in enumerate(qtypes) if t[k]}}
+    if not loss:
+        return answers
     val_loss = loss_sum / max(tok_total, 1)
-    return {
-        "val_loss": val_loss, "perplexity": math.exp(min(val_loss, 50)), "token_accuracy": tok_right / max(tok_total, 1),
-        "answer_accuracy": {q: r[k] / t[k] for k, q in enumerate(qtypes) if t[k]},
-        "answer_counts": {q: int(t[k]) for k, q in enumerate(qtypes) if t[k]},
-    }
+    return {"val_loss": val_loss, "perplexity": math.exp(min(val_loss, 50)),
+            "token_accuracy": tok_right / max(tok_total, 1), **answers}
 
 
 def train_loop(config: dict) -> None:
@@ -371,7 +379,8 @@ def train_loop(config: dict) -> None:
             if is_eval:
                 metrics.update(evaluate(model, tok, val_enc, val, feats, answers, world, rank, s.batch_size))
             if step == s.steps:
-                blind = evaluate(model, tok, val_enc, val, feats, answers, world, rank, s.batch_size, blind_mean=train_mean)
+                blind = evaluate(model, tok, val_enc, val, feats, answers, world, rank, s.batch_size, blind_mean=train_mean,
+                                 loss=False)
                 metrics["blind_answer_accuracy"] = blind["answer_accuracy"]
             if outputs is not None:
                 outputs.append(metrics)

@@ -294,3 +294,47 @@ def test_pack_batches_fill_rows_without_overlap():
     assert shards[0] != pack_batches(lengths, rows, cap, seed=1, epoch=1, rank=0, world=2)
     with pytest.raises(ValueError, match="does not fit"):
         pack_batches([600], rows, cap, seed=0, epoch=0, rank=0, world=1)
+
+
+def test_validation_loss_and_token_accuracy_are_hugging_faces(model, convs):
+    """The job's evaluation (logits at answer positions only, batches of
+    similar length) gives the mean loss and the token accuracy of the model's
+    full logits over every supervised token."""
+    from types import SimpleNamespace
+
+    from ray_jobs.train import evaluate
+
+    from dataclasses import replace
+
+    enc, feats = convs
+    samples = [SimpleNamespace(image=f"{k}.png" if k in feats else None) for k in range(len(enc))]
+    store = SimpleNamespace(batch=lambda images: torch.stack([feats[int(p[:-4])] for p in images]) if images else None)
+    pad = model.tokenizer.ids.pad
+    losses, right, total = 0.0, 0, 0
+    with torch.no_grad():
+        # every other supervised label becomes the model's own prediction (the inputs stay): about half right
+        guessed = []
+        for k, e in enumerate(enc):
+            logits = model(**collate([e], pad), image_features=_features([k], feats)).logits[0]
+            labels = list(e.labels)
+            supervised = [i for i in range(1, len(labels)) if labels[i] != IGNORE_INDEX]
+            for i in supervised[::2]:
+                labels[i] = int(logits[i - 1].argmax())
+            guessed.append(replace(e, labels=labels))
+        enc = guessed
+        for k, e in enumerate(enc):  # one at a time: no padding, no batching
+            inputs = collate([e], pad)
+            f = _features([k], feats)
+            losses += float(_token_losses(model, inputs, f).sum())
+            logits = model(**inputs, image_features=f).logits[0, :-1]
+            targets = inputs["labels"][0, 1:]
+            keep = targets != IGNORE_INDEX
+            right += int((logits.argmax(-1)[keep] == targets[keep]).sum())
+            total += int(keep.sum())
+    r = evaluate(model, model.tokenizer, enc, samples, store, [], 1, 0, 3)
+    assert model.training  # evaluation hands the model back in training mode
+    assert r["val_loss"] == pytest.approx(losses / total, rel=1e-5)
+    assert r["token_accuracy"] == pytest.approx(right / total)
+    assert 0.3 < right / total < 0.7  # the accuracy check can fail either way
+    answers_only = evaluate(model, model.tokenizer, enc, samples, store, [], 1, 0, 3, loss=False)
+    assert "val_loss" not in answers_only and answers_only["answer_accuracy"] == {}
