@@ -90,19 +90,26 @@ def encode_all(tok, samples: list[Sample], num_image_tokens: int, max_length: in
 
 
 def length_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
-    """This worker's batches for one epoch: shuffled, sharded by rank, grouped by
-    similar length inside windows of 16 batches so padding stays small.
-    Deterministic in (seed, epoch, rank, world): a resumed run sees the same order."""
+    """This worker's batches for one epoch: shuffled, grouped by similar length
+    inside windows of 16 steps so padding stays small, and dealt so that at
+    every step each worker's batch holds about the same lengths as the others'
+    (the samples of one step across all workers are neighbours in length, dealt
+    round-robin): a step waits for its slowest worker, so unequal batches
+    would leave the others idle. Every sample on one worker at most; every
+    worker the same number of full batches. Deterministic in (seed, epoch,
+    rank, world): a resumed run sees the same order."""
     rng = random.Random(seed * 100_003 + epoch)
     order = list(range(len(lengths)))
     rng.shuffle(order)
-    usable = len(order) - len(order) % world  # every worker the same number of samples
-    mine = order[rank:usable:world]
-    window = batch_size * 16
-    batches = []
-    for start in range(0, len(mine), window):
-        chunk = sorted(mine[start:start + window], key=lambda i: lengths[i])
-        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
-    batches = [b for b in batches if len(b) == batch_size] or batches[:1]
-    rng.shuffle(batches)
-    return batches
+    group = batch_size * world  # one step, all workers
+    window = group * 16
+    steps = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: lengths[i])
+        steps += [chunk[i:i + group] for i in range(0, len(chunk), group)]
+    full = [st for st in steps if len(st) == group]
+    if not full:  # fewer samples than one step of full batches: one short step, the same size on every worker
+        usable = len(order) - len(order) % world
+        full = [sorted(order[:usable], key=lambda i: lengths[i])] if usable else []
+    rng.shuffle(full)
+    return [st[rank::world] for st in full]

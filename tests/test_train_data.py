@@ -22,9 +22,18 @@ def test_length_batches_shard_without_overlap_and_bucket_by_length():
     order = rng.permutation(len(lengths))
     random_spread = np.mean([np.ptp([lengths[i] for i in order[k:k + 8]]) for k in range(0, 992, 8)])
     assert spread < 0.25 * random_spread
+    # a step waits for its slowest worker: at every step the workers' batches are about as long as each other
+    step_gap = np.mean([abs(max(lengths[i] for i in a) - max(lengths[i] for i in b)) for a, b in zip(*shards)])
+    assert step_gap < 0.02 * random_spread, (step_gap, random_spread)
     # deterministic per (seed, epoch, rank): a resumed run sees the same order; the next epoch another
     assert shards[0] == length_batches(lengths, 8, seed=1, epoch=2, rank=0, world=2)
     assert shards[0] != length_batches(lengths, 8, seed=1, epoch=3, rank=0, world=2)
+    # one worker: every sample of the full batches; fewer samples than a step: one short batch per worker
+    alone = [i for b in length_batches(lengths, 8, seed=1, epoch=2, rank=0, world=1) for i in b]
+    assert len(alone) == len(set(alone)) == 1000
+    few = [length_batches(lengths[:11], 8, seed=0, epoch=0, rank=r, world=2) for r in range(2)]
+    assert [len(b) for shard in few for b in shard] == [5, 5] and not set(few[0][0]) & set(few[1][0])
+    assert length_batches(lengths[:1], 8, seed=0, epoch=0, rank=0, world=2) == []
 
 
 def test_feature_stats_and_blind_mean():
