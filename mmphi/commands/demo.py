@@ -46,7 +46,7 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, default=STEPS,
                    help=f"stage-2 steps (default: {STEPS}); the first {SINGLE_SHARE:.0%} on single-object scenes; "
                         "stage 1 runs a tenth")
-    p.add_argument("--batch-size", type=int, default=16, help="per worker (default: 16)")
+    p.add_argument("--batch-size", type=int, default=12, help="per worker (default: 12)")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default: 2)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
