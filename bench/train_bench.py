@@ -483,8 +483,8 @@ def job(cfg, device: str, data: Data, timed: list[int], warm: list[int], batch: 
                 if n in start:
                     p.copy_(start[n])
         opt, sched = make_optimizer(model, base)
-        replicas = strategy.make("ddp", TrainingForward(model, s.loss_chunk, s.last_layer), opt, sched, world=1, device=device,
-                                 batch_size=batch)
+        replicas = strategy.make("ddp", TrainingForward(model, s.loss_chunk, s.last_layer), opt, sched, world=1,
+                                 device=device, batch_size=batch)
 
         def plan(ids: list[int], s=s) -> list:
             lengths = [len(data.encoded[i]) for i in ids]

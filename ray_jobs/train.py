@@ -40,7 +40,7 @@ from pathlib import Path
 from models.kernels import COMPILE_MODES, KERNELS, compile_mode
 from models.lora_forward import LORA_FORWARDS
 
-from .packing import LAST_LAYER
+from .packing import LAST_LAYER, check_last_layer
 
 log = logging.getLogger(__name__)
 
@@ -415,8 +415,7 @@ def run(s: TrainSettings) -> dict:
         raise ValueError(f"--kernels must be one of {', '.join(KERNELS)}, got {s.kernels!r}")
     if s.lora_forward not in LORA_FORWARDS:
         raise ValueError(f"--lora-forward must be one of {', '.join(LORA_FORWARDS)}, got {s.lora_forward!r}")
-    if s.last_layer not in LAST_LAYER:
-        raise ValueError(f"--last-layer must be one of {', '.join(LAST_LAYER)}, got {s.last_layer!r}")
+    check_last_layer(s.last_layer, "--last-layer")
     s.compile = compile_mode(s.compile)  # a clear error before any worker starts
     if s.kernels == "liger" and not s.gpu:
         raise ValueError(f"--kernels {s.kernels} runs on GPUs only: add --gpu, or leave --kernels none")
