@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -149,7 +150,10 @@ class PixelPipeline:
 
     def normalize(self, batch, device, dtype) -> torch.Tensor:
         """uint8 (N, H, W, 3) array or tensor -> normalised (N, 3, H, W) on ``device``."""
-        x = torch.as_tensor(batch).to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+        with warnings.catch_warnings():  # a read-only array (Ray Data's zero-copy batches) is only read here
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            x = torch.as_tensor(batch)
+        x = x.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
         x = (x - self.mean.to(device)) / self.std.to(device)
         return x.to(dtype).contiguous(memory_format=torch.channels_last)
 

@@ -146,3 +146,22 @@ def test_gpu_default_follows_the_cluster_not_the_driver(monkeypatch, tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_decode_tasks_follow_the_cpus_the_encoders_leave(tmp_path):
+    s = embed.settings_from_args(embed_args())
+    assert s.decode_tasks is None
+    # a 2-core machine's local cluster (4 logical CPUs), one CPU encoder actor of 0.5 CPU: 3 decode tasks
+    assert embed.decode_concurrency(s, 4.0, blocks=188) == 3
+    # a 16-core GPU node with two encoder actors of 1 CPU each: 14
+    two = embed.EmbedSettings(out="o", actors=2, cpus_per_actor=1.0)
+    assert embed.decode_concurrency(two, 16.0, blocks=188) == 14
+    # never more than there are blocks, never fewer than one (actors holding every CPU)
+    assert embed.decode_concurrency(two, 16.0, blocks=5) == 5
+    assert embed.decode_concurrency(embed.EmbedSettings(out="o", actors=2, cpus_per_actor=1.5), 2.0, blocks=9) == 1
+    # --decode-tasks wins over the cluster's size
+    given = embed.settings_from_args(embed_args("--decode-tasks", "32"))
+    assert given.decode_tasks == 32 and embed.decode_concurrency(given, 4.0, blocks=188) == 32
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(embed.EmbedError, match="--decode-tasks must be a positive integer"):
+            embed.run(embed.EmbedSettings(out=str(tmp_path / "emb"), data="d", decode_tasks=bad))
