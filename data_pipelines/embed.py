@@ -281,6 +281,9 @@ def default_gpus_per_actor() -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
+_started_local: list[str] = []  # GCS address of the local cluster init_ray started
+
+
 def init_ray(address: str | None) -> None:
     import ray
 
@@ -294,6 +297,15 @@ def init_ray(address: str | None) -> None:
         # /tmp/ray/ray_current_cluster still names); logical CPUs above the
         # core count, so fractional tasks/actors never deadlock on a small machine
         ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), log_to_driver=True)
+        _started_local[:] = [ray.get_runtime_context().gcs_address]
+
+
+def started_local_cluster() -> bool:
+    """Whether this process is connected to the one-machine cluster that
+    ``init_ray`` started (not to a cluster it joined)."""
+    import ray
+
+    return ray.is_initialized() and _started_local == [ray.get_runtime_context().gcs_address]
 
 
 def run(s: EmbedSettings) -> dict:

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import types
@@ -30,6 +31,8 @@ import torch.nn.functional as F
 
 from .config import ConfigError
 from .language import base_causal_lm
+
+log = logging.getLogger(__name__)
 
 KERNELS = ("none", "native", "liger")
 COMPILE_MODES = ("auto", "on", "off")
@@ -255,7 +258,7 @@ class CompiledSteps:
                 raise
             what = compile_error_summary(e)
             self.reason = f"auto: eager after a compilation error ({what})"
-            print(f"decoder layers: eager from now on, torch.compile failed: {what}", flush=True)
+            log.warning("decoder layers: eager from now on, torch.compile failed: %s", what)
             compile_layers(self.llm, False)
             self.compiled = False
             self.zero_grad()

@@ -7,6 +7,7 @@ a published checkpoint, then both load through ``from_pretrained``.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -139,17 +140,19 @@ def load_language_model(
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
     model.requires_grad_(False)
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
-    elif cfg.lora.enabled:
-        lc = cfg.lora
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                target_modules=list(lc.target_modules), task_type="CAUSAL_LM", bias="none",
-            ),
-        )
-        if not trainable:
-            model.requires_grad_(False)
+    with warnings.catch_warnings():  # PEFT reads transformers' deprecated alias of is_activation_checkpointing
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        if adapter is not None:
+            model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+        elif cfg.lora.enabled:
+            lc = cfg.lora
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                    target_modules=list(lc.target_modules), task_type="CAUSAL_LM", bias="none",
+                ),
+            )
+            if not trainable:
+                model.requires_grad_(False)
     return model

@@ -312,9 +312,9 @@ def train_loop(config: dict) -> None:
         torch.set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
     steps = CompiledSteps.start(model.llm, s.compile, device, s.strategy, s.kernels,
                                 zero_grad=lambda: opt.zero_grad(set_to_none=True))
-    if rank == 0:
-        print(f"decoder layers: {'compiled, the first steps compile' if steps.compiled else 'eager'} "
-              f"(compile {steps.reason})", flush=True)
+    if rank == 0:  # logged, not printed: Ray Train's print patch shows a print twice on the driver
+        log.info("decoder layers: %s (compile %s)", "compiled, the first steps compile" if steps.compiled else "eager",
+                 steps.reason)
 
     def train_step(inputs, image_features):
         loss = replicas.loss(inputs, image_features)
@@ -396,7 +396,7 @@ def run(s: TrainSettings) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from data_pipelines.embed import init_ray
+    from data_pipelines.embed import init_ray, started_local_cluster
     from data_pipelines.resources import check_resources, warn_if_absent
     from models.config import apply_overrides, load_config
 
@@ -435,6 +435,12 @@ def run(s: TrainSettings) -> dict:
         print(f"{s.run_name()}: finished at step {done['steps']} (asked {s.steps}); reusing {done['final']}", flush=True)
         return done
     init_ray(s.address)
+    if started_local_cluster():
+        # one machine that this process started: no node can be drained, so no preemption
+        # watcher (an actor per run), and the controller notices a finished or failed worker
+        # group within 0.5 s instead of 2 s (together about 6 s less per run on 2 cores)
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     warn_if_absent({**s.resources_per_worker, **({"GPU": 1} if s.gpu else {})}, s.workers, "Train workers")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     trainer = TorchTrainer(

@@ -165,3 +165,53 @@ def test_decode_tasks_follow_the_cpus_the_encoders_leave(tmp_path):
     for bad in (0, -1, 2.5, True):
         with pytest.raises(embed.EmbedError, match="--decode-tasks must be a positive integer"):
             embed.run(embed.EmbedSettings(out=str(tmp_path / "emb"), data="d", decode_tasks=bad))
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_local_clusters_skip_the_preemption_watcher(monkeypatch, tmp_path, local):
+    """On the one-machine cluster the job started itself, Ray Train runs no
+    preemption watcher and polls its workers every 0.5 s; a cluster it joined
+    keeps Ray Train's defaults (as does anything the user set)."""
+    import os
+
+    import ray.train.torch
+
+    import data_pipelines.resources
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def trainer(*a, **kw):
+        seen.update({k: os.environ.get(k) for k in ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",
+                                                     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")})
+        raise Stop
+
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")  # recorded, so what run() sets is undone after
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")  # the user's own setting stays
+    monkeypatch.setattr(embed, "init_ray", lambda address: None)
+    monkeypatch.setattr(embed, "started_local_cluster", lambda: local)
+    monkeypatch.setattr(data_pipelines.resources, "warn_if_absent", lambda *a: [])
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", trainer)
+    with pytest.raises(Stop):
+        train.run(train.TrainSettings(stage="projector", data=str(tmp_path), embeddings=str(tmp_path),
+                                      out=str(tmp_path)))
+    assert seen == {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0" if local else None,
+                    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "3"}
+
+
+def test_started_local_cluster_is_the_one_init_ray_started(monkeypatch):
+    import ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ray.shutdown()
+    try:
+        assert not embed.started_local_cluster()
+        embed.init_ray(None)
+        assert embed.started_local_cluster()
+        ray.shutdown()
+        assert not embed.started_local_cluster()
+    finally:
+        ray.shutdown()
