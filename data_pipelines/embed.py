@@ -310,7 +310,7 @@ def started_local_cluster() -> bool:
 
 def run(s: EmbedSettings) -> dict:
     import ray
-    from ray.data import ActorPoolStrategy
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     from models.config import load_config
     from models.images import ImageCropper
@@ -366,7 +366,7 @@ def run(s: EmbedSettings) -> dict:
         log.info("decode tasks: at most %d at once", decode_tasks)
         ds = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=n_blocks)
         ds = ds.map_batches(decode_batch, batch_size=s.decode_batch, num_cpus=s.cpus_per_task,
-                            concurrency=decode_tasks,
+                            compute=TaskPoolStrategy(size=decode_tasks),
                             fn_kwargs={"root": root, "crop": crop, "max_pixels": s.max_pixels})
         # start work only once the minimum pool is up, so every actor gets a share
         # (and a cluster that can never place them fails with a clear time-out)

@@ -67,6 +67,7 @@ class TrainSettings:
     eval_every: int = 100
     ckpt_every: int = 50
     eval_samples: int = 400
+    blind_eval: bool = True  # at the end, answer accuracy again with every image replaced by the training mean
     max_failures: int = 2
     seed: int = 0
     threads: int | None = None
@@ -378,7 +379,7 @@ def train_loop(config: dict) -> None:
             running, tokens = [], 0
             if is_eval:
                 metrics.update(evaluate(model, tok, val_enc, val, feats, answers, world, rank, s.batch_size))
-            if step == s.steps:
+            if step == s.steps and s.blind_eval:
                 blind = evaluate(model, tok, val_enc, val, feats, answers, world, rank, s.batch_size, blind_mean=train_mean,
                                  loss=False)
                 metrics["blind_answer_accuracy"] = blind["answer_accuracy"]
@@ -515,6 +516,8 @@ def add_arguments(p: argparse.ArgumentParser, stage: str | None = None) -> None:
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--ckpt-every", type=int, default=50)
     p.add_argument("--eval-samples", type=int, default=400)
+    p.add_argument("--no-blind-eval", dest="blind_eval", action="store_false",
+                   help="skip the final 'blind' answer accuracy (every image replaced by the training mean)")
     p.add_argument("--max-failures", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker")
     p.add_argument("--seed", type=int, default=0)
@@ -527,7 +530,7 @@ def settings_from_args(stage: str, a: argparse.Namespace) -> TrainSettings:
                          init=getattr(a, "init", None), preset=a.preset, overrides=a.overrides, workers=a.workers,
                          gpu=a.gpu, cpus_per_worker=a.cpus_per_worker, steps=a.steps, batch_size=a.batch_size,
                          lr=a.lr, projector_lr_scale=a.projector_lr_scale, warmup=a.warmup, eval_every=a.eval_every, ckpt_every=a.ckpt_every,
-                         eval_samples=a.eval_samples, max_failures=a.max_failures, threads=a.threads,
+                         eval_samples=a.eval_samples, blind_eval=a.blind_eval, max_failures=a.max_failures, threads=a.threads,
                          seed=a.seed, address=a.address, strategy=a.strategy, zero_stage=a.zero_stage,
                          packing=a.packing, loss_chunk=a.loss_chunk, last_layer=a.last_layer, kernels=a.kernels,
                          lora_forward=a.lora_forward, compile=a.compile)

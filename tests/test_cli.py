@@ -238,6 +238,7 @@ def test_demo_learns_from_the_image_and_reuses_everything(work):
     assert acc["colour"] >= 0.9 and acc["position"] >= 0.9, report
     assert chance["count"] <= 1 / 6 + 1e-9 and acc["count"] >= 0.6, report
     assert set(blind) == set(acc), report
+    assert s1["blind_answer_accuracy"] == s2a["blind_answer_accuracy"] == {}  # the final run's only
     for q in acc:
         if chance.get(q):  # every image question: the accuracy comes from the image
             # blind (every image replaced by the training mean) does no better than chance. It may do worse:

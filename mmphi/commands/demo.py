@@ -102,8 +102,9 @@ def run(args: argparse.Namespace) -> int:
                   seed=args.seed, cpus_per_worker=0.5, threads=1, eval_samples=EVAL_SAMPLES)
     s1_steps = max(args.steps // 10, 2)
     print(f"[3/7] Ray Train stage 1 (projector only): {s1_steps} steps, {args.workers} workers -> {runs / 'stage1'}")
+    # blind accuracy only for the final run: the earlier ones are steps on its way
     s1 = train(TrainSettings(stage="projector", name="stage1", steps=s1_steps, eval_every=s1_steps,
-                             ckpt_every=s1_steps, warmup=min(10, s1_steps), **common))
+                             ckpt_every=s1_steps, warmup=min(10, s1_steps), blind_eval=False, **common))
     timings["stage1"] = round(time.time() - t0 - sum(timings.values()), 1)
     print(f"      loss {s1['first_loss']:.3f} (ln vocab {s1['ln_vocab']:.3f}) -> {s1['val_loss']:.3f}")
     single_steps = max(round(args.steps * SINGLE_SHARE), 1)
@@ -111,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"[4/7] Ray Train stage 2 (LoRA + projector): {single_steps} steps on single-object scenes "
           f"-> {runs / 'stage2-single'}, then {rest} on everything -> {runs / 'stage2'}")
     s2a = train(TrainSettings(stage="qlora", name="stage2-single", init=s1["final"], steps=single_steps,
-                              eval_every=single_steps, ckpt_every=max(single_steps // 2, 1),
+                              eval_every=single_steps, ckpt_every=max(single_steps // 2, 1), blind_eval=False,
                               **(common | {"data": str(single_object_view(data))})))
     print(f"      single-object scenes: loss {s2a['first_loss']:.3f} -> {s2a['val_loss']:.3f}")
     s2 = train(TrainSettings(stage="qlora", name="stage2", init=s2a["final"], steps=rest,
