@@ -188,8 +188,7 @@ def test_local_clusters_skip_the_preemption_watcher(monkeypatch, tmp_path, local
                                                      "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")})
         raise Stop
 
-    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")  # recorded, so what run() sets is undone after
-    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", raising=False)
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")  # the user's own setting stays
     monkeypatch.setattr(embed, "init_ray", lambda address: None)
     monkeypatch.setattr(embed, "started_local_cluster", lambda: local)
@@ -200,6 +199,9 @@ def test_local_clusters_skip_the_preemption_watcher(monkeypatch, tmp_path, local
                                       out=str(tmp_path)))
     assert seen == {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0" if local else None,
                     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "3"}
+    # for that run only: a later run in this process may join another cluster
+    assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "3"
 
 
 def test_started_local_cluster_is_the_one_init_ray_started(monkeypatch):
