@@ -297,7 +297,7 @@ def init_ray(address: str | None) -> None:
         # /tmp/ray/ray_current_cluster still names); logical CPUs above the
         # core count, so fractional tasks/actors never deadlock on a small machine
         ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), log_to_driver=True)
-        _started_local[:] = [ray.get_runtime_context().gcs_address]
+        _started_local[:] = [ray.get_runtime_context().gcs_address] if ray.is_initialized() else []
 
 
 def started_local_cluster() -> bool:
