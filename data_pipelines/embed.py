@@ -266,6 +266,11 @@ def job_identity(cfg, store_dtype: str) -> dict:
 RESOURCE_HINTS = {"GPU": "--gpus-per-actor", "CPU": "EmbedSettings.cpus_per_actor"}
 
 
+def _check_positive_int(value, flag: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise EmbedError(f"{flag} must be a positive integer, got {value!r}")
+
+
 def decode_concurrency(s: EmbedSettings, cluster_cpus: float, blocks: int) -> int:
     """Decode tasks at once: ``--decode-tasks``, or one per logical CPU that the
     minimum encoder pool leaves (at least one), never more than there are blocks."""
@@ -281,10 +286,11 @@ def default_gpus_per_actor() -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
-_started_local: list[str] = []  # GCS address of the local cluster init_ray started
+_local_gcs: str | None = None  # GCS address of the local cluster init_ray started
 
 
 def init_ray(address: str | None) -> None:
+    global _local_gcs
     import ray
 
     if ray.is_initialized():
@@ -297,7 +303,7 @@ def init_ray(address: str | None) -> None:
         # /tmp/ray/ray_current_cluster still names); logical CPUs above the
         # core count, so fractional tasks/actors never deadlock on a small machine
         ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), log_to_driver=True)
-        _started_local[:] = [ray.get_runtime_context().gcs_address] if ray.is_initialized() else []
+        _local_gcs = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
 
 
 def started_local_cluster() -> bool:
@@ -305,7 +311,7 @@ def started_local_cluster() -> bool:
     ``init_ray`` started (not to a cluster it joined)."""
     import ray
 
-    return ray.is_initialized() and _started_local == [ray.get_runtime_context().gcs_address]
+    return ray.is_initialized() and _local_gcs is not None and _local_gcs == ray.get_runtime_context().gcs_address
 
 
 def run(s: EmbedSettings) -> dict:
@@ -322,11 +328,9 @@ def run(s: EmbedSettings) -> dict:
         resources = check_resources(s.resources_per_actor, RESOURCE_HINTS)
     except ValueError as e:
         raise EmbedError(f"--resources-per-actor: {e}") from None
-    if isinstance(s.calls_per_actor, bool) or not isinstance(s.calls_per_actor, int) or s.calls_per_actor < 1:
-        raise EmbedError(f"--calls-per-actor must be a positive integer, got {s.calls_per_actor!r}")
-    if s.decode_tasks is not None and (isinstance(s.decode_tasks, bool) or not isinstance(s.decode_tasks, int)
-                                       or s.decode_tasks < 1):
-        raise EmbedError(f"--decode-tasks must be a positive integer, got {s.decode_tasks!r}")
+    _check_positive_int(s.calls_per_actor, "--calls-per-actor")
+    if s.decode_tasks is not None:
+        _check_positive_int(s.decode_tasks, "--decode-tasks")
     if s.gpus_per_actor is not None and s.gpus_per_actor < 0:
         raise EmbedError(f"--gpus-per-actor must be 0 or more, got {s.gpus_per_actor}")
     gpus = s.gpus_per_actor
