@@ -41,3 +41,15 @@ def list_files(fs: pafs.FileSystem, folder: str, suffix: str = "") -> list[str]:
         return []
     infos = fs.get_file_info(pafs.FileSelector(folder, recursive=False))
     return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+
+
+def local_folder(fs: pafs.FileSystem, folder: str) -> str:
+    """A local path for ``folder`` on ``fs``: itself on a local disk, else a
+    downloaded copy in a new temporary folder."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        return folder
+    import tempfile
+
+    dest = tempfile.mkdtemp(prefix="mmphi-download-")
+    pafs.copy_files(folder, dest, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return dest

@@ -1,6 +1,11 @@
 """A training run's own outputs beside Ray Train's checkpoints, in OUT/NAME:
 ``metrics.jsonl`` (one line per evaluation), ``final/`` (the model
-checkpoint), ``summary.json`` and ``curves.png``. Local paths or URIs."""
+checkpoint), ``summary.json`` and ``curves.png``. Local paths or URIs.
+
+A run's Ray Train checkpoints are in its own folder, or, for the later runs
+of a sequence trained in one Ray Train run (``ray_jobs.train.run_sequence``),
+in the folder of the sequence's first run, ``checkpoints``; the
+``mmphi.json`` in each says which run wrote it."""
 from __future__ import annotations
 
 import json
@@ -12,9 +17,11 @@ from data_pipelines import storage
 
 
 class RunOutputs:
-    def __init__(self, out: str, name: str):
+    def __init__(self, out: str, name: str, checkpoints: str | None = None):
         self.fs, base = storage.resolve(out)
+        self.name = name
         self.root = storage.join(base, name)
+        self.checkpoints = storage.join(base, checkpoints or name)  # the Ray Train run folder holding its checkpoints
         self.fs.create_dir(self.root, recursive=True)
         self.metrics_path = storage.join(self.root, "metrics.jsonl")
         self.final = storage.join(self.root, "final")
@@ -79,13 +86,13 @@ class RunOutputs:
         import torch
 
         best = None
-        infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+        infos = self.fs.get_file_info(pafs.FileSelector(self.checkpoints, allow_not_found=True))
         for info in infos:
             name = info.path.rsplit("/", 1)[-1]
             if info.type != pafs.FileType.Directory or not name.startswith("checkpoint_"):
                 continue
             state = storage.join(info.path, "train_state.pt")
-            if not (storage.exists(self.fs, state) and storage.exists(self.fs, storage.join(info.path, "mmphi.json"))):
+            if not (storage.exists(self.fs, state) and self.wrote(info.path)):
                 continue
             try:
                 step = torch.load(io.BytesIO(storage.read_bytes(self.fs, state)), weights_only=False)["step"]
@@ -95,15 +102,37 @@ class RunOutputs:
                 best = (step, info.path)
         return best
 
+    def wrote(self, folder: str) -> bool:
+        """Whether the checkpoint ``folder`` is this run's (its ``mmphi.json``
+        names the run; one without a name is taken as the folder's own)."""
+        meta = storage.join(folder, "mmphi.json")
+        if not storage.exists(self.fs, meta):
+            return False
+        try:
+            run = json.loads(storage.read_bytes(self.fs, meta)).get("extra", {}).get("run")
+        except (ValueError, AttributeError):
+            return False
+        return run == self.name if run is not None else self.checkpoints == self.root
+
+    def final_step(self) -> int | None:
+        """The step of ``final/``, or None without one."""
+        try:
+            return json.loads(storage.read_bytes(self.fs, storage.join(self.final, "mmphi.json")))["extra"]["step"]
+        except (FileNotFoundError, OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def trained(self, steps: int) -> bool:
+        """Whether ``final/`` holds step ``steps`` or later and no checkpoint of
+        the run is newer: training it again would do nothing."""
+        final_step = self.final_step()
+        if final_step is None or final_step < steps:
+            return False
+        newest = self.newest_checkpoint()
+        return not (newest and newest[0] > final_step)
+
     def local_copy(self, folder: str) -> str:
         """A local path for a checkpoint folder (downloaded when remote)."""
-        if isinstance(self.fs, pafs.LocalFileSystem):
-            return folder
-        import tempfile
-
-        dest = tempfile.mkdtemp(prefix="mmphi-resume-")
-        pafs.copy_files(folder, dest, source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())
-        return dest
+        return storage.local_folder(self.fs, folder)
 
     # final checkpoint -------------------------------------------------------
     def has_final(self) -> bool:
@@ -131,18 +160,16 @@ class RunOutputs:
             return None
         try:
             summary = json.loads(storage.read_bytes(self.fs, summary_path))
-            final_step = json.loads(storage.read_bytes(self.fs, storage.join(self.final, "mmphi.json")))["extra"]["step"]
-        except (ValueError, KeyError, TypeError):
+        except ValueError:
             return None
-        newest = self.newest_checkpoint()
-        if final_step < steps or summary.get("steps") != final_step or (newest and newest[0] > final_step):
+        if not self.trained(steps) or summary.get("steps") != self.final_step():
             return None
         stored = summary.get("final")
         if isinstance(stored, str) and stored != self.final:  # the runs folder moved since: its paths follow it
-            old_root = stored.rsplit("/", 1)[0]
+            old_out = stored.rsplit("/", 2)[0]  # OUT, the folder of the runs (a sequence's checkpoints are in another run's)
             ray_ckpt = summary.get("ray_checkpoint")
-            if isinstance(ray_ckpt, str) and ray_ckpt.startswith(old_root + "/"):
-                ray_ckpt = self.root + ray_ckpt[len(old_root):]
+            if isinstance(ray_ckpt, str) and ray_ckpt.startswith(old_out + "/"):
+                ray_ckpt = self.root.rsplit("/", 1)[0] + ray_ckpt[len(old_out):]
             summary = summary | {"final": self.final, "ray_checkpoint": ray_ckpt}
         return summary
 

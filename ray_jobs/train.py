@@ -3,6 +3,7 @@ instruction-tunes Phi-3 with (Q)LoRA together with the projector.
 
     mmphi train projector --data D --embeddings E --out RUNS [--name N] [--workers 2] [--gpu]
     mmphi train qlora     --data D --embeddings E --init RUNS/N/final --out RUNS [...]
+    mmphi train plan PLAN.yaml                # several runs in order in one Ray Train run (ray_jobs.plan)
     python -m ray_jobs.train qlora ...        # the same, for `ray job submit -- ...`
 
 Each worker reads its own shard of the samples (features from the embedding
@@ -22,7 +23,9 @@ A worker failure restarts all workers from the last checkpoint
 Outputs in ``OUT/NAME/``: Ray Train's ``checkpoint_*`` folders, ``final/`` (the
 model checkpoint, loadable with ``MultimodalPhi3.from_checkpoint`` or plain
 transformers + peft from ``final/adapter``), ``metrics.jsonl``, ``curves.png``
-and ``summary.json``.
+and ``summary.json``. Several runs in order (``run_sequence``, a plan file)
+share one worker group; the later runs' checkpoints are in the first run's
+folder, ``checkpoint_NAME_<time>``.
 """
 from __future__ import annotations
 
@@ -233,13 +236,34 @@ def evaluate(model, tok, val_enc, val_samples, feats, answer_samples, world: int
 
 
 def train_loop(config: dict) -> None:
-    """The per-worker training function given to ``TorchTrainer``."""
+    """The per-worker training function given to ``TorchTrainer``: the runs of
+    ``config["runs"]`` in order, each one skipped when it is already trained
+    (a restart after a failure resumes the run that was going on)."""
+    import ray.train
+
+    from models.config import config_from_dict
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if rank:  # one "Loading weights" bar per model load, not one per worker
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    for item in config["runs"]:
+        _train_run(TrainSettings(**item["settings"]), config_from_dict(item["model_config"]), rank, world,
+                   config["checkpoints"])
+
+
+def _train_run(s: TrainSettings, cfg, rank: int, world: int, checkpoints: str) -> None:
+    """One run on this worker: resume from its newest checkpoint, else start from
+    ``s.init`` or a fresh model; train, evaluate, report checkpoints to Ray
+    Train (into the run folder ``checkpoints``), and export ``final/``."""
     import ray.train
     import torch
 
+    from data_pipelines import storage
     from data_pipelines.embed import EmbeddingStore
     from models.checkpoint import load_checkpoint
-    from models.config import config_from_dict
     from models.kernels import CompiledSteps, apply_kernels
     from models.lora_forward import fuse_lora
     from models.multimodal import MultimodalPhi3
@@ -249,30 +273,35 @@ def train_loop(config: dict) -> None:
     from .outputs import RunOutputs
     from .packing import TrainingForward
 
-    s = TrainSettings(**config["settings"])
-    cfg = config_from_dict(config["model_config"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    run_outputs = RunOutputs(s.out, s.run_name(), checkpoints)
+    # every rank decides as rank 0 does, once rank 0 has exported the previous run's final/ (which this run
+    # may start from): the all-reduce waits for it
+    if _sum_across([float(rank == 0 and run_outputs.trained(s.steps))], world)[0]:
+        if rank == 0:
+            log.info("%s: trained before, step %s", s.run_name(), run_outputs.final_step())
+        return
     if s.threads:
         torch.set_num_threads(s.threads)
     device = "cuda" if s.gpu and torch.cuda.is_available() else "cpu"
     torch.manual_seed(s.seed)  # every rank builds the same fresh LoRA / projector
 
-    run_outputs = RunOutputs(s.out, s.run_name())
     # resume: Ray Train's latest registered checkpoint, or a newer one it wrote but
     # had not registered yet when the workers died (the newest on storage wins)
     state = None
     newest = run_outputs.newest_checkpoint()
+    registered = ray.train.get_checkpoint()
+    if registered is not None and not run_outputs.wrote(registered.path):  # another run's, earlier in the sequence
+        registered = None
     if newest is not None:
         d = run_outputs.local_copy(newest[1])
-    elif ray.train.get_checkpoint() is not None:
-        d = ray.train.get_checkpoint().to_directory()
-    if newest is not None or ray.train.get_checkpoint() is not None:
+    elif registered is not None:
+        d = registered.to_directory()
+    if newest is not None or registered is not None:
         model = load_checkpoint(d, device=device, with_vision=False, trainable=True)
         state = torch.load(Path(d) / "train_state.pt", weights_only=False)
         resume_dir = d
-    elif s.init:
-        model = load_checkpoint(s.init, device=device, with_vision=False, trainable=True,
+    elif s.init:  # a sequence's later run on remote storage starts from a URI
+        model = load_checkpoint(storage.local_folder(*storage.resolve(s.init)), device=device, with_vision=False, trainable=True,
                                 overrides=[f"llm.lora.enabled={str(cfg.llm.lora.enabled).lower()}"] + s.overrides)
     else:
         model = MultimodalPhi3.from_config(cfg, device=device, with_vision=False, trainable=True)
@@ -315,8 +344,8 @@ def train_loop(config: dict) -> None:
     steps = CompiledSteps.start(model.llm, s.compile, device, s.strategy, s.kernels,
                                 zero_grad=lambda: opt.zero_grad(set_to_none=True))
     if rank == 0:  # logged, not printed: Ray Train's print patch shows a print twice on the driver
-        log.info("decoder layers: %s (compile %s)", "compiled, the first steps compile" if steps.compiled else "eager",
-                 steps.reason)
+        log.info("%s: decoder layers %s (compile %s)", s.run_name(),
+                 "compiled, the first steps compile" if steps.compiled else "eager", steps.reason)
 
     def train_step(inputs, image_features):
         loss = replicas.loss(inputs, image_features)
@@ -328,7 +357,7 @@ def train_loop(config: dict) -> None:
     run_outputs.register_worker(rank, start_step, device=device, compiled=steps.compiled, compile=compile_reason)
     outputs = run_outputs if rank == 0 else None
     if outputs is not None:
-        outputs.truncate_metrics(after_step=step)
+        outputs.truncate_metrics(after_step=step if step else -1)  # a start from step 0 writes its step-0 row again
     train_mean = feats.mean()
 
     def report(metrics: dict, final: bool = False) -> None:
@@ -340,7 +369,8 @@ def train_loop(config: dict) -> None:
             model.save_checkpoint(ckpt_dir, extra={"stage": s.stage, "step": step, "run": s.run_name()})
             torch.save({"optimizer": opt_state, "scheduler": sched.state_dict(), "step": step,
                         "epoch": step // spe, "batch_index": step % spe, "rng": rng}, Path(ckpt_dir) / "train_state.pt")
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None,
+                         checkpoint_dir_name=checkpoint_dir_name(s.run_name(), checkpoints))
         if ckpt_dir:
             if final:
                 outputs.export_final(ckpt_dir)
@@ -350,7 +380,7 @@ def train_loop(config: dict) -> None:
         first = evaluate(model, tok, val_enc, val, feats, [], world, rank, s.batch_size)
         if outputs is not None:
             outputs.append({"step": 0, "val_loss": first["val_loss"],
-                            "ln_vocab": math.log(model.llm.get_input_embeddings().weight.shape[0])})
+                            "ln_vocab": math.log(model.llm.get_input_embeddings().weight.shape[0]), "time": time.time()})
     model.train()
     t_last, tokens = time.time(), 0
     running = []
@@ -385,24 +415,133 @@ def train_loop(config: dict) -> None:
                                  loss=False)
                 metrics["blind_answer_accuracy"] = blind["answer_accuracy"]
             if outputs is not None:
-                outputs.append(metrics)
+                outputs.append(metrics | {"time": time.time()})
             report({k: v for k, v in metrics.items() if not isinstance(v, dict)}, final=step == s.steps)
             t_last = time.time()  # tokens/s counts training steps only, not evaluation or checkpointing
     if state is not None and state["step"] >= s.steps and outputs is not None and not outputs.has_final():
         outputs.export_final(resume_dir)
 
 
+def checkpoint_dir_name(run: str, checkpoints: str) -> str | None:
+    """The folder name of a checkpoint ``run`` reports: Ray Train's own
+    (``checkpoint_<time>``) in the run's own folder; in another run's (a later
+    run of a sequence) ``checkpoint_<run>_<time>``, so a listing shows whose
+    it is."""
+    if run == checkpoints:
+        return None
+    now = time.time()
+    return f"checkpoint_{run}_{time.strftime('%Y-%m-%d_%H-%M-%S', time.localtime(now))}.{int(now % 1 * 1e6):06d}"
+
+
 # ------------------------------------------------------------------ driver side
 def run(s: TrainSettings) -> dict:
     """Run (or resume) one stage; returns the summary."""
+    return run_sequence([s])[0]
+
+
+# one worker group trains every run of a sequence: these settings must agree
+SHARED = ("out", "workers", "gpu", "cpus_per_worker", "resources_per_worker", "strategy", "zero_stage",
+          "max_failures", "address")
+
+
+def run_sequence(runs: list[TrainSettings]) -> list[dict]:
+    """Run (or resume) several runs in order in one Ray Train run, each after
+    the first starting from the previous one's ``final/`` (its ``init``, set
+    here when not given). One worker group, one start-up: a Ray Train run
+    costs about 40 s before its first step on 2 CPU cores (controller, worker
+    actors, process group, imports). Each run keeps its own ``OUT/NAME``
+    folder; the later runs' Ray Train checkpoints go to the first run's folder
+    (``checkpoint_<name>_<time>``), which is also where Ray Train keeps the
+    sequence's state: the same sequence resumes where it stopped, runs that
+    finished are not trained again. Returns one summary per run."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from data_pipelines.embed import init_ray, started_local_cluster
-    from data_pipelines.resources import check_resources, warn_if_absent
-    from models.config import apply_overrides, load_config
+    from data_pipelines.resources import warn_if_absent
 
     from .outputs import RunOutputs
+
+    if not runs:
+        raise ValueError("a sequence needs at least one run")
+    cfgs = []
+    for k, s in enumerate(runs):
+        cfgs.append(_prepare(s, cfgs[-1] if k else None))
+        if k:
+            _chain(runs[k - 1], s, k)
+    names = [s.run_name() for s in runs]
+    if len(set(names)) < len(names):
+        raise ValueError(f"the runs of a sequence need different names, got {names}")
+    checkpoints = names[0]  # the Ray Train run folder: the sequence's state and checkpoints
+    summaries = []
+    for s in runs:
+        done = RunOutputs(s.out, s.run_name(), checkpoints).finished(s.steps)
+        if done is None:
+            break
+        print(f"{s.run_name()}: finished at step {done['steps']} (asked {s.steps}); reusing {done['final']}", flush=True)
+        summaries.append(done)
+    todo = list(zip(runs, cfgs))[len(summaries):]
+    if not todo:  # nothing to train: no Ray Train start-up
+        return summaries
+    s = runs[0]
+    init_ray(s.address)
+    warn_if_absent({**s.resources_per_worker, **({"GPU": 1} if s.gpu else {})}, s.workers, "Train workers")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # on the one machine that this process started no node can be drained, so no preemption watcher (an
+    # actor per run), and the controller notices a finished or failed worker group within 0.5 s instead of
+    # 2 s: together about 6 s less per run on 2 cores. Clusters the job joins keep Ray Train's defaults.
+    local = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+    t0 = time.time()
+    with _env_defaults(local if started_local_cluster() else {}):  # read when the controller starts
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={"runs": [{"settings": asdict(r), "model_config": c.to_dict()} for r, c in todo],
+                               "checkpoints": checkpoints},
+            torch_config=TorchConfig(backend="nccl" if s.gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=s.gpu,
+                                         resources_per_worker={"CPU": s.cpus_per_worker, **s.resources_per_worker}),
+            run_config=RunConfig(name=checkpoints, storage_path=s.out,
+                                 failure_config=FailureConfig(max_failures=s.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        )
+        trainer.fit()
+    started, fit_end = t0, time.time()
+    for k, (r, _) in enumerate(todo):  # each run's seconds: from the end of the one before (or the start) to its
+        outputs = RunOutputs(r.out, r.run_name(), checkpoints)  # last evaluation (the last run: to the fit's end)
+        ended = fit_end if k == len(todo) - 1 else max([row.get("time", 0) for row in outputs.metrics()] + [started])
+        newest = outputs.newest_checkpoint()
+        summaries.append(outputs.write_summary(settings=asdict(r), seconds=ended - started,
+                                               checkpoint=newest[1] if newest else None))
+        outputs.plot()
+        started = ended
+    return summaries
+
+
+def _chain(prev: TrainSettings, s: TrainSettings, k: int) -> None:
+    """Check that run ``k`` of a sequence can share ``prev``'s worker group and
+    set its ``init`` to ``prev``'s ``final/``."""
+    from .outputs import RunOutputs
+
+    for f in SHARED:
+        if getattr(s, f) != getattr(prev, f):
+            raise ValueError(f"the runs of a sequence share one worker group: run {k + 1} ({s.run_name()}) has "
+                             f"{f}={getattr(s, f)!r}, run {k} ({prev.run_name()}) {f}={getattr(prev, f)!r}")
+    final = RunOutputs(prev.out, prev.run_name()).final
+    if "://" in prev.out:
+        final = prev.out.split("://", 1)[0] + "://" + final
+    if s.init is not None and s.init != final:
+        raise ValueError(f"run {k + 1} of a sequence ({s.run_name()}) starts from run {k}'s final checkpoint "
+                         f"{final}, not from --init {s.init}")
+    s.init = final
+
+
+def _prepare(s: TrainSettings, prev_cfg=None):
+    """Check ``s`` (a clear error before any worker starts), make its paths
+    absolute and return its model config: ``prev_cfg`` (the run before in a
+    sequence) or its ``init``'s, with its overrides, else its preset's."""
+    from data_pipelines.resources import check_resources
+    from models.config import apply_overrides, load_config
+
     from .strategy import STRATEGIES
 
     if s.stage not in ("projector", "qlora"):
@@ -418,10 +557,12 @@ def run(s: TrainSettings) -> dict:
     if s.lora_forward not in LORA_FORWARDS:
         raise ValueError(f"--lora-forward must be one of {', '.join(LORA_FORWARDS)}, got {s.lora_forward!r}")
     check_last_layer(s.last_layer, "--last-layer")
-    s.compile = compile_mode(s.compile)  # a clear error before any worker starts
+    s.compile = compile_mode(s.compile)
     if s.kernels == "liger" and not s.gpu:
         raise ValueError(f"--kernels {s.kernels} runs on GPUs only: add --gpu, or leave --kernels none")
-    if s.init:
+    if prev_cfg is not None:
+        cfg = apply_overrides(prev_cfg.to_dict(), s.overrides)
+    elif s.init:
         from models.checkpoint import read_meta
 
         cfg = apply_overrides(read_meta(s.init)["config"], s.overrides)  # fails clearly on a wrong folder
@@ -430,37 +571,9 @@ def run(s: TrainSettings) -> dict:
     cfg.llm.lora.enabled = s.stage == "qlora"  # stage 1 trains the projector alone
     s.out = str(Path(s.out).resolve()) if "://" not in s.out else s.out
     s.data, s.embeddings = str(Path(s.data).resolve()), str(Path(s.embeddings).resolve()) if "://" not in s.embeddings else s.embeddings
-    if s.init:
+    if s.init and "://" not in s.init:
         s.init = str(Path(s.init).resolve())
-    done = RunOutputs(s.out, s.run_name()).finished(s.steps)
-    if done is not None:  # nothing to train: no Ray Train start-up
-        print(f"{s.run_name()}: finished at step {done['steps']} (asked {s.steps}); reusing {done['final']}", flush=True)
-        return done
-    init_ray(s.address)
-    warn_if_absent({**s.resources_per_worker, **({"GPU": 1} if s.gpu else {})}, s.workers, "Train workers")
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    # on the one machine that this process started no node can be drained, so no preemption watcher (an
-    # actor per run), and the controller notices a finished or failed worker group within 0.5 s instead of
-    # 2 s: together about 6 s less per run on 2 cores. Clusters the job joins keep Ray Train's defaults.
-    local = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
-    t0 = time.time()
-    with _env_defaults(local if started_local_cluster() else {}):  # read when the controller starts
-        trainer = TorchTrainer(
-            train_loop,
-            train_loop_config={"settings": asdict(s), "model_config": cfg.to_dict()},
-            torch_config=TorchConfig(backend="nccl" if s.gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=s.gpu,
-                                         resources_per_worker={"CPU": s.cpus_per_worker, **s.resources_per_worker}),
-            run_config=RunConfig(name=s.run_name(), storage_path=s.out,
-                                 failure_config=FailureConfig(max_failures=s.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        )
-        result = trainer.fit()
-    outputs = RunOutputs(s.out, s.run_name())
-    summary = outputs.write_summary(settings=asdict(s), seconds=time.time() - t0,
-                                    checkpoint=str(result.checkpoint.path) if result.checkpoint else None)
-    outputs.plot()
-    return summary
+    return cfg
 
 
 @contextlib.contextmanager
@@ -549,10 +662,22 @@ def settings_from_args(stage: str, a: argparse.Namespace) -> TrainSettings:
 
 
 def main(stage: str, args: argparse.Namespace) -> int:
-    summary = run(settings_from_args(stage, args))
-    print(json.dumps({k: summary[k] for k in ("run", "steps", "final", "answer_accuracy", "blind_answer_accuracy",
-                                               "chance") if k in summary}, indent=2))
+    """``projector`` and ``qlora``: one run from the flags; ``plan``: the runs of a plan file."""
+    if stage == "plan":
+        from .plan import load_plan
+
+        summaries = run_sequence(load_plan(args.plan))
+    else:
+        summaries = [run(settings_from_args(stage, args))]
+    keys = ("run", "steps", "final", "answer_accuracy", "blind_answer_accuracy", "chance")
+    shown = [{k: s[k] for k in keys if k in s} for s in summaries]
+    print(json.dumps(shown[0] if stage != "plan" else shown, indent=2))
     return 0
+
+
+def add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("plan", help="YAML plan file: settings shared by every run, and 'runs', the runs in order "
+                                "(see ray_jobs/plan.py)")
 
 
 if __name__ == "__main__":
@@ -561,6 +686,7 @@ if __name__ == "__main__":
     sub = parser.add_subparsers(dest="stage", required=True)
     for st in ("projector", "qlora"):
         add_arguments(sub.add_parser(st), st)
+    add_plan_arguments(sub.add_parser("plan", help="several runs in order in one Ray Train run, from a plan file"))
     logging.basicConfig(level=logging.INFO)
     a = parser.parse_args()
     raise SystemExit(main(a.stage, a))

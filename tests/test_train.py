@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ray_jobs.outputs import RunOutputs
-from ray_jobs.train import TrainSettings, run
+from ray_jobs.train import TrainSettings, run, run_sequence
 
 pytestmark = pytest.mark.slow
 
@@ -161,6 +161,78 @@ def test_killed_worker_resumes_from_last_checkpoint(stages, dataset):
     assert len(done) - steps <= ckpt_every  # redone at most one checkpoint interval
     assert len(done) > steps  # and the failure really happened mid-run
     assert next(w for w in out.workers() if w["rank"] == 1)["pid"] != victim["pid"]
+
+
+def _progress(runs: Path, name: str) -> list[dict]:
+    return [json.loads(r) for r in (runs / name / "progress.jsonl").read_text().splitlines()]
+
+
+def test_a_sequence_is_its_runs_in_one_worker_group(stages, dataset):
+    """Stage 1 then stage 2 as one sequence: the same worker processes train
+    both, every step's loss is the one of the two separate runs (same
+    settings, stage 2 from stage 1's final/), each run has its own outputs,
+    and stage 2's Ray Train checkpoints are in stage 1's folder under its own
+    name. A rerun starts no worker."""
+    runs = dataset / "runs"
+    first, second = run_sequence([settings(dataset, "projector", "seq-s1"), settings(dataset, "qlora", "seq-s2")])
+    assert (first["run"], first["stage"], second["run"], second["stage"]) == ("seq-s1", "projector", "seq-s2", "qlora")
+    pids = {name: {w["rank"]: w["pid"] for w in RunOutputs(str(runs), name).workers()} for name in ("seq-s1", "seq-s2")}
+    assert pids["seq-s1"] == pids["seq-s2"] and len(pids["seq-s1"]) == 2
+    for name, separate in (("seq-s1", "s1"), ("seq-s2", "s2")):
+        assert [r["loss"] for r in _progress(runs, name)] == pytest.approx([r["loss"] for r in _progress(runs, separate)],
+                                                                          rel=1e-5)
+    s1, s2 = stages
+    assert second["first_loss"] == pytest.approx(s2["first_loss"], rel=1e-5)
+    assert second["answer_accuracy"] == pytest.approx(s2["answer_accuracy"])
+    meta = json.loads((runs / "seq-s2" / "final" / "mmphi.json").read_text())
+    assert meta["extra"] == {"stage": "qlora", "step": 12, "run": "seq-s2"}
+    assert not list((runs / "seq-s2").glob("checkpoint_*"))
+    theirs = sorted(p.name for p in (runs / "seq-s1").glob("checkpoint_seq-s2_*"))
+    assert len(theirs) == 2 and second["ray_checkpoint"] == str(runs / "seq-s1" / theirs[-1])
+    assert 0 < second["seconds_last_fit"] < first["seconds_last_fit"]  # no second start-up
+    progress = {name: (runs / name / "progress.jsonl").read_text() for name in ("seq-s1", "seq-s2")}
+    again = run_sequence([settings(dataset, "projector", "seq-s1"), settings(dataset, "qlora", "seq-s2")])
+    assert [a["steps"] for a in again] == [12, 12]
+    assert {name: (runs / name / "progress.jsonl").read_text() for name in progress} == progress
+    assert {w["rank"]: w["pid"] for w in RunOutputs(str(runs), "seq-s2").workers()} == pids["seq-s2"]
+
+
+def test_a_sequence_resumes_the_run_a_killed_worker_was_in(stages, dataset):
+    """A worker killed early in a sequence's second run, before its first
+    checkpoint: the restarted workers skip the finished first run (not one of
+    its steps again) and start the second over from the first run's final/,
+    not from the first run's newest Ray Train checkpoint, which Ray offers."""
+    runs = dataset / "runs"
+    result = {}
+    sequence = [settings(dataset, "projector", "kseq-1", steps=6, eval_every=6, ckpt_every=6),
+                settings(dataset, "qlora", "kseq-2", steps=24, eval_every=24, ckpt_every=20)]
+
+    def fit():
+        result["summaries"] = run_sequence(sequence)
+
+    t = threading.Thread(target=fit)
+    t.start()
+    progress = runs / "kseq-2" / "progress.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (progress.exists() and len(progress.read_text().splitlines()) >= 2):
+        time.sleep(0.1)
+    first_run = (runs / "kseq-1" / "progress.jsonl").read_text()
+    victim = next(w for w in RunOutputs(str(runs), "kseq-2").workers() if w["rank"] == 1)
+    os.kill(victim["pid"], signal.SIGKILL)
+    t.join(timeout=600)
+    assert not t.is_alive()
+    one, two = result["summaries"]
+    assert (one["steps"], two["steps"]) == (6, 24)
+    assert (runs / "kseq-1" / "progress.jsonl").read_text() == first_run  # the finished run was not trained again
+    done = [r["step"] for r in _progress(runs, "kseq-2")]
+    assert sorted(set(done)) == list(range(1, 25))
+    assert done.count(1) == 2 and len(done) < 24 + 20  # started over once, from the start
+    assert [r["step"] for r in RunOutputs(str(runs), "kseq-2").metrics()] == [0, 20, 24]  # one row each
+    assert next(w for w in RunOutputs(str(runs), "kseq-2").workers() if w["rank"] == 1)["pid"] != victim["pid"]
+    # started over from kseq-1's final/: its first loss is a fresh start's, the same as an unbroken run's
+    rows = _progress(runs, "kseq-2")
+    restart = max(i for i, r in enumerate(rows) if r["step"] == 1)
+    assert rows[restart]["loss"] == pytest.approx(rows[0]["loss"], rel=1e-5)
 
 
 def test_two_nodes_one_worker_each(tmp_path, dataset):

@@ -1,0 +1,170 @@
+"""What ``run_sequence`` hands Ray Train and what it refuses, without starting Ray."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ray_jobs import train
+from ray_jobs.outputs import RunOutputs
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.fixture
+def handed(monkeypatch):
+    """The keyword arguments the next ``TorchTrainer`` gets (then it stops)."""
+    import ray.train.torch
+
+    import data_pipelines.embed
+    import data_pipelines.resources
+
+    seen = {}
+
+    def trainer(*a, **kw):
+        seen.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(data_pipelines.embed, "init_ray", lambda address: None)
+    monkeypatch.setattr(data_pipelines.resources, "warn_if_absent", lambda *a: [])
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", trainer)
+    return seen
+
+
+def settings(tmp_path, stage: str, name: str, **kw) -> train.TrainSettings:
+    return train.TrainSettings(stage=stage, data=str(tmp_path / "d"), embeddings=str(tmp_path / "e"),
+                               out=str(tmp_path / "runs"), name=name, **kw)
+
+
+def test_each_run_starts_from_the_previous_final_in_the_first_runs_ray_folder(tmp_path, handed):
+    with pytest.raises(Stop):
+        train.run_sequence([settings(tmp_path, "projector", "a"), settings(tmp_path, "qlora", "b"),
+                            settings(tmp_path, "qlora", "c", overrides=["llm.lora.r=4"])])
+    runs = handed["train_loop_config"]["runs"]
+    assert handed["train_loop_config"]["checkpoints"] == "a"
+    assert handed["run_config"].name == "a" and handed["run_config"].storage_path == str(tmp_path / "runs")
+    assert [r["settings"]["init"] for r in runs] == [None, str(tmp_path / "runs" / "a" / "final"),
+                                                     str(tmp_path / "runs" / "b" / "final")]
+    # stage 1 trains the projector alone; each later config is the one before plus the run's overrides
+    assert [r["model_config"]["llm"]["lora"]["enabled"] for r in runs] == [False, True, True]
+    assert [r["model_config"]["llm"]["lora"]["r"] for r in runs][1:] == [16, 4]
+
+
+def test_finished_runs_are_left_out(tmp_path, handed):
+    """A run finished earlier (final/ at its last step, a summary) is not
+    handed to the workers; the Ray Train folder stays the first run's, where
+    the sequence's state is."""
+    out = RunOutputs(str(tmp_path / "runs"), "a")
+    (tmp_path / "runs" / "a" / "final").mkdir()
+    (tmp_path / "runs" / "a" / "final" / "mmphi.json").write_text(json.dumps({"extra": {"step": 200, "run": "a"}}))
+    (tmp_path / "runs" / "a" / "summary.json").write_text(json.dumps({"steps": 200, "final": out.final}))
+    with pytest.raises(Stop):
+        train.run_sequence([settings(tmp_path, "projector", "a"), settings(tmp_path, "qlora", "b")])
+    assert [r["settings"]["name"] for r in handed["train_loop_config"]["runs"]] == ["b"]
+    assert handed["train_loop_config"]["checkpoints"] == "a" and handed["run_config"].name == "a"
+
+
+@pytest.mark.parametrize("field, value", [("workers", 3), ("gpu", True), ("cpus_per_worker", 0.5),
+                                          ("strategy", "deepspeed"), ("resources_per_worker", {"x": 1})])
+def test_runs_of_a_sequence_share_the_worker_group(tmp_path, handed, field, value):
+    with pytest.raises(ValueError, match=f"share one worker group: run 2 \\(b\\) has {field}="):
+        train.run_sequence([settings(tmp_path, "projector", "a"), settings(tmp_path, "qlora", "b", **{field: value})])
+    assert not handed
+
+
+def test_sequence_errors_name_the_problem(tmp_path, handed):
+    with pytest.raises(ValueError, match="run 2 of a sequence \\(b\\) starts from run 1's final checkpoint .*/a/final, "
+                                         "not from --init /elsewhere"):
+        train.run_sequence([settings(tmp_path, "projector", "a"), settings(tmp_path, "qlora", "b", init="/elsewhere")])
+    with pytest.raises(ValueError, match="different names"):
+        train.run_sequence([settings(tmp_path, "projector", "a"), settings(tmp_path, "qlora", "a")])
+    with pytest.raises(ValueError, match="at least one run"):
+        train.run_sequence([])
+    assert not handed
+
+
+def test_checkpoints_of_another_run_are_not_a_runs_own(tmp_path):
+    """In the folder a sequence shares, a checkpoint belongs to the run its
+    mmphi.json names; one without a name belongs to the folder's own run."""
+    import torch
+
+    root = tmp_path / "runs" / "a"
+    for folder, run, step in (("checkpoint_1", "a", 5), ("checkpoint_b_2", "b", 9), ("checkpoint_3", None, 7)):
+        (root / folder).mkdir(parents=True)
+        (root / folder / "mmphi.json").write_text(json.dumps({"extra": {"step": step} | ({"run": run} if run else {})}))
+        torch.save({"step": step}, root / folder / "train_state.pt")
+    a = RunOutputs(str(tmp_path / "runs"), "a")
+    b = RunOutputs(str(tmp_path / "runs"), "b", checkpoints="a")
+    assert a.newest_checkpoint() == (7, str(root / "checkpoint_3"))
+    assert b.newest_checkpoint() == (9, str(root / "checkpoint_b_2"))
+    assert not b.wrote(str(root / "checkpoint_3")) and not b.wrote(str(root / "checkpoint_1"))
+    assert train.checkpoint_dir_name("a", "a") is None
+    assert train.checkpoint_dir_name("b", "a").startswith("checkpoint_b_")
+
+
+PLAN = """
+data: {root}/d
+embeddings: {root}/e
+out: {root}/runs
+workers: 2
+cpus_per_worker: 0.5
+overrides: [llm.lora.r=8]
+runs:
+  - {{stage: projector, name: s1, steps: 20, lr: 1e-3}}
+  - {{stage: qlora, name: s2, steps: 40, resources_per_worker: {{}}}}
+"""
+
+
+def test_a_plan_file_is_a_sequence(tmp_path, handed):
+    """``mmphi train plan FILE``: shared settings, then each run's own, in order."""
+    from mmphi.cli import main
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(PLAN.format(root=tmp_path))
+    with pytest.raises(Stop):
+        main(["train", "plan", str(plan)])
+    runs = [r["settings"] for r in handed["train_loop_config"]["runs"]]
+    assert [(r["stage"], r["name"], r["steps"], r["workers"], r["cpus_per_worker"]) for r in runs] == \
+        [("projector", "s1", 20, 2, 0.5), ("qlora", "s2", 40, 2, 0.5)]
+    assert runs[0]["lr"] == 1e-3 and runs[1]["lr"] == train.TrainSettings.lr  # YAML 1.1 reads 1e-3 as text
+    assert runs[1]["init"] == str(tmp_path / "runs" / "s1" / "final")
+    assert [r["model_config"]["llm"]["lora"]["r"] for r in handed["train_loop_config"]["runs"]] == [8, 8]
+
+
+@pytest.mark.parametrize("text, says", [
+    ("runs: []", "non-empty list 'runs'"),
+    ("- a\n- b", "non-empty list 'runs'"),
+    ("runs: [{stage: projector, stpes: 3}]", "run 1: unknown setting 'stpes'; settings are: stage, data"),
+    ("data: d\nruns: [{stage: projector, embeddings: e}]", "run 1 has no out"),
+    ("data: d\nembeddings: e\nout: o\nruns: [{stage: projector, steps: '20'}]", "run 1: steps must be int, got '20'"),
+    ("data: d\nembeddings: e\nout: o\ngpu: 1\nruns: [{stage: projector}]", "gpu must be bool, got 1"),
+    ("workers: true\nruns: [{stage: projector}]", "workers must be int, got True"),
+    ("overrides: [1]\nruns: [{stage: projector}]", "overrides is a list of KEY=VALUE strings"),
+    ("runs: [projector]", "run 1 is not a mapping of settings: 'projector'"),
+    ("runs: [{stage: projector\n", "not valid YAML"),
+])
+def test_plan_errors_name_the_file_the_run_and_the_setting(tmp_path, text, says):
+    from ray_jobs.plan import PlanError, load_plan
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(text)
+    with pytest.raises(PlanError, match=str(plan).replace(".", r"\.") if "YAML" in says else None) as e:
+        load_plan(plan)
+    assert says in str(e.value) and str(plan) in str(e.value)
+    with pytest.raises(PlanError, match="plan file .*missing.yaml does not exist"):
+        load_plan(tmp_path / "missing.yaml")
+
+
+def test_the_readme_plan_is_a_valid_plan(tmp_path):
+    from pathlib import Path
+
+    from ray_jobs.plan import load_plan
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    text = readme.split("cat > plan.yaml <<'YAML'\n", 1)[1].split("\nYAML\n", 1)[0]
+    (tmp_path / "plan.yaml").write_text(text)
+    s1, s2 = load_plan(tmp_path / "plan.yaml")
+    assert (s1.stage, s1.name, s1.steps, s2.stage, s2.name, s2.steps) == ("projector", "s1", 200, "qlora", "s2", 1000)
+    assert s1.workers == s2.workers == 2 and s1.data == s2.data == "data/synth"
