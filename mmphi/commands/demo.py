@@ -6,13 +6,14 @@ It runs every stage built so far, reusing what an earlier run finished:
    positions, counts, sizes; train/validation split by image);
 2. ``mmphi data embed``: the Ray Data job embeds every image once with the
    CLIP tower (local Ray cluster; resumes if interrupted);
-3. ``mmphi train projector``: stage 1 with Ray Train (2 workers), projector only;
-4. ``mmphi train qlora``: stage 2 from stage 1, LoRA + projector, in two
-   runs (a curriculum): first on the single-object scenes only (colour,
-   shape, position, size), then on every record (adds counting up to six
-   objects); then held-out answer accuracy per question type next to its
-   chance level and the "blind" accuracy (images replaced by their training
-   mean);
+3. Ray Train (2 workers), three runs in one worker group
+   (``ray_jobs.train.run_sequence``, what ``mmphi train projector`` and
+   ``mmphi train qlora`` run one at a time): stage 1, the projector only;
+   then stage 2 from stage 1, LoRA + projector, in two runs (a curriculum):
+   first on the single-object scenes only (colour, shape, position, size),
+   then on every record (adds counting up to six objects);
+4. held-out answer accuracy per question type next to its chance level and
+   the "blind" accuracy (images replaced by their training mean);
 5. the final checkpoint reloaded, the stored embeddings checked against the
    live CLIP tower (same logits within 1e-2), and one answer about a
    held-out image;
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from ray_jobs import data as D
     from ray_jobs.evaluate import accuracy_table
     from ray_jobs.train import TrainSettings
-    from ray_jobs.train import run as train
+    from ray_jobs.train import run_sequence as train_sequence
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -101,26 +102,28 @@ def run(args: argparse.Namespace) -> int:
                   overrides=args.overrides, workers=args.workers, batch_size=args.batch_size, lr=args.lr,
                   seed=args.seed, cpus_per_worker=0.5, threads=1, eval_samples=EVAL_SAMPLES)
     s1_steps = max(args.steps // 10, 2)
-    print(f"[3/7] Ray Train stage 1 (projector only): {s1_steps} steps, {args.workers} workers -> {runs / 'stage1'}")
-    # blind accuracy only for the final run: the earlier ones are steps on its way
-    s1 = train(TrainSettings(stage="projector", name="stage1", steps=s1_steps, eval_every=s1_steps,
-                             ckpt_every=s1_steps, warmup=min(10, s1_steps), blind_eval=False, **common))
-    timings["stage1"] = round(time.time() - t0 - sum(timings.values()), 1)
-    print(f"      loss {s1['first_loss']:.3f} (ln vocab {s1['ln_vocab']:.3f}) -> {s1['val_loss']:.3f}")
     single_steps = max(round(args.steps * SINGLE_SHARE), 1)
     rest = max(args.steps - single_steps, 1)
-    print(f"[4/7] Ray Train stage 2 (LoRA + projector): {single_steps} steps on single-object scenes "
-          f"-> {runs / 'stage2-single'}, then {rest} on everything -> {runs / 'stage2'}")
-    s2a = train(TrainSettings(stage="qlora", name="stage2-single", init=s1["final"], steps=single_steps,
-                              eval_every=single_steps, ckpt_every=max(single_steps // 2, 1), blind_eval=False,
-                              **(common | {"data": str(single_object_view(data))})))
-    print(f"      single-object scenes: loss {s2a['first_loss']:.3f} -> {s2a['val_loss']:.3f}")
-    s2 = train(TrainSettings(stage="qlora", name="stage2", init=s2a["final"], steps=rest,
-                             eval_every=max(rest // 2, 1), ckpt_every=max(rest // 4, 1), **common))
-    timings["stage2"] = round(time.time() - t0 - sum(timings.values()), 1)
+    print(f"[3/7] Ray Train, {args.workers} workers, one run of the curriculum's three stages "
+          "(resumes if interrupted):\n"
+          f"      stage 1 (projector only): {s1_steps} steps -> {runs / 'stage1'}\n"
+          f"      stage 2 (LoRA + projector): {single_steps} steps on single-object scenes -> "
+          f"{runs / 'stage2-single'}, then {rest} on everything -> {runs / 'stage2'}")
+    # blind accuracy only for the final run: the earlier ones are steps on its way
+    s1, s2a, s2 = train_sequence([
+        TrainSettings(stage="projector", name="stage1", steps=s1_steps, eval_every=s1_steps, ckpt_every=s1_steps,
+                      warmup=min(10, s1_steps), blind_eval=False, **common),
+        TrainSettings(stage="qlora", name="stage2-single", steps=single_steps, eval_every=single_steps,
+                      ckpt_every=max(single_steps // 2, 1), blind_eval=False,
+                      **(common | {"data": str(single_object_view(data))})),
+        TrainSettings(stage="qlora", name="stage2", steps=rest, eval_every=max(rest // 2, 1),
+                      ckpt_every=max(rest // 4, 1), **common)])
+    timings["train"] = round(time.time() - t0 - sum(timings.values()), 1)  # each run's own: its seconds_last_fit
     timings["trained"] = round(time.time() - t0, 1)  # data, embeddings, both stages and their evaluations
-    print(f"      loss {s2['first_loss']:.3f} -> {s2['val_loss']:.3f}; token accuracy {s2['token_accuracy']:.1%}; "
-          f"{timings['trained']:.0f} s from the start")
+    print(f"[4/7] stage 1: loss {s1['first_loss']:.3f} (ln vocab {s1['ln_vocab']:.3f}) -> {s1['val_loss']:.3f}")
+    print(f"      stage 2, single-object scenes: loss {s2a['first_loss']:.3f} -> {s2a['val_loss']:.3f}")
+    print(f"      stage 2, everything: loss {s2['first_loss']:.3f} -> {s2['val_loss']:.3f}; "
+          f"token accuracy {s2['token_accuracy']:.1%}; {timings['trained']:.0f} s from the start")
     print(f"      held-out answer accuracy (blind: images replaced by their mean); curves in "
           f"{runs / 'stage2' / 'curves.png'}:")
     print(accuracy_table(s2, indent="        "))
