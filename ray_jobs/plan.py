@@ -26,8 +26,9 @@ from models.config import ConfigError
 
 from .train import TrainSettings
 
-# the value types a setting accepts, by the type of its default (None defaults listed)
-_NONE_DEFAULTS = {"name": (str,), "init": (str,), "threads": (int,), "address": (str,)}
+# the value types a setting accepts, by the names in its annotation ("int | None", "list[str]")
+_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "list": (list,), "dict": (dict,),
+          "None": (type(None),)}
 _REQUIRED = ("stage", "data", "embeddings", "out")
 
 
@@ -70,18 +71,7 @@ def _check(settings: dict, where: str) -> dict:
     for key, value in settings.items():
         if key not in fields:
             raise PlanError(f"{where}: unknown setting {key!r}; settings are: {', '.join(fields)}")
-        f = fields[key]
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if default is dataclasses.MISSING:
-            allowed = (str,)
-        elif default is None:
-            allowed = _NONE_DEFAULTS[key] + (type(None),)
-        elif isinstance(default, bool):
-            allowed = (bool,)
-        elif isinstance(default, float):
-            allowed = (int, float)
-        else:
-            allowed = (type(default),)
+        allowed = tuple(tp for name in str(fields[key].type).split("|") for tp in _TYPES[name.strip().split("[")[0]])
         if float in allowed and isinstance(value, str):
             try:
                 value = float(value)
@@ -89,7 +79,8 @@ def _check(settings: dict, where: str) -> dict:
                 pass
         if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
             names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
-            raise PlanError(f"{where}: {key} must be {names}, got {value!r}")
+            hint = " (YAML reads on/off/yes/no as booleans: quote it)" if isinstance(value, bool) and str in allowed else ""
+            raise PlanError(f"{where}: {key} must be {names}, got {value!r}{hint}")
         if key == "overrides" and not all(isinstance(v, str) for v in value):
             raise PlanError(f"{where}: overrides is a list of KEY=VALUE strings, got {value!r}")
         out[key] = value

@@ -143,6 +143,7 @@ def test_a_plan_file_is_a_sequence(tmp_path, handed):
     ("workers: true\nruns: [{stage: projector}]", "workers must be int, got True"),
     ("overrides: [1]\nruns: [{stage: projector}]", "overrides is a list of KEY=VALUE strings"),
     ("runs: [projector]", "run 1 is not a mapping of settings: 'projector'"),
+    ("runs: [{stage: projector, compile: on}]", "compile must be str, got True (YAML reads on/off/yes/no as booleans"),
     ("runs: [{stage: projector\n", "not valid YAML"),
 ])
 def test_plan_errors_name_the_file_the_run_and_the_setting(tmp_path, text, says):
@@ -168,3 +169,15 @@ def test_the_readme_plan_is_a_valid_plan(tmp_path):
     s1, s2 = load_plan(tmp_path / "plan.yaml")
     assert (s1.stage, s1.name, s1.steps, s2.stage, s2.name, s2.steps) == ("projector", "s1", 200, "qlora", "s2", 1000)
     assert s1.workers == s2.workers == 2 and s1.data == s2.data == "data/synth"
+
+
+def test_every_setting_has_a_plan_type():
+    """Each ``TrainSettings`` field, at its default, passes the plan's type check."""
+    import dataclasses
+
+    from ray_jobs.plan import _check
+
+    for f in dataclasses.fields(train.TrainSettings):
+        value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        value = "x" if value is dataclasses.MISSING else value
+        assert _check({f.name: value}, "plan") == {f.name: value}
