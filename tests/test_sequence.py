@@ -181,3 +181,30 @@ def test_every_setting_has_a_plan_type():
         value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         value = "x" if value is dataclasses.MISSING else value
         assert _check({f.name: value}, "plan") == {f.name: value}
+
+
+def test_the_cluster_plan_is_the_guides_two_training_jobs():
+    """``deploy/llava-plan.yaml`` holds the settings of the two training jobs
+    that docs/operations.md submits one by one."""
+    import argparse
+    import dataclasses
+    import re
+    import shlex
+    from pathlib import Path
+
+    from ray_jobs.plan import load_plan
+
+    root = Path(__file__).parent.parent
+    doc = re.sub(r"\\\n\s*", " ", (root / "docs" / "operations.md").read_text())
+    jobs = {}
+    for stage in ("projector", "qlora"):
+        line = next(ln for ln in doc.splitlines() if f"python -m ray_jobs.train {stage} " in ln)
+        p = argparse.ArgumentParser()
+        train.add_arguments(p, stage)
+        jobs[stage] = train.settings_from_args(stage, p.parse_args(shlex.split(line.split(f"ray_jobs.train {stage}", 1)[1])))
+    s1, s2 = load_plan(root / "deploy" / "llava-plan.yaml")
+    assert dataclasses.asdict(s1) == dataclasses.asdict(jobs["projector"])
+    # the guide's stage 2 names its --init, and takes its model from there (the preset is stage 1's)
+    assert jobs["qlora"].init == f"{s1.out}/{s1.name}/final" and s2.init is None
+    assert dataclasses.asdict(s2) | {"init": None, "preset": None} == \
+        dataclasses.asdict(jobs["qlora"]) | {"init": None, "preset": None}
