@@ -6,9 +6,9 @@ It runs every stage built so far, reusing what an earlier run finished:
    positions, counts, sizes; train/validation split by image);
 2. ``mmphi data embed``: the Ray Data job embeds every image once with the
    CLIP tower (local Ray cluster; resumes if interrupted);
-3. Ray Train (2 workers), three runs in one worker group
-   (``ray_jobs.train.run_sequence``, what ``mmphi train projector`` and
-   ``mmphi train qlora`` run one at a time): stage 1, the projector only;
+3. Ray Train (2 workers), the curriculum's three runs as one plan, trained by
+   one worker group (``ray_jobs.train.run_sequence``, what ``mmphi train
+   plan`` runs): stage 1, the projector only;
    then stage 2 from stage 1, LoRA + projector, in two runs (a curriculum):
    first on the single-object scenes only (colour, shape, position, size),
    then on every record (adds counting up to six objects);
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     s1_steps = max(args.steps // 10, 2)
     single_steps = max(round(args.steps * SINGLE_SHARE), 1)
     rest = max(args.steps - single_steps, 1)
-    print(f"[3/7] Ray Train, {args.workers} workers, one run of the curriculum's three stages "
+    print(f"[3/7] Ray Train, {args.workers} workers, the curriculum's three runs in one worker group "
           "(resumes if interrupted):\n"
           f"      stage 1 (projector only): {s1_steps} steps -> {runs / 'stage1'}\n"
           f"      stage 2 (LoRA + projector): {single_steps} steps on single-object scenes -> "
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
                       **(common | {"data": str(single_object_view(data))})),
         TrainSettings(stage="qlora", name="stage2", steps=rest, eval_every=max(rest // 2, 1),
                       ckpt_every=max(rest // 4, 1), **common)])
-    timings["train"] = round(time.time() - t0 - sum(timings.values()), 1)  # each run's own: its seconds_last_fit
+    timings["train"] = round(time.time() - t0 - sum(timings.values()), 1)  # the three runs; each one's share: its seconds_last_fit
     timings["trained"] = round(time.time() - t0, 1)  # data, embeddings, both stages and their evaluations
     print(f"[4/7] stage 1: loss {s1['first_loss']:.3f} (ln vocab {s1['ln_vocab']:.3f}) -> {s1['val_loss']:.3f}")
     print(f"      stage 2, single-object scenes: loss {s2a['first_loss']:.3f} -> {s2a['val_loss']:.3f}")
