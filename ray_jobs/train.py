@@ -520,15 +520,13 @@ def run_sequence(runs: list[TrainSettings]) -> list[dict]:
 def _chain(prev: TrainSettings, s: TrainSettings, k: int) -> None:
     """Check that run ``k`` of a sequence can share ``prev``'s worker group and
     set its ``init`` to ``prev``'s ``final/``."""
-    from .outputs import RunOutputs
+    from data_pipelines import storage
 
     for f in SHARED:
         if getattr(s, f) != getattr(prev, f):
             raise ValueError(f"the runs of a sequence share one worker group: run {k + 1} ({s.run_name()}) has "
                              f"{f}={getattr(s, f)!r}, run {k} ({prev.run_name()}) {f}={getattr(prev, f)!r}")
-    final = RunOutputs(prev.out, prev.run_name()).final
-    if "://" in prev.out:
-        final = prev.out.split("://", 1)[0] + "://" + final
+    final = storage.join(prev.out, prev.run_name(), "final")  # prev.out is absolute, or a URI that stays one
     if s.init is not None and s.init != final:
         raise ValueError(f"run {k + 1} of a sequence ({s.run_name()}) starts from run {k}'s final checkpoint "
                          f"{final}, not from --init {s.init}")
