@@ -314,8 +314,10 @@ def test_llm_stream_sends_what_waits_in_one_message():
 def test_streams_that_share_the_loop_send_fewer_messages():
     """While several requests decode together, each stream's messages leave
     ``stream_interval_ms`` apart at the soonest and carry the ids decoded
-    meanwhile; a lone stream still sends every id at once. The answers do not
-    change."""
+    meanwhile; a stream's first message and a lone stream's messages are not
+    held back. The answers do not change. (A reader that falls behind on a
+    busy host may find two ids waiting at once, so the checks below compare
+    message counts with what holding back would allow, not with one id each.)"""
     import asyncio
 
     from serve.deployments import LLM
@@ -339,17 +341,22 @@ def test_streams_that_share_the_loop_send_fewer_messages():
         alone = asyncio.run(stream(reqs[0]))[0]
         llm.reconfigure({"stream_interval_ms": 30})
         spaced = asyncio.run(together())
-        alone_spaced = asyncio.run(stream(reqs[0]))[0]
-        for (a, _), (b, _) in zip(at_once, spaced):
-            assert sum(a, []) == sum(b, []) and len(sum(a, [])) == 48
-        assert sum(alone_spaced, []) == sum(alone, []) == sum(at_once[0][0], [])
-        assert all(len(c) == 1 for c in alone_spaced)  # decoding alone: one id per message
+        llm.reconfigure({"stream_interval_ms": 250})
+        wide = asyncio.run(together())
+        alone_wide, alone_times = asyncio.run(stream(reqs[0]))
+        for (a, _), (b, _), (c, _) in zip(at_once, spaced, wide):
+            assert sum(a, []) == sum(b, []) == sum(c, []) and len(sum(a, [])) == 48
+        assert sum(alone_wide, []) == sum(alone, []) == sum(at_once[0][0], [])
+        # decoding alone, nothing is held back: far more messages than one per 250 ms
+        held_back_at_most = 1 + (alone_times[-1] - alone_times[0]) / 0.25
+        assert len(alone_wide) > 2 * held_back_at_most, (len(alone_wide), held_back_at_most)
         n_at_once, n_spaced = sum(len(c) for c, _ in at_once), sum(len(c) for c, _ in spaced)
         assert n_spaced < n_at_once / 2, (n_spaced, n_at_once)
         gaps = sorted(b - a for _, times in spaced for a, b in zip(times, times[1:]))
         # messages of a stream leave at least the interval apart while the others decode (less a timer's slack)
         assert gaps and gaps[len(gaps) // 2] > 0.025, gaps
-        assert all(len(c[0]) == 1 for c, _ in spaced)  # first ids at once
+        # first ids at once: the first message is not held back, the second carries 250 ms of ids
+        assert all(len(c) >= 2 and 4 * len(c[0]) <= len(c[1]) for c, _ in wide), [list(map(len, c)) for c, _ in wide]
         with pytest.raises(ValueError, match="stream_interval_ms"):
             llm.reconfigure({"stream_interval_ms": -1})
     finally:
