@@ -35,3 +35,31 @@ def tiny_model(tiny_cfg):
     model = MultimodalPhi3.from_config(tiny_cfg, device="cpu", trainable=False)
     model.eval()
     return model
+
+
+class Handed(dict):
+    """The keyword arguments a stand-in ``TorchTrainer`` got; it raised ``Handed.Stop``."""
+
+    class Stop(Exception):
+        pass
+
+
+@pytest.fixture
+def handed(monkeypatch):
+    """The keyword arguments the next ``TorchTrainer`` gets (it then raises
+    ``handed.Stop``): what a training run hands Ray Train, without Ray."""
+    import ray.train.torch
+
+    import data_pipelines.embed
+    import data_pipelines.resources
+
+    seen = Handed()
+
+    def trainer(*a, **kw):
+        seen.update(kw)
+        raise Handed.Stop
+
+    monkeypatch.setattr(data_pipelines.embed, "init_ray", lambda address: None)
+    monkeypatch.setattr(data_pipelines.resources, "warn_if_absent", lambda *a: [])
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", trainer)
+    return seen

@@ -64,31 +64,14 @@ def test_embed_flag_and_its_errors():
         embed_args("--resources-per-actor", "GPU=1")
 
 
-def test_resources_reach_the_scaling_config(monkeypatch, tmp_path):
+def test_resources_reach_the_scaling_config(handed, tmp_path):
     """What run() hands Ray Train, without starting Ray."""
-    import ray.train.torch
-
-    import data_pipelines.embed
-    import data_pipelines.resources
-
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def trainer(*a, scaling_config, **kw):
-        seen["scaling"] = scaling_config
-        raise Stop
-
-    monkeypatch.setattr(data_pipelines.embed, "init_ray", lambda address: None)
-    monkeypatch.setattr(data_pipelines.resources, "warn_if_absent", lambda *a: [])
-    monkeypatch.setattr(ray.train.torch, "TorchTrainer", trainer)
     s = train.TrainSettings(stage="projector", data=str(tmp_path), embeddings=str(tmp_path), out=str(tmp_path),
                             workers=2, cpus_per_worker=1.5, resources_per_worker={"train_gpu": 1})
-    with pytest.raises(Stop):
+    with pytest.raises(handed.Stop):
         train.run(s)
-    assert seen["scaling"].num_workers == 2
-    assert seen["scaling"].resources_per_worker == {"CPU": 1.5, "train_gpu": 1.0}
+    assert handed["scaling_config"].num_workers == 2
+    assert handed["scaling_config"].resources_per_worker == {"CPU": 1.5, "train_gpu": 1.0}
     with pytest.raises(ValueError, match="--resources-per-worker: GPU .*--gpu"):
         train.run(train.TrainSettings(stage="projector", data="d", embeddings="e", out=str(tmp_path),
                                       resources_per_worker={"GPU": 1}))

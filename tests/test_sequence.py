@@ -9,37 +9,13 @@ from ray_jobs import train
 from ray_jobs.outputs import RunOutputs
 
 
-class Stop(Exception):
-    pass
-
-
-@pytest.fixture
-def handed(monkeypatch):
-    """The keyword arguments the next ``TorchTrainer`` gets (then it stops)."""
-    import ray.train.torch
-
-    import data_pipelines.embed
-    import data_pipelines.resources
-
-    seen = {}
-
-    def trainer(*a, **kw):
-        seen.update(kw)
-        raise Stop
-
-    monkeypatch.setattr(data_pipelines.embed, "init_ray", lambda address: None)
-    monkeypatch.setattr(data_pipelines.resources, "warn_if_absent", lambda *a: [])
-    monkeypatch.setattr(ray.train.torch, "TorchTrainer", trainer)
-    return seen
-
-
 def settings(tmp_path, stage: str, name: str, **kw) -> train.TrainSettings:
     return train.TrainSettings(stage=stage, data=str(tmp_path / "d"), embeddings=str(tmp_path / "e"),
                                out=str(tmp_path / "runs"), name=name, **kw)
 
 
 def test_each_run_starts_from_the_previous_final_in_the_first_runs_ray_folder(tmp_path, handed):
-    with pytest.raises(Stop):
+    with pytest.raises(handed.Stop):
         train.run_sequence([settings(tmp_path, "projector", "a"), settings(tmp_path, "qlora", "b"),
                             settings(tmp_path, "qlora", "c", overrides=["llm.lora.r=4"])])
     runs = handed["train_loop_config"]["runs"]
@@ -60,7 +36,7 @@ def test_finished_runs_are_left_out(tmp_path, handed):
     (tmp_path / "runs" / "a" / "final").mkdir()
     (tmp_path / "runs" / "a" / "final" / "mmphi.json").write_text(json.dumps({"extra": {"step": 200, "run": "a"}}))
     (tmp_path / "runs" / "a" / "summary.json").write_text(json.dumps({"steps": 200, "final": out.final}))
-    with pytest.raises(Stop):
+    with pytest.raises(handed.Stop):
         train.run_sequence([settings(tmp_path, "projector", "a"), settings(tmp_path, "qlora", "b")])
     assert [r["settings"]["name"] for r in handed["train_loop_config"]["runs"]] == ["b"]
     assert handed["train_loop_config"]["checkpoints"] == "a" and handed["run_config"].name == "a"
@@ -123,7 +99,7 @@ def test_a_plan_file_is_a_sequence(tmp_path, handed):
 
     plan = tmp_path / "plan.yaml"
     plan.write_text(PLAN.format(root=tmp_path))
-    with pytest.raises(Stop):
+    with pytest.raises(handed.Stop):
         main(["train", "plan", str(plan)])
     runs = [r["settings"] for r in handed["train_loop_config"]["runs"]]
     assert [(r["stage"], r["name"], r["steps"], r["workers"], r["cpus_per_worker"]) for r in runs] == \
