@@ -95,6 +95,10 @@ def save_checkpoint(model, path: str | Path, extra: dict | None = None) -> Path:
         "tokenizer_size": len(model.tokenizer),
         "has_adapter": isinstance(model.llm, PeftModel),
         "extra": extra or {},
+        # every other file of the folder and its size, the files already there (a trainer's state) included:
+        # a copy cut short (a crash while storage received it) shows as a file missing or shorter
+        "files": {f.relative_to(path).as_posix(): f.stat().st_size
+                  for f in sorted(path.rglob("*")) if f.is_file() and f.name != META},
     }
     (path / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
     return path

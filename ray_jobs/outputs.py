@@ -80,39 +80,64 @@ class RunOutputs:
         """``(step, folder)`` of the newest complete checkpoint folder Ray Train
         wrote for this run. Ray's controller registers a reported checkpoint
         only at its next poll of the workers (every few seconds), so after a
-        crash the newest one on storage can be newer than the one Ray offers."""
-        import io
+        crash the newest one on storage can be newer than the one Ray offers.
 
-        import torch
-
+        A folder is complete when every file its ``mmphi.json`` lists is
+        there with its size (one listing per folder; nothing is downloaded
+        but ``mmphi.json``). Folders written before ``mmphi.json`` listed
+        its files are checked by loading their ``train_state.pt``."""
         best = None
         infos = self.fs.get_file_info(pafs.FileSelector(self.checkpoints, allow_not_found=True))
         for info in infos:
             name = info.path.rsplit("/", 1)[-1]
             if info.type != pafs.FileType.Directory or not name.startswith("checkpoint_"):
                 continue
-            state = storage.join(info.path, "train_state.pt")
-            if not (storage.exists(self.fs, state) and self.wrote(info.path)):
+            meta = self._meta(info.path)
+            if meta is None or not self._owns(meta):
                 continue
-            try:
-                step = torch.load(io.BytesIO(storage.read_bytes(self.fs, state)), weights_only=False)["step"]
-            except Exception:  # a folder cut short by the crash
-                continue
-            if best is None or step > best[0]:
+            step = self._complete_step(info.path, meta)
+            if step is not None and (best is None or step > best[0]):
                 best = (step, info.path)
         return best
+
+    def _complete_step(self, folder: str, meta: dict) -> int | None:
+        """The step of a checkpoint ``folder`` when all of it is on storage."""
+        files = meta.get("files")
+        if files is None:  # an older checkpoint: its state loads only when whole
+            import io
+
+            import torch
+
+            try:
+                state = storage.read_bytes(self.fs, storage.join(folder, "train_state.pt"))
+                return torch.load(io.BytesIO(state), weights_only=False)["step"]
+            except Exception:  # missing, or cut short by the crash
+                return None
+        have = {i.path[len(folder):].lstrip("/"): i.size
+                for i in self.fs.get_file_info(pafs.FileSelector(folder, recursive=True))
+                if i.type == pafs.FileType.File}
+        step = meta.get("extra", {}).get("step")
+        if "train_state.pt" not in files or not isinstance(step, int):
+            return None  # not a trainer's checkpoint: nothing to resume from
+        return step if all(have.get(f) == size for f, size in files.items()) else None
+
+    def _meta(self, folder: str) -> dict | None:
+        """A checkpoint folder's ``mmphi.json``, or None when it is missing or unreadable."""
+        try:
+            meta = json.loads(storage.read_bytes(self.fs, storage.join(folder, "mmphi.json")))
+        except (FileNotFoundError, OSError, ValueError):
+            return None
+        return meta if isinstance(meta, dict) else None
+
+    def _owns(self, meta: dict) -> bool:
+        run = meta.get("extra", {}).get("run") if isinstance(meta.get("extra"), dict) else None
+        return run == self.name if run is not None else self.checkpoints == self.root
 
     def wrote(self, folder: str) -> bool:
         """Whether the checkpoint ``folder`` is this run's (its ``mmphi.json``
         names the run; one without a name is taken as the folder's own)."""
-        meta = storage.join(folder, "mmphi.json")
-        if not storage.exists(self.fs, meta):
-            return False
-        try:
-            run = json.loads(storage.read_bytes(self.fs, meta)).get("extra", {}).get("run")
-        except (ValueError, AttributeError):
-            return False
-        return run == self.name if run is not None else self.checkpoints == self.root
+        meta = self._meta(folder)
+        return meta is not None and self._owns(meta)
 
     def final_step(self) -> int | None:
         """The step of ``final/``, or None without one."""
@@ -143,11 +168,16 @@ class RunOutputs:
             self.fs.delete_dir(self.final)
         self.fs.create_dir(self.final, recursive=True)
         src = Path(ckpt_dir)
+        meta = json.loads((src / "mmphi.json").read_text())
+        meta.get("files", {}).pop("train_state.pt", None)  # final/ is a model, not a point to resume from
         for f in src.rglob("*"):
-            if f.is_file() and f.name != "train_state.pt":
+            if f.is_file() and f.name not in ("train_state.pt", "mmphi.json"):
                 dest = storage.join(self.final, f.relative_to(src).as_posix())
                 self.fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
                 pafs.copy_files(str(f), dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+        # last, so that a final/ with its mmphi.json (what has_final looks for) has all its files
+        storage.write_bytes_atomic(self.fs, storage.join(self.final, "mmphi.json"),
+                                   json.dumps(meta, indent=2, sort_keys=True).encode())
 
     def finished(self, steps: int) -> dict | None:
         """The summary of a run that already finished ``steps`` or more, when

@@ -366,9 +366,10 @@ def _train_run(s: TrainSettings, cfg, rank: int, world: int, checkpoints: str) -
         opt_state = replicas.optimizer_state()  # every rank: ZeRO gathers it from all partitions
         if rank == 0:
             ckpt_dir = tempfile.mkdtemp(prefix="mmphi-ckpt-")
-            model.save_checkpoint(ckpt_dir, extra={"stage": s.stage, "step": step, "run": s.run_name()})
             torch.save({"optimizer": opt_state, "scheduler": sched.state_dict(), "step": step,
                         "epoch": step // spe, "batch_index": step % spe, "rng": rng}, Path(ckpt_dir) / "train_state.pt")
+            # last: its list of files and sizes (train_state.pt's too) tells a complete copy from one cut short
+            model.save_checkpoint(ckpt_dir, extra={"stage": s.stage, "step": step, "run": s.run_name()})
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None,
                          checkpoint_dir_name=checkpoint_dir_name(s.run_name(), checkpoints))
         if ckpt_dir:

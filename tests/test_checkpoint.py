@@ -127,3 +127,55 @@ def test_tampered_weights_are_refused(trained, tmp_path):
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="not an mmphi checkpoint"):
         load_checkpoint(tmp_path)
+
+
+def test_a_checkpoint_lists_its_files_and_a_copy_cut_short_is_passed_over(trained, tmp_path, monkeypatch):
+    """``mmphi.json`` lists every other file of the folder with its size (a
+    trainer's state written before it included), so the newest complete
+    checkpoint of a run is found from listings alone: nothing is loaded."""
+    from pathlib import Path
+
+    from ray_jobs.outputs import RunOutputs
+
+    m = trained[0]
+    root = tmp_path / "runs" / "r"
+    for step in (4, 8):
+        d = root / f"checkpoint_{step}"
+        d.mkdir(parents=True)
+        torch.save({"step": step, "optimizer": torch.zeros(4096)}, d / "train_state.pt")
+        m.save_checkpoint(d, extra={"step": step, "run": "r"})
+    newest = root / "checkpoint_8"
+    files = read_meta(newest)["files"]
+    assert {"train_state.pt", "projector.safetensors", "adapter/adapter_model.safetensors"} <= set(files)
+    assert "mmphi.json" not in files
+    assert files == {p.relative_to(newest).as_posix(): p.stat().st_size
+                     for p in newest.rglob("*") if p.is_file() and p.name != "mmphi.json"}
+
+    def no_load(*a, **kw):
+        raise AssertionError("a checkpoint's state was loaded to find the newest")
+
+    out = RunOutputs(str(tmp_path / "runs"), "r")
+    monkeypatch.setattr(torch, "load", no_load)
+    assert out.newest_checkpoint() == (8, str(newest))
+    # a crash while storage received checkpoint_8: a file cut short, then one missing
+    projector = newest / "projector.safetensors"
+    whole = projector.read_bytes()
+    projector.write_bytes(whole[:-16])
+    assert out.newest_checkpoint() == (4, str(root / "checkpoint_4"))
+    projector.write_bytes(whole)
+    assert out.newest_checkpoint() == (8, str(newest))
+    (newest / "train_state.pt").unlink()
+    assert out.newest_checkpoint() == (4, str(root / "checkpoint_4"))
+    monkeypatch.undo()
+
+    # final/: the model without the trainer's state, and its list says so
+    out.export_final(str(root / "checkpoint_4"))
+    final = Path(out.final)
+    assert not (final / "train_state.pt").exists()
+    listed = read_meta(final)["files"]
+    assert "train_state.pt" not in listed and listed == {k: v for k, v in files.items() if k != "train_state.pt"}
+    assert all((final / f).stat().st_size == n for f, n in listed.items())
+    assert out.final_step() == 4
+    loaded = load_checkpoint(final, device="cpu")
+    for a, b in zip(loaded.projector.parameters(), m.projector.parameters(), strict=True):
+        assert torch.equal(a, b.detach().float())
