@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import mimetypes
+import os
 import random
 import tempfile
 from pathlib import Path
@@ -87,27 +88,37 @@ def to_messages(message: dict | str, history: list) -> list[Message]:
     return out
 
 
-def example_inputs(folder: Path, n: int = 3) -> list[dict]:
-    """Questions about images drawn like the synthetic training set."""
-    from data_pipelines.synthetic import TEMPLATES, make_scene
+def examples_folder() -> Path:
+    """Where the example images live: one folder per user in the temporary
+    directory, shared by every chat page this user builds (the images are
+    the same every time), so restarted replicas leave nothing behind."""
+    folder = Path(tempfile.gettempdir()) / f"mmphi-examples-{os.getuid() if hasattr(os, 'getuid') else 0}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    return folder
+
+
+EXAMPLES = (("colour", 1), ("position", 1), ("count", 2))  # question, and a scene of one object or several
+
+
+def example_inputs(folder: Path) -> list[dict]:
+    """The questions the synthetic training set asks, about images drawn like
+    its own: the colour and the place of a lone object, how many objects a
+    busier scene holds, and one text-only question."""
+    from data_pipelines.synthetic import NUMBERS, TEMPLATES, make_scene
 
     rng = random.Random(7)
     examples = []
-    for i in range(n):
-        img, objects = make_scene(rng, 128)
+    for i, (qtype, objects_at_least) in enumerate(EXAMPLES):
+        while True:
+            img, objects = make_scene(rng, 128)
+            if (len(objects) >= 2) == (objects_at_least >= 2):
+                break
         path = folder / f"example-{i}.png"
-        img.save(path)
-        obj = objects[0]
-        if len(objects) == 1:
-            q = TEMPLATES["colour1"][0]
-        elif i % 3 == 1:
-            q = TEMPLATES["shape"][0].format(**obj)
-        elif i % 3 == 2:
-            q = TEMPLATES["count"][0]
-        else:
-            q = TEMPLATES["colour"][0].format(**obj)
-        examples.append({"text": q, "files": [str(path)]})
-    examples.append({"text": "What is 3 plus 4?", "files": []})
+        tmp = folder / f".example-{i}.png.{os.getpid()}"
+        img.save(tmp, format="PNG")
+        os.replace(tmp, path)  # whole, also while another replica writes the same image
+        examples.append({"text": TEMPLATES[qtype][0], "files": [str(path)]})
+    examples.append({"text": TEMPLATES["plus"][0].format(a=NUMBERS[3], b=NUMBERS[4]), "files": []})
     return examples
 
 
@@ -141,9 +152,8 @@ def build_ui(service: ChatService) -> gr.Blocks:
             log.exception("chat page request failed")
             raise gr.Error(f"the server failed: {type(e).__name__}: {e}") from None
 
-    folder = Path(tempfile.mkdtemp(prefix="mmphi-examples-"))
     try:
-        examples = example_inputs(folder)
+        examples = example_inputs(examples_folder())
     except Exception:  # noqa: BLE001 - the page works without examples
         log.exception("could not draw the example images")
         examples = None

@@ -351,6 +351,8 @@ def test_page_chats_through_gradio(server, tmp_path):
     img = tmp_path / "shape.png"
     img.write_bytes(png())
     c = gradio_client.Client(server, auth=("me", API_KEY), verbose=False)
+    # the page offers its example questions, each with its image (drawn when the page was built)
+    assert "How many shapes are there?" in json.dumps(c.config) and "example-2.png" in json.dumps(c.config)
     job = c.submit({"text": "What colour is it?", "files": [gradio_client.handle_file(str(img))]}, api_name="/chat")
     outputs = list(job)
     assert outputs and isinstance(job.result(), str) and job.result()

@@ -313,3 +313,30 @@ def test_min_tokens_reaches_the_llm_and_shrinks_when_an_answer_is_continued(tiny
     req = parse(max_tokens=10)
     asyncio.run(run())
     assert "min_new_tokens" not in llm.calls[0]  # absent unless asked for
+
+
+def test_the_pages_example_images_live_in_one_folder_per_user(tmp_path, monkeypatch):
+    """Every chat page a user builds (one per ingress replica, again on each
+    restart) shares one folder of example images: nothing piles up in /tmp."""
+    import os
+
+    from PIL import Image
+
+    from data_pipelines.synthetic import TEMPLATES
+    from serve import ui
+
+    monkeypatch.setattr(ui.tempfile, "gettempdir", lambda: str(tmp_path))
+    first = ui.example_inputs(ui.examples_folder())
+    again = ui.example_inputs(ui.examples_folder())
+    assert first == again
+    folder = tmp_path / f"mmphi-examples-{os.getuid()}"
+    assert list(tmp_path.iterdir()) == [folder]
+    assert sorted(f.name for f in folder.iterdir()) == ["example-0.png", "example-1.png", "example-2.png"]
+    for ex in first:
+        for f in ex["files"]:
+            with Image.open(f) as im:
+                assert im.format == "PNG" and im.size == (128, 128)
+    # questions the training set asks, worded as it words them: three about an image, one text only
+    assert [(ex["text"], len(ex["files"])) for ex in first] == [
+        (TEMPLATES["colour"][0], 1), (TEMPLATES["position"][0], 1), (TEMPLATES["count"][0], 1),
+        ("What is three plus four?", 0)]
