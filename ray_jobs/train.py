@@ -249,9 +249,26 @@ def train_loop(config: dict) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    _quiet_report_lines()
     for item in config["runs"]:
         _train_run(TrainSettings(**item["settings"]), config_from_dict(item["model_config"]), rank, world,
                    config["checkpoints"])
+
+
+def _quiet_report_lines() -> None:
+    """Ray Train logs each ``ray.train.report`` of each worker at INFO, with
+    its metrics in full ("Reporting training result N: TrainingReport(...)
+    from rank R"); the run's own evaluation lines say the same once. Its
+    "Checkpoint successfully created at" lines stay. Nothing changes where
+    Ray keeps that logger elsewhere."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    if isinstance(getattr(context, "logger", None), logging.Logger):
+        context.logger.setLevel(logging.WARNING)
 
 
 def _train_run(s: TrainSettings, cfg, rank: int, world: int, checkpoints: str) -> None:
