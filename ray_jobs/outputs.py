@@ -113,12 +113,12 @@ class RunOutputs:
                 return torch.load(io.BytesIO(state), weights_only=False)["step"]
             except Exception:  # missing, or cut short by the crash
                 return None
-        have = {i.path[len(folder):].lstrip("/"): i.size
-                for i in self.fs.get_file_info(pafs.FileSelector(folder, recursive=True))
-                if i.type == pafs.FileType.File}
         step = meta.get("extra", {}).get("step")
         if "train_state.pt" not in files or not isinstance(step, int):
             return None  # not a trainer's checkpoint: nothing to resume from
+        have = {i.path[len(folder):].lstrip("/"): i.size
+                for i in self.fs.get_file_info(pafs.FileSelector(folder, recursive=True))
+                if i.type == pafs.FileType.File}
         return step if all(have.get(f) == size for f, size in files.items()) else None
 
     def _meta(self, folder: str) -> dict | None:

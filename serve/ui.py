@@ -97,7 +97,7 @@ def examples_folder() -> Path:
     return folder
 
 
-EXAMPLES = (("colour", 1), ("position", 1), ("count", 2))  # question, and a scene of one object or several
+EXAMPLES = (("colour", False), ("position", False), ("count", True))  # question, and whether about several objects
 
 
 def example_inputs(folder: Path) -> list[dict]:
@@ -108,10 +108,10 @@ def example_inputs(folder: Path) -> list[dict]:
 
     rng = random.Random(7)
     examples = []
-    for i, (qtype, objects_at_least) in enumerate(EXAMPLES):
+    for i, (qtype, several) in enumerate(EXAMPLES):
         while True:
             img, objects = make_scene(rng, 128)
-            if (len(objects) >= 2) == (objects_at_least >= 2):
+            if (len(objects) > 1) == several:
                 break
         path = folder / f"example-{i}.png"
         tmp = folder / f".example-{i}.png.{os.getpid()}"
