@@ -100,8 +100,13 @@ def save_checkpoint(model, path: str | Path, extra: dict | None = None) -> Path:
         "files": {f.relative_to(path).as_posix(): f.stat().st_size
                   for f in sorted(path.rglob("*")) if f.is_file() and f.name != META},
     }
-    (path / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    (path / META).write_text(meta_text(meta))
     return path
+
+
+def meta_text(meta: dict) -> str:
+    """The text of a checkpoint's ``mmphi.json``."""
+    return json.dumps(meta, indent=2, sort_keys=True)
 
 
 def load_checkpoint(

@@ -113,7 +113,7 @@ class RunOutputs:
                 return torch.load(io.BytesIO(state), weights_only=False)["step"]
             except Exception:  # missing, or cut short by the crash
                 return None
-        step = meta.get("extra", {}).get("step")
+        step = meta["extra"].get("step")
         if "train_state.pt" not in files or not isinstance(step, int):
             return None  # not a trainer's checkpoint: nothing to resume from
         have = {i.path[len(folder):].lstrip("/"): i.size
@@ -122,15 +122,18 @@ class RunOutputs:
         return step if all(have.get(f) == size for f, size in files.items()) else None
 
     def _meta(self, folder: str) -> dict | None:
-        """A checkpoint folder's ``mmphi.json``, or None when it is missing or unreadable."""
+        """A checkpoint folder's ``mmphi.json`` (its ``extra`` a mapping, ``{}``
+        when absent), or None when it is missing or unreadable."""
         try:
             meta = json.loads(storage.read_bytes(self.fs, storage.join(folder, "mmphi.json")))
         except (FileNotFoundError, OSError, ValueError):
             return None
-        return meta if isinstance(meta, dict) else None
+        if not isinstance(meta, dict) or not isinstance(meta.setdefault("extra", {}), dict):
+            return None
+        return meta
 
     def _owns(self, meta: dict) -> bool:
-        run = meta.get("extra", {}).get("run") if isinstance(meta.get("extra"), dict) else None
+        run = meta["extra"].get("run")
         return run == self.name if run is not None else self.checkpoints == self.root
 
     def wrote(self, folder: str) -> bool:
@@ -141,10 +144,8 @@ class RunOutputs:
 
     def final_step(self) -> int | None:
         """The step of ``final/``, or None without one."""
-        try:
-            return json.loads(storage.read_bytes(self.fs, storage.join(self.final, "mmphi.json")))["extra"]["step"]
-        except (FileNotFoundError, OSError, ValueError, KeyError, TypeError):
-            return None
+        meta = self._meta(self.final)
+        return meta["extra"].get("step") if meta is not None else None
 
     def trained(self, steps: int) -> bool:
         """Whether ``final/`` holds step ``steps`` or later and no checkpoint of
@@ -164,6 +165,8 @@ class RunOutputs:
         return storage.exists(self.fs, storage.join(self.final, "mmphi.json"))
 
     def export_final(self, ckpt_dir: str) -> None:
+        from models.checkpoint import meta_text
+
         if storage.exists(self.fs, self.final):
             self.fs.delete_dir(self.final)
         self.fs.create_dir(self.final, recursive=True)
@@ -176,8 +179,7 @@ class RunOutputs:
                 self.fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
                 pafs.copy_files(str(f), dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
         # last, so that a final/ with its mmphi.json (what has_final looks for) has all its files
-        storage.write_bytes_atomic(self.fs, storage.join(self.final, "mmphi.json"),
-                                   json.dumps(meta, indent=2, sort_keys=True).encode())
+        storage.write_bytes_atomic(self.fs, storage.join(self.final, "mmphi.json"), meta_text(meta).encode())
 
     def finished(self, steps: int) -> dict | None:
         """The summary of a run that already finished ``steps`` or more, when
