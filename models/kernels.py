@@ -31,11 +31,9 @@ import torch.nn.functional as F
 
 from .config import ConfigError
 from .language import base_causal_lm
+from .options import COMPILE_MODES, KERNELS, compile_mode  # noqa: F401 (the choices live in a torch-free module)
 
 log = logging.getLogger(__name__)
-
-KERNELS = ("none", "native", "liger")
-COMPILE_MODES = ("auto", "on", "off")
 
 
 def fused_rms_norm(x, norm):
@@ -151,17 +149,6 @@ def compile_blocker(device) -> str | None:
     if not any(shutil.which(c) for c in compilers):
         return f"no C compiler on PATH ({', '.join(compilers)}; set CC or install gcc)"
     return None
-
-
-def compile_mode(mode) -> str:
-    """``mode`` as one of ``COMPILE_MODES`` (settings written before the three
-    modes hold booleans: on / off); a clear ``ConfigError`` for anything else."""
-    if isinstance(mode, bool):
-        mode = "on" if mode else "off"
-    mode = str(mode).lower()
-    if mode not in COMPILE_MODES:
-        raise ConfigError(f"compile={mode!r}: choose one of {', '.join(COMPILE_MODES)}")
-    return mode
 
 
 def resolve_compile(mode, device, strategy: str = "ddp", kernels: str = "native") -> tuple[bool, str]:

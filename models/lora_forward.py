@@ -28,7 +28,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-LORA_FORWARDS = ("fused", "peft")
+from .options import LORA_FORWARDS  # noqa: F401 (the choices live in a torch-free module)
 
 
 def _lora_linear_classes() -> tuple[type, ...]:

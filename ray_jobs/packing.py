@@ -53,6 +53,7 @@ from torch.utils.checkpoint import checkpoint
 
 from models.conversation import IGNORE_INDEX, Encoded, collate
 from models.language import base_causal_lm
+from models.options import LAST_LAYER, check_last_layer  # noqa: F401 (the choices live in a torch-free module)
 
 
 # ------------------------------------------------------------------ batches
@@ -167,15 +168,6 @@ def pack_batches(lengths: Sequence[int], rows: int, capacity: int, seed: int, ep
 # --------------------------------------------------------------------- loss
 def _ce_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
-
-
-LAST_LAYER = ("answers", "all")
-
-
-def check_last_layer(value: str, name: str = "last_layer") -> None:
-    """A clear error for a ``last_layer`` setting that is not one of :data:`LAST_LAYER`."""
-    if value not in LAST_LAYER:
-        raise ValueError(f"{name} must be one of {', '.join(LAST_LAYER)}, got {value!r}")
 
 
 class _LastLayerInput(Exception):

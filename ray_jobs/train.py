@@ -41,10 +41,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from models.kernels import COMPILE_MODES, KERNELS, compile_mode
-from models.lora_forward import LORA_FORWARDS
-
-from .packing import LAST_LAYER, check_last_layer
+from models.options import COMPILE_MODES, KERNELS, LAST_LAYER, LORA_FORWARDS, check_last_layer, compile_mode
 
 log = logging.getLogger(__name__)
 

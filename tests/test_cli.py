@@ -114,6 +114,18 @@ def test_help_lists_commands(runs):
     assert {"demo", "presets", "chat", "transcribe"} <= listed, p.stdout
 
 
+def test_the_parser_imports_no_model_library():
+    """Every command's flags (the training job's kernel, compile and loss
+    choices included) come without torch, Ray or transformers: ``mmphi
+    --help`` and a usage error answer at once."""
+    code = ("import sys, mmphi.cli as c; c.build_parser(); "
+            "print(sorted(m for m in ('torch', 'ray', 'transformers', 'peft', 'open_clip') if m in sys.modules))")
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cli_env(), capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, describe(p)
+    assert p.stdout.strip() == "[]", p.stdout
+
+
 def test_no_command_is_a_usage_error(runs):
     p = result(runs, "none")
     assert p.returncode == 2 and "usage" in p.stderr.lower(), describe(p)
