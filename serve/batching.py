@@ -88,7 +88,11 @@ class GenerationRequest:
         f = self.image_features
         if f is None:
             return None
-        return f if isinstance(f, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(f))
+        if isinstance(f, torch.Tensor):
+            return f
+        a = np.ascontiguousarray(f)
+        # features that came through Ray's object store are read-only: a copy, not a tensor torch warns about
+        return torch.from_numpy(a if a.flags.writeable else a.copy())
 
 
 @dataclass

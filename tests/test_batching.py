@@ -12,6 +12,7 @@ use on a GPU.
 from __future__ import annotations
 
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -297,6 +298,14 @@ def test_request_from_the_ingress_dict():
                                      "min_new_tokens": 9, "temperature": None, "top_p": None})
     assert (r.min_new_tokens, r.temperature, r.top_p) == (4, 0.0, 1.0)
     assert r.features_tensor().shape == (1, 4, 8)
+    # features from Ray's object store are read-only arrays: the tensor is a writable copy, with no warning
+    sent = np.arange(32, dtype=np.float32).reshape(1, 4, 8)
+    sent.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t = GenerationRequest.from_dict({"input_ids": [1], "image_features": sent, "max_new_tokens": 1}).features_tensor()
+    t += 1  # writable, and not the sender's memory
+    assert float(sent[0, 0, 0]) == 0.0 and float(t[0, 0, 0]) == 1.0
     assert GenerationRequest.from_dict({"input_ids": [1], "image_features": np.zeros((0,)),
                                         "max_new_tokens": 1}).image_features is None
     with pytest.raises(ValueError):
