@@ -63,3 +63,28 @@ def handed(monkeypatch):
     monkeypatch.setattr(data_pipelines.resources, "warn_if_absent", lambda *a: [])
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", trainer)
     return seen
+
+
+@pytest.fixture(scope="session")
+def cpu_bench(tmp_path_factory):
+    """One run of ``make bench-gpu``'s CPU rehearsal (``bench/gpu_bench.py
+    --cpu``: the embedding, training and serving benchmarks on the tiny
+    preset), shared by the tests of the command and of each stage script:
+    ``.result`` is its JSON, ``.stdout`` its table, ``.stage(name)`` the JSON
+    that stage's own script wrote (``serve_bench.py``, ``train_bench.py``,
+    ``embed_bench.py``)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    root = Path(__file__).resolve().parents[1]
+    tmp = tmp_path_factory.mktemp("cpu-bench")
+    out, work = tmp / "gpu.json", tmp / "w"
+    proc = subprocess.run([sys.executable, str(root / "bench" / "gpu_bench.py"), "--cpu", "--workdir", str(work),
+                           "--out", str(out)], cwd=root, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return SimpleNamespace(result=json.loads(out.read_text()), stdout=proc.stdout,
+                           stage=lambda name: json.loads((work / f"{name}.json").read_text()))

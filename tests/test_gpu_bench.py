@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -162,13 +160,8 @@ def test_stage_flags_fit_each_device(tmp_path):
 
 
 @pytest.mark.slow
-def test_cpu_rehearsal_end_to_end(tmp_path):
-    out = tmp_path / "gpu.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_bench.py"), "--cpu", "--workdir",
-                           str(tmp_path / "w"), "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    res = json.loads(out.read_text())
+def test_cpu_rehearsal_end_to_end(cpu_bench):
+    res = cpu_bench.result
     for stage in ("embed", "train", "serve"):
         assert res[stage]["ok"], res[stage].get("error")
         assert res[stage]["seconds"] > 0
@@ -190,6 +183,6 @@ def test_cpu_rehearsal_end_to_end(tmp_path):
         prof = res["details"]["train"]["variants"][side]["profile"]
         assert prof["top"] and sum(prof["by_kind_share"].values()) == pytest.approx(1.0, abs=1e-3)
         assert prof["by_kind_share"]["matmul"] > 0.2, prof["by_kind_share"]  # a transformer step is mostly matmuls
-    assert "train.ratio_vs_hf_peft" in proc.stdout  # the table
+    assert "train.ratio_vs_hf_peft" in cpu_bench.stdout  # the table
     # on the CPU the job stays eager under --compile auto, and the summary says why
     assert res["train"]["job_compiled"] is False and res["train"]["job_compile"].startswith("auto: eager on cpu")

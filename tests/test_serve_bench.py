@@ -9,43 +9,28 @@ LLM's batching counters were recorded per level.
 """
 from __future__ import annotations
 
-import json
-import os
 import statistics
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("httpx")
 
-ROOT = Path(__file__).resolve().parents[1]
-MAX_TOKENS = 6
-PER_USER = 2
-
 
 @pytest.fixture(scope="module")
-def result(tmp_path_factory):
-    out = tmp_path_factory.mktemp("serve-bench") / "serve_bench.json"
-    cmd = [sys.executable, str(ROOT / "bench" / "serve_bench.py"), "--users", "1,2", "--requests-per-user",
-           str(PER_USER), "--max-tokens", str(MAX_TOKENS), "--baseline-repeats", "1", "--warmup", "2",
-           "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "TTFT p50" in proc.stdout  # the table was printed
-    return json.loads(out.read_text())
+def result(cpu_bench):
+    """What ``serve_bench.py`` wrote in ``make bench-gpu``'s CPU rehearsal
+    (tests/conftest.py): 1 and 32 users, two requests each, alternating kinds."""
+    return cpu_bench.stage("serve")
 
 
 @pytest.mark.slow
 def test_json_has_the_run_description_and_figures(result):
     for key in ("card", "device", "date", "preset", "max_tokens", "mix", "users", "summary", "inprocess", "levels"):
         assert key in result, key
-    assert result["preset"] == "tiny" and result["device"] == "cpu" and result["users"] == [1, 2]
+    assert result["preset"] == "tiny" and result["device"] == "cpu" and result["users"] == [1, 32]
     base = result["inprocess"]
     assert set(base["prefill_ms"]) == {"text", "image"} and all(v > 0 for v in base["prefill_ms"].values())
-    assert set(base["tok_s"]) == {"1", "2"} and all(v > 0 for v in base["tok_s"].values())
+    assert set(base["tok_s"]) == {"1", "32"} and all(v > 0 for v in base["tok_s"].values())
     assert base["vision_ms"] > 0 and base["itl_ms_batch1"] > 0
     assert {"decode_tok_s_batch1", "tok_s_batch1", "ttft_ms_p50"} <= set(result["summary"])
 
@@ -53,13 +38,13 @@ def test_json_has_the_run_description_and_figures(result):
 @pytest.mark.slow
 def test_every_request_succeeded_with_the_full_token_count(result):
     for level in result["levels"]:
-        n = level["users"] * PER_USER
+        n = level["users"] * result["requests_per_user"]
         assert (level["requests"], level["ok"], level["errors"]) == (n, n, 0), level["error_samples"]
         reqs = level["per_request"]
         assert len(reqs) == n
-        assert all(r["ok"] and r["tokens"] == MAX_TOKENS and r["finish_reason"] == "length" for r in reqs), reqs
+        assert all(r["ok"] and r["tokens"] == result["max_tokens"] and r["finish_reason"] == "length" for r in reqs), reqs
         assert all(r["chunks"] > 0 for r in reqs)
-        assert level["completion_tokens"] == n * MAX_TOKENS
+        assert level["completion_tokens"] == n * result["max_tokens"]
         assert {r["kind"] for r in reqs} == {"text", "image"}  # the default mix alternates both kinds
 
 

@@ -53,18 +53,10 @@ def test_offline_overrides_make_phi3_mini_download_free():
     assert tb.offline_overrides("tiny") == []
 
 
-BATCH, STEPS, MAX_LEN = 4, 3, 192
-
-
 @pytest.fixture(scope="module")
-def result(tmp_path_factory):
-    out = tmp_path_factory.mktemp("train-bench") / "train.json"
-    res = _bench().main(["--batch", str(BATCH), "--max-len", str(MAX_LEN), "--steps", str(STEPS), "--warmup", "1",
-                         "--threads", "1", "--out", str(out)])
-    import json
-
-    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
-    return res
+def result(cpu_bench):
+    """What ``train_bench.py`` wrote in ``make bench-gpu``'s CPU rehearsal (tests/conftest.py)."""
+    return cpu_bench.stage("train")
 
 
 @pytest.mark.slow
@@ -81,12 +73,13 @@ def test_every_side_saw_the_same_conversations(result):
     assert all(v[k]["compile"] == "off" for k in v if k.startswith("job_"))
     for key in ("conversations", "real_tokens", "supervised_tokens"):
         assert len({r[key] for r in v.values()}) == 1, key
-    assert v["job"]["conversations"] == BATCH * STEPS == result["data"]["conversations"]
-    assert v["job"]["real_tokens"] == pytest.approx(result["data"]["mean_tokens"] * BATCH * STEPS)
+    batch, steps, max_len = result["batch"], result["steps"], result["max_len"]
+    assert v["job"]["conversations"] == batch * steps == result["data"]["conversations"]
+    assert v["job"]["real_tokens"] == pytest.approx(result["data"]["mean_tokens"] * batch * steps)
     # padding: every baseline row is max_len wide; the job pads less, packing least
-    assert v["hf_peft_max_length"]["slots"] == BATCH * STEPS * MAX_LEN
-    assert v["hf_peft_max_length"]["steps"] == v["job"]["steps"] == STEPS
-    assert v["job_packed"]["steps"] <= STEPS
+    assert v["hf_peft_max_length"]["slots"] == batch * steps * max_len
+    assert v["hf_peft_max_length"]["steps"] == v["job"]["steps"] == steps
+    assert v["job_packed"]["steps"] <= steps
     assert v["job"]["padding_share"] < v["hf_peft_longest"]["padding_share"] < v["hf_peft_max_length"]["padding_share"]
 
 
@@ -116,11 +109,11 @@ def test_figures_are_the_records_own(result):
 @pytest.mark.slow
 def test_the_run_is_described(result):
     assert result["device"] == "cpu" and result["preset"] == "tiny"
-    assert result["batch"] == BATCH and result["max_len"] == MAX_LEN
+    assert (result["batch"], result["max_len"], result["steps"]) == (8, 256, 4)  # bench/gpu_bench.py's CPU stage
     tp = result["model"]["trainable_params"]  # the same LoRA + projector on both sides
     assert tp["job"] == tp["hf_peft"] > 0
     d = result["data"]
-    assert d["max_tokens"] <= MAX_LEN and d["min_tokens"] <= d["median_tokens"] <= d["p90_tokens"] <= d["max_tokens"]
+    assert d["max_tokens"] <= result["max_len"] and d["min_tokens"] <= d["median_tokens"] <= d["p90_tokens"] <= d["max_tokens"]
     assert "lognormal" in d["text_tokens"]
 
 
