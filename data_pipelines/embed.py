@@ -289,7 +289,10 @@ def default_gpus_per_actor() -> float:
 _local_gcs: str | None = None  # GCS address of the local cluster init_ray started
 
 
-def init_ray(address: str | None) -> None:
+def init_ray(address: str | None, **local) -> None:
+    """Connect to ``address`` (or ``RAY_ADDRESS``), else start a one-machine
+    cluster; ``local``: more ``ray.init`` arguments for that one (tests keep
+    the dashboard off). Does nothing when Ray is already up."""
     global _local_gcs
     import ray
 
@@ -302,7 +305,7 @@ def init_ray(address: str | None) -> None:
         # a new local cluster (address "local": never a leftover one that
         # /tmp/ray/ray_current_cluster still names); logical CPUs above the
         # core count, so fractional tasks/actors never deadlock on a small machine
-        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), log_to_driver=True)
+        ray.init(address="local", **{"num_cpus": max(4, os.cpu_count() or 1), "log_to_driver": True, **local})
         _local_gcs = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
 
 

@@ -27,10 +27,19 @@ def dataset(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("train")
     synthesize(root / "data", images=160, seed=6, progress=False)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    local_cluster()
     embed(EmbedSettings(out=str(root / "emb"), data=str(root / "data")))
     yield root
     ray.shutdown()
+
+
+def local_cluster() -> None:
+    """A one-machine cluster started as the jobs start one (``init_ray``), so
+    their runs get what a user's local runs get (no preemption watcher)."""
+    from data_pipelines.embed import init_ray, started_local_cluster
+
+    init_ray(None, num_cpus=4, include_dashboard=False, log_to_driver=False)
+    assert started_local_cluster()
 
 
 def settings(root: Path, stage: str, name: str, **kw) -> TrainSettings:
@@ -254,7 +263,7 @@ def test_two_nodes_one_worker_each(tmp_path, dataset):
     finally:
         ray.shutdown()
         cluster.shutdown()
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # for later tests in this module
+        local_cluster()  # for later tests in this module
 
 
 def test_eval_command_matches_the_training_evaluation(stages, dataset):
