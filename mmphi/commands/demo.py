@@ -33,7 +33,7 @@ from pathlib import Path
 
 from mmphi.cli import add_model_args
 
-STEPS = 2500
+STEPS = 1600
 SINGLE_SHARE = 0.4  # of stage 2's steps: the curriculum's first run, on single-object scenes
 IN_FLIGHT = 32  # HTTP questions at once in the serving check
 EVAL_SAMPLES = 1200  # held-out first questions scored by the job and asked again over HTTP (every validation image)
