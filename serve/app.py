@@ -116,6 +116,7 @@ def run_local(
     settings: dict | None = None,
     config: str | Path | None = DEFAULT_CONFIG,
     num_cpus: int | None = None,
+    access_log: bool = True,
 ) -> str:
     """Serve the application on a local Ray cluster; returns the page's URL.
 
@@ -123,7 +124,9 @@ def run_local(
     random for ``tiny``). ``settings``: more :class:`ServeSettings` keys
     (they override ``config``'s application args). ``blocking``: serve until
     Ctrl-C, then shut Serve down; otherwise return once every deployment is
-    healthy and leave it running (``serve.shutdown()`` stops it)."""
+    healthy and leave it running (``serve.shutdown()`` stops it).
+    ``access_log=False``: no line per request and per deployment call (in
+    the replicas' log files and on the console); the rest of their logs stay."""
     import ray
 
     args, opts = read_serve_config(config) if config else ({}, {})
@@ -142,7 +145,8 @@ def run_local(
         _check_port(host, port)
     serve.start(http_options={"host": host, "port": port})
     started = time.monotonic()
-    serve.run(build_app(args, opts), name=APP_NAME, route_prefix="/", blocking=False)
+    serve.run(build_app(args, opts), name=APP_NAME, route_prefix="/", blocking=False,
+              logging_config=None if access_log else {"enable_access_log": False})
     url = f"http://{host}:{port}/"
     log.info("serving at %s (ready after %.0f s)", url, time.monotonic() - started)
     if blocking:

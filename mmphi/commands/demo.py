@@ -186,7 +186,8 @@ def _serve(args, s2: dict, questions: list, images: Path) -> dict:
 
     print(f"[7/7] Ray Serve: ASR, ImageEncoder and LLM deployments behind the chat page, checkpoint {s2['final']}")
     started = time.time()
-    url = run_local(checkpoint=s2["final"], port=args.port, blocking=False)
+    # no access log: the check's 1,200 requests would print 3 lines each (ingress, encoder, LLM)
+    url = run_local(checkpoint=s2["final"], port=args.port, blocking=False, access_log=False)
     ready = time.time() - started
 
     def ask(client, sample) -> str:
