@@ -1,4 +1,5 @@
-"""The Ray Train jobs on the tiny preset: stages, outputs, resume, worker failure, two nodes."""
+"""The Ray Train jobs on the tiny preset: stages, outputs, resume, worker failure (one worker per node of a
+simulated cluster, through a node's loss: tests/test_multinode.py)."""
 from __future__ import annotations
 
 import json
@@ -21,25 +22,19 @@ pytestmark = pytest.mark.slow
 def dataset(tmp_path_factory):
     import ray
 
-    from data_pipelines.embed import EmbedSettings
+    from data_pipelines.embed import EmbedSettings, init_ray, started_local_cluster
     from data_pipelines.embed import run as embed
     from data_pipelines.synthetic import synthesize
 
     root = tmp_path_factory.mktemp("train")
     synthesize(root / "data", images=160, seed=6, progress=False)
-    local_cluster()
+    # a one-machine cluster started as the jobs start one, so the runs get what a user's local runs get
+    # (no preemption watcher, 0.5 s polling)
+    init_ray(None, num_cpus=4, include_dashboard=False, log_to_driver=False)
+    assert started_local_cluster()
     embed(EmbedSettings(out=str(root / "emb"), data=str(root / "data")))
     yield root
     ray.shutdown()
-
-
-def local_cluster() -> None:
-    """A one-machine cluster started as the jobs start one (``init_ray``), so
-    their runs get what a user's local runs get (no preemption watcher)."""
-    from data_pipelines.embed import init_ray, started_local_cluster
-
-    init_ray(None, num_cpus=4, include_dashboard=False, log_to_driver=False)
-    assert started_local_cluster()
 
 
 def settings(root: Path, stage: str, name: str, **kw) -> TrainSettings:
@@ -242,28 +237,6 @@ def test_a_sequence_resumes_the_run_a_killed_worker_was_in(stages, dataset):
     rows = _progress(runs, "kseq-2")
     restart = max(i for i, r in enumerate(rows) if r["step"] == 1)
     assert rows[restart]["loss"] == pytest.approx(rows[0]["loss"], rel=1e-5)
-
-
-def test_two_nodes_one_worker_each(tmp_path, dataset):
-    import ray
-    from ray.cluster_utils import Cluster
-
-    ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    cluster.add_node(num_cpus=2)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
-    try:
-        s = run(settings(dataset, "projector", "two-nodes", steps=4, eval_every=4, ckpt_every=4,
-                         out=str(tmp_path / "runs"), cpus_per_worker=1.5))
-        workers = RunOutputs(str(tmp_path / "runs"), "two-nodes").workers()
-        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-        assert s["steps"] == 4
-        assert {w["node"] for w in workers} == alive and len(alive) == 2
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        local_cluster()  # for later tests in this module
 
 
 def test_eval_command_matches_the_training_evaluation(stages, dataset):
