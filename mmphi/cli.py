@@ -33,14 +33,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def quiet_third_party(verbose: bool = False) -> None:
     """Our own INFO logs; only warnings from libraries (open_clip logs its
-    model parsing at INFO on the root logger; bitsandbytes warns about an
-    optional CPU kernel package on every import)."""
+    model parsing at INFO on the root logger). bitsandbytes' notice about an
+    optional CPU kernel package goes in every process (``models``)."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("models", "mmphi", "data_pipelines", "ray_jobs", "serve"):
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
     if not verbose:
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
         try:
             from transformers.utils import logging as hf_logging
 

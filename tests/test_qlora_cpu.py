@@ -114,3 +114,28 @@ def test_frozen_weights_stay_bf16_so_the_residual_stream_does():
     assert set_frozen_dtype(lean.llm, torch.bfloat16) == len(frozen(lean))
     for n, p in lean.llm.named_parameters():
         assert p.dtype == before[n].dtype and torch.equal(p, before[n]), n
+
+
+def test_the_optional_cpu_kernel_notice_is_dropped_and_nothing_else():
+    """bitsandbytes warns in every process that imports it (on CPUs with
+    AVX-512 BF16) that an optional kernel package is missing; importing
+    ``models`` first drops that one line, and its other warnings still pass."""
+    import logging
+    import subprocess
+    import sys
+
+    notice = "Failed to load CPU gemm_4bit_forward from kernels-community"
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+
+    def record(msg: str) -> logging.LogRecord:
+        return log.makeRecord(log.name, logging.WARNING, __file__, 0, msg, (), None)
+
+    assert not log.filter(record(notice + ": %s. Please make sure ..."))
+    assert log.filter(record("some other bitsandbytes warning"))
+
+    def stderr_of(code: str) -> str:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stderr
+
+    bare = stderr_of("import bitsandbytes")
+    if notice in bare:  # this CPU has the instructions that make bitsandbytes look for the package
+        assert notice not in stderr_of("import models, bitsandbytes")
