@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from models.conversation import IGNORE_INDEX, Encoded, collate
+from models.kernels import rotary, signed
 from models.language import base_causal_lm
 from models.options import LAST_LAYER, check_last_layer  # noqa: F401 (the choices live in a torch-free module)
 
@@ -213,8 +214,6 @@ def _last_layer_at(layer, hidden, rope, at, attention_mask, position_ids, slidin
     the MLP at those positions. ``at`` is ``(rows, cols, slot, width_q)``: the
     positions in row-major order, each one's index among its row's, and the
     most any row has."""
-    from transformers.models.phi3 import modeling_phi3 as mp
-
     attn = layer.self_attn
     cfg = attn.config
     batch, width = hidden.shape[:2]
@@ -230,11 +229,13 @@ def _last_layer_at(layer, hidden, rope, at, attention_mask, position_ids, slidin
     q = q.view(batch, width_q, heads, hd).transpose(1, 2)
     qpos = torch.zeros(batch, width_q, dtype=torch.long, device=rows.device)
     qpos[rows, slot] = cols
+    # Phi-3's rotary embedding, as models.kernels computes it (pure torch): not modeling_phi3's function,
+    # which --kernels liger replaces with a kernel that rotates its query and key tensors in place
     cos, sin = rope
     cos, sin = cos.expand(batch, *cos.shape[1:]), sin.expand(batch, *sin.shape[1:])
     row = torch.arange(batch, device=rows.device)[:, None]
-    q = mp.apply_rotary_pos_emb(q, q, cos[row, qpos], sin[row, qpos])[0]
-    k = mp.apply_rotary_pos_emb(k, k, cos, sin)[0]
+    q = rotary(q, cos[row, qpos][:, None], signed(sin[row, qpos])[:, None])
+    k = rotary(k, cos[:, None], signed(sin)[:, None])
     # who each query sees: keys up to its own position, not padding, in its block, inside the window
     key = torch.arange(width, device=rows.device)
     allowed = key[None, None, :] <= qpos[:, :, None]

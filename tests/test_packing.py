@@ -223,6 +223,29 @@ def test_the_last_layer_runs_at_answer_positions_only(model, convs, packed):
         causal_lm_loss(model, **b.inputs, image_features=f, last_layer="some")
 
 
+def test_the_trimmed_last_layer_is_not_fooled_by_an_in_place_rotary_kernel(model, convs, monkeypatch):
+    """--kernels liger replaces Phi-3's rotary function with a kernel that
+    rotates its query and key tensors in place; the trimmed layer rotates with
+    its own function, so such a replacement leaves its loss the whole layer's."""
+    from transformers.models.phi3 import modeling_phi3 as mp
+
+    hf_rope = mp.apply_rotary_pos_emb
+
+    def in_place(q, k, cos, sin, *args, **kwargs):  # an in-place kernel: q, then k, overwritten; both returned
+        q.copy_(hf_rope(q, q, cos, sin, *args, **kwargs)[0])
+        k.copy_(hf_rope(k, k, cos, sin, *args, **kwargs)[1])
+        return q, k
+
+    enc, feats = convs
+    b = padded_batch(enc, [0, 1, 2, 3, 4, 5, 6], model.tokenizer.ids.pad)
+    f = _features(b.samples, feats)
+    monkeypatch.setattr(mp, "apply_rotary_pos_emb", in_place)
+    with torch.no_grad():
+        whole = causal_lm_loss(model, **b.inputs, image_features=f, last_layer="all")
+        trimmed = causal_lm_loss(model, **b.inputs, image_features=f)
+    assert trimmed.item() == pytest.approx(whole.item(), rel=1e-5, abs=1e-6)
+
+
 def test_a_compiled_last_layer_runs_whole(model):
     """A layer given to torch.compile keeps its compiled forward: the trimmed path steps aside."""
     from models.language import base_causal_lm
