@@ -471,8 +471,10 @@ def job(cfg, device: str, data: Data, timed: list[int], warm: list[int], batch: 
     model.train()
     start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     out = {}
-    for name in variants:
-        changes = JOB_VARIANTS[name]
+    queue, retried = list(variants), {}  # retried: the error of a compiled job side, which then runs eager
+    while queue:
+        name = queue.pop(0)
+        changes = {**JOB_VARIANTS[name], **({"compile": "off"} if name in retried else {})}
         s = TrainSettings(**{**base.__dict__, **{k: v for k, v in changes.items() if k not in MODEL_SETTINGS}})
         # the loader's rule, with the variant's frozen_fp32
         llm_cfg = replace(cfg.llm, frozen_fp32=changes.get("frozen_fp32", cfg.llm.frozen_fp32))
@@ -509,17 +511,27 @@ def job(cfg, device: str, data: Data, timed: list[int], warm: list[int], batch: 
             fuse_lora(model.llm, s.lora_forward)
             r = timed_steps(run_step, plan(timed), plan(warm), warmup, device, memory, profile=profile and name == "job")
         except Exception as e:  # an optional accelerator that fails here is a result, not the end of the run
+            error = f"{type(e).__name__}: {e}"[:2000]
+            if steps.compiled and name not in retried:
+                # the compiled job failed in a way its own fall-back does not catch (that one catches the
+                # compiler's errors): the figure of the eager job is still a result; the error says why
+                print(f"  {name} failed compiled, measuring it eager: {error}", flush=True)
+                retried[name] = error
+                queue.insert(0, name)
+                free(device)
+                continue
             if name not in GPU_ONLY:
                 raise
-            print(f"  {name} failed: {type(e).__name__}: {e}", flush=True)
-            out[name] = {"error": f"{type(e).__name__}: {e}"[:2000], "settings": JOB_VARIANTS[name]}
+            print(f"  {name} failed: {error}", flush=True)
+            out[name] = {"error": error, "settings": JOB_VARIANTS[name]}
             free(device)
             continue
         batching = (f"packed: {batch} rows of <= {max_len} tokens, block-diagonal attention" if s.packing
                     else f"length buckets of {batch} (ray_jobs.data.length_batches), padded to the longest")
         out[name] = {"batching": batching, "loss": f"chunked ({s.loss_chunk} tokens)" if s.loss_chunk else "transformers",
                      "settings": JOB_VARIANTS[name], "frozen_dtype": str(frozen_dtype).removeprefix("torch."),
-                     "compiled": steps.compiled, "compile": steps.reason, **r}
+                     "compiled": steps.compiled, "compile": steps.reason,
+                     **({"compiled_error": retried[name]} if name in retried else {}), **r}
     return {"load_s": load_s, "trainable_params": sum(p.numel() for p in model.trainable_parameters()),
             "variants": out}
 

@@ -128,3 +128,40 @@ def test_gpu_only_variants_run_with_gpu_and_last():
                                                                                           "job_liger"]
     with pytest.raises(SystemExit):
         tb.parse_args(["--variants", "job_liger"])
+
+
+def test_a_compiled_job_that_fails_is_measured_eager_with_the_error(tok, monkeypatch):
+    """The compiled job side failing with an error its own fall-back leaves
+    alone (it catches the compiler's): the side is timed again eagerly, says
+    so, and keeps the error, instead of the training stage losing every
+    figure."""
+    from models.config import load_config
+    from models.kernels import CompiledSteps
+    from models.vision import vision_spec
+
+    class FailsCompiled(CompiledSteps):
+        def __call__(self, step, *args):
+            if self.compiled:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return super().__call__(step, *args)
+
+    tb = _bench()
+    real_start = CompiledSteps.start.__func__
+
+    def start(cls, llm, mode, *args, **kwargs):
+        steps = real_start(FailsCompiled, llm, mode, *args, **kwargs)
+        if mode != "off":  # what a GPU does by default (pretended here: the layers stay eager)
+            steps.compiled, steps.reason = True, "auto: compiled"
+        return steps
+
+    monkeypatch.setattr(CompiledSteps, "start", classmethod(start))
+    cfg = load_config("tiny", ["tokenizer.max_length=128"])
+    spec = vision_spec(cfg.vision)
+    data = tb.make_data(tok, 12, max_len=128, num_image_tokens=spec["num_tokens"], feature_dim=spec["feature_dim"],
+                        median_text=25, sigma=0.6, image_share=0.9, seed=0)
+    r = tb.job(cfg, "cpu", data, list(range(8)), list(range(8, 12)), batch=4, max_len=128, warmup=1,
+               memory=tb.PeakMemory("cpu"), variants=["job", "job_packed"])["variants"]
+    assert r["job"]["compiled"] is False and r["job"]["compile"].startswith("off")
+    assert r["job"]["compiled_error"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert r["job"]["steps"] == 2 and r["job"]["loss_finite"]
+    assert "compiled_error" not in r["job_packed"] and r["job_packed"]["steps"] >= 1
