@@ -144,6 +144,11 @@ def summarise_train(r: dict) -> dict:
         out["eager_peak_gib"] = je.get("peak_gib")
     if "compiled" in job:  # whether the job's decoder layers ran compiled, and why (or why not)
         out["job_compiled"], out["job_compile"] = job["compiled"], job.get("compile")
+        if "compiled_error" in job:  # the compiled job failed; its figures are then the eager job's
+            out["job_compiled_error"] = job["compiled_error"]
+    if "job_whole_last_layer" in v:  # the eager job with its whole last layer: what answers-only saves
+        out["job_whole_last_layer_tokens_per_s"] = v["job_whole_last_layer"]["tokens_per_s"]
+        out["ratio_whole_last_layer_vs_hf_peft"] = _ratio(out["job_whole_last_layer_tokens_per_s"], base["tokens_per_s"])
     if "job_liger" in v:  # fused kernels (GPU only); its error when they failed
         lg = v["job_liger"]
         out["job_liger_tokens_per_s"] = lg.get("tokens_per_s")

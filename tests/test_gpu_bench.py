@@ -24,6 +24,7 @@ RATIOS = {("embed", "ratio_vs_bare"): ("job_images_per_s", "bare_images_per_s"),
           ("train", "ratio_hf_norm_vs_hf_peft"): ("job_hf_norm_tokens_per_s", "hf_peft_tokens_per_s"),
           ("train", "ratio_fp32_frozen_vs_hf_peft"): ("job_fp32_frozen_tokens_per_s", "hf_peft_tokens_per_s"),
           ("train", "ratio_peft_lora_vs_hf_peft"): ("job_peft_lora_tokens_per_s", "hf_peft_tokens_per_s"),
+          ("train", "ratio_whole_last_layer_vs_hf_peft"): ("job_whole_last_layer_tokens_per_s", "hf_peft_tokens_per_s"),
           ("serve", "ratio_vs_hf_batch32"): ("served_tok_s_batch32", "hf_tok_s_batch32")}
 
 
@@ -186,3 +187,8 @@ def test_cpu_rehearsal_end_to_end(cpu_bench):
     assert "train.ratio_vs_hf_peft" in cpu_bench.stdout  # the table
     # on the CPU the job stays eager under --compile auto, and the summary says why
     assert res["train"]["job_compiled"] is False and res["train"]["job_compile"].startswith("auto: eager on cpu")
+    assert "job_compiled_error" not in res["train"]
+    # every CPU-run ablation has its figure and ratio in the summary
+    for key in ("ratio_packed_vs_hf_peft", "ratio_whole_last_layer_vs_hf_peft", "ratio_peft_lora_vs_hf_peft",
+                "ratio_hf_norm_vs_hf_peft", "ratio_fp32_frozen_vs_hf_peft"):
+        assert res["train"][key] > 0, key
