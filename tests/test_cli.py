@@ -126,6 +126,27 @@ def test_the_parser_imports_no_model_library():
     assert p.stdout.strip() == "[]", p.stdout
 
 
+def test_every_command_has_its_help():
+    """``mmphi COMMAND [SUB] --help`` formats for every command and
+    subcommand (argparse formats help texts with %: a bare one breaks it)."""
+    import argparse
+
+    from mmphi.cli import build_parser
+
+    def walk(parser, path):
+        text = parser.format_help()
+        assert text.startswith("usage:"), path
+        seen = [path]
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    seen += walk(sub, f"{path} {name}")
+        return seen
+
+    seen = walk(build_parser(), "mmphi")
+    assert {"mmphi demo", "mmphi train qlora", "mmphi data embed", "mmphi serve"} <= set(seen), seen
+
+
 def test_no_command_is_a_usage_error(runs):
     p = result(runs, "none")
     assert p.returncode == 2 and "usage" in p.stderr.lower(), describe(p)

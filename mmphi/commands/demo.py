@@ -46,7 +46,7 @@ def register(sub) -> None:
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("--images", type=int, default=6000, help="synthetic images (default: 6000)")
     p.add_argument("--steps", type=int, default=STEPS,
-                   help=f"stage-2 steps (default: {STEPS}); the first {SINGLE_SHARE:.0%} on single-object scenes; "
+                   help=f"stage-2 steps (default: {STEPS}); the first {round(SINGLE_SHARE * 100)}%% on single-object scenes; "
                         "stage 1 runs a tenth")
     p.add_argument("--batch-size", type=int, default=12, help="per worker (default: 12)")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default: 2)")
