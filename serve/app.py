@@ -19,7 +19,7 @@ from pathlib import Path
 from ray import serve
 
 from .deployments import ASR, LLM, ImageEncoder, _autoscaling, load_ingress_tokenizer
-from .settings import ServeSettings
+from .settings import ServeSettings, SettingsError
 
 log = logging.getLogger("ray.serve")  # Serve writes it to the replica logs
 
@@ -86,13 +86,20 @@ def read_serve_config(path: str | Path = DEFAULT_CONFIG) -> tuple[dict, dict[str
     a Serve config YAML."""
     import yaml
 
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    apps = data.get("applications") or []
-    if not apps:
-        raise ValueError(f"{path}: no 'applications' in this Serve config")
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise SettingsError(f"{path}: no such Serve config file") from None
+    except (OSError, yaml.YAMLError) as e:
+        raise SettingsError(f"{path} is not a readable YAML file: {e}") from None
+    apps = data.get("applications") if isinstance(data, dict) else None
+    if not apps or not isinstance(apps, list) or not isinstance(apps[0], dict):
+        raise SettingsError(f"{path}: no 'applications' list in this Serve config")
     app = apps[0]
     opts = {}
     for d in app.get("deployments") or []:
+        if not isinstance(d, dict) or "name" not in d:
+            raise SettingsError(f"{path}: each entry of 'deployments' needs a 'name'")
         d = dict(d)
         opts[d.pop("name")] = d
     return dict(app.get("args") or {}), opts
@@ -105,6 +112,33 @@ def _check_port(host: str, port: int) -> None:
             s.bind((host, port))
         except OSError as e:
             raise RuntimeError(f"cannot listen on {host}:{port}: {e.strerror}; choose another --port") from None
+
+
+def check_model_source(settings: ServeSettings) -> None:
+    """What every replica will load, read once in the driver: the preset and
+    its overrides, or the checkpoint's ``mmphi.json`` and the headers of its
+    weight files. A wrong one raises a ``ConfigError`` or ``SettingsError``
+    naming it, before any Ray process starts."""
+    from models.config import ConfigError
+
+    from .loading import resolve
+
+    try:
+        source = resolve(settings)
+    except (ConfigError, FileNotFoundError):
+        raise
+    except (OSError, ValueError) as e:  # mmphi.json unreadable or not JSON
+        raise SettingsError(f"checkpoint {settings.checkpoint}: {type(e).__name__}: {e}") from None
+    if source.checkpoint is None:
+        return
+    from safetensors import safe_open
+
+    for f in sorted(source.checkpoint.rglob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as weights:
+                weights.keys()
+        except Exception as e:  # a truncated or overwritten file
+            raise SettingsError(f"{f} is not a readable safetensors file ({e})") from None
 
 
 def run_local(
@@ -133,7 +167,7 @@ def run_local(
     args.update(settings or {})
     if checkpoint is not None:
         args["checkpoint"] = str(Path(checkpoint).expanduser().resolve())
-    ServeSettings.from_dict(args)  # fail here, not in four replicas
+    check_model_source(ServeSettings.from_dict(args))  # fail here, at once, not in four replicas a minute later
     if not ray.is_initialized():  # a new local cluster, never a leftover one (see data_pipelines.embed.init_ray)
         ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
                  log_to_driver=False)
