@@ -17,14 +17,23 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from .chat import ChatService
-from .protocol import APIError, bad, chunk, completion, completion_id, parse_chat_request, usage
+from .chat import ChatService, cause_of
+from .protocol import (APIError, bad, chunk, completion, completion_id, parse_chat_request, parse_json_body,
+                       parse_transcription_form, usage)
 
 log = logging.getLogger("ray.serve")  # Serve writes it to the replica logs
 
 
 def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status)
+
+
+def internal_error(prefix: str, exc: BaseException) -> APIError:
+    """A 500 naming the exception: its type and the first line of its message,
+    the user-level one for a Ray task error (whose text is a remote traceback)."""
+    inner = cause_of(exc)
+    lines = str(inner).strip().splitlines()
+    return APIError(500, f"{prefix}: {type(inner).__name__}" + (f": {lines[0]}" if lines else ""))
 
 
 class BodyLimit:
@@ -96,16 +105,10 @@ def build_api(service: ChatService, *, api_key: str | None, mount_ui: bool = Tru
             return await call_next(request)
         except Exception as e:  # noqa: BLE001 - a bad request must not take the replica down
             log.exception("unhandled error on %s", request.url.path)
-            return error_response(APIError(500, f"internal error: {type(e).__name__}: {e}"))
+            return error_response(internal_error("internal error", e))
 
     async def read_json(request: Request):
-        raw = await request.body()
-        if not raw:
-            raise bad("the request body is empty; send a JSON object", code="invalid_json")
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise bad(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        return parse_json_body(await request.body())
 
     @app.get("/healthz")
     async def healthz():
@@ -152,14 +155,21 @@ def build_api(service: ChatService, *, api_key: str | None, mount_ui: bool = Tru
                                     usage_=usage(prep.prompt_tokens, result["completion_tokens"])))
             except Exception as e:  # noqa: BLE001 - headers are sent: report in the stream
                 log.exception("error while streaming %s", cid)
-                yield sse(APIError(500, f"generation failed: {type(e).__name__}: {e}").body())
+                yield sse(internal_error("generation failed", e).body())
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    # OpenAI's name for its Whisper model (clients send it), this server's name, the Whisper size
+    asr_models = {"whisper-1", model_name, str(service.source.cfg.speech.model)}
+
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(request: Request):
+        """OpenAI's transcription form: ``file``, optional ``model``,
+        ``language`` (a Whisper language code or name; detected when absent),
+        ``response_format`` and ``temperature`` (checked; Whisper decodes with
+        the server's configured temperature)."""
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise bad("send the audio as multipart/form-data with a 'file' field", "file")
         try:
@@ -169,12 +179,11 @@ def build_api(service: ChatService, *, api_key: str | None, mount_ui: bool = Tru
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
             raise bad("multipart field 'file' (the audio file) is required", "file")
-        fmt = form.get("response_format") or "json"
-        if fmt not in ("json", "text", "verbose_json"):
-            raise bad(f"response_format {fmt!r} is not supported; use json, text or verbose_json", "response_format")
-        language = form.get("language") or None
-        if language is not None and (not isinstance(language, str) or not language.isalpha() or len(language) > 8):
-            raise bad("language must be a language code such as 'en'", "language")
+        req = parse_transcription_form(form)
+        if req.model not in (None, *asr_models):
+            raise APIError(404, f"model {req.model!r} does not exist; this server transcribes with "
+                           f"{', '.join(repr(m) for m in sorted(asr_models))}", param="model", code="model_not_found")
+        fmt, language = req.response_format, req.language
         text = await service.transcribe(await upload.read(), language, "file")
         if fmt == "text":
             return PlainTextResponse(text)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -28,6 +29,16 @@ RETRYABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 def cause_of(exc: BaseException) -> BaseException:
     """The user-level exception inside a Ray task error (or ``exc`` itself)."""
     return getattr(exc, "cause", None) or exc
+
+
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def image_error_message(message: str) -> str:
+    """An image decoding error for the client: without Python object reprs
+    (PIL names the ``BytesIO`` it read), in words rather than PIL's."""
+    message = _OBJECT_REPR.sub("", message).strip()
+    return message.replace("cannot identify image file", "the data is not in an image format the server reads")
 
 
 @dataclass
@@ -149,7 +160,8 @@ class ChatService:
                 raise bad(str(inner), param, "invalid_audio") from None
             raise
 
-    async def encode_image(self, data: bytes, param: str) -> np.ndarray:
+    async def encode_image(self, data: bytes, where: str, param: str) -> np.ndarray:
+        """CLIP features of one image; ``where`` names it in errors ("image 2 (messages[3].content[0])")."""
         from models.images import ImageDecodeError
 
         try:
@@ -157,7 +169,7 @@ class ChatService:
         except Exception as e:  # noqa: BLE001
             inner = cause_of(e)
             if isinstance(e, ImageDecodeError) or isinstance(inner, ImageDecodeError):
-                raise bad(str(inner), param, "invalid_image") from None
+                raise bad(f"{where}: {image_error_message(str(inner))}", param, "invalid_image") from None
             raise
 
     async def fetch_image(self, url: str, param: str) -> bytes:
@@ -186,17 +198,21 @@ class ChatService:
             raise bad(f"'max_tokens' is {max_new} but the model's context is {self.context_length} tokens",
                       "max_tokens", "context_length_exceeded")
         kept, enc = self._fit(messages, max_new)
-        images = [(i, p.data) for i, p in self._image_parts(messages) if any(p is q for m in kept for q in m.parts)]
+        images = [(n, at, p) for n, (at, p) in enumerate(self._image_parts(messages))
+                  if any(p is q for m in kept for q in m.parts)]
         feats = None
         if images:
-            arrays = await asyncio.gather(*[self.encode_image(d, f"image {i + 1}") for i, d in images])
+            arrays = await asyncio.gather(*[
+                self.encode_image(p.data, f"image {n + 1} (messages[{mi}].content[{pi}])",
+                                  f"messages[{mi}].content[{pi}].image_url")
+                for n, (mi, pi), p in images])
             feats = np.stack(arrays).astype(np.float32, copy=False)
         return Prepared(enc.input_ids, feats, max_new, len(messages) - len(kept))
 
     @staticmethod
-    def _image_parts(messages: list[Message]) -> list[tuple[int, Part]]:
-        parts = [p for m in messages for p in m.parts if p.kind == "image"]
-        return list(enumerate(parts))
+    def _image_parts(messages: list[Message]) -> list[tuple[tuple[int, int], Part]]:
+        """Each image part with its (message, part) index."""
+        return [((mi, pi), p) for mi, m in enumerate(messages) for pi, p in enumerate(m.parts) if p.kind == "image"]
 
     async def _resolve_media(self, messages: list[Message]) -> list[Message]:
         """Fetch remote images and replace audio parts by their transcripts."""

@@ -1,18 +1,22 @@
 """OpenAI-compatible request parsing and response shapes (no Ray, no torch).
 
-``parse_chat_request`` turns a ``/v1/chat/completions`` JSON body into a
-:class:`ChatRequest` or raises :class:`APIError` (status, OpenAI error type,
-code, the offending parameter and a message naming the problem).
+``parse_json_body`` reads a request body as JSON; ``parse_chat_request``
+turns a ``/v1/chat/completions`` body into a :class:`ChatRequest` and
+``parse_transcription_form`` checks the fields of a
+``/v1/audio/transcriptions`` form. Each raises :class:`APIError` (status,
+OpenAI error type, code, the offending parameter and a message naming the
+problem).
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 from .settings import Limits
 
@@ -84,6 +88,36 @@ class ChatRequest:
         return sum(p.kind == "audio" for m in self.messages for p in m.parts)
 
 
+def parse_json_body(raw: bytes) -> Any:
+    """A request body as JSON; empty, malformed, not UTF-8 or nested too deeply is a 400."""
+    if not raw:
+        raise bad("the request body is empty; send a JSON object", code="invalid_json")
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise bad("the request body is not valid JSON: it is nested too deeply", code="invalid_json") from None
+
+
+def check_text(text: str, param: str) -> str:
+    """``text`` if it is valid Unicode: JSON's ``\\ud800`` escapes can give lone
+    surrogates, which no tokenizer (nor UTF-8) can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise bad(f"{param} is not valid Unicode text: it holds a lone surrogate "
+                  f"({text[e.start]!r}) at character {e.start}", param, "invalid_text") from None
+    return text
+
+
+def has_prompt(message: Message) -> bool:
+    """Whether a user message asks something: text that is not only
+    whitespace, or an image or audio part (the API and the chat page both
+    refuse a conversation whose last message does not)."""
+    return any(p.kind != "text" or p.text.strip() for p in message.parts)
+
+
 def _number(body: dict, name: str, default: float, lo: float, hi: float) -> float:
     value = body.get(name)
     if value is None:
@@ -121,7 +155,7 @@ def parse_data_uri(url: str, param: str) -> bytes:
 
 def _parse_part(part: Any, role: str, where: str, allow_remote: bool) -> Part:
     if isinstance(part, str):
-        return Part("text", text=part)
+        return Part("text", text=check_text(part, where))
     if not isinstance(part, dict):
         raise bad(f"{where} must be an object with a 'type', got {type(part).__name__}", where)
     kind = part.get("type")
@@ -129,7 +163,7 @@ def _parse_part(part: Any, role: str, where: str, allow_remote: bool) -> Part:
         text = part.get("text")
         if not isinstance(text, str):
             raise bad(f"{where}.text must be a string", f"{where}.text")
-        return Part("text", text=text)
+        return Part("text", text=check_text(text, f"{where}.text"))
     if kind in ("image_url", "input_audio") and role != "user":
         raise bad(f"{where}: only user messages may carry {kind} parts (this one is {role!r})", where)
     if kind == "image_url":
@@ -176,7 +210,7 @@ def parse_messages(raw: Any, limits: Limits, allow_remote: bool = False) -> list
         if content is None:
             raise bad(f"{where}.content is missing", f"{where}.content")
         if isinstance(content, str):
-            parts = [Part("text", text=content)]
+            parts = [Part("text", text=check_text(content, f"{where}.content"))]
         elif isinstance(content, list):
             parts = [_parse_part(p, role, f"{where}.content[{j}]", allow_remote) for j, p in enumerate(content)]
         else:
@@ -185,6 +219,9 @@ def parse_messages(raw: Any, limits: Limits, allow_remote: bool = False) -> list
         out.append(Message(role, parts))
     if out[-1].role != "user":
         raise bad("the last message must come from the user", f"messages[{len(out) - 1}].role")
+    if not has_prompt(out[-1]):
+        raise bad(f"messages[{len(out) - 1}].content is empty: the last user message needs text (not only "
+                  "whitespace), an image or audio", f"messages[{len(out) - 1}].content", "empty_prompt")
     check_media_counts(out, limits)
     return out
 
@@ -212,8 +249,10 @@ def parse_chat_request(body: Any, limits: Limits, allow_remote: bool = False) ->
     if fmt not in (None, {"type": "text"}):
         raise bad("'response_format': only {'type': 'text'} is supported", "response_format", "unsupported_parameter")
     model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise bad("'model' must be a string", "model")
+    if model is not None:
+        if not isinstance(model, str):
+            raise bad("'model' must be a string", "model")
+        check_text(model, "model")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None:
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
@@ -236,14 +275,21 @@ def parse_chat_request(body: Any, limits: Limits, allow_remote: bool = False) ->
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise bad("'stop' must be a non-empty string or a list of non-empty strings", "stop")
+    for i, item in enumerate(stop):
+        check_text(item, f"stop[{i}]")
     if len(stop) > limits.max_stop:
         raise bad(f"'stop' has {len(stop)} strings; at most {limits.max_stop} are allowed", "stop")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
+    stream = body.get("stream")
+    if stream is None:  # null is the default, as for every optional field
+        stream = False
+    elif not isinstance(stream, bool):
         raise bad("'stream' must be true or false", "stream")
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise bad("'stream_options' must be an object", "stream_options")
+    include_usage = opts.get("include_usage")
+    if include_usage is not None and not isinstance(include_usage, bool):
+        raise bad("'stream_options.include_usage' must be true or false", "stream_options.include_usage")
     return ChatRequest(
         messages=parse_messages(body.get("messages"), limits, allow_remote),
         max_tokens=max_tokens,
@@ -251,10 +297,60 @@ def parse_chat_request(body: Any, limits: Limits, allow_remote: bool = False) ->
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0) or 1.0,
         stop=stop,
         stream=stream,
-        include_usage=bool(opts.get("include_usage")),
+        include_usage=bool(include_usage),
         model=model,
         min_tokens=min_tokens,
     )
+
+
+# ------------------------------------------------------------ transcriptions
+
+TRANSCRIPTION_FORMATS = ("json", "text", "verbose_json")
+
+
+@dataclass
+class TranscriptionRequest:
+    language: str | None  # a Whisper language code, or None to detect it
+    response_format: str
+    temperature: float | None
+    model: str | None
+
+
+def whisper_language(value: str) -> str:
+    """A Whisper language code from a code or a name ('en', 'English',
+    'castilian'); anything else is a 400. (Imports Whisper's language table.)"""
+    from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
+
+    key = value.strip().lower()
+    if key in LANGUAGES:
+        return key
+    if key in TO_LANGUAGE_CODE:
+        return TO_LANGUAGE_CODE[key]
+    raise bad(f"language {value!r} is not supported; use a language code such as 'en' or a name such as "
+              "'english' (the languages Whisper knows)", "language", "unsupported_language")
+
+
+def parse_transcription_form(form: Mapping[str, Any]) -> TranscriptionRequest:
+    """The fields of a ``/v1/audio/transcriptions`` form other than ``file``."""
+    fields = {}
+    for name in ("response_format", "language", "temperature", "model"):
+        value = form.get(name)
+        if value is not None and not isinstance(value, str):
+            raise bad(f"'{name}' must be a plain form field, not a file", name)
+        fields[name] = value or None
+    fmt = fields["response_format"] or "json"
+    if fmt not in TRANSCRIPTION_FORMATS:
+        raise bad(f"response_format {fmt!r} is not supported; use json, text or verbose_json", "response_format")
+    language = fields["language"] and whisper_language(fields["language"])
+    temperature = fields["temperature"]
+    if temperature is not None:
+        try:
+            temperature = float(temperature)
+        except ValueError:
+            raise bad(f"'temperature' must be a number, got {temperature!r}", "temperature") from None
+        if not 0.0 <= temperature <= 1.0:
+            raise bad(f"'temperature' must be between 0 and 1, got {fields['temperature']}", "temperature")
+    return TranscriptionRequest(language, fmt, temperature, fields["model"])
 
 
 # ----------------------------------------------------------------- responses

@@ -17,7 +17,7 @@ from typing import Any
 import gradio as gr
 
 from .chat import ChatService
-from .protocol import APIError, ChatRequest, Message, Part, check_media_counts
+from .protocol import APIError, ChatRequest, Message, Part, check_media_counts, has_prompt
 
 log = logging.getLogger("ray.serve")  # Serve writes it to the replica logs
 
@@ -132,7 +132,7 @@ def build_ui(service: ChatService) -> gr.Blocks:
     async def respond(message, history):
         try:
             messages = to_messages(message, history)
-            if not any(p.text.strip() or p.kind != "text" for p in messages[-1].parts):
+            if not has_prompt(messages[-1]):
                 raise APIError(400, "type a message or attach an image or audio clip")
             check_media_counts(messages, limits)
             req = ChatRequest(messages=messages, max_tokens=None, temperature=0.0, top_p=1.0, stop=[],

@@ -162,6 +162,7 @@ def test_stream_yields_chunks_ending_with_done_and_matches_non_stream(client):
     finals = [e["choices"][0]["finish_reason"] for e in events if e["choices"] and e["choices"][0]["finish_reason"]]
     assert finals == [whole["choices"][0]["finish_reason"]]
     assert events[-1]["choices"] == [] and events[-1]["usage"] == whole["usage"]
+    assert ask(client, stream=None, stream_options=None)["object"] == "chat.completion"  # null: not streamed
 
 
 def test_max_tokens_and_stop_strings(client):
@@ -224,6 +225,10 @@ def test_transcriptions(client):
                     data={"model": "whisper-1"})
     assert r.status_code == 200, r.text
     assert isinstance(r.json()["text"], str)
+    r = client.post("/v1/audio/transcriptions", files={"file": ("q.wav", wav(), "audio/wav")},
+                    data={"language": "English", "temperature": "0", "response_format": "verbose_json"})
+    assert r.status_code == 200, r.text
+    assert r.json()["language"] == "en"
     r = client.post("/v1/audio/transcriptions", files={"file": ("q.wav", wav(), "audio/wav")},
                     data={"response_format": "text"})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
@@ -297,6 +302,15 @@ HOSTILE = {
     "unknown model": (dict(json={"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}), 404,
                       "does not exist"),
     "n above 1": (dict(json={"messages": [{"role": "user", "content": "x"}], "n": 3}), 400, "must be 1"),
+    "whitespace prompt": (dict(json={"messages": [{"role": "user", "content": "   \n\t "}]}), 400, "is empty"),
+    "empty prompt, streamed": (dict(json={"messages": [{"role": "user", "content": [{"type": "text", "text": ""}]}],
+                                         "stream": True}), 400, "is empty"),
+    "lone surrogate": (dict(content=rb'{"messages": [{"role": "user", "content": "\ud800"}]}'), 400,
+                       "messages[0].content is not valid Unicode"),
+    "deeply nested JSON": (dict(content=b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"), 400,
+                           "nested too deeply"),
+    "include_usage not a boolean": (dict(json={"messages": [{"role": "user", "content": "x"}], "stream": True,
+                                               "stream_options": {"include_usage": "no"}}), 400, "true or false"),
 }
 
 
@@ -317,6 +331,9 @@ def test_hostile_input_gets_a_clear_error_and_the_service_answers_next(client, c
     ({"file": ("long.wav", wav(7.0), "audio/wav")}, {}, 400, "the limit is 5 s"),
     ({}, {"model": "whisper-1"}, 400, "'file'"),
     ({"file": ("x.wav", wav(), "audio/wav")}, {"response_format": "srt"}, 400, "not supported"),
+    ({"file": ("x.wav", wav(), "audio/wav")}, {"language": "klingon"}, 400, "language 'klingon' is not supported"),
+    ({"file": ("x.wav", wav(), "audio/wav")}, {"temperature": "hot"}, 400, "must be a number"),
+    ({"file": ("x.wav", wav(), "audio/wav")}, {"model": "gpt-4o-transcribe"}, 404, "does not exist"),
 ])
 def test_hostile_transcriptions(client, files, data, status, words):
     r = client.post("/v1/audio/transcriptions", files=files or None, data=data)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from serve.chat import TextStream
@@ -340,3 +342,228 @@ def test_the_pages_example_images_live_in_one_folder_per_user(tmp_path, monkeypa
     assert [(ex["text"], len(ex["files"])) for ex in first] == [
         (TEMPLATES["colour"][0], 1), (TEMPLATES["position"][0], 1), (TEMPLATES["count"][0], 1),
         ("What is three plus four?", 0)]
+
+
+# ------------------------------------------------- empty, broken and odd input
+
+AUDIO = {"type": "input_audio", "input_audio": {"data": base64.b64encode(b"RIFF").decode(), "format": "wav"}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("content", ["", "   \n\t ", [], [{"type": "text", "text": ""}],
+                                     [{"type": "text", "text": " "}, "\n"]])
+def test_an_empty_last_user_message_is_refused(content, stream):
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    err = error_of(messages=history + [{"role": "user", "content": content}], stream=stream)
+    assert err.param == "messages[2].content" and err.code == "empty_prompt"
+    assert "is empty" in err.message
+
+
+@pytest.mark.parametrize("content", [[{"type": "image_url", "image_url": {"url": PNG}}], [AUDIO],
+                                     [{"type": "text", "text": ""}, {"type": "image_url", "image_url": {"url": PNG}}],
+                                     " x "])
+def test_image_or_audio_alone_is_a_prompt_and_earlier_messages_may_be_empty(content):
+    req = parse(messages=[{"role": "system", "content": ""}, {"role": "user", "content": []},
+                          {"role": "assistant", "content": ""}, {"role": "user", "content": content}])
+    assert len(req.messages) == 4
+
+
+def test_the_page_and_the_api_share_the_empty_prompt_rule():
+    from serve.protocol import Message, Part, has_prompt
+
+    assert not has_prompt(Message("user", [Part("text", text=" \t")]))
+    assert has_prompt(Message("user", [Part("audio", data=b"x")]))
+    assert "has_prompt(messages[-1])" in (Path(__file__).parents[1] / "serve" / "ui.py").read_text()
+
+
+@pytest.mark.parametrize("raw, param", [
+    (r'{"messages": [{"role": "user", "content": "\ud800"}]}', "messages[0].content"),
+    (r'{"messages": [{"role": "user", "content": [{"type": "text", "text": "ok \udfff"}]}]}',
+     "messages[0].content[0].text"),
+    (r'{"messages": [{"role": "user", "content": ["a", "\ud83d"]}]}', "messages[0].content[1]"),
+    (r'{"messages": [{"role": "system", "content": "\udc80"}, {"role": "user", "content": "hi"}]}',
+     "messages[0].content"),
+    (r'{"messages": [{"role": "user", "content": "hi"}], "stop": ["\ud800"]}', "stop[0]"),
+    (r'{"messages": [{"role": "user", "content": "hi"}], "model": "\ud800"}', "model"),
+])
+def test_text_that_is_not_valid_unicode_is_refused(raw, param):
+    from serve.protocol import parse_json_body
+
+    with pytest.raises(APIError) as e:
+        parse_chat_request(parse_json_body(raw.encode()), LIMITS)
+    assert e.value.status == 400 and e.value.param == param
+    assert "not valid Unicode" in e.value.message
+    e.value.message.encode("utf-8")  # the error itself can be sent
+    # a valid surrogate pair is one character
+    assert parse_chat_request(parse_json_body(rb'{"messages": [{"role": "user", "content": "\ud83d\ude00"}]}'),
+                              LIMITS).messages[0].parts[0].text == "\U0001F600"
+
+
+def test_deeply_nested_json_is_a_clear_error():
+    from serve.protocol import parse_json_body
+
+    depth = 100_000
+    for raw in (b'{"messages": ' + b"[" * depth + b"]" * depth + b"}", b"{" + b'"a": {' * depth + b"}" * (depth + 1)):
+        with pytest.raises(APIError, match="nested too deeply") as e:
+            parse_json_body(raw)
+        assert e.value.status == 400 and e.value.code == "invalid_json"
+    with pytest.raises(APIError, match="must be an object"):  # nested, but not too deeply to read
+        parse_chat_request(parse_json_body(b'{"messages": ' + b"[" * 50 + b"]" * 50 + b"}"), LIMITS)
+
+
+def test_stream_null_is_false_and_include_usage_must_be_a_boolean():
+    req = parse(stream=None, stream_options=None)
+    assert (req.stream, req.include_usage) == (False, False)
+    assert parse(stream=True, stream_options={"include_usage": None}).include_usage is False
+    for value in ("no", 0, 1, "true"):
+        err = error_of(stream=True, stream_options={"include_usage": value})
+        assert err.param == "stream_options.include_usage" and "true or false" in err.message
+
+
+@pytest.mark.parametrize("given, code", [("en", "en"), ("EN", "en"), ("English", "en"), ("castilian", "es"),
+                                         ("haw", "haw"), (" french ", "fr")])
+def test_transcription_language_is_a_whisper_code_or_name(given, code):
+    from serve.protocol import parse_transcription_form
+
+    assert parse_transcription_form({"language": given}).language == code
+    assert parse_transcription_form({}).language is None
+
+
+@pytest.mark.parametrize("form, param, words", [
+    ({"language": "klingon"}, "language", "language 'klingon' is not supported"),
+    ({"language": "e"}, "language", "not supported"),
+    ({"temperature": "hot"}, "temperature", "must be a number, got 'hot'"),
+    ({"temperature": "nan"}, "temperature", "between 0 and 1"),
+    ({"temperature": "1.5"}, "temperature", "between 0 and 1"),
+    ({"response_format": "srt"}, "response_format", "not supported"),
+])
+def test_bad_transcription_fields_name_the_problem(form, param, words):
+    from serve.protocol import parse_transcription_form
+
+    with pytest.raises(APIError) as e:
+        parse_transcription_form(form)
+    assert e.value.status == 400 and e.value.param == param and words in e.value.message
+    assert parse_transcription_form({"temperature": "0.2"}).temperature == 0.2
+
+
+class FakeImageEncoder:
+    """Decodes images as the ImageEncoder replica does, without CLIP."""
+
+    @property
+    def encode(self):
+        return self
+
+    async def remote(self, data: bytes):
+        from models.images import load_image
+
+        load_image(data)
+        return np.zeros((4, 8), np.float32)
+
+
+class FakeASR:
+    def __init__(self):
+        self.calls = []
+
+    @property
+    def transcribe(self):
+        return self
+
+    async def remote(self, data: bytes, language=None):
+        self.calls.append(language)
+        return "some words"
+
+
+def fake_service(tok, tiny_cfg, **settings):
+    from serve.chat import ChatService
+    from serve.loading import Source
+
+    return ChatService(FakeASR(), FakeImageEncoder(), None, tok, Source(tiny_cfg, None, None),
+                       ServeSettings.from_dict(settings))
+
+
+def test_an_image_that_does_not_decode_is_named_without_python_internals(tok, tiny_cfg):
+    import asyncio
+    import io
+
+    from PIL import Image
+
+    service = fake_service(tok, tiny_cfg)
+    good = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(good, "PNG")
+    image = "data:image/png;base64,"
+    req = parse(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "Which?"},
+        {"type": "image_url", "image_url": {"url": image + base64.b64encode(good.getvalue()).decode()}},
+        {"type": "image_url", "image_url": {"url": image + base64.b64encode(b"\x89PNG broken").decode()}}]}])
+    with pytest.raises(APIError) as e:
+        asyncio.run(service.prepare(req))
+    err = e.value
+    assert err.status == 400 and err.code == "invalid_image"
+    assert err.message.startswith("image 2 (messages[0].content[2]): could not decode an image"), err.message
+    assert " at 0x" not in err.message and "BytesIO" not in err.message and "<" not in err.message
+    assert err.param == "messages[0].content[2].image_url"
+
+
+def test_image_error_message_drops_object_reprs():
+    from serve.chat import image_error_message
+
+    msg = image_error_message("could not decode an image from the given bytes: cannot identify image file "
+                              "<_io.BytesIO object at 0x7f86a1b2c3d0>")
+    assert msg == "could not decode an image from the given bytes: the data is not in an image format the server reads"
+
+
+@pytest.fixture
+def api(tok, tiny_cfg):
+    from starlette.testclient import TestClient
+
+    from serve.api import build_api
+
+    service = fake_service(tok, tiny_cfg)
+    with TestClient(build_api(service, api_key=None, mount_ui=False), raise_server_exceptions=False) as c:
+        c.service = service
+        yield c
+
+
+def test_the_api_refuses_broken_bodies_with_400(api):
+    cases = [
+        (b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None, "nested too deeply"),
+        (rb'{"messages": [{"role": "user", "content": "\ud800"}]}', "messages[0].content", "not valid Unicode"),
+        (rb'{"messages": [{"role": "user", "content": "  "}]}', "messages[0].content", "is empty"),
+        (rb'{"messages": [{"role": "user", "content": []}], "stream": true}', "messages[0].content", "is empty"),
+    ]
+    for raw, param, words in cases:
+        r = api.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert words in err["message"] and err["param"] == param and err["type"] == "invalid_request_error"
+
+
+def test_transcriptions_check_language_temperature_and_model(api):
+    wav = {"file": ("q.wav", b"RIFF....", "audio/wav")}
+    for data, status, param, words in [
+        ({"language": "klingon"}, 400, "language", "language 'klingon' is not supported"),
+        ({"temperature": "warm"}, 400, "temperature", "must be a number"),
+        ({"model": "gpt-4o-transcribe"}, 404, "model", "does not exist"),
+    ]:
+        r = api.post("/v1/audio/transcriptions", files=wav, data=data)
+        assert r.status_code == status, r.text
+        err = r.json()["error"]
+        assert err["param"] == param and words in err["message"], err
+    assert api.service.asr.calls == []  # refused before the ASR call
+    for model in ("whisper-1", "mmphi", str(api.service.source.cfg.speech.model)):
+        r = api.post("/v1/audio/transcriptions", files=wav, data={"model": model, "language": "English"})
+        assert r.status_code == 200 and r.json() == {"text": "some words"}, r.text
+    assert api.service.asr.calls == ["en"] * 3
+
+
+def test_internal_errors_name_the_cause_without_a_remote_traceback():
+    from serve.api import internal_error
+
+    class TaskError(Exception):  # the shape of ray.exceptions.RayTaskError: a traceback, then .cause
+        cause = ValueError("unsupported thing\nmore detail")
+
+        def __str__(self):
+            return '\x1b[36mray::ASR.transcribe()\x1b[39m (pid=1)\n  File "/x/y.py", line 3'
+
+    err = internal_error("internal error", TaskError())
+    assert err.status == 500 and err.message == "internal error: ValueError: unsupported thing"
