@@ -24,7 +24,7 @@ from pathlib import Path
 
 from models.config import ConfigError
 
-from .train import TrainSettings
+from .train import SettingsError, TrainSettings
 
 # the value types a setting accepts, by the names in its annotation ("int | None", "list[str]")
 _TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "list": (list,), "dict": (dict,),
@@ -59,7 +59,10 @@ def load_plan(path: str | Path) -> list[TrainSettings]:
         missing = [k for k in _REQUIRED if k not in merged]
         if missing:
             raise PlanError(f"{path}: run {i} has no {', '.join(missing)} (set them for the run or for every run)")
-        runs.append(TrainSettings(**merged))
+        try:
+            runs.append(TrainSettings(**merged))
+        except SettingsError as e:
+            raise PlanError(f"{path}: run {i}: {e}") from None
     return runs
 
 

@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -92,8 +93,46 @@ class TrainSettings:
     # auto: on CUDA with ddp when Triton and a C compiler are there (models.kernels.resolve_compile) | on | off
     compile: str = "auto"
 
+    def __post_init__(self) -> None:
+        self.check_numbers()
+
+    def check_numbers(self) -> None:
+        """A clear ``SettingsError`` for a number the job cannot run with, named
+        as its flag (``steps`` is ``--steps``): raised where the settings are
+        made, before any Ray start-up."""
+        def flag(name: str) -> str:
+            return "--" + name.replace("_", "-")
+
+        def integer(name: str, least: int) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise SettingsError(f"{flag(name)} must be an integer of {least} or more, got {v!r}")
+
+        def number(name: str, positive: bool) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 \
+                    or (positive and v == 0):
+                raise SettingsError(f"{flag(name)} must be a finite number {'above' if positive else 'of'} 0"
+                                    f"{'' if positive else ' or more'}, got {v!r}")
+
+        for name in ("steps", "batch_size", "workers", "eval_every", "ckpt_every", "eval_samples"):
+            integer(name, 1)
+        integer("warmup", 0)  # 0: no warm-up, the cosine schedule from the first step
+        integer("loss_chunk", 0)  # 0: the model's own loss
+        integer("max_failures", -1)  # -1: restart without limit (Ray Train's FailureConfig)
+        if self.threads is not None:
+            integer("threads", 1)
+        number("lr", positive=True)
+        for name in ("projector_lr_scale", "weight_decay", "cpus_per_worker"):
+            number(name, positive=False)
+
     def run_name(self) -> str:
         return self.name or f"{Path(self.data).name}-{self.stage}"
+
+
+class SettingsError(ValueError):
+    """Training settings the job cannot run with, found on the driver before
+    Ray starts (the command line prints it as one line)."""
 
 
 # ------------------------------------------------------------------ worker side
@@ -469,6 +508,8 @@ def run_sequence(runs: list[TrainSettings]) -> list[dict]:
     (``checkpoint_<name>_<time>``), which is also where Ray Train keeps the
     sequence's state: the same sequence resumes where it stopped, runs that
     finished are not trained again. Returns one summary per run."""
+    cfgs = prepare_sequence(runs)  # before Ray is imported: a wrong setting fails at once
+
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -477,16 +518,7 @@ def run_sequence(runs: list[TrainSettings]) -> list[dict]:
 
     from .outputs import RunOutputs
 
-    if not runs:
-        raise ValueError("a sequence needs at least one run")
-    cfgs = []
-    for k, s in enumerate(runs):
-        cfgs.append(_prepare(s, cfgs[-1] if k else None))
-        if k:
-            _chain(runs[k - 1], s, k)
     names = [s.run_name() for s in runs]
-    if len(set(names)) < len(names):
-        raise ValueError(f"the runs of a sequence need different names, got {names}")
     checkpoints = names[0]  # the Ray Train run folder: the sequence's state and checkpoints
     summaries = []
     for s in runs:
@@ -530,6 +562,49 @@ def run_sequence(runs: list[TrainSettings]) -> list[dict]:
         outputs.plot()
         started = ended
     return summaries
+
+
+def prepare_sequence(runs: list[TrainSettings]) -> list:
+    """Check every run of a sequence on the driver, before Ray starts (its
+    numbers, choices, ``init``, data set and embeddings: what the workers
+    would otherwise refuse only after the Ray Train start-up), make their
+    paths absolute and chain them; returns their model configs. A
+    ``SettingsError`` names the problem (a ``ConfigError`` stays one)."""
+    from models.config import ConfigError
+
+    try:
+        if not runs:
+            raise ValueError("a sequence needs at least one run")
+        cfgs = []
+        for k, s in enumerate(runs):
+            s.check_numbers()  # settings changed since they were made
+            cfgs.append(_prepare(s, cfgs[-1] if k else None))
+            if k:
+                _chain(runs[k - 1], s, k)
+        names = [s.run_name() for s in runs]
+        if len(set(names)) < len(names):
+            raise ValueError(f"the runs of a sequence need different names, got {names}")
+        for s, cfg in zip(runs, cfgs):
+            _check_inputs(s, cfg)
+    except (ConfigError, SettingsError):
+        raise
+    except (ValueError, FileNotFoundError) as e:
+        raise SettingsError(str(e)) from e
+    return cfgs
+
+
+def _check_inputs(s: TrainSettings, cfg) -> None:
+    """Read the data set and the embeddings' manifest as the workers do (so
+    with the same errors): a missing or unreadable folder, file or manifest,
+    or embeddings of another encoder, fails here at once. The shards are
+    not read."""
+    from data_pipelines.embed import EmbeddingStore
+
+    from . import data as D
+
+    for split in ("train", "val"):
+        D.load_samples(s.data, split, s.stage)
+    check_embeddings(cfg, EmbeddingStore(s.embeddings).identity, s.embeddings)
 
 
 def _chain(prev: TrainSettings, s: TrainSettings, k: int) -> None:
@@ -676,12 +751,16 @@ def settings_from_args(stage: str, a: argparse.Namespace) -> TrainSettings:
 
 def main(stage: str, args: argparse.Namespace) -> int:
     """``projector`` and ``qlora``: one run from the flags; ``plan``: the runs of a plan file."""
-    if stage == "plan":
-        from .plan import load_plan
+    try:
+        if stage == "plan":
+            from .plan import load_plan
 
-        summaries = run_sequence(load_plan(args.plan))
-    else:
-        summaries = [run(settings_from_args(stage, args))]
+            summaries = run_sequence(load_plan(args.plan))
+        else:
+            summaries = [run(settings_from_args(stage, args))]
+    except SettingsError as e:
+        print(f"mmphi train: {e}", file=sys.stderr)
+        return 2
     keys = ("run", "steps", "final", "answer_accuracy", "blind_answer_accuracy", "chance")
     shown = [{k: s[k] for k in keys if k in s} for s in summaries]
     print(json.dumps(shown[0] if stage != "plan" else shown, indent=2))

@@ -10,8 +10,25 @@ from ray_jobs.outputs import RunOutputs
 
 
 def settings(tmp_path, stage: str, name: str, **kw) -> train.TrainSettings:
+    inputs(tmp_path)
     return train.TrainSettings(stage=stage, data=str(tmp_path / "d"), embeddings=str(tmp_path / "e"),
                                out=str(tmp_path / "runs"), name=name, **kw)
+
+
+def inputs(tmp_path) -> None:
+    """An empty data set ``d`` and an embeddings manifest ``e`` of the tiny
+    preset's encoder: what the driver checks before Ray starts."""
+    from data_pipelines.embed import FORMAT
+    from models.config import load_config
+    from models.vision import vision_identity
+
+    (tmp_path / "d" / "images").mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val"):
+        (tmp_path / "d" / f"{split}.json").write_text("[]")
+    (tmp_path / "e").mkdir(exist_ok=True)
+    (tmp_path / "e" / "manifest.json").write_text(json.dumps(
+        {"format": FORMAT, "encoder": vision_identity(load_config("tiny").vision), "shape": [1, 1],
+         "dtype": "float16", "shards": []}))
 
 
 def test_each_run_starts_from_the_previous_final_in_the_first_runs_ray_folder(tmp_path, handed):
@@ -99,6 +116,7 @@ def test_a_plan_file_is_a_sequence(tmp_path, handed):
 
     plan = tmp_path / "plan.yaml"
     plan.write_text(PLAN.format(root=tmp_path))
+    inputs(tmp_path)
     with pytest.raises(handed.Stop):
         main(["train", "plan", str(plan)])
     runs = [r["settings"] for r in handed["train_loop_config"]["runs"]]
@@ -184,3 +202,69 @@ def test_the_cluster_plan_is_the_guides_two_training_jobs():
     assert jobs["qlora"].init == f"{s1.out}/{s1.name}/final" and s2.init is None
     assert dataclasses.asdict(s2) | {"init": None, "preset": None} == \
         dataclasses.asdict(jobs["qlora"]) | {"init": None, "preset": None}
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"steps": 0}, "--steps must be an integer of 1 or more, got 0"),
+    ({"steps": -3}, "--steps must be"),
+    ({"batch_size": 0}, "--batch-size must be"),
+    ({"workers": 0}, "--workers must be"),
+    ({"eval_every": 0}, "--eval-every must be"),
+    ({"ckpt_every": 0}, "--ckpt-every must be"),
+    ({"warmup": -1}, "--warmup must be an integer of 0 or more"),
+    ({"lr": -1.0}, "--lr must be a finite number above 0"),
+    ({"lr": float("nan")}, "--lr must be a finite number above 0"),
+    ({"lr": 0}, "--lr must be"),
+])
+def test_settings_refuse_numbers_the_job_cannot_run_with(values, message):
+    with pytest.raises(train.SettingsError, match=message):
+        train.TrainSettings(stage="projector", data="d", embeddings="e", out="o", **values)
+    s = train.TrainSettings(stage="projector", data="d", embeddings="e", out="o", warmup=0, max_failures=-1)
+    for k, v in values.items():  # changed after they were made: refused before any start-up
+        setattr(s, k, v)
+    with pytest.raises(train.SettingsError, match=message):
+        train.prepare_sequence([s])
+
+
+def test_a_plan_with_bad_numbers_names_the_run(tmp_path):
+    from ray_jobs.plan import PlanError, load_plan
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("data: d\nembeddings: e\nout: o\nruns:\n  - {stage: projector, steps: -1, batch_size: 0}\n")
+    with pytest.raises(PlanError, match=r"run 1: --steps must be an integer of 1 or more, got -1"):
+        load_plan(plan)
+
+
+def test_inputs_are_checked_on_the_driver_before_ray(tmp_path, monkeypatch):
+    """A missing data folder, a corrupt train.json or embeddings without a
+    manifest fail in the driver with the workers' own message; no run folder
+    is left behind."""
+    import ray_jobs.train as T
+
+    monkeypatch.setattr("data_pipelines.embed.init_ray", lambda *a, **k: pytest.fail("Ray started"))
+
+    def refused(data, embeddings, message):
+        s = T.TrainSettings(stage="projector", data=str(data), embeddings=str(embeddings), out=str(tmp_path / "runs"))
+        with pytest.raises(T.SettingsError, match=message):
+            T.run(s)
+        assert not (tmp_path / "runs").exists()
+
+    (tmp_path / "emb").mkdir()
+    refused(tmp_path / "nosuch", tmp_path / "emb", "data set folder .*nosuch does not exist")
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "train.json").write_text('[{"id":')
+    (data / "val.json").write_text("[]")
+    refused(data, tmp_path / "emb", r"train\.json is not valid JSON")
+    (data / "train.json").write_text("[]")
+    refused(data, tmp_path / "emb", "has no manifest.json: run the embedding job first")
+    (tmp_path / "emb" / "manifest.json").write_text("{oops")
+    refused(data, tmp_path / "emb", r"manifest\.json is not valid JSON")
+
+
+def test_the_command_prints_a_settings_error_as_one_line(capsys):
+    from mmphi.cli import main
+
+    assert main(["train", "projector", "--data", "d", "--embeddings", "e", "--out", "o", "--steps", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err == "mmphi train: --steps must be an integer of 1 or more, got 0\n", err
