@@ -318,9 +318,6 @@ def started_local_cluster() -> bool:
 
 
 def run(s: EmbedSettings) -> dict:
-    import ray
-    from ray.data import ActorPoolStrategy, TaskPoolStrategy
-
     from models.config import load_config
     from models.images import ImageCropper
     from models.vision import preprocess_cfg
@@ -331,7 +328,15 @@ def run(s: EmbedSettings) -> dict:
         resources = check_resources(s.resources_per_actor, RESOURCE_HINTS)
     except ValueError as e:
         raise EmbedError(f"--resources-per-actor: {e}") from None
-    _check_positive_int(s.calls_per_actor, "--calls-per-actor")
+    for value, flag in ((s.batch_size, "--batch-size"), (s.actors, "--actors"), (s.shard_size, "--shard-size"),
+                        (s.calls_per_actor, "--calls-per-actor"), (s.decode_batch, "EmbedSettings.decode_batch")):
+        _check_positive_int(value, flag)
+    if s.max_actors is not None:
+        _check_positive_int(s.max_actors, "--max-actors")
+        if s.max_actors < s.actors:
+            raise EmbedError(f"--max-actors ({s.max_actors}) must be at least --actors ({s.actors})")
+    if s.limit is not None:
+        _check_positive_int(s.limit, "--limit")
     if s.decode_tasks is not None:
         _check_positive_int(s.decode_tasks, "--decode-tasks")
     if s.gpus_per_actor is not None and s.gpus_per_actor < 0:
@@ -343,7 +348,7 @@ def run(s: EmbedSettings) -> dict:
     c = ImageCropper.from_preprocess_cfg(preprocess_cfg(cfg.vision))
     crop = {"size": c.size, "interpolation": c.interpolation, "resize_mode": c.resize_mode}
     root, paths, info = referenced_images(s.data, s.json_files, s.images)
-    if s.limit:
+    if s.limit is not None:
         paths = paths[: s.limit]
     fs, base = storage.resolve(s.out)
     fs.create_dir(base, recursive=True)
@@ -362,6 +367,9 @@ def run(s: EmbedSettings) -> dict:
              info["references"], len(paths), len(done & wanted), len(set(skipped_before) & wanted), len(todo))
     summaries = []
     if todo:
+        import ray
+        from ray.data import ActorPoolStrategy, TaskPoolStrategy
+
         init_ray(s.address)
         if gpus is None:
             gpus = default_gpus_per_actor()
@@ -420,8 +428,11 @@ class EmbeddingStore:
         mf = storage.join(base, "manifest.json")
         if not storage.exists(fs, mf):
             raise FileNotFoundError(f"{out} has no manifest.json: run the embedding job first")
-        self.manifest = json.loads(storage.read_bytes(fs, mf))
-        if self.manifest.get("format") != FORMAT:
+        try:
+            self.manifest = json.loads(storage.read_bytes(fs, mf))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{mf} is not valid JSON ({e}): rerun the embedding job to rewrite it") from None
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
             raise ValueError(f"{mf} is not an mmphi embeddings manifest")
         self.shape = tuple(self.manifest["shape"])
         self.dtype = self.manifest["dtype"]
@@ -489,7 +500,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="decode tasks at once (default: one per logical CPU of the cluster that the encoder actors "
                         "leave; more only help when reading waits on remote storage)")
     p.add_argument("--shard-size", type=int, default=256, help="images per output Parquet file")
-    p.add_argument("--limit", type=int, default=None, help="embed only the first N images (smoke runs)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="embed only the first N images, N >= 1 (smoke runs; default: all)")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local cluster)")
 
 

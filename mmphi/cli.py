@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
 import os
+import re
 import shutil
 import sys
 
@@ -28,7 +30,41 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="preset name (tiny, phi3-mini) or a .yaml/.json config file (default: tiny)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, e.g. --set llm.lora.r=8 (repeatable)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--device", default=None, type=device_arg,
+                   help="torch device: cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
+
+
+DEVICE = re.compile(r"(cpu|cuda(:\d+)?|mps)")
+
+
+def device_arg(value: str) -> str:
+    """A ``--device`` value torch can place a model on, checked without
+    importing torch (so a wrong one is a usage error at once)."""
+    if not DEVICE.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device: choose cpu, cuda, cuda:N or mps")
+    return value
+
+
+def positive_int(value: str) -> int:
+    """An argparse ``type``: an integer of 1 or more."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} is below 1")
+    return n
+
+
+def positive_float(value: str) -> float:
+    """An argparse ``type``: a finite number above 0."""
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not math.isfinite(x) or x <= 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a finite number above 0")
+    return x
 
 
 def quiet_third_party(verbose: bool = False) -> None:

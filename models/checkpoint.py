@@ -32,7 +32,12 @@ VERSION = 1
 META = "mmphi.json"
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be read: a file missing, cut short or
+    not what it should be (the message names the file)."""
+
+
+class CheckpointMismatch(CheckpointError):
     """A checkpoint does not fit the model or data it is combined with."""
 
 
@@ -67,10 +72,45 @@ def read_meta(path: str | Path) -> dict:
     meta_file = path / META
     if not meta_file.exists():
         raise FileNotFoundError(f"{path} is not an mmphi checkpoint (no {META})")
-    meta = json.loads(meta_file.read_text())
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{meta_file} is not valid JSON ({e}): the checkpoint is damaged") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_file} holds a JSON {type(meta).__name__}, not a checkpoint's description")
     if meta.get("format") != FORMAT or meta.get("version", 0) > VERSION:
         raise CheckpointMismatch(f"{meta_file}: unsupported format {meta.get('format')!r} v{meta.get('version')}")
+    missing = [k for k in ("config", "identity") if not isinstance(meta.get(k), dict)]
+    if missing:
+        raise CheckpointError(f"{meta_file} has no {' or '.join(missing)} mapping: the checkpoint is damaged")
     return meta
+
+
+def check_files(path: str | Path, meta: dict, sizes: bool = True) -> None:
+    """Refuse a checkpoint folder whose files are not all there (with
+    ``sizes``: with the sizes) its ``mmphi.json`` lists (a copy cut short),
+    naming the first such file. Checkpoints written before ``mmphi.json``
+    listed its files pass."""
+    path = Path(path)
+    for name, size in (meta.get("files") or {}).items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing: the checkpoint is incomplete ({META} lists it)")
+        if sizes and f.stat().st_size != size:
+            raise CheckpointError(f"{f} is {f.stat().st_size} bytes, {META} lists {size}: "
+                                  "the file is cut short or damaged")
+
+
+def read_projector(path: str | Path) -> dict[str, torch.Tensor]:
+    """The projector weights of a checkpoint folder; a ``CheckpointError``
+    naming the file when it is missing or not readable as safetensors."""
+    f = Path(path) / "projector.safetensors"
+    if not f.is_file():
+        raise CheckpointError(f"{f} is missing: the checkpoint is incomplete")
+    try:
+        return load_file(str(f))
+    except Exception as e:  # safetensors' SafetensorError (a header or length that does not add up), OSError
+        raise CheckpointError(f"{f} is not a readable safetensors file ({e}): it is cut short or damaged") from None
 
 
 def save_checkpoint(model, path: str | Path, extra: dict | None = None) -> Path:
@@ -130,6 +170,7 @@ def load_checkpoint(
 
     path = Path(path)
     meta = read_meta(path)
+    check_files(path, meta, sizes=False)  # a file of another size may be one written on purpose: checked on failure
     cfg = apply_overrides(meta["config"], overrides)
     saved = meta["identity"]
     assert_compatible(identity(cfg), saved, "overridden config")
@@ -137,11 +178,15 @@ def load_checkpoint(
         want = expect if isinstance(expect, dict) else identity(expect)
         have = {k: saved[k] for k in want} if set(want) <= set(saved) else saved
         assert_compatible(have, want, f"checkpoint {path}")
-    model = MultimodalPhi3.from_config(
-        cfg, device=device, with_vision=with_vision, trainable=trainable,
-        adapter=path / "adapter" if meta.get("has_adapter") else None,
-    )
-    tok = ChatTokenizer.load(path / "tokenizer", cfg.tokenizer.image_token)
+    try:
+        model = MultimodalPhi3.from_config(
+            cfg, device=device, with_vision=with_vision, trainable=trainable,
+            adapter=path / "adapter" if meta.get("has_adapter") else None,
+        )
+        tok = ChatTokenizer.load(path / "tokenizer", cfg.tokenizer.image_token)
+    except (OSError, ValueError, RuntimeError):  # the adapter or tokenizer did not load: name a file cut short
+        check_files(path, meta)
+        raise
     if tok.hf.get_vocab() != model.tokenizer.hf.get_vocab():
         raise CheckpointMismatch(f"{path}: the saved tokenizer differs from the one the config builds")
     model.tokenizer = tok
@@ -151,7 +196,7 @@ def load_checkpoint(
         raise CheckpointMismatch(f"{path}: base language model weights differ from those it was trained on")
     if model.vision is not None and fps.get("vision") not in (None, fingerprint(next(model.vision.parameters()))):
         raise CheckpointMismatch(f"{path}: vision encoder weights differ from those it was trained with")
-    state = load_file(str(path / "projector.safetensors"))
+    state = read_projector(path)
     try:
         model.projector.load_state_dict(state)
     except RuntimeError as e:

@@ -253,10 +253,19 @@ def _parse_override(item: str) -> dict:
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like key.sub=value")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw else None
+    parts = key.strip().split(".")
+    if not all(p.strip() for p in parts):
+        raise ConfigError(f"override {item!r} has {'no key' if not key.strip() else f'an empty part in key {key!r}'}; "
+                          "overrides look like key.sub=value")
+    parts = [p.strip() for p in parts]
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError as e:
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"override {item!r}: the value {raw!r} is not valid YAML ({problem}); "
+                          "quote it to give a string") from None
     out: dict = {}
     node = out
-    parts = key.strip().split(".")
     for p in parts[:-1]:
         node = node.setdefault(p, {})
     node[parts[-1]] = value

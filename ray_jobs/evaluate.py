@@ -15,6 +15,8 @@ import sys
 
 def evaluate_checkpoint(checkpoint: str, data: str, embeddings: str, samples: int = 400,
                         batch_size: int = 32, device: str | None = None) -> dict:
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"--samples must be an integer of 1 or more, got {samples!r}")
     from data_pipelines.embed import EmbeddingStore
     from models.checkpoint import load_checkpoint
 

@@ -179,3 +179,29 @@ def test_a_checkpoint_lists_its_files_and_a_copy_cut_short_is_passed_over(traine
     loaded = load_checkpoint(final, device="cpu")
     for a, b in zip(loaded.projector.parameters(), m.projector.parameters(), strict=True):
         assert torch.equal(a, b.detach().float())
+
+
+def test_a_damaged_checkpoint_names_the_file(trained, tmp_path):
+    import shutil
+
+    from models.checkpoint import CheckpointError, read_projector
+
+    _, path, *_ = trained
+    bad = tmp_path / "bad-meta"
+    shutil.copytree(path, bad)
+    (bad / "mmphi.json").write_text("{\n oops")
+    with pytest.raises(CheckpointError, match=r"bad-meta/mmphi\.json is not valid JSON"):
+        read_meta(bad)
+    with pytest.raises(FileNotFoundError, match="is not an mmphi checkpoint"):
+        read_meta(tmp_path / "nosuch")
+    cut = tmp_path / "cut"
+    shutil.copytree(path, cut)
+    data = (cut / "projector.safetensors").read_bytes()
+    (cut / "projector.safetensors").write_bytes(data[:5])
+    with pytest.raises(CheckpointError, match=r"cut/projector\.safetensors is not a readable safetensors file"):
+        read_projector(cut)
+    with pytest.raises(CheckpointError, match=r"cut/projector\.safetensors is not a readable safetensors file"):
+        load_checkpoint(cut, device="cpu", with_vision=False)
+    (cut / "projector.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"projector\.safetensors is missing"):
+        load_checkpoint(cut, device="cpu", with_vision=False)

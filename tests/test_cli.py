@@ -311,3 +311,68 @@ def test_demo_learns_from_the_image_and_reuses_everything(work):
         assert f"{run}: finished at step " in again.stdout, describe(again)
     assert json.loads((out / "embeddings" / "tiny" / "manifest.json").read_text())["last_run"]["embedded"] == 0
     assert (out / "runs" / "stage2" / "progress.jsonl").read_text() == progress  # no step trained again
+
+
+# ---------------------------------------------------------------- flags refused at once
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["chat", "--prompt", "hi", "--max-new-tokens", "0"], "argument --max-new-tokens: 0 is below 1"),
+    (["chat", "--prompt", "hi", "--max-new-tokens", "-5"], "argument --max-new-tokens: -5 is below 1"),
+    (["chat", "--prompt", "hi", "--device", "banana"], "'banana' is not a device: choose cpu, cuda, cuda:N or mps"),
+    (["demo", "--steps", "-1"], "argument --steps: -1 is below 1"),
+    (["demo", "--images", "0"], "argument --images: 0 is below 1"),
+    (["demo", "--batch-size", "0"], "argument --batch-size: 0 is below 1"),
+    (["demo", "--workers", "0"], "argument --workers: 0 is below 1"),
+    (["demo", "--lr", "nan"], "argument --lr: 'nan' is not a finite number above 0"),
+])
+def test_bad_numbers_and_devices_are_usage_errors(argv, message, capsys):
+    from mmphi.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_chat_refuses_a_blank_prompt_and_a_missing_checkpoint(tmp_path, capsys):
+    from mmphi.cli import main
+
+    assert main(["chat", "--prompt", "   "]) == 2
+    assert "give --prompt (not blank), --image or --audio" in capsys.readouterr().err
+    assert main(["chat", "--prompt", "hi", "--checkpoint", str(tmp_path / "nosuch")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mmphi chat: ") and "is not an mmphi checkpoint" in err and len(err.splitlines()) == 1
+
+
+def test_chat_checks_the_context_length(tiny_model):
+    from mmphi.commands.model import ContextLengthExceeded, check_context
+
+    context = tiny_model.cfg.tokenizer.max_length
+    short = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    n = check_context(tiny_model, short, 4)
+    with pytest.raises(ContextLengthExceeded, match="--max-new-tokens is 100000"):
+        check_context(tiny_model, short, 100000)
+    with pytest.raises(ContextLengthExceeded, match="over the model's context"):
+        check_context(tiny_model, short, context - n + 1)
+    long = [{"role": "user", "content": [{"type": "text", "text": "red " * context}]}]
+    with pytest.raises(ContextLengthExceeded, match="shorten the prompt"):
+        check_context(tiny_model, long, 4)
+
+
+def test_eval_refuses_no_samples():
+    from ray_jobs.evaluate import evaluate_checkpoint
+
+    with pytest.raises(ValueError, match="--samples must be an integer of 1 or more, got 0"):
+        evaluate_checkpoint("ckpt", "data", "emb", samples=0)
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"batch_size": 0}, "--batch-size must be a positive integer"), ({"actors": 0}, "--actors must be"),
+    ({"shard_size": -1}, "--shard-size must be"), ({"limit": 0}, "--limit must be a positive integer, got 0"),
+])
+def test_embed_refuses_bad_numbers_before_ray(flags, message, tmp_path, monkeypatch):
+    from data_pipelines import embed
+
+    monkeypatch.setattr(embed, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    with pytest.raises(embed.EmbedError, match=message):
+        embed.run(embed.EmbedSettings(out=str(tmp_path / "emb"), data=str(tmp_path), **flags))

@@ -256,3 +256,13 @@ def test_non_mapping_section_message_names_the_key_cleanly():
     with pytest.raises(ConfigError) as info:
         config_from_dict({"vision": 3})
     assert str(info.value).startswith("vision must be a mapping")
+
+
+@pytest.mark.parametrize("item, message", [
+    ("llm.lora.r=[1", r"override 'llm.lora.r=\[1': the value '\[1' is not valid YAML"),
+    ("=3", "override '=3' has no key"),
+    ("a..b=3", "an empty part in key 'a..b'"),
+])
+def test_malformed_override_names_the_problem(item, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", [item])

@@ -31,7 +31,7 @@ import json
 import time
 from pathlib import Path
 
-from mmphi.cli import add_model_args
+from mmphi.cli import add_model_args, positive_float, positive_int
 
 STEPS = 1600
 SINGLE_SHARE = 0.4  # of stage 2's steps: the curriculum's first run, on single-object scenes
@@ -44,13 +44,13 @@ def register(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    p.add_argument("--images", type=int, default=6000, help="synthetic images (default: 6000)")
-    p.add_argument("--steps", type=int, default=STEPS,
+    p.add_argument("--images", type=positive_int, default=6000, help="synthetic images (default: 6000)")
+    p.add_argument("--steps", type=positive_int, default=STEPS,
                    help=f"stage-2 steps (default: {STEPS}); the first {round(SINGLE_SHARE * 100)}%% on single-object scenes; "
                         "stage 1 runs a tenth")
-    p.add_argument("--batch-size", type=int, default=12, help="per worker (default: 12)")
-    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default: 2)")
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--batch-size", type=positive_int, default=12, help="per worker (default: 12)")
+    p.add_argument("--workers", type=positive_int, default=2, help="Ray Train workers (default: 2)")
+    p.add_argument("--lr", type=positive_float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--serve", choices=("forever", "check", "off"), default="forever",
                    help="after training: serve until Ctrl-C (default), answer one HTTP question and stop, or skip")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmphi.cli import add_model_args
+from mmphi.cli import add_model_args, positive_int
 
 
 def register(sub) -> None:
@@ -22,7 +22,8 @@ def register(sub) -> None:
     p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
     p.add_argument("--audio", help="audio file: its transcription is appended to the prompt")
     p.add_argument("--prompt", default="", help="the question")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64,
+                   help="at most this many answer tokens (default: 64); prompt + these must fit the model's context")
     p.set_defaults(func=chat)
 
     p = sub.add_parser("transcribe", help="speech to text with the preset's Whisper",
@@ -45,6 +46,7 @@ def presets(args: argparse.Namespace) -> int:
 
 
 def chat(args: argparse.Namespace) -> int:
+    from models.checkpoint import CheckpointError
     from models.config import load_config
     from models.multimodal import MultimodalPhi3
     from models.speech import AudioDecodeError, SpeechRecognizer
@@ -53,7 +55,7 @@ def chat(args: argparse.Namespace) -> int:
     cfg = load_config(args.preset, args.overrides)
     try:
         images = [load_image(path) for path in args.image]
-        prompt = args.prompt
+        prompt = args.prompt.strip()  # a blank --prompt is no prompt
         if args.audio:
             heard = SpeechRecognizer(cfg.speech, args.device).transcribe(args.audio)
             prompt = f"{prompt}\n{heard}".strip()
@@ -61,15 +63,46 @@ def chat(args: argparse.Namespace) -> int:
         print(f"mmphi chat: {e}", file=sys.stderr)
         return 2
     if not prompt and not images:
-        print("mmphi chat: give --prompt, --image or --audio", file=sys.stderr)
+        print("mmphi chat: give --prompt (not blank), --image or --audio", file=sys.stderr)
         return 2
-    if args.checkpoint:
-        model = MultimodalPhi3.from_checkpoint(args.checkpoint, device=args.device, overrides=args.overrides)
-    else:
-        model = MultimodalPhi3.from_config(cfg, device=args.device, trainable=False)
-    content = [{"type": "image"} for _ in images] + ([{"type": "text", "text": prompt}] if prompt else [])
-    print(model.chat([{"role": "user", "content": content}], images, max_new_tokens=args.max_new_tokens))
+    try:
+        if args.checkpoint:
+            model = MultimodalPhi3.from_checkpoint(args.checkpoint, device=args.device, overrides=args.overrides)
+        else:
+            model = MultimodalPhi3.from_config(cfg, device=args.device, trainable=False)
+        content = [{"type": "image"} for _ in images] + ([{"type": "text", "text": prompt}] if prompt else [])
+        messages = [{"role": "user", "content": content}]
+        check_context(model, messages, args.max_new_tokens)
+    except (FileNotFoundError, CheckpointError, ContextLengthExceeded) as e:
+        print(f"mmphi chat: {e}", file=sys.stderr)
+        return 2
+    print(model.chat(messages, images, max_new_tokens=args.max_new_tokens))
     return 0
+
+
+class ContextLengthExceeded(ValueError):
+    """The prompt and the answer asked for do not fit the model's context."""
+
+
+def check_context(model, messages: list[dict], max_new_tokens: int) -> int:
+    """The prompt's length in tokens (images count ``num_image_tokens`` each);
+    ``ContextLengthExceeded`` when it plus ``max_new_tokens`` is over the
+    model's context (``tokenizer.max_length``), the serving API's rule
+    (``context_length_exceeded``)."""
+    from models.conversation import encode_conversation
+
+    context = int(model.cfg.tokenizer.max_length)
+    if max_new_tokens >= context:
+        raise ContextLengthExceeded(f"--max-new-tokens is {max_new_tokens} but the model's context is {context} "
+                                    "tokens")
+    n = len(encode_conversation(model.tokenizer, messages, model.num_image_tokens, add_generation_prompt=True,
+                                system_prompt=model.cfg.tokenizer.system_prompt))
+    if n + max_new_tokens > context:
+        raise ContextLengthExceeded(
+            f"the prompt needs {n} tokens (images count {model.num_image_tokens} each) and --max-new-tokens asks "
+            f"for {max_new_tokens}, over the model's context of {context} tokens; shorten the prompt or lower "
+            "--max-new-tokens")
+    return n
 
 
 def transcribe(args: argparse.Namespace) -> int:

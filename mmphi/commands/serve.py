@@ -4,19 +4,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mmphi.cli import positive_int
 
-def _ranged(low: int, high: int | None = None):
-    """An argparse type: an integer from ``low`` to ``high``."""
-    def parse(text: str) -> int:
-        try:
-            n = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if n < low or (high is not None and n > high):
-            raise argparse.ArgumentTypeError(f"{n} is out of range ({low} to {high})" if high is not None
-                                             else f"{n} is below {low}")
-        return n
-    return parse
+
+def _port(text: str) -> int:
+    """An argparse type: a TCP port, 1 to 65535."""
+    n = positive_int(text)
+    if n > 65535:
+        raise argparse.ArgumentTypeError(f"{n} is out of range (1 to 65535)")
+    return n
 
 
 def register(sub) -> None:
@@ -32,13 +28,13 @@ def register(sub) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="runtime model override, e.g. --set llm.load_in_4bit=true (repeatable)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=_ranged(1, 65535), default=8000, help="HTTP port (default: 8000)")
+    p.add_argument("--port", type=_port, default=8000, help="HTTP port (default: 8000)")
     p.add_argument("--config", default=None,
                    help="Serve config YAML with application args and per-deployment options "
                         "(default: serve/config.yaml)")
     p.add_argument("--device", default=None, help="torch device of the model replicas (default: cuda if present)")
     p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs in chat requests")
-    p.add_argument("--num-cpus", type=_ranged(1), default=None,
+    p.add_argument("--num-cpus", type=positive_int, default=None,
                    help="logical CPUs of the local Ray cluster (default: max(4, cores))")
     p.set_defaults(func=run)
 
