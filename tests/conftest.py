@@ -88,3 +88,23 @@ def cpu_bench(tmp_path_factory):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return SimpleNamespace(result=json.loads(out.read_text()), stdout=proc.stdout,
                            stage=lambda name: json.loads((work / f"{name}.json").read_text()))
+
+
+def write_train_inputs(root: Path) -> Path:
+    """An empty data set ``root/d`` and an embeddings manifest ``root/e`` of
+    the tiny preset's encoder: what a training driver checks before Ray
+    starts (for tests that stop before the workers)."""
+    import json
+
+    from data_pipelines.embed import FORMAT
+    from models.config import load_config
+    from models.vision import vision_identity
+
+    (root / "d" / "images").mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val"):
+        (root / "d" / f"{split}.json").write_text("[]")
+    (root / "e").mkdir(exist_ok=True)
+    (root / "e" / "manifest.json").write_text(json.dumps(
+        {"format": FORMAT, "encoder": vision_identity(load_config("tiny").vision), "shape": [1, 1],
+         "dtype": "float16", "shards": []}))
+    return root

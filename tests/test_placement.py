@@ -10,6 +10,8 @@ from data_pipelines import embed
 from data_pipelines.resources import check_resources, parse_resource
 from ray_jobs import train
 
+from conftest import write_train_inputs
+
 
 def train_args(*extra: str) -> argparse.Namespace:
     p = argparse.ArgumentParser(exit_on_error=False)
@@ -66,8 +68,9 @@ def test_embed_flag_and_its_errors():
 
 def test_resources_reach_the_scaling_config(handed, tmp_path):
     """What run() hands Ray Train, without starting Ray."""
-    s = train.TrainSettings(stage="projector", data=str(tmp_path), embeddings=str(tmp_path), out=str(tmp_path),
-                            workers=2, cpus_per_worker=1.5, resources_per_worker={"train_gpu": 1})
+    write_train_inputs(tmp_path)
+    s = train.TrainSettings(stage="projector", data=str(tmp_path / "d"), embeddings=str(tmp_path / "e"),
+                            out=str(tmp_path), workers=2, cpus_per_worker=1.5, resources_per_worker={"train_gpu": 1})
     with pytest.raises(handed.Stop):
         train.run(s)
     assert handed["scaling_config"].num_workers == 2
@@ -178,8 +181,8 @@ def test_local_clusters_skip_the_preemption_watcher(monkeypatch, tmp_path, local
     monkeypatch.setattr(data_pipelines.resources, "warn_if_absent", lambda *a: [])
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", trainer)
     with pytest.raises(Stop):
-        train.run(train.TrainSettings(stage="projector", data=str(tmp_path), embeddings=str(tmp_path),
-                                      out=str(tmp_path)))
+        train.run(train.TrainSettings(stage="projector", data=str(write_train_inputs(tmp_path) / "d"),
+                                      embeddings=str(tmp_path / "e"), out=str(tmp_path)))
     assert seen == {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0" if local else None,
                     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "3"}
     # for that run only: a later run in this process may join another cluster

@@ -8,27 +8,13 @@ import pytest
 from ray_jobs import train
 from ray_jobs.outputs import RunOutputs
 
+from conftest import write_train_inputs
+
 
 def settings(tmp_path, stage: str, name: str, **kw) -> train.TrainSettings:
-    inputs(tmp_path)
+    write_train_inputs(tmp_path)
     return train.TrainSettings(stage=stage, data=str(tmp_path / "d"), embeddings=str(tmp_path / "e"),
                                out=str(tmp_path / "runs"), name=name, **kw)
-
-
-def inputs(tmp_path) -> None:
-    """An empty data set ``d`` and an embeddings manifest ``e`` of the tiny
-    preset's encoder: what the driver checks before Ray starts."""
-    from data_pipelines.embed import FORMAT
-    from models.config import load_config
-    from models.vision import vision_identity
-
-    (tmp_path / "d" / "images").mkdir(parents=True, exist_ok=True)
-    for split in ("train", "val"):
-        (tmp_path / "d" / f"{split}.json").write_text("[]")
-    (tmp_path / "e").mkdir(exist_ok=True)
-    (tmp_path / "e" / "manifest.json").write_text(json.dumps(
-        {"format": FORMAT, "encoder": vision_identity(load_config("tiny").vision), "shape": [1, 1],
-         "dtype": "float16", "shards": []}))
 
 
 def test_each_run_starts_from_the_previous_final_in_the_first_runs_ray_folder(tmp_path, handed):
@@ -116,7 +102,7 @@ def test_a_plan_file_is_a_sequence(tmp_path, handed):
 
     plan = tmp_path / "plan.yaml"
     plan.write_text(PLAN.format(root=tmp_path))
-    inputs(tmp_path)
+    write_train_inputs(tmp_path)
     with pytest.raises(handed.Stop):
         main(["train", "plan", str(plan)])
     runs = [r["settings"] for r in handed["train_loop_config"]["runs"]]
