@@ -2,7 +2,9 @@
 
 The jobs are submitted with the Jobs API (what `ray job submit` uses), with a
 runtime environment and entrypoint resources, and each must reach SUCCEEDED
-and leave its outputs: embed -> train projector -> train qlora -> evaluate.
+and leave its outputs: embed -> a training plan (projector, then qlora, one
+worker group) -> the qlora run again from flags (reused: no Ray Train start)
+-> evaluate.
 """
 from __future__ import annotations
 
@@ -57,7 +59,7 @@ def head(tmp_path_factory):
     yield client, root
     os.killpg(proc.pid, signal.SIGTERM)
     try:  # a clean stop takes about 30 s; the group is killed sooner (every test is done with it)
-        proc.wait(10)
+        proc.wait(3)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
@@ -81,7 +83,7 @@ def submit(client, root: Path, module: str, *args) -> str:
     deadline = time.time() + 600
     while (status := client.get_job_status(job)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
         assert time.time() < deadline, f"{module} still {status} after 600 s"
-        time.sleep(2)
+        time.sleep(0.5)
     logs = client.get_job_logs(job)
     assert status == JobStatus.SUCCEEDED, f"{module} ended {status}:\n{logs[-4000:]}"
     return logs
@@ -98,16 +100,31 @@ def test_every_stage_as_a_submitted_job(head):
     manifest = json.loads((emb / "manifest.json").read_text())
     assert manifest["count"] == 80 and manifest["missing"] == 0
 
+    shared = {"data": str(data), "embeddings": str(emb), "out": str(runs), "workers": 2, "cpus_per_worker": 0.5,
+              "threads": 1, "steps": 4, "batch_size": 4, "eval_every": 4, "ckpt_every": 4, "eval_samples": 16,
+              "warmup": 1}
+    plan = root / "plan.yaml"
+    plan.write_text(json.dumps({**shared, "runs": [{"stage": "projector", "name": "s1"},
+                                                   {"stage": "qlora", "name": "s2"}]}))  # JSON is YAML
+    logs = submit(client, root, "ray_jobs.train", "plan", plan)
+    s1 = json.loads((runs / "s1" / "summary.json").read_text())
+    assert s1["steps"] == 4 and s1["workers"] == 2 and (runs / "s1" / "final" / "projector.safetensors").is_file()
+    assert not (runs / "s1" / "final" / "adapter").exists()
+    s2 = json.loads((runs / "s2" / "summary.json").read_text())
+    assert s2["steps"] == 4 and (runs / "s2" / "final" / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((runs / "s2" / "final" / "mmphi.json").read_text())["extra"]["stage"] == "qlora"
+    assert [json.loads(r)["step"] for r in (runs / "s2" / "progress.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert "s1: finished at step" not in logs  # trained here, not found finished
+
+    # the same run from flags: found finished, reused without a Ray Train start, its summary printed
     common = ["--data", data, "--embeddings", emb, "--out", runs, "--workers", 2, "--cpus-per-worker", 0.5,
               "--threads", 1, "--steps", 4, "--batch-size", 4, "--eval-every", 4, "--ckpt-every", 4,
               "--eval-samples", 16, "--warmup", 1]
-    submit(client, root, "ray_jobs.train", "projector", "--name", "s1", *common)
-    s1 = json.loads((runs / "s1" / "summary.json").read_text())
-    assert s1["steps"] == 4 and s1["workers"] == 2 and (runs / "s1" / "final" / "projector.safetensors").is_file()
-
-    submit(client, root, "ray_jobs.train", "qlora", "--name", "s2", "--init", runs / "s1" / "final", *common)
-    s2 = json.loads((runs / "s2" / "summary.json").read_text())
-    assert s2["steps"] == 4 and (runs / "s2" / "final" / "adapter" / "adapter_model.safetensors").is_file()
+    progress = (runs / "s2" / "progress.jsonl").read_text()
+    logs = submit(client, root, "ray_jobs.train", "qlora", "--name", "s2", "--init", runs / "s1" / "final", *common)
+    assert "s2: finished at step 4 (asked 4)" in logs, logs[-3000:]
+    assert (runs / "s2" / "progress.jsonl").read_text() == progress
+    assert json.loads((runs / "s2" / "summary.json").read_text()) == s2
 
     submit(client, root, "ray_jobs.evaluate", "--checkpoint", runs / "s2" / "final", "--data", data,
            "--embeddings", emb, "--samples", 16, "--out", root / "eval.json")
