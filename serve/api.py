@@ -2,8 +2,10 @@
 
 Routes: ``POST /v1/chat/completions`` (JSON or server-sent events),
 ``POST /v1/audio/transcriptions`` (multipart), ``GET /v1/models``,
-``GET /healthz``; the Gradio chat page is mounted at ``/``. Every error is
-JSON in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``.
+``GET /v1/models/{id}``, ``GET /healthz``; the Gradio chat page is mounted
+at ``/``. Every error is JSON in OpenAI's shape, ``{"error": {"message",
+"type", "param", "code"}}``, an unknown ``/v1/`` route (404) or method (405,
+with ``Allow``) too.
 """
 from __future__ import annotations
 
@@ -125,10 +127,20 @@ def build_api(service: ChatService, *, api_key: str | None, mount_ui: bool = Tru
                              "recovered": dict(service.recovered)},
                             status_code=200 if ok else 503)
 
+    def model_card() -> dict:
+        return {"id": model_name, "object": "model", "created": 0, "owned_by": "mmphi",
+                "weights": service.source.description}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "mmphi",
-                                            "weights": service.source.description}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != model_name:
+            raise APIError(404, f"model {model_id!r} does not exist; this server serves {model_name!r}",
+                           param="model", code="model_not_found")
+        return model_card()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -190,6 +202,22 @@ def build_api(service: ChatService, *, api_key: str | None, mount_ui: bool = Tru
         if fmt == "verbose_json":
             return {"task": "transcribe", "language": language or service.source.cfg.speech.language, "text": text}
         return {"text": text}
+
+    # last of the API's routes: any other /v1/ path or method is an error in OpenAI's shape (not FastAPI's
+    # {"detail": "Not Found"}, nor the chat page's 404 from the mount at /)
+    routes = [r for r in app.routes if getattr(r, "methods", None) and r.path.startswith("/v1/")]
+    listed = ", ".join(sorted({r.path.replace(":path}", "}") for r in routes}))
+
+    @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"],
+                   include_in_schema=False)
+    async def unknown(request: Request, rest: str):
+        path = "/v1/" + rest
+        allowed = sorted({m for r in routes if r.path_regex.match(path) for m in r.methods} - {"HEAD"})
+        if allowed:
+            return JSONResponse(APIError(405, f"{request.method} is not allowed on {path}; use {' or '.join(allowed)}",
+                                         code="method_not_allowed").body(),
+                                status_code=405, headers={"Allow": ", ".join(allowed)})
+        raise APIError(404, f"no route {request.method} {path}; the API's routes are {listed}", code="not_found")
 
     if mount_ui:
         import gradio as gr

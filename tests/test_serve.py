@@ -238,6 +238,9 @@ def test_official_openai_client(server):
     openai = pytest.importorskip("openai")
     c = openai.OpenAI(base_url=server + "v1", api_key=API_KEY, max_retries=0)
     assert [m.id for m in c.models.list()] == ["mmphi"]
+    assert c.models.retrieve("mmphi").id == "mmphi"
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        c.models.retrieve("gpt-4o")
     res = c.chat.completions.create(model="mmphi", max_tokens=6, temperature=0, messages=[
         {"role": "user", "content": [{"type": "text", "text": "What is this?"},
                                      {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(png())}},

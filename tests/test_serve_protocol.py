@@ -567,3 +567,30 @@ def test_internal_errors_name_the_cause_without_a_remote_traceback():
 
     err = internal_error("internal error", TaskError())
     assert err.status == 500 and err.message == "internal error: ValueError: unsupported thing"
+
+
+def test_unknown_routes_and_methods_are_errors_in_openai_shape(api):
+    """Any /v1/ path the API lacks is a 404 naming the routes it has, a known
+    path with another method a 405 with Allow; both in OpenAI's error shape,
+    and the API answers next. ``GET /v1/models/{id}`` retrieves the model."""
+    r = api.get("/v1/completions")
+    assert r.status_code == 404, r.text
+    err = r.json()["error"]
+    assert err["code"] == "not_found" and err["type"] == "invalid_request_error"
+    assert err["message"].startswith("no route GET /v1/completions; the API's routes are ")
+    assert "/v1/chat/completions" in err["message"] and "/v1/models/{model_id}" in err["message"]
+    r = api.get("/v1/chat/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST", r.text
+    assert r.json()["error"] == {"message": "GET is not allowed on /v1/chat/completions; use POST", "type":
+                                 "invalid_request_error", "param": None, "code": "method_not_allowed"}
+    r = api.delete("/v1/models")
+    assert r.status_code == 405 and r.headers["allow"] == "GET", r.text
+    name = api.get("/v1/models").json()["data"][0]["id"]
+    one = api.get(f"/v1/models/{name}")
+    assert one.status_code == 200 and one.json() == api.get("/v1/models").json()["data"][0]
+    r = api.get("/v1/models/gpt-4o")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
+    assert f"this server serves {name!r}" in r.json()["error"]["message"]
+    assert api.get("/healthz").status_code in (200, 503)  # outside /v1/: not the catch-all
+    r = api.post("/v1/audio/transcriptions", files={"file": ("q.wav", b"RIFF....", "audio/wav")})
+    assert r.status_code == 200 and r.json() == {"text": "some words"}, r.text
