@@ -245,6 +245,20 @@ def parse_chat_request(body: Any, limits: Limits, allow_remote: bool = False) ->
     n = body.get("n")
     if n not in (None, 1):
         raise bad("'n' must be 1 (one choice per request)", "n", "unsupported_parameter")
+    for name in ("frequency_penalty", "presence_penalty"):  # clients send 0 by default: accepted
+        if _number(body, name, 0.0, -2.0, 2.0) != 0.0:
+            raise bad(f"'{name}' is not supported (only 0); sampling uses temperature, top_p and stop", name,
+                      "unsupported_parameter")
+    if body.get("logit_bias") not in (None, {}):
+        raise bad("'logit_bias' is not supported", "logit_bias", "unsupported_parameter")
+    seed = body.get("seed")  # accepted (OpenAI's is best effort too); temperature 0 is what repeats an answer
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise bad(f"'seed' must be an integer, got {type(seed).__name__}", "seed")
+    user = body.get("user")
+    if user is not None:
+        if not isinstance(user, str):
+            raise bad(f"'user' must be a string, got {type(user).__name__}", "user")
+        check_text(user, "user")
     fmt = body.get("response_format")
     if fmt not in (None, {"type": "text"}):
         raise bad("'response_format': only {'type': 'text'} is supported", "response_format", "unsupported_parameter")

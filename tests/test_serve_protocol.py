@@ -95,12 +95,27 @@ def test_developer_role_is_a_system_message():
     ({"n": 2}, "n", "must be 1"),
     ({"tools": [{"type": "function"}]}, "tools", "not supported"),
     ({"stream": "yes"}, "stream", "true or false"),
+    ({"frequency_penalty": 0.5}, "frequency_penalty", "'frequency_penalty' is not supported (only 0)"),
+    ({"presence_penalty": "some"}, "presence_penalty", "must be a number, got str"),
+    ({"presence_penalty": 3}, "presence_penalty", "between -2 and 2"),
+    ({"logit_bias": {"50256": -100}}, "logit_bias", "not supported"),
+    ({"seed": "42"}, "seed", "'seed' must be an integer, got str"),
+    ({"seed": 1.5}, "seed", "must be an integer"),
+    ({"user": 7}, "user", "'user' must be a string, got int"),
 ])
 def test_bad_requests_name_the_problem(body, param, words):
     err = error_of(**body)
     assert err.param == param
     assert words in err.message
     assert err.body()["error"]["type"] == "invalid_request_error"
+
+
+def test_what_clients_send_by_default_is_accepted():
+    """Zero penalties, an empty logit_bias, a seed and a user name (what SDKs
+    and LangChain-style clients send) do not change the request."""
+    plain = parse()
+    sent = parse(frequency_penalty=0, presence_penalty=0.0, logit_bias={}, seed=1234, user="alice")
+    assert sent == plain
 
 
 def test_body_must_be_an_object():
