@@ -110,7 +110,23 @@ def read_projector(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(f))
     except Exception as e:  # safetensors' SafetensorError (a header or length that does not add up), OSError
-        raise CheckpointError(f"{f} is not a readable safetensors file ({e}): it is cut short or damaged") from None
+        raise unreadable(f, e) from None
+
+
+def check_safetensors(f: str | Path) -> None:
+    """Read the header of the weight file ``f`` (not its tensors): a
+    ``CheckpointError`` naming it when it is cut short or overwritten."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(f), framework="pt") as weights:
+            weights.keys()
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: the file is what is wrong
+        raise unreadable(f, e) from None
+
+
+def unreadable(f: str | Path, e: BaseException) -> CheckpointError:
+    return CheckpointError(f"{f} is not a readable safetensors file ({e}): it is cut short or damaged")
 
 
 def save_checkpoint(model, path: str | Path, extra: dict | None = None) -> Path:

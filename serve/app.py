@@ -131,14 +131,13 @@ def check_model_source(settings: ServeSettings) -> None:
         raise SettingsError(f"checkpoint {settings.checkpoint}: {type(e).__name__}: {e}") from None
     if source.checkpoint is None:
         return
-    from safetensors import safe_open
+    from models.checkpoint import CheckpointError, check_safetensors
 
     for f in sorted(source.checkpoint.rglob("*.safetensors")):
         try:
-            with safe_open(str(f), framework="pt") as weights:
-                weights.keys()
-        except Exception as e:  # a truncated or overwritten file
-            raise SettingsError(f"{f} is not a readable safetensors file ({e})") from None
+            check_safetensors(f)
+        except CheckpointError as e:
+            raise SettingsError(str(e)) from None
 
 
 def run_local(
