@@ -127,6 +127,10 @@ def build_api(service: ChatService, *, api_key: str | None, mount_ui: bool = Tru
                              "recovered": dict(service.recovered)},
                             status_code=200 if ok else 503)
 
+    def unknown_model(name: str) -> APIError:
+        return APIError(404, f"model {name!r} does not exist; this server serves {model_name!r}",
+                        param="model", code="model_not_found")
+
     def model_card() -> dict:
         return {"id": model_name, "object": "model", "created": 0, "owned_by": "mmphi",
                 "weights": service.source.description}
@@ -138,16 +142,14 @@ def build_api(service: ChatService, *, api_key: str | None, mount_ui: bool = Tru
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
         if model_id != model_name:
-            raise APIError(404, f"model {model_id!r} does not exist; this server serves {model_name!r}",
-                           param="model", code="model_not_found")
+            raise unknown_model(model_id)
         return model_card()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = parse_chat_request(await read_json(request), limits, settings.allow_remote_images)
         if req.model not in (None, model_name):
-            raise APIError(404, f"model {req.model!r} does not exist; this server serves {model_name!r}",
-                           param="model", code="model_not_found")
+            raise unknown_model(req.model)
         prep = await service.prepare(req)
         cid = completion_id()
         if not req.stream:

@@ -117,9 +117,7 @@ def test_every_stage_as_a_submitted_job(head):
     assert "s1: finished at step" not in logs  # trained here, not found finished
 
     # the same run from flags: found finished, reused without a Ray Train start, its summary printed
-    common = ["--data", data, "--embeddings", emb, "--out", runs, "--workers", 2, "--cpus-per-worker", 0.5,
-              "--threads", 1, "--steps", 4, "--batch-size", 4, "--eval-every", 4, "--ckpt-every", 4,
-              "--eval-samples", 16, "--warmup", 1]
+    common = [x for k, v in shared.items() for x in (f"--{k.replace('_', '-')}", v)]  # the plan's settings as flags
     progress = (runs / "s2" / "progress.jsonl").read_text()
     logs = submit(client, root, "ray_jobs.train", "qlora", "--name", "s2", "--init", runs / "s1" / "final", *common)
     assert "s2: finished at step 4 (asked 4)" in logs, logs[-3000:]
