@@ -57,8 +57,14 @@ def test_latencies_are_consistent(result):
             # streams that share the loop may come in one chunk (no gap to measure); two chunks read from the
             # socket at once give a gap that rounds to 0.00 ms
             assert r["itl_ms"] is None or r["itl_ms"] >= 0, r
-        if level["users"] == 1:  # a lone stream sends its tokens as they come: gaps between them
-            assert all(r["chunks"] > 1 for r in reqs) and level["itl_ms_p50"] > 0, level
+        # a stream whose ids all waited for a busy reader comes in one chunk (no gap to measure; on a loaded
+        # 2-core host even a lone one can); the level's inter-token figure is the median over those with gaps
+        gaps = [r["itl_ms"] for r in reqs if r["chunks"] > 1]
+        assert all(g is not None for g in gaps) and all(r["itl_ms"] is None for r in reqs if r["chunks"] == 1), reqs
+        if gaps:
+            assert level["itl_ms_p50"] == pytest.approx(statistics.median(gaps), rel=1e-3, abs=0.02), level
+        else:
+            assert level["itl_ms_p50"] is None, level
         ttft = [r["ttft_ms"] for r in reqs]
         assert level["ttft_ms_p50"] == pytest.approx(statistics.median(ttft), rel=1e-3, abs=0.02)
         assert level["ttft_ms_p50"] <= level["ttft_ms_p95"] <= max(ttft) + 0.01
