@@ -381,6 +381,15 @@ def test_page_chats_through_gradio(server, tmp_path):
     with pytest.raises(Exception, match="4 images given; the limit is 2"):
         c.predict(too_many, api_name="/chat")
     assert isinstance(c.predict({"text": "hello", "files": []}, api_name="/chat"), str)
+    # a file saved without an extension is judged by its content: a photo is answered, anything else named
+    fresh = gradio_client.Client(server, auth=("me", API_KEY), verbose=False)
+    photo, notes = tmp_path / "photo", tmp_path / "notes"
+    photo.write_bytes(png())
+    notes.write_text("not an image")
+    answer = fresh.predict({"text": "What colour is it?", "files": [gradio_client.handle_file(str(photo))]}, api_name="/chat")
+    assert isinstance(answer, str) and answer
+    with pytest.raises(Exception, match="notes: unsupported file type; upload an image or an audio clip"):
+        fresh.predict({"text": "x", "files": [gradio_client.handle_file(str(notes))]}, api_name="/chat")
 
 
 # ---------------------------------------------------------------- browser

@@ -244,6 +244,51 @@ def test_page_refuses_other_files(tmp_path):
         to_messages({"text": "", "files": [str(f)]}, [])
 
 
+def test_page_judges_a_file_without_an_extension_by_its_content(tmp_path):
+    import io
+    import wave
+
+    from PIL import Image
+
+    from serve.ui import MediaTextbox, file_kind, to_messages
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4), "red").save(buf, format="PNG")
+    photo = tmp_path / "photo"
+    photo.write_bytes(buf.getvalue())
+    for fmt in ("JPEG", "GIF", "BMP", "WEBP", "TIFF"):
+        out = io.BytesIO()
+        Image.new("RGB", (4, 4), "red").save(out, format=fmt)
+        (tmp_path / f"img-{fmt}").write_bytes(out.getvalue())
+        assert file_kind(str(tmp_path / f"img-{fmt}")) == "image", fmt
+    clip = tmp_path / "clip"
+    with wave.open(str(clip), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000), w.writeframes(b"\0\0" * 160)
+    notes = tmp_path / "notes"
+    notes.write_text("just text")
+    named = tmp_path / "photo.txt"  # a name of another type is believed, whatever the bytes
+    named.write_bytes(buf.getvalue())
+    assert (file_kind(str(photo)), file_kind(str(clip)), file_kind(str(notes)), file_kind(str(named))) == (
+        "image", "audio", None, None)
+    assert file_kind(str(tmp_path / "gone")) is None  # unreadable: refused as unsupported, not a crash
+    msgs = to_messages({"text": "What is this?", "files": [str(photo), str(clip)]}, [])
+    assert [p.kind for p in msgs[0].parts] == ["image", "audio", "text"]
+    with pytest.raises(APIError, match="notes: unsupported file type"):
+        to_messages({"text": "", "files": [str(notes)]}, [])
+
+    # Gradio's own textbox refuses the photo by its missing extension; the page's passes it on to file_kind
+    import gradio as gr
+    from gradio.components.multimodal_textbox import MultimodalData
+    from gradio.data_classes import FileData
+
+    payload = MultimodalData(text="What is this?", files=[FileData(path=str(photo))])
+    with pytest.raises(gr.Error, match="Invalid file type: None"):
+        gr.MultimodalTextbox(file_types=["image", "audio"]).preprocess(payload)
+    box = MediaTextbox(file_types=["image", "audio"])
+    assert box.preprocess(payload) == {"text": "What is this?", "files": [str(photo)]}
+    assert box.get_block_name() == "multimodaltextbox" and box.get_config()["file_types"] == ["image", "audio"]
+
+
 def test_serve_config_yaml_is_valid():
     from serve.app import DEFAULT_CONFIG, read_serve_config
 
