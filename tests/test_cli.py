@@ -347,16 +347,46 @@ def test_chat_refuses_a_blank_prompt_and_a_missing_checkpoint(tmp_path, capsys):
 def test_chat_checks_the_context_length(tiny_model):
     from mmphi.commands.model import ContextLengthExceeded, check_context
 
-    context = tiny_model.cfg.tokenizer.max_length
+    cfg, tok = tiny_model.cfg, tiny_model.tokenizer
+    context = cfg.tokenizer.max_length
     short = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
-    n = check_context(tiny_model, short, 4)
+    n = check_context(cfg, tok, short, 4)
+    with_image = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
+    assert check_context(cfg, tok, with_image, 4) - n == tiny_model.num_image_tokens  # the tower's count per image
     with pytest.raises(ContextLengthExceeded, match="--max-new-tokens is 100000"):
-        check_context(tiny_model, short, 100000)
+        check_context(cfg, tok, short, 100000)
     with pytest.raises(ContextLengthExceeded, match="over the model's context"):
-        check_context(tiny_model, short, context - n + 1)
+        check_context(cfg, tok, short, context - n + 1)
     long = [{"role": "user", "content": [{"type": "text", "text": "red " * context}]}]
     with pytest.raises(ContextLengthExceeded, match="shorten the prompt"):
-        check_context(tiny_model, long, 4)
+        check_context(cfg, tok, long, 4)
+
+
+def test_chat_refuses_a_long_prompt_before_loading_the_model(tiny_model, tmp_path, monkeypatch, capsys):
+    from mmphi.cli import main
+    from models.multimodal import MultimodalPhi3
+
+    ckpt = tiny_model.save_checkpoint(tmp_path / "ckpt")
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was built for a prompt that does not fit")
+
+    monkeypatch.setattr(MultimodalPhi3, "from_config", no_load)
+    monkeypatch.setattr(MultimodalPhi3, "from_checkpoint", no_load)
+    for where in ([], ["--checkpoint", str(ckpt)]):  # the preset's tokenizer, the checkpoint's own
+        assert main(["chat", "--prompt", "red " * 5000, *where]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("mmphi chat: the prompt needs ") and "shorten the prompt" in err, (where, err)
+    tok_json = Path(ckpt, "tokenizer", "tokenizer.json")
+    tok_json.write_text("{")  # a damaged tokenizer: named in one line, the model still not loaded
+    assert main(["chat", "--prompt", "hi", "--checkpoint", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mmphi chat: {tok_json} is ") and "cut short or damaged" in err, err
+    assert len(err.splitlines()) == 1, err
+    tok_json.unlink()  # gone: named as missing
+    assert main(["chat", "--prompt", "hi", "--checkpoint", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"mmphi chat: {tok_json} is missing: the checkpoint is incomplete (mmphi.json lists it)\n", err
 
 
 def test_eval_refuses_no_samples():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from mmphi.cli import add_model_args, positive_int
 
@@ -65,14 +66,16 @@ def chat(args: argparse.Namespace) -> int:
     if not prompt and not images:
         print("mmphi chat: give --prompt (not blank), --image or --audio", file=sys.stderr)
         return 2
+    content = [{"type": "image"} for _ in images] + ([{"type": "text", "text": prompt}] if prompt else [])
+    messages = [{"role": "user", "content": content}]
     try:
+        # the prompt is measured with the tokenizer alone, before the weights load (minutes for a real model)
+        model_cfg, tokenizer = chat_tokenizer(args.checkpoint, cfg, args.overrides)
+        check_context(model_cfg, tokenizer, messages, args.max_new_tokens)
         if args.checkpoint:
             model = MultimodalPhi3.from_checkpoint(args.checkpoint, device=args.device, overrides=args.overrides)
         else:
             model = MultimodalPhi3.from_config(cfg, device=args.device, trainable=False)
-        content = [{"type": "image"} for _ in images] + ([{"type": "text", "text": prompt}] if prompt else [])
-        messages = [{"role": "user", "content": content}]
-        check_context(model, messages, args.max_new_tokens)
     except (FileNotFoundError, CheckpointError, ContextLengthExceeded) as e:
         print(f"mmphi chat: {e}", file=sys.stderr)
         return 2
@@ -84,22 +87,44 @@ class ContextLengthExceeded(ValueError):
     """The prompt and the answer asked for do not fit the model's context."""
 
 
-def check_context(model, messages: list[dict], max_new_tokens: int) -> int:
-    """The prompt's length in tokens (images count ``num_image_tokens`` each);
-    ``ContextLengthExceeded`` when it plus ``max_new_tokens`` is over the
-    model's context (``tokenizer.max_length``), the serving API's rule
-    (``context_length_exceeded``)."""
-    from models.conversation import encode_conversation
+def chat_tokenizer(checkpoint, cfg, overrides):
+    """The config and tokenizer a chat will use: a checkpoint's own (its saved
+    config with the runtime overrides, its saved tokenizer), else the preset's."""
+    from models.checkpoint import CheckpointError, check_files, read_meta
+    from models.config import apply_overrides
+    from models.tokenizer import ChatTokenizer, load_tokenizer
 
-    context = int(model.cfg.tokenizer.max_length)
+    if not checkpoint:
+        return cfg, load_tokenizer(cfg)
+    meta = read_meta(checkpoint)
+    check_files(checkpoint, meta, sizes=False)  # a missing file named, as the full load does
+    cfg = apply_overrides(meta["config"], overrides)
+    try:
+        return cfg, ChatTokenizer.load(Path(checkpoint) / "tokenizer", cfg.tokenizer.image_token)
+    except (OSError, ValueError) as e:
+        check_files(checkpoint, meta)  # a file cut short, named
+        why = " ".join(str(e).split())
+        raise CheckpointError(f"{checkpoint}: its tokenizer does not load ({type(e).__name__}: {why})") from None
+
+
+def check_context(cfg, tokenizer, messages: list[dict], max_new_tokens: int) -> int:
+    """The prompt's length in tokens (images count the vision tower's tokens
+    each); ``ContextLengthExceeded`` when it plus ``max_new_tokens`` is over
+    the model's context (``tokenizer.max_length``), the serving API's rule
+    (``context_length_exceeded``). Needs the config and tokenizer only."""
+    from models.conversation import encode_conversation
+    from models.vision import vision_spec
+
+    context = int(cfg.tokenizer.max_length)
     if max_new_tokens >= context:
         raise ContextLengthExceeded(f"--max-new-tokens is {max_new_tokens} but the model's context is {context} "
                                     "tokens")
-    n = len(encode_conversation(model.tokenizer, messages, model.num_image_tokens, add_generation_prompt=True,
-                                system_prompt=model.cfg.tokenizer.system_prompt))
+    per_image = vision_spec(cfg.vision)["num_tokens"]
+    n = len(encode_conversation(tokenizer, messages, per_image, add_generation_prompt=True,
+                                system_prompt=cfg.tokenizer.system_prompt))
     if n + max_new_tokens > context:
         raise ContextLengthExceeded(
-            f"the prompt needs {n} tokens (images count {model.num_image_tokens} each) and --max-new-tokens asks "
+            f"the prompt needs {n} tokens (images count {per_image} each) and --max-new-tokens asks "
             f"for {max_new_tokens}, over the model's context of {context} tokens; shorten the prompt or lower "
             "--max-new-tokens")
     return n
