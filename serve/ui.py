@@ -65,19 +65,17 @@ def file_kind(path: str) -> str | None:
         return None
 
 
-class MediaTextbox(gr.MultimodalTextbox):
-    """Gradio's multimodal textbox without its file-name check on the server,
-    which refuses a file whose name has no extension ("Invalid file type:
-    None"); the page's own check (:func:`file_kind`) looks at the content
-    then, and names the file it refuses. The browser's file picker still
-    offers images and audio only."""
-
-    is_template = True  # the page draws it as its base class, Gradio's way for its own variants
-
-    def preprocess(self, payload):
-        if payload is None:
-            return None
-        return {"text": payload.text, "files": [f.path for f in payload.files]}
+def media_textbox() -> gr.MultimodalTextbox:
+    """The page's message box. It sets no ``file_types``: Gradio would refuse
+    a file by its name alone, one without an extension as "Invalid file type:
+    None" (in the browser and on the server). The page's own check
+    (:func:`file_kind`) judges every file, by its name or else its content,
+    and names the file it refuses. (No subclass: Gradio writes a ``.pyi``
+    stub beside the module of every component class defined.)"""
+    return gr.MultimodalTextbox(
+        file_count="multiple", sources=["upload", "microphone"],
+        placeholder="Ask about an image, or record a question", show_label=False,
+    )
 
 
 def _file_path(item: Any) -> str | None:
@@ -201,10 +199,7 @@ def build_ui(service: ChatService) -> gr.Blocks:
     except Exception:  # noqa: BLE001 - the page works without examples
         log.exception("could not draw the example images")
         examples = None
-    textbox = MediaTextbox(
-        file_types=["image", "audio"], file_count="multiple", sources=["upload", "microphone"],
-        placeholder="Ask about an image, or record a question", show_label=False,
-    )
+    textbox = media_textbox()
     return gr.ChatInterface(
         respond, multimodal=True, textbox=textbox, examples=examples, cache_examples=False,
         title="mmphi: a multimodal Phi-3",

@@ -250,7 +250,7 @@ def test_page_judges_a_file_without_an_extension_by_its_content(tmp_path):
 
     from PIL import Image
 
-    from serve.ui import MediaTextbox, file_kind, to_messages
+    from serve.ui import file_kind, media_textbox, to_messages
 
     buf = io.BytesIO()
     Image.new("RGB", (4, 4), "red").save(buf, format="PNG")
@@ -276,7 +276,7 @@ def test_page_judges_a_file_without_an_extension_by_its_content(tmp_path):
     with pytest.raises(APIError, match="notes: unsupported file type"):
         to_messages({"text": "", "files": [str(notes)]}, [])
 
-    # Gradio's own textbox refuses the photo by its missing extension; the page's passes it on to file_kind
+    # Gradio's textbox with file types refuses the photo by its missing extension; the page's passes it on
     import gradio as gr
     from gradio.components.multimodal_textbox import MultimodalData
     from gradio.data_classes import FileData
@@ -284,9 +284,12 @@ def test_page_judges_a_file_without_an_extension_by_its_content(tmp_path):
     payload = MultimodalData(text="What is this?", files=[FileData(path=str(photo))])
     with pytest.raises(gr.Error, match="Invalid file type: None"):
         gr.MultimodalTextbox(file_types=["image", "audio"]).preprocess(payload)
-    box = MediaTextbox(file_types=["image", "audio"])
+    box = media_textbox()
     assert box.preprocess(payload) == {"text": "What is this?", "files": [str(photo)]}
-    assert box.get_block_name() == "multimodaltextbox" and box.get_config()["file_types"] == ["image", "audio"]
+    assert box.get_config()["file_types"] is None and box.get_config()["file_count"] == "multiple"
+    import serve.ui
+
+    assert not Path(serve.ui.__file__).with_suffix(".pyi").exists()  # no stub written beside the module
 
 
 def test_serve_config_yaml_is_valid():
