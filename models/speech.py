@@ -10,7 +10,7 @@ checkpoint file in the weights cache, in the layout ``whisper.load_model``
 reads; published sizes and local checkpoints go through that same call.
 
 ``SpeechRecognizer`` loads the model once and transcribes audio with the
-config's decoding options.
+config's decoding options (language and temperature can be given per call).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import os
 import subprocess
 import tempfile
 import urllib.error
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Union
 
@@ -36,6 +37,13 @@ SAMPLE_RATE = 16000
 FFMPEG = "ffmpeg"
 
 AudioSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, np.ndarray]
+
+
+@dataclass
+class Transcript:
+    text: str
+    language: str  # the Whisper code it was decoded in ("en")
+    duration: float  # seconds of audio
 
 
 class AudioDecodeError(ValueError):
@@ -203,8 +211,16 @@ class SpeechRecognizer:
             "device": str(self.device),
         }
 
-    def transcribe(self, source: AudioSource, *, language: str | None = None) -> str:
-        """Transcribe a path, audio bytes or a 16 kHz array; returns the stripped text."""
+    def transcribe(self, source: AudioSource, *, language: str | None = None,
+                   temperature: float | None = None) -> str:
+        """Transcribe a path, audio bytes or a 16 kHz array; returns the stripped text.
+        ``language`` and ``temperature`` default to the config's."""
+        return self.recognize(source, language=language, temperature=temperature).text
+
+    def recognize(self, source: AudioSource, *, language: str | None = None,
+                  temperature: float | None = None) -> Transcript:
+        """As :meth:`transcribe`, with the language Whisper decoded in (the one
+        given, or the one it detected) and the audio's length in seconds."""
         audio = decode_audio(source, max_seconds=self.cfg.max_seconds)
         options: dict[str, Any] = {}
         if self.cfg.beam_size is not None:
@@ -215,14 +231,14 @@ class SpeechRecognizer:
             audio,
             language=language or self.cfg.language,
             # one float, not a tuple: no temperature fallback loop
-            temperature=float(self.cfg.temperature),
+            temperature=float(self.cfg.temperature if temperature is None else temperature),
             without_timestamps=True,
             condition_on_previous_text=False,
             fp16=self.device.type == "cuda",
             verbose=None,
             **options,
         )
-        return result["text"].strip()
+        return Transcript(result["text"].strip(), result["language"], audio.size / SAMPLE_RATE)
 
     def transcribe_many(self, sources: Iterable[AudioSource]) -> list[str]:
         """Transcribe each source in turn."""

@@ -182,8 +182,9 @@ def build_api(service: ChatService, *, api_key: str | None, mount_ui: bool = Tru
     async def transcriptions(request: Request):
         """OpenAI's transcription form: ``file``, optional ``model``,
         ``language`` (a Whisper language code or name; detected when absent),
-        ``response_format`` and ``temperature`` (checked; Whisper decodes with
-        the server's configured temperature)."""
+        ``response_format`` (json, text, or verbose_json: with the language's
+        name and the audio's seconds) and ``temperature`` (Whisper's sampling
+        temperature for this request; the server's configured one when absent)."""
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise bad("send the audio as multipart/form-data with a 'file' field", "file")
         try:
@@ -197,13 +198,17 @@ def build_api(service: ChatService, *, api_key: str | None, mount_ui: bool = Tru
         if req.model not in (None, *asr_models):
             raise APIError(404, f"model {req.model!r} does not exist; this server transcribes with "
                            f"{', '.join(repr(m) for m in sorted(asr_models))}", param="model", code="model_not_found")
-        fmt, language = req.response_format, req.language
-        text = await service.transcribe(await upload.read(), language, "file")
+        fmt = req.response_format
+        heard = await service.transcribe(await upload.read(), req.language, "file", req.temperature, detail=True)
         if fmt == "text":
-            return PlainTextResponse(text)
+            return PlainTextResponse(heard["text"])
         if fmt == "verbose_json":
-            return {"task": "transcribe", "language": language or service.source.cfg.speech.language, "text": text}
-        return {"text": text}
+            from whisper.tokenizer import LANGUAGES
+
+            # as OpenAI's: the language's name ("english"), the one given or the one Whisper detected
+            return {"task": "transcribe", "language": LANGUAGES.get(heard["language"], heard["language"]),
+                    "duration": round(heard["duration"], 3), "text": heard["text"]}
+        return {"text": heard["text"]}
 
     # last of the API's routes: any other /v1/ path or method is an error in OpenAI's shape (not FastAPI's
     # {"detail": "Not Found"}, nor the chat page's 404 from the mount at /)

@@ -149,11 +149,13 @@ class ChatService:
                             type(e).__name__)
                 await asyncio.sleep(0.5 * (attempt + 1))
 
-    async def transcribe(self, data: bytes, language: str | None = None, param: str = "file") -> str:
+    async def transcribe(self, data: bytes, language: str | None = None, param: str = "file",
+                         temperature: float | None = None, detail: bool = False) -> str | dict:
+        """``ASR.transcribe``; undecodable audio is a 400 naming ``param``."""
         from models.speech import AudioDecodeError
 
         try:
-            return await self._call(self.asr.transcribe, data, language)
+            return await self._call(self.asr.transcribe, data, language, temperature, detail)
         except Exception as e:  # noqa: BLE001 - mapped to a 400 or re-raised
             inner = cause_of(e)
             if isinstance(e, AudioDecodeError) or isinstance(inner, AudioDecodeError):

@@ -5,7 +5,8 @@ Each is its own Ray Serve deployment with its own resources and autoscaling
 ingress composes them through ``DeploymentHandle`` s.
 
 - ``ASR.transcribe(bytes) -> str``: decodes with ffmpeg (limits checked per
-  request), then clips of up to 30 s are batched into one Whisper decode.
+  request), then clips of up to 30 s are batched into one Whisper decode (a
+  request's own language or temperature decodes it alone).
 - ``ImageEncoder.encode(bytes) -> float32 (tokens, dim)``: decodes and crops
   per request (pixel limit checked before decoding), then batches the CLIP
   forward pass.
@@ -63,20 +64,36 @@ class ASR:
         if self.recognizer.model is None:
             raise RuntimeError("Whisper model is not loaded")
 
-    async def transcribe(self, data: bytes, language: str | None = None) -> str:
+    async def transcribe(self, data: bytes, language: str | None = None, temperature: float | None = None,
+                         detail: bool = False) -> str | dict:
+        """The text of an audio file. ``language`` and ``temperature`` default
+        to the config's; ``detail`` returns ``{"text", "language", "duration"}``
+        with the language decoded in (given or detected) and the seconds of audio."""
         from models.speech import SAMPLE_RATE, decode_audio
 
         audio = await asyncio.to_thread(decode_audio, data, max_seconds=self.max_seconds)
-        if language is None and audio.size <= WHISPER_WINDOW_S * SAMPLE_RATE:
-            return await self._decode_batch(audio)
-        return await asyncio.to_thread(self.recognizer.transcribe, audio, language=language)
+        cfg = self.recognizer.cfg
+        if language == cfg.language:
+            language = None  # the batch's own options
+        if temperature is not None and float(temperature) == float(cfg.temperature):
+            temperature = None
+        if language is None and temperature is None and audio.size <= WHISPER_WINDOW_S * SAMPLE_RATE:
+            text, lang = await self._decode_batch(audio)
+        else:
+            heard = await asyncio.to_thread(self.recognizer.recognize, audio, language=language,
+                                            temperature=temperature)
+            text, lang = heard.text, heard.language
+        if not detail:
+            return text
+        return {"text": text, "language": lang, "duration": audio.size / SAMPLE_RATE}
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def _decode_batch(self, clips: list[np.ndarray]) -> list[str]:
+    async def _decode_batch(self, clips: list[np.ndarray]) -> list[tuple[str, str]]:
         return await asyncio.to_thread(self._decode, clips)
 
-    def _decode(self, clips: list[np.ndarray]) -> list[str]:
-        """One Whisper decode over a batch of clips of at most 30 s each."""
+    def _decode(self, clips: list[np.ndarray]) -> list[tuple[str, str]]:
+        """One Whisper decode over a batch of clips of at most 30 s each, with
+        the config's options: (text, language) for each."""
         import torch
         import whisper
 
@@ -91,7 +108,10 @@ class ASR:
         )
         with torch.no_grad():
             results = whisper.decode(model, mels, options)
-        return [r.text.strip() for r in results]
+        # the text of the text tokens, as model.transcribe gives it (a result's .text keeps
+        # special tokens below the timestamps, <|notimestamps|> among them)
+        tok = whisper.tokenizer.get_tokenizer(model.is_multilingual, num_languages=model.num_languages)
+        return [(tok.decode([t for t in r.tokens if t < tok.eot]).strip(), r.language) for r in results]
 
 
 @serve.deployment(name="ImageEncoder", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=16,

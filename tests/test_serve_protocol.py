@@ -531,8 +531,10 @@ class FakeASR:
     def transcribe(self):
         return self
 
-    async def remote(self, data: bytes, language=None):
-        self.calls.append(language)
+    async def remote(self, data: bytes, language=None, temperature=None, detail=False):
+        self.calls.append((language, temperature))
+        if detail:
+            return {"text": "some words", "language": language or "de", "duration": 2.5}
         return "some words"
 
 
@@ -616,7 +618,13 @@ def test_transcriptions_check_language_temperature_and_model(api):
     for model in ("whisper-1", "mmphi", str(api.service.source.cfg.speech.model)):
         r = api.post("/v1/audio/transcriptions", files=wav, data={"model": model, "language": "English"})
         assert r.status_code == 200 and r.json() == {"text": "some words"}, r.text
-    assert api.service.asr.calls == ["en"] * 3
+    assert api.service.asr.calls == [("en", None)] * 3
+    # the request's temperature reaches Whisper; verbose_json names the language (detected when not
+    # given) as OpenAI does, with the audio's seconds
+    r = api.post("/v1/audio/transcriptions", files=wav, data={"temperature": "0.4", "response_format": "verbose_json"})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"task": "transcribe", "language": "german", "duration": 2.5, "text": "some words"}
+    assert api.service.asr.calls[-1] == (None, 0.4)
 
 
 def test_internal_errors_name_the_cause_without_a_remote_traceback():

@@ -191,6 +191,67 @@ def test_random_tiny_whisper_is_deterministic_and_cached_once(cfg, recognizer):
     assert not torch.equal(other.state_dict()[name], first[name])
 
 
+def flatten(recognizer: SpeechRecognizer) -> SpeechRecognizer:
+    """The random Whisper repeats its last token with probability ~1 (its tied
+    embedding dominates the logits), so sampling would change nothing: shrink
+    the embedding until the next-token distribution is broad."""
+    with torch.no_grad():
+        recognizer.model.decoder.token_embedding.weight.mul_(0.05)
+    return recognizer
+
+
+def test_temperature_and_language_per_call(cfg):
+    """A call's temperature overrides the config's (0: the same text each
+    time; 1: sampled, so texts differ); ``recognize`` reports the language
+    decoded in, the one given or the one detected, and the audio's seconds."""
+    recognizer = flatten(SpeechRecognizer(cfg, device="cpu"))
+    audio = tone()
+    greedy = recognizer.recognize(audio)
+    assert (greedy.language, greedy.duration) == ("en", SECONDS) and greedy.text
+    assert {recognizer.transcribe(audio, temperature=0.0) for _ in range(2)} == {greedy.text}
+    torch.manual_seed(0)
+    sampled = {recognizer.transcribe(audio, temperature=1.0) for _ in range(3)}
+    assert len(sampled) == 3, sampled
+    assert recognizer.recognize(audio, language="de").language == "de"
+    from whisper.tokenizer import LANGUAGES
+
+    detecting = SpeechRecognizer(dataclasses.replace(cfg, language=None), device="cpu")
+    assert detecting.recognize(audio).language in LANGUAGES
+
+
+def test_asr_deployment_batches_the_default_and_decodes_a_request_temperature_alone(tmp_path):
+    """Serve's ASR: requests with the config's options go to the batched
+    decode, whose text is the text tokens only (the random model's repeated
+    <|notimestamps|> is not text); a request's own temperature decodes it
+    alone with that temperature; ``detail`` adds the language and seconds."""
+    import asyncio
+
+    from serve.deployments import ASR
+
+    asr = ASR.func_or_class({"preset": "tiny", "device": "cpu"})
+    batched = []
+
+    async def decode_batch(clip):  # @serve.batch's queue needs a replica: one clip a batch here
+        batched.append(clip.size)
+        return asr._decode([clip])[0]
+
+    asr._decode_batch = decode_batch  # on this instance only: the class stays as Serve deploys it
+    data = write_wav(tmp_path / "q.wav", tone()).read_bytes()
+
+    async def run():
+        assert await asr.transcribe(data) == asr.recognizer.transcribe(data) == ""
+        flatten(asr.recognizer)
+        greedy = [await asr.transcribe(data, language, temperature) for language, temperature in
+                  [(None, None), ("en", 0.0), (None, 0.0)]]  # the config's language and temperature
+        assert len(set(greedy)) == 1 and greedy[0] and len(batched) == 4
+        torch.manual_seed(0)
+        sampled = [await asr.transcribe(data, temperature=1.0) for _ in range(3)]
+        assert len(set(sampled)) == 3 and len(batched) == 4, sampled
+        assert await asr.transcribe(data, detail=True) == {"text": greedy[0], "language": "en", "duration": SECONDS}
+
+    asyncio.run(run())
+
+
 def test_info(recognizer, cfg):
     info = recognizer.info
     assert info["model"] == "random"
