@@ -45,6 +45,17 @@ def device_arg(value: str) -> str:
     return value
 
 
+def unit_float(value: str) -> float:
+    """An argparse ``type``: a number from 0 to 1."""
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not 0.0 <= x <= 1.0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"{value} is not between 0 and 1")
+    return x
+
+
 def positive_int(value: str) -> int:
     """An argparse ``type``: an integer of 1 or more."""
     try:

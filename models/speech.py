@@ -50,6 +50,20 @@ class AudioDecodeError(ValueError):
     """The input is not decodable audio (or is too long); the message says why."""
 
 
+def language_code(value: str) -> str:
+    """A Whisper language code from a code or a name ('en', 'English',
+    'castilian'); a ValueError naming the value for anything else."""
+    from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
+
+    key = value.strip().lower()
+    if key in LANGUAGES:
+        return key
+    if key in TO_LANGUAGE_CODE:
+        return TO_LANGUAGE_CODE[key]
+    raise ValueError(f"language {value!r} is not supported; use a language code such as 'en' or a name such as "
+                     "'english' (the languages Whisper knows)")
+
+
 # ---------------------------------------------------------------------------
 # decoding
 

@@ -333,15 +333,12 @@ class TranscriptionRequest:
 def whisper_language(value: str) -> str:
     """A Whisper language code from a code or a name ('en', 'English',
     'castilian'); anything else is a 400. (Imports Whisper's language table.)"""
-    from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
+    from models.speech import language_code
 
-    key = value.strip().lower()
-    if key in LANGUAGES:
-        return key
-    if key in TO_LANGUAGE_CODE:
-        return TO_LANGUAGE_CODE[key]
-    raise bad(f"language {value!r} is not supported; use a language code such as 'en' or a name such as "
-              "'english' (the languages Whisper knows)", "language", "unsupported_language")
+    try:
+        return language_code(value)
+    except ValueError as e:
+        raise bad(str(e), "language", "unsupported_language") from None
 
 
 def parse_transcription_form(form: Mapping[str, Any]) -> TranscriptionRequest:

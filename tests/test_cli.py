@@ -239,6 +239,39 @@ def test_transcribe_text_file(runs, files):
     assert f"{txt}\t" not in p.stdout
 
 
+def test_transcribe_takes_a_language_and_a_temperature(files, capsys, monkeypatch):
+    """``--language`` (a code or a name) and ``--temperature`` reach Whisper; a
+    language it does not know is refused before the model loads."""
+    from mmphi.cli import main
+    from models import speech
+
+    if files["wav"] is None:
+        pytest.skip("ffmpeg is not installed")
+    calls = []
+    real = speech.SpeechRecognizer.recognize
+
+    def recognize(self, source, *, language=None, temperature=None):
+        calls.append((language, temperature))
+        return real(self, source, language=language, temperature=temperature)
+
+    monkeypatch.setattr(speech.SpeechRecognizer, "recognize", recognize)
+    assert main(["transcribe", str(files["wav"]), "--language", "German", "--temperature", "0.5"]) == 0
+    assert capsys.readouterr().out.startswith(f"{files['wav']}\t") and calls == [("de", 0.5)]
+    assert main(["transcribe", str(files["wav"])]) == 0 and calls[-1] == (None, None)  # the preset's
+
+    def no_load(*a, **k):
+        raise AssertionError("Whisper was loaded for a language it does not know")
+
+    monkeypatch.setattr(speech, "load_whisper", no_load)
+    assert main(["transcribe", str(files["wav"]), "--language", "klingon"]) == 2
+    assert capsys.readouterr().err == ("mmphi transcribe: language 'klingon' is not supported; use a language code "
+                                       "such as 'en' or a name such as 'english' (the languages Whisper knows)\n")
+    for bad in ("1.5", "warm", "nan"):
+        with pytest.raises(SystemExit) as e:
+            main(["transcribe", str(files["wav"]), "--temperature", bad])
+        assert e.value.code == 2 and "--temperature" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- demo
 
 

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mmphi.cli import add_model_args, positive_int
+from mmphi.cli import add_model_args, positive_int, unit_float
 
 
 def register(sub) -> None:
@@ -31,6 +31,10 @@ def register(sub) -> None:
                        description="Transcribe audio files (wav, mp3, flac, ogg, m4a, webm ...) with Whisper.")
     add_model_args(p)
     p.add_argument("files", nargs="+", help="audio files")
+    p.add_argument("--language", help="a Whisper language code or name, e.g. en or German "
+                   "(default: the preset's speech.language; detected when that is unset)")
+    p.add_argument("--temperature", type=unit_float, default=None,
+                   help="sampling temperature from 0 to 1 (default: the preset's speech.temperature, 0: greedy)")
     p.set_defaults(func=transcribe)
 
 
@@ -132,13 +136,18 @@ def check_context(cfg, tokenizer, messages: list[dict], max_new_tokens: int) -> 
 
 def transcribe(args: argparse.Namespace) -> int:
     from models.config import load_config
-    from models.speech import AudioDecodeError, SpeechRecognizer
+    from models.speech import AudioDecodeError, SpeechRecognizer, language_code
 
+    try:
+        language = args.language and language_code(args.language)
+    except ValueError as e:
+        print(f"mmphi transcribe: {e}", file=sys.stderr)
+        return 2
     recognizer = SpeechRecognizer(load_config(args.preset, args.overrides).speech, args.device)
     status = 0
     for path in args.files:
         try:
-            print(f"{path}\t{recognizer.transcribe(path)}")
+            print(f"{path}\t{recognizer.transcribe(path, language=language, temperature=args.temperature)}")
         except AudioDecodeError as e:
             print(f"mmphi transcribe: {e}", file=sys.stderr)
             status = 1
