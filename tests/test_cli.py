@@ -272,6 +272,37 @@ def test_transcribe_takes_a_language_and_a_temperature(files, capsys, monkeypatc
         assert e.value.code == 2 and "--temperature" in capsys.readouterr().err
 
 
+def test_audio_that_does_not_decode_costs_no_model_load(files, tmp_path, capsys, monkeypatch):
+    """``transcribe`` and ``chat --audio`` decode a file before Whisper loads:
+    a missing or non-audio file is named without loading a model, and
+    Whisper loads once, at the first file that decodes."""
+    from mmphi.cli import main
+    from models import speech
+
+    real = speech.load_whisper
+    loads = []
+
+    def counted(*a, **k):
+        loads.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(speech, "load_whisper", counted)
+    missing = tmp_path / "nosuch.wav"
+    assert main(["transcribe", str(missing), str(files["txt"])]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert loads == [] and len(err) == 2, err
+    assert err[0] == f"mmphi transcribe: could not decode audio from {str(missing)!r}: no such file"
+    assert err[1].startswith(f"mmphi transcribe: could not decode audio from {str(files['txt'])!r}: ffmpeg says: ")
+    assert main(["chat", "--prompt", "hi", "--audio", str(files["txt"])]) == 2
+    assert loads == [] and capsys.readouterr().err.startswith("mmphi chat: could not decode audio from ")
+    if files["wav"] is None:
+        return
+    assert main(["transcribe", str(missing), str(files["wav"]), str(files["wav"])]) == 1
+    out = capsys.readouterr()
+    assert loads == [1] and "no such file" in out.err
+    assert [line.split("\t")[0] for line in out.out.splitlines()] == [str(files["wav"])] * 2
+
+
 # ---------------------------------------------------------------- demo
 
 

@@ -54,7 +54,7 @@ def chat(args: argparse.Namespace) -> int:
     from models.checkpoint import CheckpointError
     from models.config import load_config
     from models.multimodal import MultimodalPhi3
-    from models.speech import AudioDecodeError, SpeechRecognizer
+    from models.speech import AudioDecodeError, SpeechRecognizer, decode_audio
     from models.vision import ImageDecodeError, load_image
 
     cfg = load_config(args.preset, args.overrides)
@@ -62,7 +62,8 @@ def chat(args: argparse.Namespace) -> int:
         images = [load_image(path) for path in args.image]
         prompt = args.prompt.strip()  # a blank --prompt is no prompt
         if args.audio:
-            heard = SpeechRecognizer(cfg.speech, args.device).transcribe(args.audio)
+            audio = decode_audio(args.audio, max_seconds=cfg.speech.max_seconds)  # refused before Whisper loads
+            heard = SpeechRecognizer(cfg.speech, args.device).transcribe(audio)
             prompt = f"{prompt}\n{heard}".strip()
     except (ImageDecodeError, AudioDecodeError) as e:
         print(f"mmphi chat: {e}", file=sys.stderr)
@@ -136,18 +137,22 @@ def check_context(cfg, tokenizer, messages: list[dict], max_new_tokens: int) -> 
 
 def transcribe(args: argparse.Namespace) -> int:
     from models.config import load_config
-    from models.speech import AudioDecodeError, SpeechRecognizer, language_code
+    from models.speech import AudioDecodeError, SpeechRecognizer, decode_audio, language_code
 
     try:
         language = args.language and language_code(args.language)
     except ValueError as e:
         print(f"mmphi transcribe: {e}", file=sys.stderr)
         return 2
-    recognizer = SpeechRecognizer(load_config(args.preset, args.overrides).speech, args.device)
+    cfg = load_config(args.preset, args.overrides).speech
+    recognizer = None  # loaded at the first file that decodes: a mistyped name or a text file costs no model load
     status = 0
     for path in args.files:
         try:
-            print(f"{path}\t{recognizer.transcribe(path, language=language, temperature=args.temperature)}")
+            audio = decode_audio(path, max_seconds=cfg.max_seconds)  # one file's samples at a time
+            if recognizer is None:
+                recognizer = SpeechRecognizer(cfg, args.device)
+            print(f"{path}\t{recognizer.transcribe(audio, language=language, temperature=args.temperature)}")
         except AudioDecodeError as e:
             print(f"mmphi transcribe: {e}", file=sys.stderr)
             status = 1
