@@ -518,7 +518,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         m = run(settings_from_args(args))
     except (EmbedError, FileNotFoundError) as e:
-        print(f"embed: {e}", file=sys.stderr)
+        print(f"mmphi data embed: {e}", file=sys.stderr)
         return 2
     last = m["last_run"]
     print(f"embeddings in {args.out}: {m['count']} images ({m['bytes_per_image']:,} bytes each, "

@@ -303,6 +303,23 @@ def test_audio_that_does_not_decode_costs_no_model_load(files, tmp_path, capsys,
     assert [line.split("\t")[0] for line in out.out.splitlines()] == [str(files["wav"])] * 2
 
 
+def test_data_embed_names_a_bad_input_before_ray_starts(tmp_path, capsys):
+    """``mmphi data embed`` refuses a missing data set or a bad setting with one
+    line naming it, exit status 2, before a Ray cluster starts."""
+    import ray
+
+    from mmphi.cli import main
+
+    missing = tmp_path / "nosuch"
+    out = str(tmp_path / "emb")
+    assert main(["data", "embed", "--data", str(missing), "--out", out]) == 2
+    assert capsys.readouterr().err == f"mmphi data embed: data set folder {missing} does not exist\n"
+    assert main(["data", "embed", "--data", str(tmp_path), "--out", out, "--batch-size", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mmphi data embed: --batch-size ") and len(err.splitlines()) == 1, err
+    assert not ray.is_initialized()
+
+
 # ---------------------------------------------------------------- demo
 
 
