@@ -11,7 +11,6 @@ import importlib
 import logging
 import math
 import os
-import re
 import shutil
 import sys
 
@@ -34,15 +33,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="torch device: cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
 
 
-DEVICE = re.compile(r"(cpu|cuda(:\d+)?|mps)")
-
-
 def device_arg(value: str) -> str:
     """A ``--device`` value torch can place a model on, checked without
     importing torch (so a wrong one is a usage error at once)."""
-    if not DEVICE.fullmatch(value):
-        raise argparse.ArgumentTypeError(f"{value!r} is not a device: choose cpu, cuda, cuda:N or mps")
-    return value
+    from models.config import check_device_name
+
+    try:
+        return check_device_name(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def unit_float(value: str) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,18 @@ PRESET_DIR = Path(__file__).with_name("presets")
 
 class ConfigError(ValueError):
     """A configuration file or override is wrong; the message names the key."""
+
+
+DEVICE_NAME = re.compile(r"(cpu|cuda(:\d+)?|mps)")
+
+
+def check_device_name(value: str) -> str:
+    """``value`` if torch can place a model on a device of that name (cpu,
+    cuda, cuda:N, mps), else ``ValueError`` naming it; checked without
+    importing torch, so a wrong name fails before any model loads."""
+    if not isinstance(value, str) or not DEVICE_NAME.fullmatch(value):
+        raise ValueError(f"{value!r} is not a device: choose cpu, cuda, cuda:N or mps")
+    return value
 
 
 @dataclass

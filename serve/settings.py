@@ -87,6 +87,13 @@ class ServeSettings:
             raise SettingsError(f"limits.max_audio_seconds must be positive, got {lim.max_audio_seconds}")
         if lim.default_max_tokens > lim.max_new_tokens:
             raise SettingsError("limits.default_max_tokens must not exceed limits.max_new_tokens")
+        if self.device is not None:
+            from models.config import check_device_name
+
+            try:
+                check_device_name(self.device)
+            except ValueError as e:
+                raise SettingsError(f"device: {e}") from None
         if self.retries < 0:
             raise SettingsError(f"retries must not be negative, got {self.retries}")
         if not isinstance(self.overrides, list) or not all(isinstance(o, str) for o in self.overrides):

@@ -401,6 +401,8 @@ def test_demo_learns_from_the_image_and_reuses_everything(work):
     (["chat", "--prompt", "hi", "--max-new-tokens", "0"], "argument --max-new-tokens: 0 is below 1"),
     (["chat", "--prompt", "hi", "--max-new-tokens", "-5"], "argument --max-new-tokens: -5 is below 1"),
     (["chat", "--prompt", "hi", "--device", "banana"], "'banana' is not a device: choose cpu, cuda, cuda:N or mps"),
+    (["serve", "--device", "cuda0"], "argument --device: 'cuda0' is not a device: choose cpu, cuda, cuda:N or mps"),
+    (["transcribe", "a.wav", "--device", "gpu"], "argument --device: 'gpu' is not a device"),
     (["demo", "--steps", "-1"], "argument --steps: -1 is below 1"),
     (["demo", "--images", "0"], "argument --images: 0 is below 1"),
     (["demo", "--batch-size", "0"], "argument --batch-size: 0 is below 1"),

@@ -209,6 +209,11 @@ def test_settings_refuse_unknown_keys_and_bad_limits():
         ServeSettings.from_dict({"limits": {"max_imgs": 3}})
     with pytest.raises(SettingsError, match="max_body_bytes"):
         ServeSettings.from_dict({"limits": {"max_body_bytes": 0}})
+    # a device name torch has no device for is refused here, before any replica starts (serve deploy's config too)
+    with pytest.raises(SettingsError, match=r"^device: 'banana' is not a device: choose cpu, cuda, cuda:N or mps$"):
+        ServeSettings.from_dict({"device": "banana"})
+    for device in ("cpu", "cuda", "cuda:1", "mps"):
+        assert ServeSettings.from_dict({"device": device}).device == device
     s = ServeSettings.from_dict({"limits": {"max_images": 1}, "checkpoint": "/x"})
     assert ServeSettings.from_dict(s.to_dict()) == s
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmphi.cli import positive_int
+from mmphi.cli import device_arg, positive_int
 
 
 def _port(text: str) -> int:
@@ -32,7 +32,8 @@ def register(sub) -> None:
     p.add_argument("--config", default=None,
                    help="Serve config YAML with application args and per-deployment options "
                         "(default: serve/config.yaml)")
-    p.add_argument("--device", default=None, help="torch device of the model replicas (default: cuda if present)")
+    p.add_argument("--device", default=None, type=device_arg,
+                   help="torch device of the model replicas: cpu, cuda, cuda:N or mps (default: cuda if present)")
     p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs in chat requests")
     p.add_argument("--num-cpus", type=positive_int, default=None,
                    help="logical CPUs of the local Ray cluster (default: max(4, cores))")
