@@ -17,6 +17,10 @@ def evaluate_checkpoint(checkpoint: str, data: str, embeddings: str, samples: in
                         batch_size: int = 32, device: str | None = None) -> dict:
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"--samples must be an integer of 1 or more, got {samples!r}")
+    if device is not None:
+        from models.config import check_device_name
+
+        check_device_name(device)  # before the checkpoint loads
     from data_pipelines.embed import EmbeddingStore
     from models.checkpoint import load_checkpoint
 
@@ -53,7 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="data set folder (its val.json is evaluated)")
     p.add_argument("--embeddings", required=True, help="embedding job output for that data set")
     p.add_argument("--samples", type=int, default=400, help="at most this many validation conversations")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None,
+                   help="torch device: cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
     p.add_argument("--out", help="write the metrics as JSON here too")
 
 
@@ -61,7 +66,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         res = evaluate_checkpoint(args.checkpoint, args.data, args.embeddings, args.samples, device=args.device)
     except (FileNotFoundError, ValueError) as e:
-        print(f"eval: {e}", file=sys.stderr)
+        print(f"mmphi eval: {e}", file=sys.stderr)
         return 2
     print(f"val loss {res['val_loss']:.4f}  perplexity {res['perplexity']:.2f}  token accuracy {res['token_accuracy']:.3f}")
     print(accuracy_table(res))

@@ -320,6 +320,18 @@ def test_data_embed_names_a_bad_input_before_ray_starts(tmp_path, capsys):
     assert not ray.is_initialized()
 
 
+def test_eval_names_a_bad_setting_before_the_checkpoint_loads(tmp_path, capsys):
+    from mmphi.cli import main
+
+    base = ["eval", "--checkpoint", str(tmp_path), "--data", str(tmp_path), "--embeddings", str(tmp_path)]
+    assert main(base + ["--device", "banana"]) == 2
+    assert capsys.readouterr().err == "mmphi eval: 'banana' is not a device: choose cpu, cuda, cuda:N or mps\n"
+    assert main(base + ["--samples", "0"]) == 2
+    assert capsys.readouterr().err == "mmphi eval: --samples must be an integer of 1 or more, got 0\n"
+    assert main(base) == 2  # the folders are there but hold no embeddings
+    assert capsys.readouterr().err == f"mmphi eval: {tmp_path} has no manifest.json: run the embedding job first\n"
+
+
 # ---------------------------------------------------------------- demo
 
 
