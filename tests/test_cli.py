@@ -439,6 +439,50 @@ def test_chat_refuses_a_blank_prompt_and_a_missing_checkpoint(tmp_path, capsys):
     assert err.startswith("mmphi chat: ") and "is not an mmphi checkpoint" in err and len(err.splitlines()) == 1
 
 
+def test_chat_hears_audio_with_the_checkpoints_whisper(tiny_model, files, tmp_path, monkeypatch, capsys):
+    """``chat --checkpoint C --audio F`` transcribes with the Whisper C's saved
+    config names (as serving C does), not the --preset's; audio in which
+    Whisper hears nothing, with no prompt or image, is said so before the
+    language model loads."""
+    import json
+
+    from mmphi.cli import main
+    from models import speech
+    from models.multimodal import MultimodalPhi3
+
+    if files["wav"] is None:
+        pytest.skip("ffmpeg is not installed")
+    ckpt = tiny_model.save_checkpoint(tmp_path / "ckpt")
+    meta = json.loads((ckpt / "mmphi.json").read_text())
+    meta["config"]["speech"]["seed"] = 7  # a Whisper the tiny preset does not name
+    (ckpt / "mmphi.json").write_text(json.dumps(meta))
+    seeds = []
+
+    class Stop(Exception):
+        pass
+
+    def record(cfg, device="cpu"):
+        seeds.append(cfg.seed)
+        raise Stop
+
+    monkeypatch.setattr(speech, "load_whisper", record)
+    for where, seed in (([], 0), (["--checkpoint", str(ckpt)], 7)):
+        with pytest.raises(Stop):
+            main(["chat", "--prompt", "hi", "--audio", str(files["wav"]), *where])
+        assert seeds[-1] == seed, where
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was built for a request with nothing in it")
+
+    monkeypatch.setattr(speech, "load_whisper", lambda cfg, device="cpu": None)
+    monkeypatch.setattr(speech.SpeechRecognizer, "transcribe", lambda self, source, **k: "")
+    monkeypatch.setattr(MultimodalPhi3, "from_config", no_load)
+    monkeypatch.setattr(MultimodalPhi3, "from_checkpoint", no_load)
+    assert main(["chat", "--audio", str(files["wav"]), "--checkpoint", str(ckpt)]) == 2
+    assert capsys.readouterr().err == (f"mmphi chat: Whisper heard no words in {files['wav']}, and there is no "
+                                       "--prompt or --image\n")
+
+
 def test_chat_checks_the_context_length(tiny_model):
     from mmphi.commands.model import ContextLengthExceeded, check_context
 

@@ -58,30 +58,31 @@ def chat(args: argparse.Namespace) -> int:
     from models.vision import ImageDecodeError, load_image
 
     cfg = load_config(args.preset, args.overrides)
-    try:
-        images = [load_image(path) for path in args.image]
-        prompt = args.prompt.strip()  # a blank --prompt is no prompt
-        if args.audio:
-            audio = decode_audio(args.audio, max_seconds=cfg.speech.max_seconds)  # refused before Whisper loads
-            heard = SpeechRecognizer(cfg.speech, args.device).transcribe(audio)
-            prompt = f"{prompt}\n{heard}".strip()
-    except (ImageDecodeError, AudioDecodeError) as e:
-        print(f"mmphi chat: {e}", file=sys.stderr)
-        return 2
-    if not prompt and not images:
+    prompt = args.prompt.strip()  # a blank --prompt is no prompt
+    if not prompt and not args.image and not args.audio:
         print("mmphi chat: give --prompt (not blank), --image or --audio", file=sys.stderr)
         return 2
-    content = [{"type": "image"} for _ in images] + ([{"type": "text", "text": prompt}] if prompt else [])
-    messages = [{"role": "user", "content": content}]
     try:
-        # the prompt is measured with the tokenizer alone, before the weights load (minutes for a real model)
+        images = [load_image(path) for path in args.image]
+        # the config and tokenizer alone (a checkpoint's own): the prompt is measured before the weights load
+        # (minutes for a real model), and the audio is heard with the Whisper the checkpoint names
         model_cfg, tokenizer = chat_tokenizer(args.checkpoint, cfg, args.overrides)
+        if args.audio:
+            audio = decode_audio(args.audio, max_seconds=model_cfg.speech.max_seconds)  # before Whisper loads
+            heard = SpeechRecognizer(model_cfg.speech, args.device).transcribe(audio)
+            if not prompt and not images and not heard:
+                print(f"mmphi chat: Whisper heard no words in {args.audio}, and there is no --prompt or --image",
+                      file=sys.stderr)
+                return 2
+            prompt = f"{prompt}\n{heard}".strip()
+        content = [{"type": "image"} for _ in images] + ([{"type": "text", "text": prompt}] if prompt else [])
+        messages = [{"role": "user", "content": content}]
         check_context(model_cfg, tokenizer, messages, args.max_new_tokens)
         if args.checkpoint:
             model = MultimodalPhi3.from_checkpoint(args.checkpoint, device=args.device, overrides=args.overrides)
         else:
             model = MultimodalPhi3.from_config(cfg, device=args.device, trainable=False)
-    except (FileNotFoundError, CheckpointError, ContextLengthExceeded) as e:
+    except (ImageDecodeError, AudioDecodeError, FileNotFoundError, CheckpointError, ContextLengthExceeded) as e:
         print(f"mmphi chat: {e}", file=sys.stderr)
         return 2
     print(model.chat(messages, images, max_new_tokens=args.max_new_tokens))
