@@ -67,11 +67,28 @@ def assert_compatible(have: dict, want: dict, what: str = "checkpoint") -> None:
         raise CheckpointMismatch(f"{what} does not match: " + "; ".join(diffs))
 
 
+def _not_a_checkpoint(path: Path) -> str:
+    """Why ``path`` holds no checkpoint, pointing at the one a user most
+    likely meant: a training run's folder (``RUNS/NAME``) is given where its
+    ``final`` checkpoint (or, before the run finished, its latest one) was."""
+    if not path.exists():
+        return f"{path} does not exist (a checkpoint is a folder holding {META}, e.g. RUNS/NAME/final)"
+    if not path.is_dir():
+        return f"{path} is a file, not an mmphi checkpoint (a folder holding {META}, e.g. RUNS/NAME/final)"
+    if (path / "final" / META).is_file():
+        return f"{path} is a training run's folder, not a checkpoint: its finished model is {path / 'final'}"
+    saved = sorted(p for p in path.glob("checkpoint_*") if (p / META).is_file())  # Ray names them by time
+    if saved:
+        return (f"{path} is a training run's folder, not a checkpoint, and it has no final/ yet (the run did "
+                f"not finish; the same train command resumes it): its latest checkpoint is {saved[-1]}")
+    return f"{path} is not an mmphi checkpoint (no {META})"
+
+
 def read_meta(path: str | Path) -> dict:
     path = Path(path)
     meta_file = path / META
     if not meta_file.exists():
-        raise FileNotFoundError(f"{path} is not an mmphi checkpoint (no {META})")
+        raise FileNotFoundError(_not_a_checkpoint(path))
     try:
         meta = json.loads(meta_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

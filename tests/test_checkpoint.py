@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -127,6 +128,32 @@ def test_tampered_weights_are_refused(trained, tmp_path):
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="not an mmphi checkpoint"):
         load_checkpoint(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"nosuch does not exist \(a checkpoint is a folder holding mmphi\.json"):
+        load_checkpoint(tmp_path / "nosuch")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(FileNotFoundError, match=r"notes\.txt is a file, not an mmphi checkpoint"):
+        load_checkpoint(tmp_path / "notes.txt")
+
+
+def test_a_run_folder_given_as_a_checkpoint_names_the_one_inside(trained, tmp_path):
+    """``RUNS/NAME`` where ``RUNS/NAME/final`` was meant: the error names the
+    final checkpoint, or, in a run that has not finished, its latest one."""
+    import shutil
+
+    _, path, *_ = trained
+    run = tmp_path / "run"
+    for name in ("checkpoint_2026-01-02_10-00-00.000001", "checkpoint_2026-01-02_11-00-00.000002"):
+        shutil.copytree(path, run / name)
+    (run / "checkpoint_2026-01-02_12-00-00.000003").mkdir()  # one Ray had not filled yet
+    with pytest.raises(FileNotFoundError) as e:
+        read_meta(run)
+    msg = str(e.value)
+    assert "training run's folder, not a checkpoint" in msg and "did not finish" in msg
+    assert msg.endswith(f"its latest checkpoint is {run / 'checkpoint_2026-01-02_11-00-00.000002'}")
+    shutil.copytree(path, run / "final")
+    with pytest.raises(FileNotFoundError, match=f"its finished model is {re.escape(str(run / 'final'))}$"):
+        load_checkpoint(run)
+    assert read_meta(run / "final")["config"] == read_meta(path)["config"]
 
 
 def test_a_checkpoint_lists_its_files_and_a_copy_cut_short_is_passed_over(trained, tmp_path, monkeypatch):
@@ -192,7 +219,7 @@ def test_a_damaged_checkpoint_names_the_file(trained, tmp_path):
     (bad / "mmphi.json").write_text("{\n oops")
     with pytest.raises(CheckpointError, match=r"bad-meta/mmphi\.json is not valid JSON"):
         read_meta(bad)
-    with pytest.raises(FileNotFoundError, match="is not an mmphi checkpoint"):
+    with pytest.raises(FileNotFoundError, match="nosuch does not exist"):
         read_meta(tmp_path / "nosuch")
     cut = tmp_path / "cut"
     shutil.copytree(path, cut)

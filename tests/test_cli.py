@@ -436,7 +436,7 @@ def test_chat_refuses_a_blank_prompt_and_a_missing_checkpoint(tmp_path, capsys):
     assert "give --prompt (not blank), --image or --audio" in capsys.readouterr().err
     assert main(["chat", "--prompt", "hi", "--checkpoint", str(tmp_path / "nosuch")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("mmphi chat: ") and "is not an mmphi checkpoint" in err and len(err.splitlines()) == 1
+    assert err.startswith("mmphi chat: ") and "nosuch does not exist" in err and len(err.splitlines()) == 1
 
 
 def test_chat_hears_audio_with_the_checkpoints_whisper(tiny_model, files, tmp_path, monkeypatch, capsys):

@@ -70,3 +70,20 @@ def test_port_and_cpus_are_checked_by_the_parser(capsys):
         with pytest.raises(SystemExit):
             parser.parse_args(["serve", *argv])
         assert message in capsys.readouterr().err
+
+
+def test_a_run_folder_is_refused_naming_its_final_checkpoint(checkpoint, tmp_path, capsys, monkeypatch):
+    """``mmphi serve --checkpoint RUNS/NAME`` (the run, not its ``final``)
+    says which folder was meant, before the serving config is read or Ray starts."""
+    import serve.app
+    from mmphi.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(checkpoint, run / "final")
+    monkeypatch.setattr(serve.app, "read_serve_config", lambda *a: pytest.fail("read the serving config"))
+    assert main(["serve", "--checkpoint", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"mmphi serve: {run} is a training run's folder, not a checkpoint: its finished model is {run / 'final'}\n"
+    (run / "final" / "mmphi.json").write_text("[]")
+    assert main(["serve", "--checkpoint", str(run / "final")]) == 2
+    assert "mmphi.json holds a JSON list, not a checkpoint's description" in capsys.readouterr().err

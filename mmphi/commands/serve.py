@@ -53,9 +53,14 @@ def run(args: argparse.Namespace) -> int:
         settings["device"] = args.device
     if args.allow_remote_images:
         settings["allow_remote_images"] = True
-    if args.checkpoint and not __import__("pathlib").Path(args.checkpoint, "mmphi.json").is_file():
-        print(f"mmphi serve: {args.checkpoint} is not a checkpoint folder (no mmphi.json)", file=sys.stderr)
-        return 2
+    if args.checkpoint:  # a wrong folder is named before Ray starts
+        from models.checkpoint import CheckpointError, read_meta
+
+        try:
+            read_meta(args.checkpoint)
+        except (FileNotFoundError, CheckpointError) as e:
+            print(f"mmphi serve: {e}", file=sys.stderr)
+            return 2
     try:
         run_local(args.checkpoint, args.port, blocking=True, host=args.host, settings=settings,
                   config=args.config or DEFAULT_CONFIG, num_cpus=args.num_cpus)
