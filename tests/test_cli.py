@@ -545,3 +545,25 @@ def test_embed_refuses_bad_numbers_before_ray(flags, message, tmp_path, monkeypa
     monkeypatch.setattr(embed, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
     with pytest.raises(embed.EmbedError, match=message):
         embed.run(embed.EmbedSettings(out=str(tmp_path / "emb"), data=str(tmp_path), **flags))
+
+
+def test_chat_says_when_the_answer_is_empty(tiny_model, monkeypatch, capsys):
+    """A model that ends its turn at once (a stage-1 checkpoint can) prints
+    an empty line on stdout, as scripts expect, and says so on stderr, as
+    the chat page shows "(empty answer)"; a non-empty answer adds no note."""
+    import torch
+
+    from mmphi.cli import main
+    from models.multimodal import MultimodalPhi3
+
+    end = tiny_model.tokenizer.ids.end
+    monkeypatch.setattr(MultimodalPhi3, "from_config", classmethod(lambda cls, *a, **k: tiny_model))
+    monkeypatch.setattr(MultimodalPhi3, "generate", lambda self, *a, **k: torch.tensor([[end]]))
+    assert main(["chat", "--prompt", "hi"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "\n" and err == "mmphi chat: the answer is empty (the model ended its turn at once)\n"
+    word = tiny_model.tokenizer.encode_text("red")
+    monkeypatch.setattr(MultimodalPhi3, "generate", lambda self, *a, **k: torch.tensor([[*word, end]]))
+    assert main(["chat", "--prompt", "hi"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "red\n" and "empty" not in err

@@ -85,7 +85,10 @@ def chat(args: argparse.Namespace) -> int:
     except (ImageDecodeError, AudioDecodeError, FileNotFoundError, CheckpointError, ContextLengthExceeded) as e:
         print(f"mmphi chat: {e}", file=sys.stderr)
         return 2
-    print(model.chat(messages, images, max_new_tokens=args.max_new_tokens))
+    answer = model.chat(messages, images, max_new_tokens=args.max_new_tokens)
+    print(answer)
+    if not answer:  # a blank line alone reads as a failure; the chat page says "(empty answer)" too
+        print("mmphi chat: the answer is empty (the model ended its turn at once)", file=sys.stderr)
     return 0
 
 
