@@ -71,6 +71,15 @@ class GenerationRequest:
     min_new_tokens: int = 0  # stop ids are suppressed until this many tokens
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
+    seed: int | None = None  # sampling with this request's own generator: the same seed, the same answer
+    _rng: torch.Generator | None = field(default=None, init=False, repr=False, compare=False)
+
+    def rng(self, device: torch.device) -> torch.Generator:
+        """This request's sampling generator, seeded with ``seed`` at its first token."""
+        if self._rng is None:
+            self._rng = torch.Generator(device=device)
+            self._rng.manual_seed(self.seed % 2**64)
+        return self._rng
 
     @classmethod
     def from_dict(cls, d: dict) -> GenerationRequest:
@@ -82,7 +91,8 @@ class GenerationRequest:
             feats = None
         return cls(input_ids=[int(t) for t in d["input_ids"]], image_features=feats, max_new_tokens=max_new,
                    min_new_tokens=min(int(d.get("min_new_tokens") or 0), max_new),
-                   temperature=float(d.get("temperature") or 0.0), top_p=float(d.get("top_p") or 1.0))
+                   temperature=float(d.get("temperature") or 0.0), top_p=float(d.get("top_p") or 1.0),
+                   seed=None if d.get("seed") is None else int(d["seed"]))
 
     def features_tensor(self) -> torch.Tensor | None:
         f = self.image_features
@@ -481,7 +491,9 @@ class ContinuousBatcher:
     def _sample(self, logits: torch.Tensor, reqs: list[GenerationRequest], generated: list[int]) -> list[int]:
         """Next token per row with the processors ``generate`` applies:
         image slots suppressed, stop ids suppressed before ``min_new_tokens``,
-        then greedy, or temperature + top-p sampling."""
+        then greedy, or temperature + top-p sampling: with the global
+        generator in one draw, and a row with a ``seed`` with its own
+        generator, so its draws do not depend on the other rows."""
         scores = logits.to(torch.float32, copy=True)
         if len(self.suppress_ids):
             scores[:, self._suppress_tensor] = -float("inf")
@@ -495,8 +507,12 @@ class ContinuousBatcher:
             idx = torch.tensor(sampled, device=scores.device)
             temps = torch.tensor([reqs[i].temperature for i in sampled], device=scores.device).unsqueeze(1)
             top_p = torch.tensor([reqs[i].top_p for i in sampled], device=scores.device).unsqueeze(1)
-            sub = _top_p(scores[idx] / temps, top_p)
-            tokens[idx] = torch.multinomial(torch.softmax(sub, dim=-1), num_samples=1).squeeze(1)
+            probs = torch.softmax(_top_p(scores[idx] / temps, top_p), dim=-1)
+            seeded = [j for j, i in enumerate(sampled) if reqs[i].seed is not None]
+            if len(seeded) < len(sampled):
+                tokens[idx] = torch.multinomial(probs, num_samples=1).squeeze(1)
+            for j in seeded:
+                tokens[sampled[j]] = torch.multinomial(probs[j], 1, generator=reqs[sampled[j]].rng(probs.device))[0]
         return tokens.tolist()
 
     # ---------------------------------------------------------------- cache
@@ -584,6 +600,24 @@ def _top_p(scores: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     remove = cumulative <= (1 - top_p)
     remove[..., -1:] = False
     return scores.masked_fill(remove.scatter(1, order, remove), -float("inf"))
+
+
+class SeededSampler:
+    """A logits processor for ``generate`` that samples one token per step
+    with a request's own generator (temperature, then top-p, as the batching
+    loop does) and leaves only that token's score finite, so greedy search
+    picks it: ``generate``'s own sampling draws from the global generator,
+    which every thread of the replica shares."""
+
+    def __init__(self, request: GenerationRequest):
+        self.request = request
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        req = self.request
+        top_p = torch.full((scores.shape[0], 1), req.top_p, device=scores.device)
+        probs = torch.softmax(_top_p(scores.float() / req.temperature, top_p), dim=-1)
+        picked = torch.multinomial(probs, 1, generator=req.rng(scores.device))
+        return torch.full_like(scores, -float("inf")).scatter_(1, picked, 0.0)
 
 
 def _emit(ticket: Ticket, item) -> None:

@@ -275,6 +275,8 @@ class ChatService:
         finish = None
         stop_string = False
         sampling = {"temperature": req.temperature, "top_p": req.top_p}
+        if req.seed is not None and req.temperature > 0:
+            sampling["seed"] = req.seed
         while finish is None:
             remaining = prep.max_new_tokens - len(generated)
             if remaining <= 0:

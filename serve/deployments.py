@@ -231,7 +231,8 @@ class LLM:
         ``input_ids`` (list of ints, image placeholders included),
         ``image_features`` (float32 array (images, tokens, dim) or None),
         ``max_new_tokens``, ``temperature`` (0: greedy), ``top_p``, optional
-        ``min_new_tokens`` (stop ids are suppressed until then).
+        ``min_new_tokens`` (stop ids are suppressed until then) and ``seed``
+        (sampling with the request's own generator).
         Each message is a list of the ids decoded since the last one: one id
         per step while the reader keeps up and the request decodes alone,
         more when it falls behind or while other requests decode with it
@@ -311,7 +312,13 @@ class LLM:
                "stopping_criteria": StoppingCriteriaList([Cancel()])}
         if req.min_new_tokens > 0:
             gen["min_new_tokens"] = req.min_new_tokens
-        if req.temperature > 0:
+        if req.temperature > 0 and req.seed is not None:  # drawn with the request's own generator, greedy picks it
+            from transformers import LogitsProcessorList
+
+            from .batching import SeededSampler
+
+            gen["logits_processor"] = LogitsProcessorList([SeededSampler(req)])
+        elif req.temperature > 0:
             gen.update(do_sample=True, temperature=req.temperature, top_p=req.top_p, top_k=0)
 
         def run():

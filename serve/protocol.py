@@ -77,6 +77,7 @@ class ChatRequest:
     model: str | None
     # extension (vLLM's name): stop ids are suppressed until this many tokens are generated
     min_tokens: int = 0
+    seed: int | None = None  # sampling with the request's own generator: the same seed, the same answer
     extra: dict = field(default_factory=dict)
 
     @property
@@ -251,9 +252,11 @@ def parse_chat_request(body: Any, limits: Limits, allow_remote: bool = False) ->
                       "unsupported_parameter")
     if body.get("logit_bias") not in (None, {}):
         raise bad("'logit_bias' is not supported", "logit_bias", "unsupported_parameter")
-    seed = body.get("seed")  # accepted (OpenAI's is best effort too); temperature 0 is what repeats an answer
+    seed = body.get("seed")  # a sampled answer's own generator (greedy ones need none)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise bad(f"'seed' must be an integer, got {type(seed).__name__}", "seed")
+    if seed is not None and not -2**63 <= seed < 2**64:
+        raise bad(f"'seed' must fit in 64 bits, got {seed}", "seed")
     user = body.get("user")
     if user is not None:
         if not isinstance(user, str):
@@ -314,6 +317,7 @@ def parse_chat_request(body: Any, limits: Limits, allow_remote: bool = False) ->
         include_usage=bool(include_usage),
         model=model,
         min_tokens=min_tokens,
+        seed=seed,
     )
 
 

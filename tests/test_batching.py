@@ -257,6 +257,61 @@ def test_sampling_settings_per_row(model, images, kv):
     assert not set(hot) & set(stops) and hot != greedy[2][:len(hot)]
 
 
+def test_a_seeded_row_draws_the_same_answer_whatever_shares_its_batch(model, images, kv):
+    """A request with a ``seed`` samples with its own generator: alone, or
+    joining later beside sampled rows with no seed and with another seed, it
+    draws the same tokens; another seed draws others; the rows with no seed
+    still sample (with the global generator)."""
+    from dataclasses import replace
+
+    stops = list(model.tokenizer.stop_ids)
+    base = make_requests(model, images)
+    hot = {"temperature": 1.5, "top_p": 0.95, "max_new_tokens": 16, "min_new_tokens": 16}
+
+    def seeded(seed, i=1):
+        return replace(base[i], seed=seed, **hot)
+
+    alone = run_schedule(make(model, kv, stop_ids=stops), {0: [0]}, [seeded(7)])[0].tokens
+    assert len(alone) == 16 and model.tokenizer.ids.image not in alone
+    torch.manual_seed(1)
+    crowd = [replace(base[0], **hot), replace(base[2], **hot), seeded(8, 4), seeded(7)]
+    sinks = run_schedule(make(model, kv, stop_ids=stops), {0: [0, 1], 2: [2], 3: [3]}, crowd)
+    assert sinks[3].tokens == alone
+    assert sinks[2].tokens != alone and len(sinks[2].tokens) == 16
+    torch.manual_seed(1)  # the unseeded rows are drawn by the global generator: seeding it repeats them
+    again = run_schedule(make(model, kv, stop_ids=stops), {0: [0, 1], 2: [2], 3: [3]},
+                         [replace(base[0], **hot), replace(base[2], **hot), seeded(8, 4), seeded(7)])
+    assert [s.tokens for s in again] == [s.tokens for s in sinks]
+    assert sinks[0].tokens != reference(model, base[0], stops)[:16]
+
+
+def test_generate_path_samples_a_seeded_request_with_its_own_generator(model, images):
+    """The deployment's ``generate`` path (continuous batching off, or a
+    request longer than a cache row) samples a seeded request with
+    ``SeededSampler``: the same seed repeats the answer, with the global
+    generator moved in between; a vanishing top_p leaves greedy's answer."""
+    from dataclasses import replace
+
+    from transformers import LogitsProcessorList
+
+    from serve.batching import SeededSampler
+
+    stops = list(model.tokenizer.stop_ids)
+    req = replace(make_requests(model, images)[1], max_new_tokens=12, min_new_tokens=12)
+
+    def run(r):
+        gen = {"max_new_tokens": r.max_new_tokens, "suppress_tokens": model.suppressed_ids, "eos_token_id": stops,
+               "min_new_tokens": r.min_new_tokens, "logits_processor": LogitsProcessorList([SeededSampler(r)])}
+        return model.generate(torch.tensor([r.input_ids]), None, r.features_tensor(), **gen)[0].tolist()
+
+    first = run(replace(req, temperature=1.5, seed=3))
+    torch.rand(5)
+    assert run(replace(req, temperature=1.5, seed=3)) == first and len(first) == 12
+    assert run(replace(req, temperature=1.5, seed=4)) != first
+    assert model.tokenizer.ids.image not in first and not set(first) & set(stops)
+    assert run(replace(req, temperature=1.0, top_p=1e-6, seed=3)) == reference(model, req, stops)
+
+
 def test_prefill_groups_stay_within_their_token_budget(model, images):
     reqs = make_requests(model, images)  # prompt lengths 12 to 45 tokens
     stops = list(model.tokenizer.stop_ids)
@@ -296,7 +351,8 @@ def test_request_from_the_ingress_dict():
     feats = np.zeros((1, 4, 8), np.float32)
     r = GenerationRequest.from_dict({"input_ids": [1, 2], "image_features": feats, "max_new_tokens": 4,
                                      "min_new_tokens": 9, "temperature": None, "top_p": None})
-    assert (r.min_new_tokens, r.temperature, r.top_p) == (4, 0.0, 1.0)
+    assert (r.min_new_tokens, r.temperature, r.top_p, r.seed) == (4, 0.0, 1.0, None)
+    assert GenerationRequest.from_dict({"input_ids": [1], "max_new_tokens": 1, "seed": -1}).seed == -1
     assert r.features_tensor().shape == (1, 4, 8)
     # features from Ray's object store are read-only arrays: the tensor is a writable copy, with no warning
     sent = np.arange(32, dtype=np.float32).reshape(1, 4, 8)
@@ -310,3 +366,32 @@ def test_request_from_the_ingress_dict():
                                         "max_new_tokens": 1}).image_features is None
     with pytest.raises(ValueError):
         GenerationRequest.from_dict({"input_ids": [1], "max_new_tokens": 0})
+
+
+def test_the_llm_deployment_repeats_a_seeded_answer_with_batching_on_and_off(model):
+    """The LLM deployment's own ``generate`` (no Ray: the class behind the
+    deployment), fed the ingress's dict: a seeded sampled request gives the
+    same ids twice through the batching loop and twice through the
+    one-``generate``-per-request path."""
+    import asyncio
+
+    from serve.deployments import LLM
+
+    llm = LLM.func_or_class({"preset": "tiny", "device": "cpu", "torch_threads": 0})
+    call = {"input_ids": prompt(model, 0, 0), "image_features": None, "max_new_tokens": 10, "min_new_tokens": 10,
+            "temperature": 1.5, "top_p": 0.95}
+
+    async def ids(**extra) -> list[int]:
+        return [t async for chunk in llm.generate({**call, **extra}) for t in chunk]
+
+    try:
+        for batching in (True, False):
+            llm.reconfigure({"continuous_batching": batching})
+            first = asyncio.run(ids(seed=5))
+            assert len(first) == 10 and asyncio.run(ids(seed=5)) == first, batching
+            assert asyncio.run(ids(seed=6)) != first, batching
+            assert asyncio.run(ids()) != first and asyncio.run(ids()) != asyncio.run(ids()), batching
+    finally:
+        if llm.batcher is not None:
+            llm.batcher.close()
+        llm._pool.shutdown()

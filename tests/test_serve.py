@@ -190,6 +190,15 @@ def test_sampling_parameters_are_used(client):
     sampled = {chat(client, [{"role": "user", "content": "Name a colour"}], max_tokens=12, temperature=1.5,
                     top_p=0.99).json()["choices"][0]["message"]["content"] for _ in range(4)}
     assert len(sampled) > 1  # a random model sampled at 1.5 does not repeat itself
+    msgs = [{"role": "user", "content": "Name a colour"}]
+    hot = {"max_tokens": 12, "min_tokens": 12, "temperature": 1.5, "top_p": 0.99}
+    seeded = {chat(client, msgs, seed=11, **hot).json()["choices"][0]["message"]["content"] for _ in range(3)}
+    assert len(seeded) == 1  # a seed repeats a sampled answer
+    r = chat(client, msgs, seed=11, stream=True, **hot)
+    streamed = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+                       for line in r.text.splitlines() if line.startswith("data: {"))
+    assert streamed == next(iter(seeded))
+    assert chat(client, msgs, seed=12, **hot).json()["choices"][0]["message"]["content"] not in seeded
 
 
 def test_special_tokens_typed_by_users_stay_text(client, tokenizer):

@@ -101,6 +101,7 @@ def test_developer_role_is_a_system_message():
     ({"logit_bias": {"50256": -100}}, "logit_bias", "not supported"),
     ({"seed": "42"}, "seed", "'seed' must be an integer, got str"),
     ({"seed": 1.5}, "seed", "must be an integer"),
+    ({"seed": 2**64}, "seed", "'seed' must fit in 64 bits, got 18446744073709551616"),
     ({"user": 7}, "user", "'user' must be a string, got int"),
 ])
 def test_bad_requests_name_the_problem(body, param, words):
@@ -111,11 +112,14 @@ def test_bad_requests_name_the_problem(body, param, words):
 
 
 def test_what_clients_send_by_default_is_accepted():
-    """Zero penalties, an empty logit_bias, a seed and a user name (what SDKs
-    and LangChain-style clients send) do not change the request."""
+    """Zero penalties, an empty logit_bias and a user name (what SDKs and
+    LangChain-style clients send) do not change the request; a seed is kept
+    for the sampler."""
+    from dataclasses import replace
+
     plain = parse()
     sent = parse(frequency_penalty=0, presence_penalty=0.0, logit_bias={}, seed=1234, user="alice")
-    assert sent == plain
+    assert sent == replace(plain, seed=1234) and plain.seed is None
 
 
 def test_body_must_be_an_object():
