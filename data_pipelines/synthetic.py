@@ -340,6 +340,8 @@ def synthesize(out_dir, *, images: int = 600, seed: int = 0, size: int = 128, va
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file, not a folder: give the data set's folder")
     (out / "images").mkdir(parents=True, exist_ok=True)
     n_text = max(1, round(images * TEXT_FRACTION / (1 - TEXT_FRACTION)))
 
@@ -459,6 +461,10 @@ def main(args) -> int:
                           workers=default_workers(args.images) if getattr(args, "workers", None) is None else args.workers)
     except ValueError as e:
         print(f"mmphi data synth: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a parent that is a file, no permission, a full disk
+        print(f"mmphi data synth: cannot write {args.out}: {e.strerror or e}"
+              + (f" ({e.filename})" if e.filename else ""), file=sys.stderr)
         return 2
     print(summary(info))
     return 0

@@ -91,7 +91,9 @@ def decode_audio(source: AudioSource, *, max_seconds: float | None = None) -> np
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
-            raise AudioDecodeError(f"could not decode audio from {str(source)!r}: no such file")
+            why = ("no such file" if not path.exists() else
+                   "it is a folder, not an audio file" if path.is_dir() else "it is not a regular file")
+            raise AudioDecodeError(f"could not decode audio from {str(source)!r}: {why}")
         audio = _run_ffmpeg(path, repr(str(source)), max_seconds)
     else:
         raise AudioDecodeError(

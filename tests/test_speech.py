@@ -125,6 +125,10 @@ def test_bad_inputs_raise_audio_decode_error(tmp_path, audio_files):
         decode_audio(b"")
     with pytest.raises(AudioDecodeError, match="no such file"):
         decode_audio(tmp_path / "missing.mp3")
+    with pytest.raises(AudioDecodeError, match=r"from '.*': it is a folder, not an audio file$"):
+        decode_audio(tmp_path)
+    with pytest.raises(AudioDecodeError, match=r"from '/dev/null': it is not a regular file$"):
+        decode_audio("/dev/null")
     with pytest.raises(AudioDecodeError, match=r"more than 1 s long; the limit is 1 s"):
         decode_audio(audio_files["wav"], max_seconds=1)
     with pytest.raises(AudioDecodeError, match=r"audio is 2\.0 s long; the limit is 1\.5 s"):

@@ -219,3 +219,17 @@ def test_main_prints_summary(tmp_path, capsys):
     assert main(bad) == 2
     no_workers = argparse.Namespace(out=str(tmp_path / "bad"), images=6, seed=0, size=48, val_fraction=0.5, workers=0)
     assert main(no_workers) == 2 and "workers must be at least 1" in capsys.readouterr().err
+
+
+def test_main_names_an_output_that_is_not_a_folder(tmp_path, capsys):
+    """``--out`` naming a file, or a folder under a file, is one line naming
+    it (exit 2), not a traceback; nothing is written."""
+    f = tmp_path / "notes.txt"
+    f.write_text("x")
+    args = dict(images=2, seed=0, size=48, val_fraction=0.5, workers=1)
+    assert main(argparse.Namespace(out=str(f), **args)) == 2
+    assert capsys.readouterr().err == f"mmphi data synth: {f} is a file, not a folder: give the data set's folder\n"
+    assert main(argparse.Namespace(out=str(f / "sub"), **args)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mmphi data synth: cannot write {f / 'sub'}: ") and len(err.splitlines()) == 1, err
+    assert f.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
