@@ -341,6 +341,10 @@ def run(s: EmbedSettings) -> dict:
         _check_positive_int(s.decode_tasks, "--decode-tasks")
     if s.gpus_per_actor is not None and s.gpus_per_actor < 0:
         raise EmbedError(f"--gpus-per-actor must be 0 or more, got {s.gpus_per_actor}")
+    try:
+        storage.check_output_folder(s.out, "--out")
+    except ValueError as e:
+        raise EmbedError(str(e)) from None
     gpus = s.gpus_per_actor
     t0 = time.time()
     cfg = load_config(s.preset, s.overrides)

@@ -342,7 +342,8 @@ def dataset_paths(folder) -> dict:
     raises FileNotFoundError naming everything that is missing."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"data set folder {folder} does not exist")
+        raise FileNotFoundError(f"data set folder {folder} " + ("is a file, not a folder" if folder.exists()
+                                                                else "does not exist"))
     out: dict = {}
     missing = []
     for split in ("train", "val"):

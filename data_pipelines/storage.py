@@ -15,6 +15,26 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(uri)
 
 
+def check_output_folder(uri: str, flag: str) -> None:
+    """Raise ValueError when the local output folder ``uri`` cannot be made
+    because it, or a folder above it, is a file (object-store URIs have no
+    folders to check)."""
+    if "://" in str(uri):
+        return
+    path = os.path.abspath(uri)
+    above = path
+    while not os.path.exists(above):
+        parent = os.path.dirname(above)
+        if parent == above:
+            return
+        above = parent
+    if os.path.isdir(above):
+        return
+    if above == path:
+        raise ValueError(f"{flag} {uri} is a file, not a folder")
+    raise ValueError(f"{flag} {uri}: {above} is a file, so no folder can be made under it")
+
+
 def join(base: str, *parts: str) -> str:
     return posixpath.join(base, *parts)
 

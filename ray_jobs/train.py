@@ -628,6 +628,7 @@ def _prepare(s: TrainSettings, prev_cfg=None):
     absolute and return its model config: ``prev_cfg`` (the run before in a
     sequence) or its ``init``'s, with its overrides, else its preset's."""
     from data_pipelines.resources import check_resources
+    from data_pipelines.storage import check_output_folder
     from models.config import apply_overrides, load_config
 
     from .strategy import STRATEGIES
@@ -657,6 +658,7 @@ def _prepare(s: TrainSettings, prev_cfg=None):
     else:
         cfg = load_config(s.preset, s.overrides)
     cfg.llm.lora.enabled = s.stage == "qlora"  # stage 1 trains the projector alone
+    check_output_folder(s.out, "--out")
     s.out = str(Path(s.out).resolve()) if "://" not in s.out else s.out
     s.data, s.embeddings = str(Path(s.data).resolve()), str(Path(s.embeddings).resolve()) if "://" not in s.embeddings else s.embeddings
     if s.init and "://" not in s.init:

@@ -320,6 +320,27 @@ def test_data_embed_names_a_bad_input_before_ray_starts(tmp_path, capsys):
     assert not ray.is_initialized()
 
 
+def test_an_output_folder_that_is_a_file_is_named_before_work_starts(tmp_path, capsys):
+    """``--out`` of ``data embed``, ``train`` and ``demo`` that is a file, or
+    lies under one, is one line naming it (exit 2) before Ray starts or
+    anything is written; a data set folder that is a file is called a file."""
+    import ray
+
+    from mmphi.cli import main
+
+    f = tmp_path / "notes.txt"
+    f.write_text("x")
+    assert main(["data", "embed", "--data", str(tmp_path), "--out", str(f)]) == 2
+    assert capsys.readouterr().err == f"mmphi data embed: --out {f} is a file, not a folder\n"
+    assert main(["train", "projector", "--data", str(tmp_path), "--embeddings", str(tmp_path), "--out", str(f)]) == 2
+    assert capsys.readouterr().err == f"mmphi train: --out {f} is a file, not a folder\n"
+    assert main(["demo", "--out", str(f / "run"), "--serve", "off"]) == 2
+    assert capsys.readouterr().err == f"mmphi demo: --out {f / 'run'}: {f} is a file, so no folder can be made under it\n"
+    assert main(["data", "embed", "--data", str(f), "--out", str(tmp_path / "emb")]) == 2
+    assert capsys.readouterr().err == f"mmphi data embed: data set folder {f} is a file, not a folder\n"
+    assert not ray.is_initialized() and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
 def test_eval_names_a_bad_setting_before_the_checkpoint_loads(tmp_path, capsys):
     from mmphi.cli import main
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -65,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from data_pipelines.embed import EmbeddingStore, EmbedSettings
     from data_pipelines.embed import run as embed
     from data_pipelines.llava import dataset_paths
+    from data_pipelines.storage import check_output_folder
     from data_pipelines.synthetic import default_workers, single_object_view, synthesize
     from models.config import load_config
     from models.conversation import collate, encode_conversation
@@ -76,6 +78,11 @@ def run(args: argparse.Namespace) -> int:
     from ray_jobs.train import run_sequence as train_sequence
 
     out = Path(args.out)
+    try:
+        check_output_folder(str(out), "--out")
+    except ValueError as e:
+        print(f"mmphi demo: {e}", file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     cfg = load_config(args.preset, args.overrides)
