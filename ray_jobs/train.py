@@ -130,6 +130,22 @@ class TrainSettings:
         return self.name or f"{Path(self.data).name}-{self.stage}"
 
 
+def check_run_name(name: str | None) -> None:
+    """Raise ValueError unless ``name`` (None: the default DATA-STAGE) names a
+    folder inside --out: not blank, no surrounding spaces, and no absolute
+    path, backslash, empty part, '.' or '..' (which would put the run
+    elsewhere, or outside --out)."""
+    if name is None:
+        return
+    if not name.strip():
+        raise ValueError("--name is blank: give a run name, or leave --name out for the default DATA-STAGE")
+    parts = name.split("/")
+    if name != name.strip() or "\\" in name or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"--name {name!r} must name a folder inside --out, like s1 or exp/s1: parts joined by "
+                         "single '/' (none at the start or end), none of them '.' or '..', no backslash, "
+                         "no spaces around it")
+
+
 class SettingsError(ValueError):
     """Training settings the job cannot run with, found on the driver before
     Ray starts (the command line prints it as one line)."""
@@ -635,6 +651,7 @@ def _prepare(s: TrainSettings, prev_cfg=None):
 
     if s.stage not in ("projector", "qlora"):
         raise ValueError(f"stage must be 'projector' or 'qlora', got {s.stage!r}")
+    check_run_name(s.name)
     try:
         s.resources_per_worker = check_resources(s.resources_per_worker, RESOURCE_HINTS)
     except ValueError as e:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -210,6 +211,28 @@ def test_settings_refuse_numbers_the_job_cannot_run_with(values, message):
         setattr(s, k, v)
     with pytest.raises(train.SettingsError, match=message):
         train.prepare_sequence([s])
+
+
+@pytest.mark.parametrize("name, message", [
+    ("../elsewhere", "must name a folder inside --out"),
+    ("/tmp/run", "must name a folder inside --out"),
+    ("exp//s1", "must name a folder inside --out"),
+    ("exp/", "must name a folder inside --out"),
+    ("s1 ", "no spaces around it"),
+    ("a\\b", "no backslash"),
+    ("", "--name is blank"),
+    ("  ", "--name is blank"),
+])
+def test_a_run_name_that_is_not_a_folder_inside_out_is_refused(name, message, tmp_path):
+    """A run name is a folder inside --out: one that would escape it ('..', an
+    absolute path) or make an odd folder (blank, spaces around it, '//') is
+    refused before anything starts; nothing is written."""
+    s = train.TrainSettings(stage="projector", data="d", embeddings="e", out=str(tmp_path / "runs"), name=name)
+    with pytest.raises(train.SettingsError, match=re.escape(message)):
+        train.prepare_sequence([s])
+    assert not (tmp_path / "runs").exists()
+    for good in (None, "s1", "exp/s1", "x y", "v1.2"):
+        train.check_run_name(good)
 
 
 def test_a_plan_with_bad_numbers_names_the_run(tmp_path):
