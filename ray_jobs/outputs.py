@@ -1,6 +1,7 @@
 """A training run's own outputs beside Ray Train's checkpoints, in OUT/NAME:
 ``metrics.jsonl`` (one line per evaluation), ``final/`` (the model
-checkpoint), ``summary.json`` and ``curves.png``. Local paths or URIs.
+checkpoint), ``summary.json``, ``curves.png`` and ``settings.json`` (what
+the run was started with). Local paths or URIs.
 
 A run's Ray Train checkpoints are in its own folder, or, for the later runs
 of a sequence trained in one Ray Train run (``ray_jobs.train.run_sequence``),
@@ -204,6 +205,28 @@ class RunOutputs:
                 ray_ckpt = self.root.rsplit("/", 1)[0] + ray_ckpt[len(old_out):]
             summary = summary | {"final": self.final, "ray_checkpoint": ray_ckpt}
         return summary
+
+    # the settings a run started with ------------------------------------------
+    def started_settings(self) -> dict | None:
+        """``settings.json``: the settings the run was first started with
+        (None for a run from before they were recorded, or a damaged file)."""
+        path = storage.join(self.root, "settings.json")
+        if not storage.exists(self.fs, path):
+            return None
+        try:
+            got = json.loads(storage.read_bytes(self.fs, path))
+        except ValueError:
+            return None
+        return got if isinstance(got, dict) else None
+
+    def record_start(self, settings: dict) -> bool:
+        """Write ``settings.json`` when the run has trained nothing yet (no
+        metrics, checkpoint or ``final/``); returns whether it did."""
+        if self.metrics() or self.has_final() or self.newest_checkpoint() is not None:
+            return False
+        storage.write_bytes_atomic(self.fs, storage.join(self.root, "settings.json"),
+                                   json.dumps(settings, indent=2).encode())
+        return True
 
     # summary ----------------------------------------------------------------
     def write_summary(self, settings: dict, seconds: float, checkpoint: str | None) -> dict:

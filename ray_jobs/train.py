@@ -146,6 +146,34 @@ def check_run_name(name: str | None) -> None:
                          "no spaces around it")
 
 
+# what decides a run's numbers: a resumed or reused run whose command changes one of them is told so
+RECIPE = ("stage", "data", "embeddings", "init", "preset", "overrides", "workers", "batch_size", "packing", "lr",
+          "projector_lr_scale", "warmup", "weight_decay", "seed", "loss_chunk", "last_layer")
+
+
+def recipe(s: TrainSettings) -> dict:
+    """The settings of ``s`` that decide what it trains (``RECIPE``), as JSON values."""
+    return json.loads(json.dumps({k: getattr(s, k) for k in RECIPE}))
+
+
+def note_changed_recipe(s: TrainSettings, outputs) -> list[str]:
+    """Record a new run's recipe in its ``settings.json``; for a run started
+    before, say on stderr which settings this command changes (the steps
+    already trained used the recorded ones; a finished run is reused as it
+    is). Returns the changes, as ``"lr: 0.002 -> 0.5"``."""
+    now = recipe(s)
+    before = outputs.started_settings()
+    if before is None:
+        outputs.record_start(now)
+        return []
+    changes = [f"{k}: {before[k]!r} -> {now[k]!r}" for k in RECIPE if k in before and before[k] != now[k]]
+    if changes:
+        print(f"mmphi train: {s.run_name()} was started with other settings ({'; '.join(changes)}). The steps it "
+              "has trained keep those; the rest use this command's (a finished run is reused as it is). Give "
+              "another --name to train with these settings from the start.", file=sys.stderr, flush=True)
+    return changes
+
+
 class SettingsError(ValueError):
     """Training settings the job cannot run with, found on the driver before
     Ray starts (the command line prints it as one line)."""
@@ -536,6 +564,8 @@ def run_sequence(runs: list[TrainSettings]) -> list[dict]:
 
     names = [s.run_name() for s in runs]
     checkpoints = names[0]  # the Ray Train run folder: the sequence's state and checkpoints
+    for s in runs:
+        note_changed_recipe(s, RunOutputs(s.out, s.run_name(), checkpoints))
     summaries = []
     for s in runs:
         done = RunOutputs(s.out, s.run_name(), checkpoints).finished(s.steps)

@@ -46,6 +46,33 @@ def test_finished_runs_are_left_out(tmp_path, handed):
     assert handed["train_loop_config"]["checkpoints"] == "a" and handed["run_config"].name == "a"
 
 
+def test_a_rerun_with_other_settings_is_told_which(tmp_path, handed, capsys):
+    """A new run records what decides its numbers in ``settings.json``; the
+    same run started again with another learning rate or seed is told which
+    settings changed (it still resumes), while a change that does not alter
+    the numbers (threads, checkpoint interval, steps) says nothing; a run
+    from before settings.json existed records nothing afterwards."""
+    with pytest.raises(handed.Stop):
+        train.run_sequence([settings(tmp_path, "projector", "a")])
+    recorded = json.loads((tmp_path / "runs" / "a" / "settings.json").read_text())
+    assert recorded == train.recipe(settings(tmp_path, "projector", "a")) and recorded["lr"] == 2e-3
+    assert recorded["data"] == str(tmp_path / "d") and capsys.readouterr().err == ""
+    with pytest.raises(handed.Stop):
+        train.run_sequence([settings(tmp_path, "projector", "a", threads=1, ckpt_every=5, steps=300)])
+    assert capsys.readouterr().err == ""
+    with pytest.raises(handed.Stop):
+        train.run_sequence([settings(tmp_path, "projector", "a", lr=0.5, seed=3)])
+    err = capsys.readouterr().err
+    assert err.startswith("mmphi train: a was started with other settings (lr: 0.002 -> 0.5; seed: 0 -> 3). "), err
+    assert [r["settings"]["lr"] for r in handed["train_loop_config"]["runs"]] == [0.5]  # still resumed
+    assert json.loads((tmp_path / "runs" / "a" / "settings.json").read_text()) == recorded  # the first start's
+    (tmp_path / "runs" / "old").mkdir()
+    (tmp_path / "runs" / "old" / "metrics.jsonl").write_text('{"step": 0, "val_loss": 5.0}\n')
+    with pytest.raises(handed.Stop):
+        train.run_sequence([settings(tmp_path, "projector", "old", lr=0.5)])
+    assert not (tmp_path / "runs" / "old" / "settings.json").exists() and capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("field, value", [("workers", 3), ("gpu", True), ("cpus_per_worker", 0.5),
                                           ("strategy", "deepspeed"), ("resources_per_worker", {"x": 1})])
 def test_runs_of_a_sequence_share_the_worker_group(tmp_path, handed, field, value):
