@@ -140,6 +140,22 @@ def check_model_source(settings: ServeSettings) -> None:
             raise SettingsError(str(e)) from None
 
 
+def exposure_warning(host: str, port: int, settings: ServeSettings) -> str | None:
+    """What to warn of when the server listens beyond this machine (``host``
+    not a loopback address) with no API key in ``settings.api_key_env``."""
+    import ipaddress
+
+    if os.environ.get(settings.api_key_env):
+        return None
+    try:
+        if host == "localhost" or ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:  # a host name: it may resolve to any interface
+        pass
+    return (f"listening on {host}:{port} with no API key: anyone who can reach this port can use the chat page "
+            f"and the API; set {settings.api_key_env} to require 'Authorization: Bearer <key>'")
+
+
 def run_local(
     checkpoint: str | None = None,
     port: int = 8000,
@@ -166,7 +182,11 @@ def run_local(
     args.update(settings or {})
     if checkpoint is not None:
         args["checkpoint"] = str(Path(checkpoint).expanduser().resolve())
-    check_model_source(ServeSettings.from_dict(args))  # fail here, at once, not in four replicas a minute later
+    checked = ServeSettings.from_dict(args)
+    check_model_source(checked)  # fail here, at once, not in four replicas a minute later
+    exposed = exposure_warning(host, port, checked)
+    if exposed:
+        log.warning(exposed)
     if not ray.is_initialized():  # a new local cluster, never a leftover one (see data_pipelines.embed.init_ray)
         ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
                  log_to_driver=False)

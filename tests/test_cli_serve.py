@@ -87,3 +87,20 @@ def test_a_run_folder_is_refused_naming_its_final_checkpoint(checkpoint, tmp_pat
     (run / "final" / "mmphi.json").write_text("[]")
     assert main(["serve", "--checkpoint", str(run / "final")]) == 2
     assert "mmphi.json holds a JSON list, not a checkpoint's description" in capsys.readouterr().err
+
+
+def test_listening_beyond_this_machine_without_a_key_is_warned_of(monkeypatch):
+    """``--host 0.0.0.0`` (or any address other than loopback, or a host
+    name) with no API key in the environment: a warning naming the
+    variable; loopback, or a key set, says nothing."""
+    from serve.app import exposure_warning
+
+    s = ServeSettings.from_dict({"api_key_env": "MMPHI_TEST_KEY_X"})
+    monkeypatch.delenv("MMPHI_TEST_KEY_X", raising=False)
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        assert exposure_warning(host, 8000, s) is None, host
+    for host in ("0.0.0.0", "::", "10.1.2.3", "myhost.example"):
+        msg = exposure_warning(host, 8000, s)
+        assert msg.startswith(f"listening on {host}:8000 with no API key") and "set MMPHI_TEST_KEY_X" in msg, host
+    monkeypatch.setenv("MMPHI_TEST_KEY_X", "k")
+    assert exposure_warning("0.0.0.0", 8000, s) is None
