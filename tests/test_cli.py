@@ -435,6 +435,11 @@ def test_demo_learns_from_the_image_and_reuses_everything(work):
     (["chat", "--prompt", "hi", "--max-new-tokens", "-5"], "argument --max-new-tokens: -5 is below 1"),
     (["chat", "--prompt", "hi", "--device", "banana"], "'banana' is not a device: choose cpu, cuda, cuda:N or mps"),
     (["serve", "--device", "cuda0"], "argument --device: 'cuda0' is not a device: choose cpu, cuda, cuda:N or mps"),
+    (["chat", "--temperature", "2.5"], "argument --temperature: 2.5 is not between 0 and 2"),
+    (["chat", "--temperature", "nan"], "argument --temperature: nan is not between 0 and 2"),
+    (["chat", "--top-p", "0"], "argument --top-p: 0 keeps no token"),
+    (["chat", "--top-p", "1.5"], "argument --top-p: 1.5 is not between 0 and 1"),
+    (["chat", "--seed", "x"], "argument --seed: invalid int value: 'x'"),
     (["transcribe", "a.wav", "--device", "gpu"], "argument --device: 'gpu' is not a device"),
     (["demo", "--steps", "-1"], "argument --steps: -1 is below 1"),
     (["demo", "--images", "0"], "argument --images: 0 is below 1"),
@@ -588,3 +593,45 @@ def test_chat_says_when_the_answer_is_empty(tiny_model, monkeypatch, capsys):
     assert main(["chat", "--prompt", "hi"]) == 0
     out, err = capsys.readouterr()
     assert out == "red\n" and "empty" not in err
+
+
+def test_chat_samples_with_a_seed_as_the_api_does(tiny_model, monkeypatch, capsys):
+    """``mmphi chat --temperature T --seed S`` repeats its answer, another
+    seed draws another, and the answer is the one the serving batcher draws
+    for the same prompt and seed; with no --seed a new one is drawn and
+    printed, and giving it back repeats that answer; greedy prints no seed."""
+    from mmphi.cli import main
+    from models.conversation import encode_conversation
+    from models.multimodal import MultimodalPhi3
+    from serve.batching import DONE, ContinuousBatcher, GenerationRequest
+
+    monkeypatch.setattr(MultimodalPhi3, "from_config", classmethod(lambda cls, *a, **k: tiny_model))
+
+    def answer(*flags) -> tuple[str, str]:
+        assert main(["chat", "--prompt", "Name a colour", "--max-new-tokens", "10", *flags]) == 0
+        out, err = capsys.readouterr()
+        return out.rstrip("\n"), err
+
+    first, err = answer("--temperature", "1.5", "--seed", "5")
+    assert err == "" and first and answer("--temperature", "1.5", "--seed", "5") == (first, "")
+    assert answer("--temperature", "1.5", "--seed", "6")[0] != first
+    drawn, err = answer("--temperature", "1.5")
+    assert err.startswith("mmphi chat: sampling with --seed ") and len(err.splitlines()) == 1, err
+    seed = err.split("--seed ")[1].split()[0]
+    assert answer("--temperature", "1.5", "--seed", seed) == (drawn, "")
+    greedy, err = answer()
+    assert err == "" and answer() == (greedy, "")
+
+    tok = tiny_model.tokenizer
+    ids = encode_conversation(tok, [{"role": "user", "content": [{"type": "text", "text": "Name a colour"}]}],
+                              tiny_model.num_image_tokens, add_generation_prompt=True,
+                              system_prompt=tiny_model.cfg.tokenizer.system_prompt).input_ids
+    got: list = []
+    batcher = ContinuousBatcher(tiny_model, 4, suppress_ids=tiny_model.suppressed_ids,
+                                context_length=tiny_model.cfg.tokenizer.max_length)
+    batcher.submit(GenerationRequest(ids, None, max_new_tokens=10, temperature=1.5, seed=5), got.append)
+    while batcher.active or batcher.waiting:
+        batcher.step()
+    assert got[-1] is DONE
+    served = [t for item in got[:-1] for t in item]
+    assert tok.decode(served, skip_special_tokens=True).strip() == first

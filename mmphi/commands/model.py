@@ -8,6 +8,39 @@ from pathlib import Path
 from mmphi.cli import add_model_args, positive_int, unit_float
 
 
+def _temperature(value: str) -> float:
+    """An argparse ``type``: a number from 0 to 2 (the API's range)."""
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not 0.0 <= x <= 2.0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"{value} is not between 0 and 2")
+    return x
+
+
+def _top_p(value: str) -> float:
+    """An argparse ``type``: a number above 0, at most 1."""
+    x = unit_float(value)
+    if x == 0:
+        raise argparse.ArgumentTypeError("0 keeps no token: give a number above 0, at most 1")
+    return x
+
+
+def sampling_kwargs(temperature: float, top_p: float, seed: int) -> dict:
+    """``generate`` keyword arguments for one answer: none for greedy, else
+    the serving path's seeded sampler (so the CLI and the API's ``seed``
+    draw alike)."""
+    if temperature <= 0:
+        return {}
+    from transformers import LogitsProcessorList
+
+    from serve.batching import GenerationRequest, SeededSampler
+
+    req = GenerationRequest(input_ids=[], temperature=temperature, top_p=top_p, seed=seed)
+    return {"logits_processor": LogitsProcessorList([SeededSampler(req)])}
+
+
 def register(sub) -> None:
     p = sub.add_parser("presets", help="list presets, or print one resolved config",
                        description="List the presets, or print one (with --set overrides applied) as YAML.")
@@ -25,6 +58,14 @@ def register(sub) -> None:
     p.add_argument("--prompt", default="", help="the question")
     p.add_argument("--max-new-tokens", type=positive_int, default=64,
                    help="at most this many answer tokens (default: 64); prompt + these must fit the model's context")
+    p.add_argument("--temperature", type=_temperature, default=0.0,
+                   help="sampling temperature from 0 to 2, as the API's (default: 0, greedy)")
+    p.add_argument("--top-p", type=_top_p, default=1.0,
+                   help="with --temperature: sample from the smallest set of tokens this likely (above 0, "
+                        "at most 1; default: 1)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="with --temperature: draw with a generator seeded so, which repeats the answer "
+                        "(the API's seed draws the same way; default: a new one, printed on stderr)")
     p.set_defaults(func=chat)
 
     p = sub.add_parser("transcribe", help="speech to text with the preset's Whisper",
@@ -85,7 +126,14 @@ def chat(args: argparse.Namespace) -> int:
     except (ImageDecodeError, AudioDecodeError, FileNotFoundError, CheckpointError, ContextLengthExceeded) as e:
         print(f"mmphi chat: {e}", file=sys.stderr)
         return 2
-    answer = model.chat(messages, images, max_new_tokens=args.max_new_tokens)
+    seed = args.seed
+    if args.temperature > 0 and seed is None:  # the global generator is where building the model left it
+        import secrets
+
+        seed = secrets.randbits(63)
+        print(f"mmphi chat: sampling with --seed {seed} (give it to draw this answer again)", file=sys.stderr)
+    answer = model.chat(messages, images, max_new_tokens=args.max_new_tokens,
+                        **sampling_kwargs(args.temperature, args.top_p, seed))
     print(answer)
     if not answer:  # a blank line alone reads as a failure; the chat page says "(empty answer)" too
         print("mmphi chat: the answer is empty (the model ended its turn at once)", file=sys.stderr)
