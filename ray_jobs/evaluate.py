@@ -29,10 +29,12 @@ def evaluate_checkpoint(checkpoint: str, data: str, embeddings: str, samples: in
     from .train import evaluate
 
     store = EmbeddingStore(embeddings)
+    val = D.load_samples(data, "val", "qlora")[:samples]
+    if not val:  # before the checkpoint loads
+        raise ValueError(f"the val split of {data} is empty: there is nothing to evaluate")
     model = load_checkpoint(checkpoint, device=device, with_vision=False, expect=store.identity)
     tok = model.tokenizer
     train = D.load_samples(data, "train", "qlora")
-    val = D.load_samples(data, "val", "qlora")[:samples]
     answers = D.first_exchanges(D.load_samples(data, "val", "qlora"))[:samples]
     feats = D.Features(store, [s.image for s in train + val + answers if s.image])
     val_enc = D.encode_all(tok, val, model.num_image_tokens, model.cfg.tokenizer.max_length)
@@ -68,7 +70,11 @@ def main(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"mmphi eval: {e}", file=sys.stderr)
         return 2
-    print(f"val loss {res['val_loss']:.4f}  perplexity {res['perplexity']:.2f}  token accuracy {res['token_accuracy']:.3f}")
+    if res["val_loss"] is None:  # no answer token left to score (every answer cut by the context length)
+        print("val loss -  perplexity -  token accuracy - (no answer token to score)")
+    else:
+        print(f"val loss {res['val_loss']:.4f}  perplexity {res['perplexity']:.2f}  "
+              f"token accuracy {res['token_accuracy']:.3f}")
     print(accuracy_table(res))
     if args.out:
         with open(args.out, "w") as f:

@@ -265,7 +265,7 @@ class RunOutputs:
 
         fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
         for key in ("train_loss", "val_loss"):
-            pts = [(r["step"], r[key]) for r in rows if key in r]
+            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
             if pts:
                 a.plot(*zip(*pts), marker="o", label=key)
         a.set_xlabel("step"), a.set_ylabel("loss"), a.legend(), a.set_title("loss")

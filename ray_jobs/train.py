@@ -310,9 +310,11 @@ def evaluate(model, tok, val_enc, val_samples, feats, answer_samples, world: int
                "answer_counts": {q: int(t[k]) for k, q in enumerate(qtypes) if t[k]}}
     if not loss:
         return answers
-    val_loss = loss_sum / max(tok_total, 1)
+    if not tok_total:  # no answer token to score (an empty validation split): nothing measured, not a zero loss
+        return {"val_loss": None, "perplexity": None, "token_accuracy": None, **answers}
+    val_loss = loss_sum / tok_total
     return {"val_loss": val_loss, "perplexity": math.exp(min(val_loss, 50)),
-            "token_accuracy": tok_right / max(tok_total, 1), **answers}
+            "token_accuracy": tok_right / tok_total, **answers}
 
 
 def train_loop(config: dict) -> None:
@@ -648,8 +650,14 @@ def _check_inputs(s: TrainSettings, cfg) -> None:
 
     from . import data as D
 
-    for split in ("train", "val"):
-        D.load_samples(s.data, split, s.stage)
+    train = D.load_samples(s.data, "train", s.stage)
+    if len(train) < s.workers:  # the workers would refuse it after the Ray Train start-up, on every retry
+        which = " with an image (stage 1 trains on those alone)" if s.stage == "projector" else ""
+        raise ValueError(f"the train split of {s.data} has {len(train)} conversation(s){which}: "
+                         f"{s.workers} worker(s) need at least one each")
+    if not D.load_samples(s.data, "val", s.stage):
+        print(f"mmphi train: {s.run_name()}: the val split of {s.data} is empty: the run trains, but measures "
+              "no validation loss or answer accuracy", file=sys.stderr, flush=True)
     check_embeddings(cfg, EmbeddingStore(s.embeddings).identity, s.embeddings)
 
 

@@ -91,9 +91,10 @@ def cpu_bench(tmp_path_factory):
 
 
 def write_train_inputs(root: Path) -> Path:
-    """An empty data set ``root/d`` and an embeddings manifest ``root/e`` of
-    the tiny preset's encoder: what a training driver checks before Ray
-    starts (for tests that stop before the workers)."""
+    """A data set ``root/d`` of a few image conversations (the images
+    themselves absent) and an embeddings manifest ``root/e`` of the tiny
+    preset's encoder: what a training driver checks before Ray starts (for
+    tests that stop before the workers)."""
     import json
 
     from data_pipelines.embed import FORMAT
@@ -101,8 +102,11 @@ def write_train_inputs(root: Path) -> Path:
     from models.vision import vision_identity
 
     (root / "d" / "images").mkdir(parents=True, exist_ok=True)
-    for split in ("train", "val"):
-        (root / "d" / f"{split}.json").write_text("[]")
+    for split, n in (("train", 4), ("val", 1)):
+        records = [{"id": f"{split}{i}", "image": f"{split}{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is the shape?"}, {"from": "gpt", "value": "Red."}]}
+            for i in range(n)]
+        (root / "d" / f"{split}.json").write_text(json.dumps(records))
     (root / "e").mkdir(exist_ok=True)
     (root / "e" / "manifest.json").write_text(json.dumps(
         {"format": FORMAT, "encoder": vision_identity(load_config("tiny").vision), "shape": [1, 1],

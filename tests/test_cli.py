@@ -351,6 +351,13 @@ def test_eval_names_a_bad_setting_before_the_checkpoint_loads(tmp_path, capsys):
     assert capsys.readouterr().err == "mmphi eval: --samples must be an integer of 1 or more, got 0\n"
     assert main(base) == 2  # the folders are there but hold no embeddings
     assert capsys.readouterr().err == f"mmphi eval: {tmp_path} has no manifest.json: run the embedding job first\n"
+    from conftest import write_train_inputs
+
+    write_train_inputs(tmp_path)
+    (tmp_path / "d" / "val.json").write_text("[]")  # nothing held out: said before the (missing) checkpoint loads
+    assert main(["eval", "--checkpoint", str(tmp_path / "nosuch"), "--data", str(tmp_path / "d"),
+                 "--embeddings", str(tmp_path / "e")]) == 2
+    assert capsys.readouterr().err == f"mmphi eval: the val split of {tmp_path / 'd'} is empty: there is nothing to evaluate\n"
 
 
 # ---------------------------------------------------------------- demo

@@ -46,6 +46,32 @@ def test_finished_runs_are_left_out(tmp_path, handed):
     assert handed["train_loop_config"]["checkpoints"] == "a" and handed["run_config"].name == "a"
 
 
+def test_a_train_split_too_small_is_refused_and_an_empty_val_split_is_warned_of(tmp_path, handed, capsys):
+    """Fewer training conversations than workers (for stage 1, conversations
+    with an image) fail on the driver, not in every worker after the Ray
+    Train start-up and its retries; an empty val split trains, said once."""
+    s = settings(tmp_path, "projector", "a", workers=5)
+    with pytest.raises(train.SettingsError, match=r"the train split of .*/d has 4 conversation\(s\) with an image "
+                                                  r"\(stage 1 trains on those alone\): 5 worker\(s\) need"):
+        train.run_sequence([s])
+    assert not handed
+    s = settings(tmp_path, "projector", "a", workers=2)
+    (tmp_path / "d" / "val.json").write_text("[]")
+    with pytest.raises(handed.Stop):
+        train.run_sequence([s])
+    err = capsys.readouterr().err
+    assert err == (f"mmphi train: a: the val split of {tmp_path / 'd'} is empty: the run trains, but measures no "
+                   "validation loss or answer accuracy\n"), err
+
+
+def test_nothing_to_score_is_no_loss_not_a_zero_one(tiny_model):
+    """``evaluate`` on no validation conversations: the loss, perplexity and
+    token accuracy are None (null in metrics.jsonl), not 0, 1 and 0."""
+    m = train.evaluate(tiny_model, tiny_model.tokenizer, [], [], None, [], 1, 0, 4)
+    assert (m["val_loss"], m["perplexity"], m["token_accuracy"]) == (None, None, None)
+    assert m["answer_accuracy"] == {} and tiny_model.training
+
+
 def test_a_rerun_with_other_settings_is_told_which(tmp_path, handed, capsys):
     """A new run records what decides its numbers in ``settings.json``; the
     same run started again with another learning rate or seed is told which
@@ -293,6 +319,9 @@ def test_inputs_are_checked_on_the_driver_before_ray(tmp_path, monkeypatch):
     (data / "val.json").write_text("[]")
     refused(data, tmp_path / "emb", r"train\.json is not valid JSON")
     (data / "train.json").write_text("[]")
+    refused(data, tmp_path / "emb", r"the train split of .*data has 0 conversation\(s\) with an image")
+    (data / "train.json").write_text(json.dumps([{"id": "1", "image": "1.png", "conversations": [
+        {"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "Red."}]}]))
     refused(data, tmp_path / "emb", "has no manifest.json: run the embedding job first")
     (tmp_path / "emb" / "manifest.json").write_text("{oops")
     refused(data, tmp_path / "emb", r"manifest\.json is not valid JSON")
