@@ -44,15 +44,21 @@ def device_arg(value: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def unit_float(value: str) -> float:
-    """An argparse ``type``: a number from 0 to 1."""
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-    if not 0.0 <= x <= 1.0:  # NaN fails too
-        raise argparse.ArgumentTypeError(f"{value} is not between 0 and 1")
-    return x
+def float_between(lo: float, hi: float):
+    """An argparse ``type``: a number from ``lo`` to ``hi``."""
+    def parse(value: str) -> float:
+        try:
+            x = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+        if not lo <= x <= hi:  # NaN fails too
+            raise argparse.ArgumentTypeError(f"{value} is not between {lo:g} and {hi:g}")
+        return x
+
+    return parse
+
+
+unit_float = float_between(0.0, 1.0)
 
 
 def positive_int(value: str) -> int:

@@ -5,18 +5,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from mmphi.cli import add_model_args, positive_int, unit_float
+from mmphi.cli import add_model_args, float_between, positive_int, unit_float
 
 
-def _temperature(value: str) -> float:
-    """An argparse ``type``: a number from 0 to 2 (the API's range)."""
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-    if not 0.0 <= x <= 2.0:  # NaN fails too
-        raise argparse.ArgumentTypeError(f"{value} is not between 0 and 2")
-    return x
+_temperature = float_between(0.0, 2.0)  # the API's range
 
 
 def _top_p(value: str) -> float:
