@@ -12,7 +12,7 @@ BENCH_ARGS ?=
 BENCH_PY ?= $(PY)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup ffmpeg demo test manifests bench-serve bench-train bench-gpu clean
+.PHONY: help setup check-disk ffmpeg demo test manifests bench-serve bench-train bench-gpu clean
 
 help: ## list the commands
 	@echo "mmphi: a multimodal Phi-3 on Ray"
@@ -24,10 +24,23 @@ help: ## list the commands
 setup: $(STAMP) ffmpeg ## create .venv and install the project (first use only)
 
 $(STAMP): pyproject.toml
+	@$(if $(wildcard $(PY)),,$(MAKE) -s check-disk)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
+
+# a new .venv takes about 7 GB (PyTorch, Ray, DeepSpeed, ...) plus pip's temporary files
+MIN_FREE_MB ?= 9000
+check-disk: ## say whether the disk holding .venv has room for the install (about 9 GB free)
+	@dir=$$(dirname $(abspath $(VENV))); mkdir -p "$$dir"; \
+	free=$$(df -Pm "$$dir" | awk 'NR == 2 {print $$4}'); \
+	tmp=$${TMPDIR:-/tmp}; tmpfree=$$(df -Pm "$$tmp" | awk 'NR == 2 {print $$4}'); \
+	if [ "$$free" -lt $(MIN_FREE_MB) ]; then \
+	  echo "error: installing into $(VENV) needs about $(MIN_FREE_MB) MB free, but $$dir has $$free MB free; free some space or put the environment on a larger disk (make setup VENV=/big/disk/venv)" >&2; exit 1; fi; \
+	if [ "$$tmpfree" -lt 1000 ]; then \
+	  echo "error: pip unpacks packages in $$tmp, which has $$tmpfree MB free (about 1000 MB needed); free some space or set TMPDIR to a folder on a larger disk" >&2; exit 1; fi; \
+	echo "disk: $$free MB free for $(VENV), $$tmpfree MB in $$tmp"
 
 ffmpeg: ## install the ffmpeg binary (apt) if it is missing
 	@command -v ffmpeg >/dev/null || { \
