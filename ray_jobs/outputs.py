@@ -224,9 +224,13 @@ class RunOutputs:
         metrics, checkpoint or ``final/``); returns whether it did."""
         if self.metrics() or self.has_final() or self.newest_checkpoint() is not None:
             return False
+        self.record_settings(settings)
+        return True
+
+    def record_settings(self, settings: dict) -> None:
+        """Write ``settings.json`` (for a run that changes its planned steps)."""
         storage.write_bytes_atomic(self.fs, storage.join(self.root, "settings.json"),
                                    json.dumps(settings, indent=2).encode())
-        return True
 
     # summary ----------------------------------------------------------------
     def write_summary(self, settings: dict, seconds: float, checkpoint: str | None) -> dict:

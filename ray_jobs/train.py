@@ -164,14 +164,34 @@ def note_changed_recipe(s: TrainSettings, outputs) -> list[str]:
     now = recipe(s)
     before = outputs.started_settings()
     if before is None:
-        outputs.record_start(now)
+        outputs.record_start({**now, "steps": s.steps})
         return []
     changes = [f"{k}: {before[k]!r} -> {now[k]!r}" for k in RECIPE if k in before and before[k] != now[k]]
     if changes:
         print(f"mmphi train: {s.run_name()} was started with other settings ({'; '.join(changes)}). The steps it "
               "has trained keep those; the rest use this command's (a finished run is reused as it is). Give "
               "another --name to train with these settings from the start.", file=sys.stderr, flush=True)
+    note_new_schedule(s, outputs, before)
     return changes
+
+
+def note_new_schedule(s: TrainSettings, outputs, before: dict) -> None:
+    """A run resumed with another ``--steps`` than it last trained for lays
+    its warm-up + cosine schedule over the new total from where it stopped:
+    say so with the learning rate's jump, and record the new total."""
+    planned = before.get("steps")
+    if not isinstance(planned, int) or planned == s.steps:
+        return
+    newest = outputs.newest_checkpoint()
+    done = max(outputs.final_step() or 0, newest[0] if newest else 0)
+    if done == 0 or done >= s.steps:  # nothing trained yet, or a finished run reused as it is
+        return
+    was, now = _lr_lambda(s.warmup, planned)(done), _lr_lambda(s.warmup, s.steps)(done)
+    print(f"mmphi train: {s.run_name()} resumes at step {done} with --steps {s.steps} where it was planned for "
+          f"{planned}: its learning-rate schedule (warm-up, then cosine down to 10 % of --lr) is laid over "
+          f"{s.steps} steps from here, so the learning rate goes from {was:.0%} to {now:.0%} of --lr at step "
+          f"{done}{' and decays again from there' if now > was else ''}.", file=sys.stderr, flush=True)
+    outputs.record_settings({**before, "steps": s.steps})
 
 
 class SettingsError(ValueError):

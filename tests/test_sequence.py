@@ -81,7 +81,7 @@ def test_a_rerun_with_other_settings_is_told_which(tmp_path, handed, capsys):
     with pytest.raises(handed.Stop):
         train.run_sequence([settings(tmp_path, "projector", "a")])
     recorded = json.loads((tmp_path / "runs" / "a" / "settings.json").read_text())
-    assert recorded == train.recipe(settings(tmp_path, "projector", "a")) and recorded["lr"] == 2e-3
+    assert recorded == {**train.recipe(settings(tmp_path, "projector", "a")), "steps": 200} and recorded["lr"] == 2e-3
     assert recorded["data"] == str(tmp_path / "d") and capsys.readouterr().err == ""
     with pytest.raises(handed.Stop):
         train.run_sequence([settings(tmp_path, "projector", "a", threads=1, ckpt_every=5, steps=300)])
@@ -97,6 +97,36 @@ def test_a_rerun_with_other_settings_is_told_which(tmp_path, handed, capsys):
     with pytest.raises(handed.Stop):
         train.run_sequence([settings(tmp_path, "projector", "old", lr=0.5)])
     assert not (tmp_path / "runs" / "old" / "settings.json").exists() and capsys.readouterr().err == ""
+
+
+def test_more_steps_on_a_trained_run_says_how_its_learning_rate_schedule_moves(tmp_path, handed, capsys):
+    """A run trained to step 200 of 200 and started again with --steps 300
+    resumes on a schedule laid over 300 steps: the learning rate at step 200
+    goes back up from 10 % of --lr, which the command says, recording the new
+    total so that a third start with the same --steps says nothing; fewer
+    steps than trained reuse the run and say nothing either."""
+    with pytest.raises(handed.Stop):
+        train.run_sequence([settings(tmp_path, "projector", "a")])
+    out = RunOutputs(str(tmp_path / "runs"), "a")
+    (tmp_path / "runs" / "a" / "final").mkdir()
+    (tmp_path / "runs" / "a" / "final" / "mmphi.json").write_text(json.dumps({"extra": {"step": 200, "run": "a"}}))
+    (tmp_path / "runs" / "a" / "summary.json").write_text(json.dumps({"steps": 200, "final": out.final}))
+    capsys.readouterr()
+    f = train._lr_lambda(20, 300)(200)
+    assert 0.1 < f < 1  # the old schedule ended at 10 %
+    with pytest.raises(handed.Stop):
+        train.run_sequence([settings(tmp_path, "projector", "a", steps=300)])
+    err = capsys.readouterr().err
+    assert err == (f"mmphi train: a resumes at step 200 with --steps 300 where it was planned for 200: its "
+                   "learning-rate schedule (warm-up, then cosine down to 10 % of --lr) is laid over 300 steps "
+                   f"from here, so the learning rate goes from 10% to {f:.0%} of --lr at step 200 and decays "
+                   "again from there.\n"), err
+    assert json.loads((tmp_path / "runs" / "a" / "settings.json").read_text())["steps"] == 300
+    with pytest.raises(handed.Stop):
+        train.run_sequence([settings(tmp_path, "projector", "a", steps=300)])
+    assert capsys.readouterr().err == ""
+    assert train.run_sequence([settings(tmp_path, "projector", "a", steps=150)])[0]["steps"] == 200
+    assert "resumes at step" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("field, value", [("workers", 3), ("gpu", True), ("cpus_per_worker", 0.5),
