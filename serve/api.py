@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from .chat import ChatService, cause_of
+from .loading import system_fingerprint
 from .protocol import (APIError, bad, chunk, completion, completion_id, parse_chat_request, parse_json_body,
                        parse_transcription_form, usage)
 
@@ -82,6 +83,7 @@ def build_api(service: ChatService, *, api_key: str | None, mount_ui: bool = Tru
     settings = service.settings
     limits = settings.limits
     model_name = settings.model_name
+    fingerprint = system_fingerprint(service.source, settings)
     app = FastAPI(title="mmphi", description="A multimodal Phi-3 served with Ray Serve", docs_url="/v1/docs",
                   openapi_url="/v1/openapi.json", redoc_url=None)
 
@@ -154,18 +156,19 @@ def build_api(service: ChatService, *, api_key: str | None, mount_ui: bool = Tru
         cid = completion_id()
         if not req.stream:
             res = await service.complete(req, prep)
-            return completion(cid, model_name, res.text, res.finish_reason, res.prompt_tokens, res.completion_tokens)
+            return completion(cid, model_name, res.text, res.finish_reason, res.prompt_tokens, res.completion_tokens,
+                              fingerprint)
 
         async def events():
             created = int(time.time())
-            yield sse(chunk(cid, model_name, created, {"role": "assistant", "content": ""}))
+            yield sse(chunk(cid, model_name, created, {"role": "assistant", "content": ""}, fingerprint=fingerprint))
             result: dict = {}
             try:
                 async for delta in service.answer(prep, req, result):
-                    yield sse(chunk(cid, model_name, created, {"content": delta}))
-                yield sse(chunk(cid, model_name, created, {}, result["finish_reason"]))
+                    yield sse(chunk(cid, model_name, created, {"content": delta}, fingerprint=fingerprint))
+                yield sse(chunk(cid, model_name, created, {}, result["finish_reason"], fingerprint=fingerprint))
                 if req.include_usage:
-                    yield sse(chunk(cid, model_name, created, None,
+                    yield sse(chunk(cid, model_name, created, None, fingerprint=fingerprint,
                                     usage_=usage(prep.prompt_tokens, result["completion_tokens"])))
             except Exception as e:  # noqa: BLE001 - headers are sent: report in the stream
                 log.exception("error while streaming %s", cid)

@@ -40,6 +40,34 @@ class Source:
         return int(self.cfg.tokenizer.max_length)
 
 
+def system_fingerprint(source: Source, settings: ServeSettings) -> str:
+    """OpenAI's ``system_fingerprint``: one value for every server that answers
+    with the same weights (the checkpoint's files by content, or the preset),
+    resolved config, device setting and library versions. With the same
+    ``seed``, answers repeat while it does not change."""
+    import hashlib
+    import json
+    from importlib import metadata
+
+    def version(pkg: str) -> str:
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return "absent"
+
+    h = hashlib.sha256()
+    ident = {"config": source.cfg.to_dict(), "device": settings.device,
+             "versions": {p: version(p) for p in ("mmphi", "torch", "transformers", "peft")}}
+    h.update(json.dumps(ident, sort_keys=True, default=str).encode())
+    if source.checkpoint is not None:
+        for name in sorted((source.meta or {}).get("files") or {}):
+            h.update(name.encode() + b"\0")
+            with open(source.checkpoint / name, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+    return "fp_" + h.hexdigest()[:12]
+
+
 def resolve(settings: ServeSettings) -> Source:
     """The config of a checkpoint (with runtime overrides) or of the preset."""
     from models.checkpoint import read_meta

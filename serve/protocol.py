@@ -378,9 +378,11 @@ def usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def completion(cid: str, model: str, text: str, finish: str, prompt: int, completion_tokens: int) -> dict:
+def completion(cid: str, model: str, text: str, finish: str, prompt: int, completion_tokens: int,
+               fingerprint: str | None = None) -> dict:
     return {
         "id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
+        "system_fingerprint": fingerprint,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
                      "logprobs": None}],
         "usage": usage(prompt, completion_tokens),
@@ -388,8 +390,9 @@ def completion(cid: str, model: str, text: str, finish: str, prompt: int, comple
 
 
 def chunk(cid: str, model: str, created: int, delta: dict | None, finish: str | None = None,
-          usage_: dict | None = None) -> dict:
+          usage_: dict | None = None, fingerprint: str | None = None) -> dict:
     out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+           "system_fingerprint": fingerprint,
            "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish,
                                                   "logprobs": None}]}
     if usage_ is not None:

@@ -162,6 +162,9 @@ def test_stream_yields_chunks_ending_with_done_and_matches_non_stream(client):
     finals = [e["choices"][0]["finish_reason"] for e in events if e["choices"] and e["choices"][0]["finish_reason"]]
     assert finals == [whole["choices"][0]["finish_reason"]]
     assert events[-1]["choices"] == [] and events[-1]["usage"] == whole["usage"]
+    # one fingerprint for every chunk and answer of this server (its weights, config, device, versions)
+    assert {e["system_fingerprint"] for e in events} == {whole["system_fingerprint"]}
+    assert whole["system_fingerprint"].startswith("fp_")
     assert ask(client, stream=None, stream_options=None)["object"] == "chat.completion"  # null: not streamed
 
 
@@ -271,6 +274,8 @@ def test_official_openai_client(server):
     again = c.chat.completions.create(model="mmphi", max_tokens=6, temperature=0,
                                       messages=[{"role": "user", "content": "What is this?"}])
     assert text == again.choices[0].message.content
+    assert again.system_fingerprint == res.system_fingerprint == chunks[0].system_fingerprint
+    assert res.system_fingerprint.startswith("fp_")
     tr = c.audio.transcriptions.create(model="whisper-1", file=("clip.wav", wav(), "audio/wav"))
     assert isinstance(tr.text, str)
     with pytest.raises(openai.BadRequestError, match="images given; the limit is 2"):

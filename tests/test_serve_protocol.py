@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import re
 from pathlib import Path
 
 import numpy as np
@@ -674,3 +675,36 @@ def test_unknown_routes_and_methods_are_errors_in_openai_shape(api):
     assert api.get("/healthz").status_code in (200, 503)  # outside /v1/: not the catch-all
     r = api.post("/v1/audio/transcriptions", files={"file": ("q.wav", b"RIFF....", "audio/wav")})
     assert r.status_code == 200 and r.json() == {"text": "some words"}, r.text
+
+
+def test_system_fingerprint_follows_the_weights_config_and_device(tiny_model, tiny_cfg, tmp_path):
+    """One fingerprint for the same weights (a copied checkpoint included),
+    another when a weight file's bytes, the config or the device change."""
+    import shutil
+
+    from models.checkpoint import read_meta, save_checkpoint
+    from models.config import apply_overrides
+    from serve.loading import Source, system_fingerprint
+
+    plain = ServeSettings.from_dict({})
+    preset = system_fingerprint(Source(tiny_cfg, None, None), plain)
+    assert re.fullmatch(r"fp_[0-9a-f]{12}", preset)
+    assert system_fingerprint(Source(tiny_cfg, None, None), plain) == preset
+    assert system_fingerprint(Source(apply_overrides(tiny_cfg.to_dict(), ["llm.lora.r=4"]), None, None), plain) != preset
+    assert system_fingerprint(Source(tiny_cfg, None, None), ServeSettings.from_dict({"device": "cpu"})) != preset
+
+    ckpt = save_checkpoint(tiny_model, tmp_path / "a")
+    copy = Path(shutil.copytree(ckpt, tmp_path / "b"))
+
+    def of(path):
+        meta = read_meta(path)
+        return system_fingerprint(Source(apply_overrides(meta["config"], []), path, meta), plain)
+
+    first = of(ckpt)
+    assert first == of(copy) and first != preset
+    weights = next(copy / f for f in read_meta(copy)["files"] if f.endswith(".safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert of(copy) != first
+
