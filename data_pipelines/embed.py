@@ -424,6 +424,28 @@ def run(s: EmbedSettings) -> dict:
 
 
 # ----------------------------------------------------------------- reading
+def no_manifest(fs, base: str, out: str) -> str:
+    """Why ``out`` holds no embeddings, naming the likely mistake: a folder
+    that is not there, a file, a data set folder, or the folder above one
+    with embeddings (the demo keeps them per preset: ``embeddings/tiny``)."""
+    import pyarrow.fs as pafs
+
+    info = fs.get_file_info(base)
+    if info.type == pafs.FileType.NotFound:
+        return f"{out} does not exist: run the embedding job first (mmphi data embed --out {out})"
+    if info.type != pafs.FileType.Directory:
+        return f"{out} is a file, not a folder of embeddings"
+    if storage.exists(fs, storage.join(base, "train.json")):
+        return f"{out} is a data set folder (it holds train.json), not embeddings: give the embedding job's --out"
+    inside = [i.path for i in fs.get_file_info(pafs.FileSelector(base, recursive=False))
+              if i.type == pafs.FileType.Directory and storage.exists(fs, storage.join(i.path, "manifest.json"))]
+    if inside:
+        shown = ", ".join(storage.join(out, p.rsplit("/", 1)[-1]) for p in sorted(inside)[:3])
+        which = "the folders in it hold" if len(inside) > 1 else "the folder in it holds"
+        return f"{out} has no manifest.json, but {which} embeddings: give {shown}"
+    return f"{out} has no manifest.json: run the embedding job first"
+
+
 class EmbeddingStore:
     """Read embeddings back: ``store[path] -> np.ndarray (tokens, dim)``."""
 
@@ -431,7 +453,7 @@ class EmbeddingStore:
         fs, base = storage.resolve(out)
         mf = storage.join(base, "manifest.json")
         if not storage.exists(fs, mf):
-            raise FileNotFoundError(f"{out} has no manifest.json: run the embedding job first")
+            raise FileNotFoundError(no_manifest(fs, base, out))
         try:
             self.manifest = json.loads(storage.read_bytes(fs, mf))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

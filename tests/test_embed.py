@@ -228,3 +228,26 @@ def test_init_ray_starts_its_own_local_cluster_unless_given_an_address(monkeypat
         E.init_ray(arg)
     assert [c["address"] for c in calls] == ["local", "local", "10.0.0.1:6379", "10.0.0.2:6379"]
     assert calls[0]["num_cpus"] >= 4 and "num_cpus" not in calls[2]  # a cluster's CPUs are its own
+
+
+def test_a_folder_without_embeddings_is_named_with_the_likely_mistake(tmp_path):
+    """Reading embeddings from the wrong folder says which mistake it looks
+    like: nothing there, a file, the data set folder, or the folder above the
+    embeddings (the demo keeps them per preset)."""
+    def why(path) -> str:
+        with pytest.raises(FileNotFoundError) as e:
+            EmbeddingStore(str(path))
+        return str(e.value)
+
+    assert why(tmp_path / "nosuch") == (f"{tmp_path / 'nosuch'} does not exist: run the embedding job first "
+                                        f"(mmphi data embed --out {tmp_path / 'nosuch'})")
+    (tmp_path / "notes.txt").write_text("x")
+    assert why(tmp_path / "notes.txt") == f"{tmp_path / 'notes.txt'} is a file, not a folder of embeddings"
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.json").write_text("[]")
+    assert "is a data set folder (it holds train.json), not embeddings" in why(tmp_path / "data")
+    (tmp_path / "emb" / "tiny").mkdir(parents=True)
+    assert why(tmp_path / "emb") == f"{tmp_path / 'emb'} has no manifest.json: run the embedding job first"
+    (tmp_path / "emb" / "tiny" / "manifest.json").write_text("{}")
+    assert why(tmp_path / "emb") == (f"{tmp_path / 'emb'} has no manifest.json, but the folder in it holds "
+                                     f"embeddings: give {tmp_path / 'emb' / 'tiny'}")
