@@ -186,11 +186,16 @@ def note_new_schedule(s: TrainSettings, outputs, before: dict) -> None:
     done = max(outputs.final_step() or 0, newest[0] if newest else 0)
     if done == 0 or done >= s.steps:  # nothing trained yet, or a finished run reused as it is
         return
-    was, now = _lr_lambda(s.warmup, planned)(done), _lr_lambda(s.warmup, s.steps)(done)
+    warmup = before.get("warmup") if isinstance(before.get("warmup"), int) else s.warmup
+    was, now = _lr_lambda(warmup, planned)(done), _lr_lambda(s.warmup, s.steps)(done)
+    if f"{was:.0%}" == f"{now:.0%}":
+        effect = f" (the learning rate at step {done} stays {now:.0%} of --lr)"
+    else:
+        effect = (f", so the learning rate goes from {was:.0%} to {now:.0%} of --lr at step {done}"
+                  f"{' and decays again from there' if now > was else ''}")
     print(f"mmphi train: {s.run_name()} resumes at step {done} with --steps {s.steps} where it was planned for "
           f"{planned}: its learning-rate schedule (warm-up, then cosine down to 10 % of --lr) is laid over "
-          f"{s.steps} steps from here, so the learning rate goes from {was:.0%} to {now:.0%} of --lr at step "
-          f"{done}{' and decays again from there' if now > was else ''}.", file=sys.stderr, flush=True)
+          f"{s.steps} steps from here{effect}.", file=sys.stderr, flush=True)
     outputs.record_settings({**before, "steps": s.steps})
 
 
