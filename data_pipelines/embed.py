@@ -360,8 +360,12 @@ def run(s: EmbedSettings) -> dict:
     if storage.exists(fs, job_file):
         prior = json.loads(storage.read_bytes(fs, job_file))
         if prior != ident:
-            raise EmbedError(f"{s.out} holds embeddings of another encoder or dtype ({prior}); "
-                             "use a new --out, or delete it to start over")
+            from models.checkpoint import differences
+
+            diffs = differences(prior, ident, "the folder", "this job writes") if isinstance(prior, dict) else [f"job.json: {prior!r}"]
+            more = f"; and {len(diffs) - 6} more" if len(diffs) > 6 else ""
+            raise EmbedError(f"{s.out} holds embeddings of another encoder or dtype than this job's "
+                             f"({'; '.join(diffs[:6])}{more}); use a new --out, or delete it to start over")
     else:
         storage.write_bytes_atomic(fs, job_file, json.dumps(ident, indent=2).encode())
     done, skipped_before, _ = finished(s.out)

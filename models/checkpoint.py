@@ -51,8 +51,9 @@ def identity(cfg: ModelConfig) -> dict:
     return {"vision": vision_identity(cfg.vision), "projector": {"kind": cfg.projector.kind, "normalize": cfg.projector.normalize}, "llm": _llm_identity(cfg)}
 
 
-def assert_compatible(have: dict, want: dict, what: str = "checkpoint") -> None:
-    """Raise CheckpointMismatch naming every field where two identities differ."""
+def differences(have: dict, want: dict, what: str, wanted: str = "expected") -> list[str]:
+    """Every field where two nested identities differ, as
+    ``"vision.model: WHAT has 'a', WANTED 'b'"``."""
     diffs = []
 
     def walk(a, b, prefix):
@@ -60,9 +61,15 @@ def assert_compatible(have: dict, want: dict, what: str = "checkpoint") -> None:
             for k in sorted(set(a) | set(b)):
                 walk(a.get(k), b.get(k), f"{prefix}{k}.")
         elif a != b:
-            diffs.append(f"{prefix[:-1]}: {what} has {a!r}, expected {b!r}")
+            diffs.append(f"{prefix[:-1]}: {what} has {a!r}, {wanted} {b!r}")
 
     walk(have, want, "")
+    return diffs
+
+
+def assert_compatible(have: dict, want: dict, what: str = "checkpoint") -> None:
+    """Raise CheckpointMismatch naming every field where two identities differ."""
+    diffs = differences(have, want, what)
     if diffs:
         raise CheckpointMismatch(f"{what} does not match: " + "; ".join(diffs))
 

@@ -124,8 +124,11 @@ def test_rerun_does_nothing_when_complete(full_run, image_set, ray_local):
 def test_other_encoder_into_same_folder_is_refused(full_run, image_set):
     out, _ = full_run
     folder, _ = image_set
-    with pytest.raises(EmbedError, match="another encoder"):
+    with pytest.raises(EmbedError, match="another encoder") as e:
         run(EmbedSettings(out=str(out), images=str(folder), overrides=["vision.token_mode=pooled"]))
+    # each field that differs, by name, not the whole stored identity
+    assert "encoder.token_mode: the folder has 'patches', this job writes 'pooled'" in str(e.value)
+    assert "encoder.model" not in str(e.value) and "{" not in str(e.value)
 
 
 def test_broken_images_are_skipped_and_listed(ray_local, tmp_path):
