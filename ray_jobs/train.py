@@ -732,9 +732,10 @@ def _prepare(s: TrainSettings, prev_cfg=None):
     if prev_cfg is not None:
         cfg = apply_overrides(prev_cfg.to_dict(), s.overrides)
     elif s.init:
-        from models.checkpoint import read_meta
+        from models.checkpoint import checkpoint_config, read_meta
 
-        cfg = apply_overrides(read_meta(s.init)["config"], s.overrides)  # fails clearly on a wrong folder
+        # fails clearly on a wrong folder, and on overrides that the checkpoint's weights would not follow
+        cfg = checkpoint_config(s.init, read_meta(s.init), s.overrides)
     else:
         cfg = load_config(s.preset, s.overrides)
     cfg.llm.lora.enabled = s.stage == "qlora"  # stage 1 trains the projector alone

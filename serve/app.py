@@ -119,6 +119,7 @@ def check_model_source(settings: ServeSettings) -> None:
     its overrides, or the checkpoint's ``mmphi.json`` and the headers of its
     weight files. A wrong one raises a ``ConfigError`` or ``SettingsError``
     naming it, before any Ray process starts."""
+    from models.checkpoint import CheckpointError
     from models.config import ConfigError
 
     from .loading import resolve
@@ -127,11 +128,13 @@ def check_model_source(settings: ServeSettings) -> None:
         source = resolve(settings)
     except (ConfigError, FileNotFoundError):
         raise
+    except CheckpointError as e:  # an override that changes what the checkpoint is
+        raise SettingsError(str(e)) from None
     except (OSError, ValueError) as e:  # mmphi.json unreadable or not JSON
         raise SettingsError(f"checkpoint {settings.checkpoint}: {type(e).__name__}: {e}") from None
     if source.checkpoint is None:
         return
-    from models.checkpoint import CheckpointError, check_safetensors
+    from models.checkpoint import check_safetensors
 
     for f in sorted(source.checkpoint.rglob("*.safetensors")):
         try:

@@ -70,13 +70,13 @@ def system_fingerprint(source: Source, settings: ServeSettings) -> str:
 
 def resolve(settings: ServeSettings) -> Source:
     """The config of a checkpoint (with runtime overrides) or of the preset."""
-    from models.checkpoint import read_meta
-    from models.config import apply_overrides, load_config
+    from models.checkpoint import checkpoint_config, read_meta
+    from models.config import load_config
 
     if settings.checkpoint:
         path = Path(settings.checkpoint).expanduser().resolve()
         meta = read_meta(path)
-        return Source(apply_overrides(meta["config"], settings.overrides), path, meta)
+        return Source(checkpoint_config(path, meta, settings.overrides), path, meta)
     return Source(load_config(settings.preset, settings.overrides), None, None)
 
 

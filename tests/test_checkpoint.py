@@ -232,3 +232,36 @@ def test_a_damaged_checkpoint_names_the_file(trained, tmp_path):
     (cut / "projector.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"projector\.safetensors is missing"):
         load_checkpoint(cut, device="cpu", with_vision=False)
+
+
+def test_overrides_that_change_what_a_checkpoint_is_are_refused(tiny_cfg, tmp_path):
+    """Runtime overrides (dtype, attention) pass; ones that change the
+    checkpoint's identity or its trained adapter's LoRA settings are refused,
+    each field named, in the driver's check as in the replica's load."""
+    from models.checkpoint import CheckpointMismatch, checkpoint_config, read_meta, save_checkpoint
+    from models.multimodal import MultimodalPhi3
+    from serve.app import check_model_source
+    from serve.settings import ServeSettings, SettingsError
+
+    lora = tiny_cfg.to_dict()
+    lora["llm"]["lora"]["enabled"] = True
+    from models.config import config_from_dict
+
+    model = MultimodalPhi3.from_config(config_from_dict(lora), with_vision=False)
+    path = save_checkpoint(model, tmp_path / "ckpt")
+    meta = read_meta(path)
+    assert meta["has_adapter"]
+    assert checkpoint_config(path, meta, ["llm.attn_implementation=eager"]).llm.attn_implementation == "eager"
+    with pytest.raises(CheckpointMismatch) as e:
+        checkpoint_config(path, meta, ["llm.lora.r=4"])
+    r = tiny_cfg.llm.lora.r
+    assert f"(llm.lora.r: the override has 4, but its adapter was trained with {r}): leave llm.lora.*" in str(e.value)
+    with pytest.raises(CheckpointMismatch, match=r"vision.feature_layer: the override has -1, but the checkpoint "
+                                                 r"was trained with 1\)"):
+        checkpoint_config(path, meta, ["vision.feature_layer=-1"])
+    with pytest.raises(CheckpointMismatch, match="llm.lora.alpha: the override has 8"):
+        MultimodalPhi3.from_checkpoint(path, overrides=["llm.lora.alpha=8"], with_vision=False)
+    with pytest.raises(SettingsError, match="llm.lora.dropout: the override has 0.5"):
+        check_model_source(ServeSettings.from_dict({"checkpoint": str(path), "overrides": ["llm.lora.dropout=0.5"]}))
+    # the training stage's switch (a projector run on a LoRA model keeps the adapter, frozen) is not a change
+    assert not checkpoint_config(path, meta, ["llm.lora.enabled=false"]).llm.lora.enabled

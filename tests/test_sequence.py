@@ -363,3 +363,18 @@ def test_the_command_prints_a_settings_error_as_one_line(capsys):
     assert main(["train", "projector", "--data", "d", "--embeddings", "e", "--out", "o", "--steps", "0"]) == 2
     err = capsys.readouterr().err
     assert err == "mmphi train: --steps must be an integer of 1 or more, got 0\n", err
+
+
+def test_overrides_an_init_checkpoints_adapter_would_not_follow_are_refused_on_the_driver(tmp_path, handed,
+                                                                                         tiny_model):
+    """Stage 2 from a checkpoint with a LoRA adapter loads that adapter as it
+    was trained: a --set llm.lora.r=4 would be ignored in every worker, so the
+    driver refuses it before Ray starts; the stage's own switch passes."""
+    from models.checkpoint import save_checkpoint
+
+    ckpt = save_checkpoint(tiny_model, tmp_path / "init")
+    with pytest.raises(ValueError, match=r"\(llm.lora.r: the override has 4, but its adapter was trained with 16\)"):
+        train.run_sequence([settings(tmp_path, "qlora", "b", init=str(ckpt), overrides=["llm.lora.r=4"])])
+    assert not handed
+    with pytest.raises(handed.Stop):
+        train.run_sequence([settings(tmp_path, "qlora", "b", init=str(ckpt), overrides=["llm.lora.enabled=true"])])
