@@ -21,13 +21,26 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from .chat import ChatService, cause_of
 from .loading import system_fingerprint
+from .metrics import APIMetrics
 from .protocol import (APIError, bad, chunk, completion, completion_id, parse_chat_request, parse_json_body,
                        parse_transcription_form, usage)
 
 log = logging.getLogger("ray.serve")  # Serve writes it to the replica logs
 
 
+_metrics: APIMetrics | None = None
+
+
+def count_error(err: APIError) -> None:
+    """Count an error answered (``mmphi_api_errors_total``)."""
+    global _metrics
+    if _metrics is None:
+        _metrics = APIMetrics()
+    _metrics.error(err.code or err.type, err.status)
+
+
 def error_response(err: APIError) -> JSONResponse:
+    count_error(err)
     return JSONResponse(err.body(), status_code=err.status)
 
 
@@ -172,7 +185,9 @@ def build_api(service: ChatService, *, api_key: str | None, mount_ui: bool = Tru
                                     usage_=usage(prep.prompt_tokens, result["completion_tokens"])))
             except Exception as e:  # noqa: BLE001 - headers are sent: report in the stream
                 log.exception("error while streaming %s", cid)
-                yield sse(internal_error("generation failed", e).body())
+                err = internal_error("generation failed", e)
+                count_error(err)
+                yield sse(err.body())
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream",

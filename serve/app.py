@@ -206,21 +206,38 @@ def run_local(
     url = f"http://{host}:{port}/"
     log.info("serving at %s (ready after %.0f s)", url, time.monotonic() - started)
     if blocking:
-        serve_until_interrupted(url)
+        serve_until_interrupted(url, metrics_url())
     return url
+
+
+def metrics_url() -> str | None:
+    """Where this node's Ray metrics agent serves Prometheus text (Ray Serve's
+    metrics and ``serve.metrics``'), or None when it is not known."""
+    import ray
+
+    try:
+        here = ray.util.get_node_ip_address()
+        for node in ray.nodes():
+            if node.get("Alive") and node.get("NodeManagerAddress") == here and node.get("MetricsExportPort"):
+                return f"http://{here}:{node['MetricsExportPort']}/metrics"
+    except Exception:  # noqa: BLE001 - only a hint printed at start-up
+        pass
+    return None
 
 
 def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def serve_until_interrupted(url: str, shutdown_timeout_s: float = 60.0) -> None:
+def serve_until_interrupted(url: str, metrics: str | None = None, shutdown_timeout_s: float = 60.0) -> None:
     """Say where the page and API are, keep serving until Ctrl-C, then shut Serve down.
 
     The shutdown is bounded: if Serve has not stopped within ``shutdown_timeout_s``
     the command returns anyway and
     Ray's own exit handler stops the local cluster's processes."""
     print(f"mmphi: chat page at {url}  API at {url}v1  (Ctrl-C stops)", flush=True)
+    if metrics:
+        print(f"mmphi: metrics (Prometheus text, mmphi_* and Ray Serve's) at {metrics}", flush=True)
     if threading.current_thread() is threading.main_thread():
         # Ctrl-C must work even when the command was started from a script in the
         # background (such shells start it with SIGINT ignored, which Python keeps);

@@ -32,6 +32,7 @@ import numpy as np
 from ray import serve
 
 from .loading import load_llm, load_tokenizer, load_vision, resolve, set_threads
+from .metrics import LLMMetrics
 from .settings import ServeSettings
 
 log = logging.getLogger("ray.serve")  # Serve writes it to the replica logs
@@ -174,6 +175,10 @@ class LLM:
         self.stop_ids = set(self.model.tokenizer.stop_ids)
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="generate")
         self.batcher = None
+        self.metrics = LLMMetrics()
+        self._unbatched = 0  # requests in generate threads (batching off, or too long for the cache)
+        # Ray drops a gauge that was not set within a report interval: set them every second
+        threading.Thread(target=self._gauges, name="llm-gauges", daemon=True).start()
         self.reconfigure({})  # the defaults; Serve then applies the deployment's user_config
         log.info("LLM ready: %s on %s", source.description, self.model.device)
 
@@ -250,12 +255,17 @@ class LLM:
         def emit(item) -> None:  # from the batching or generate thread
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        if self.options.continuous_batching and self.batcher.fits(req):
+        track = self.metrics.track(len(req.input_ids), self.stop_ids, req.max_new_tokens)
+        batched = self.options.continuous_batching and self.batcher.fits(req)
+        if batched:
             ticket = self.batcher.submit(req, emit)
             cancel = ticket.cancel
         else:
+            self._unbatched += 1
             cancel = self._generate_in_thread(req, emit)
+        self._queue_metrics()
         interval, last = self.options.stream_interval_ms / 1000, None
+        failed = False
         try:
             while True:
                 item = await queue.get()
@@ -268,14 +278,34 @@ class LLM:
                     ids.extend(item)
                     item = queue.get_nowait() if not queue.empty() else None
                 if ids:
+                    track.tokens_out(ids)
                     yield ids
                     last = loop.time()
                 if item is DONE:
                     return
                 if isinstance(item, BaseException):
+                    failed = True
                     raise item
         finally:
             cancel()
+            track.finish(failed)
+            if not batched:
+                self._unbatched -= 1
+            self._queue_metrics()
+
+    def _queue_metrics(self) -> None:
+        b = self.batcher
+        self.metrics.queue((b.active if b is not None else 0) + self._unbatched, b.waiting if b is not None else 0)
+
+    def _gauges(self) -> None:
+        import time
+
+        while not self._pool._shutdown:
+            try:
+                self._queue_metrics()
+            except Exception:  # noqa: BLE001 - a batcher being replaced; the next second reads the new one
+                pass
+            time.sleep(1.0)
 
     def _shared(self) -> bool:
         """Whether the batching loop decodes more than one request."""

@@ -40,6 +40,7 @@ def server():
     from serve.app import run_local
 
     os.environ["MMPHI_TEST_API_KEY"] = API_KEY  # replicas inherit the driver's environment
+    os.environ["RAY_metrics_report_interval_ms"] = "1000"  # metrics reach the node's agent within a second
     url = run_local(None, free_port(), blocking=False, num_cpus=4,
                     settings={"api_key_env": "MMPHI_TEST_API_KEY", "limits": LIMITS})
     yield url
@@ -285,6 +286,54 @@ def test_official_openai_client(server):
         c.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server + "v1", api_key="wrong", max_retries=0).models.list()
+
+
+def scrape(name: str, **labels) -> float:
+    """The sum of metric ``name``'s series with ``labels`` on this node's
+    Ray metrics port (Prometheus text; Ray adds the ``ray_`` prefix)."""
+    from serve.app import metrics_url
+
+    url = metrics_url()
+    assert url, "no metrics port on this Ray node"
+    total = 0.0
+    for line in httpx.get(url, timeout=30).text.splitlines():
+        if not line.startswith(f"ray_{name}{{") and not line.startswith(f"ray_{name} "):
+            continue
+        series, value = line.rsplit(" ", 1)
+        if all(f'{k}="{v}"' in series for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+def test_metrics_count_tokens_outcomes_and_errors(client):
+    """The LLM replica's token counters, outcomes and time to first token and
+    the ingress's error count reach Prometheus: a 5-token answer cut by
+    max_tokens and a corrupt image show up in the scraped counters."""
+    names = [("mmphi_llm_generation_tokens_total", {}), ("mmphi_llm_prompt_tokens_total", {}),
+             ("mmphi_llm_requests_total", {"outcome": "length"}),
+             ("mmphi_llm_time_to_first_token_seconds_count", {}),
+             ("mmphi_llm_time_per_output_token_seconds_count", {}),
+             ("mmphi_api_errors_total", {"code": "invalid_image", "status": "400"})]
+    time.sleep(2)  # what earlier tests counted is exported by now
+    before = [scrape(n, **kw) for n, kw in names]
+    r = ask(client, "Count to five", max_tokens=5, min_tokens=5)
+    assert r["usage"]["completion_tokens"] == 5 and r["choices"][0]["finish_reason"] == "length"
+    bad = chat(client, [{"role": "user", "content": [image_part(b"\x89PNG\r\n\x1a\nbroken")]}])
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_image"
+    want = [5, r["usage"]["prompt_tokens"], 1, 1, 1, 1]
+    deadline = time.monotonic() + 60
+    while True:
+        got = [scrape(n, **kw) - b for (n, kw), b in zip(names, before)]
+        if all(g >= w for g, w in zip(got, want)) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert all(g >= w for g, w in zip(got, want)), dict(zip([n for n, _ in names], got))
+    # the queue gauges are set every second, idle or not (Ray drops a gauge left unset for an interval)
+    from serve.app import metrics_url
+
+    text = httpx.get(metrics_url(), timeout=30).text
+    assert "ray_mmphi_llm_running_requests{" in text and "ray_mmphi_llm_waiting_requests{" in text
+    assert scrape("mmphi_llm_running_requests") == 0 and scrape("mmphi_llm_waiting_requests") == 0
 
 
 # ------------------------------------------------------------ hostile input

@@ -174,9 +174,9 @@ def run(args: argparse.Namespace) -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"done in {summary['seconds']} s; summary in {out / 'summary.json'}")
     if args.serve == "forever":
-        from serve.app import serve_until_interrupted
+        from serve.app import metrics_url, serve_until_interrupted
 
-        serve_until_interrupted(summary["served"]["url"])
+        serve_until_interrupted(summary["served"]["url"], metrics_url())
     return 0 if same else 1
 
 
