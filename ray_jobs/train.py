@@ -509,6 +509,7 @@ def _train_run(s: TrainSettings, cfg, rank: int, world: int, checkpoints: str) -
     model.train()
     t_last, tokens = time.time(), 0
     running = []
+    shown = ProgressLine(s.run_name(), s.steps, step) if rank == 0 else None
     while step < s.steps:
         epoch, index = divmod(step, spe)
         if epoch not in plans:
@@ -523,6 +524,8 @@ def _train_run(s: TrainSettings, cfg, rank: int, world: int, checkpoints: str) -
         running.append(loss.item())
         if outputs is not None:
             outputs.progress(step, running[-1])
+        if shown is not None and (line := shown.step(step, running[-1])):
+            log.info("%s", line)
         tokens += batch.real_tokens
         is_eval = step % s.eval_every == 0 or step == s.steps
         is_ckpt = step % s.ckpt_every == 0 or step == s.steps
@@ -541,10 +544,50 @@ def _train_run(s: TrainSettings, cfg, rank: int, world: int, checkpoints: str) -
                 metrics["blind_answer_accuracy"] = blind["answer_accuracy"]
             if outputs is not None:
                 outputs.append(metrics | {"time": time.time()})
+            if shown is not None:
+                log.info("%s", shown.line(step, metrics))
             report({k: v for k, v in metrics.items() if not isinstance(v, dict)}, final=step == s.steps)
             t_last = time.time()  # tokens/s counts training steps only, not evaluation or checkpointing
     if state is not None and state["step"] >= s.steps and outputs is not None and not outputs.has_final():
         outputs.export_final(resume_dir)
+
+
+class ProgressLine:
+    """Rank 0's progress on the console: a line at each evaluation or
+    checkpoint (with the figures measured there) and at most every
+    ``every_s`` seconds in between (the mean loss since the last line), each
+    with the steps done, the steps per second of this fit and what is left."""
+
+    def __init__(self, run: str, total: int, start_step: int, every_s: float = 30.0, clock=time.monotonic):
+        self.run, self.total, self.start_step, self.every_s, self.clock = run, total, start_step, every_s, clock
+        self.started = self.last = clock()
+        self.losses: list[float] = []
+
+    def step(self, step: int, loss: float) -> str | None:
+        """Note a step's loss; the line to show when one is due."""
+        self.losses.append(loss)
+        if self.clock() - self.last < self.every_s or step >= self.total:
+            return None
+        return self.line(step, {"train_loss": sum(self.losses) / len(self.losses)})
+
+    def line(self, step: int, metrics: dict) -> str:
+        now = self.clock()
+        self.last, self.losses = now, []
+        done = step - self.start_step
+        rate = done / max(now - self.started, 1e-9)
+        parts = [f"{self.run}: step {step}/{self.total} ({100 * step / max(self.total, 1):.0f} %)"]
+        for key, label in (("train_loss", "loss"), ("val_loss", "val loss")):
+            if isinstance(metrics.get(key), (int, float)):
+                parts.append(f"{label} {metrics[key]:.4f}")
+        if isinstance(metrics.get("tokens_per_s"), (int, float)):
+            parts.append(f"{metrics['tokens_per_s']:,.0f} tokens/s")
+        if isinstance(metrics.get("lr"), (int, float)):
+            parts.append(f"lr {metrics['lr']:.2e}")
+        parts.append(f"{rate:.2f} steps/s")
+        if step < self.total and done > 0:
+            left = int((self.total - step) / rate)
+            parts.append(f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left")
+        return ", ".join(parts)
 
 
 def checkpoint_dir_name(run: str, checkpoints: str) -> str | None:

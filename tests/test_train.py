@@ -363,3 +363,25 @@ def test_embeddings_of_another_encoder_are_refused_naming_both_sides(tiny_cfg):
     msg = str(e.value)
     assert "embeddings emb/other" in msg
     assert "vision.feature_layer: embeddings emb/other has -2, expected 1" in msg, msg
+
+
+def test_progress_line_shows_steps_losses_speed_and_time_left():
+    """At a report: the step, its figures, steps/s of this fit and the time
+    left; in between, a line only once ``every_s`` has passed, with the mean
+    loss since the last line; never an in-between line at the last step."""
+    from ray_jobs.train import ProgressLine
+
+    now = [100.0]
+    p = ProgressLine("s2", total=400, start_step=100, every_s=30, clock=lambda: now[0])
+    now[0] += 10
+    assert p.step(101, 2.0) is None  # 10 s after the start: not due
+    now[0] += 25
+    assert p.step(102, 4.0) == "s2: step 102/400 (26 %), loss 3.0000, 0.06 steps/s, 1:26:55 left"
+    now[0] += 5
+    line = p.line(200, {"train_loss": 1.5, "val_loss": 1.25, "tokens_per_s": 12345.6, "lr": 2e-4,
+                        "answer_accuracy": {"colour": 1.0}})
+    assert line == ("s2: step 200/400 (50 %), loss 1.5000, val loss 1.2500, 12,346 tokens/s, lr 2.00e-04, "
+                    "2.50 steps/s, 0:01:20 left")
+    now[0] += 60
+    assert p.step(400, 1.0) is None  # the last step's line is the report's
+    assert p.line(400, {"train_loss": 1.0, "val_loss": None}).endswith("(100 %), loss 1.0000, 3.00 steps/s")
