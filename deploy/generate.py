@@ -171,10 +171,15 @@ def _pod(container: str, image: str, cpus: int, memory: str, shm: str, gpus: int
     return {"spec": spec}
 
 
+# Ray's metrics agent on every pod (Prometheus text: Ray's, Ray Serve's and mmphi's), scraped by podmonitor.yaml
+METRICS_PORT = 8080
+METRICS = {"name": "metrics", "containerPort": METRICS_PORT}
+
+
 def ray_cluster(image: str, groups: list[str], *, serve: bool = False) -> dict:
     """A RayCluster spec: CPU head, the named GPU groups at 0..max pods, autoscaling on."""
     ports = [{"name": "gcs-server", "containerPort": 6379}, {"name": "dashboard", "containerPort": 8265},
-             {"name": "client", "containerPort": 10001}]
+             {"name": "client", "containerPort": 10001}, dict(METRICS)]
     env = []
     if serve:
         ports.append({"name": "serve", "containerPort": 8000})
@@ -190,15 +195,16 @@ def ray_cluster(image: str, groups: list[str], *, serve: bool = False) -> dict:
             "minReplicas": 0,
             "maxReplicas": g.max_pods,
             # KubeRay passes this string to `ray start --resources`
-            "rayStartParams": {"resources": json.dumps(json.dumps(g.custom))},
-            "template": _pod("ray-worker", image, g.cpus, g.memory, g.shm, g.gpus, env=env),
+            "rayStartParams": {"resources": json.dumps(json.dumps(g.custom)),
+                               "metrics-export-port": str(METRICS_PORT)},
+            "template": _pod("ray-worker", image, g.cpus, g.memory, g.shm, g.gpus, ports=[dict(METRICS)], env=env),
         })
     return {
         "rayVersion": RAY_VERSION,
         "enableInTreeAutoscaling": True,
         "autoscalerOptions": {"idleTimeoutSeconds": 600, "upscalingMode": "Default"},
         "headGroupSpec": {
-            "rayStartParams": {"dashboard-host": "0.0.0.0"},
+            "rayStartParams": {"dashboard-host": "0.0.0.0", "metrics-export-port": str(METRICS_PORT)},
             "template": _pod("ray-head", image, HEAD["cpus"], HEAD["memory"], HEAD["shm"], ports=ports, env=env),
         },
         "workerGroupSpecs": workers,
@@ -236,6 +242,27 @@ def ray_service(image: str, serve_config: dict) -> dict:
             "upgradeStrategy": {"type": "NewCluster"},
             "serveConfigV2": yaml.safe_dump(serve_config, sort_keys=False, width=1000),
             "rayClusterConfig": ray_cluster(image, SERVICE_GROUPS, serve=True),
+        },
+    }
+
+
+def pod_monitor() -> dict:
+    """A Prometheus Operator PodMonitor scraping the metrics port of every Ray
+    pod in its namespace (the RayService's and the RayJobs' clusters), with
+    the Ray cluster's name as a label (``ray_io_cluster``, as Ray's Grafana
+    dashboards expect)."""
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PodMonitor",
+        "metadata": _meta("mmphi-ray", "metrics"),
+        "spec": {
+            "selector": {"matchLabels": {"ray.io/is-ray-node": "yes"}},
+            "podMetricsEndpoints": [{
+                "port": METRICS["name"],
+                "interval": "15s",
+                "relabelings": [{"sourceLabels": ["__meta_kubernetes_pod_label_ray_io_cluster"],
+                                 "targetLabel": "ray_io_cluster"}],
+            }],
         },
     }
 
@@ -282,6 +309,7 @@ def render(image: str = DEFAULT_IMAGE) -> dict[str, str]:
     docs = {"shared-storage.yaml": shared_claim()}
     docs.update({f"rayjob-{name}.yaml": ray_job(name, job, image) for name, job in JOBS.items()})
     docs["rayservice.yaml"] = ray_service(image, cluster_serve_config(local))
+    docs["podmonitor.yaml"] = pod_monitor()
     return {name: HEADER.format(name=name) + yaml.dump(doc, Dumper=_Dumper, sort_keys=False, width=1000)
             for name, doc in docs.items()}
 

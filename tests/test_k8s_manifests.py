@@ -246,3 +246,21 @@ def test_image_option_reaches_every_pod(image):
         spec = doc["spec"].get("rayClusterSpec") or doc["spec"].get("rayClusterConfig")
         if spec:
             assert {p["containers"][0]["image"] for _, p in pods(spec)} == {image}
+
+
+def test_every_ray_pod_exports_metrics_where_the_pod_monitor_scrapes():
+    """Each head and worker of every cluster starts Ray's metrics agent on the
+    port it declares by name, and the PodMonitor scrapes that port name on
+    the pods KubeRay labels as Ray nodes, keeping the cluster's name."""
+    (monitor,) = of_kind("PodMonitor").values()
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["spec"]["selector"] == {"matchLabels": {"ray.io/is-ray-node": "yes"}}
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["relabelings"][0]["targetLabel"] == "ray_io_cluster"
+    for name, cluster in clusters().items():
+        groups = [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]
+        for group in groups:
+            port = group["rayStartParams"]["metrics-export-port"]
+            (container,) = group["template"]["spec"]["containers"]
+            named = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+            assert named.get(endpoint["port"]) == int(port), (name, group.get("groupName", "head"), named)
