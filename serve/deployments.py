@@ -257,12 +257,16 @@ class LLM:
 
         track = self.metrics.track(len(req.input_ids), self.stop_ids, req.max_new_tokens)
         batched = self.options.continuous_batching and self.batcher.fits(req)
-        if batched:
-            ticket = self.batcher.submit(req, emit)
-            cancel = ticket.cancel
-        else:
+        try:
+            if batched:
+                cancel = self.batcher.submit(req, emit).cancel
+            else:
+                cancel = self._generate_in_thread(req, emit)
+        except BaseException:
+            track.finish(error=True)
+            raise
+        if not batched:
             self._unbatched += 1
-            cancel = self._generate_in_thread(req, emit)
         self._queue_metrics()
         interval, last = self.options.stream_interval_ms / 1000, None
         failed = False
