@@ -41,7 +41,7 @@ def count_error(err: APIError) -> None:
 
 def error_response(err: APIError) -> JSONResponse:
     count_error(err)
-    return JSONResponse(err.body(), status_code=err.status)
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
 def internal_error(prefix: str, exc: BaseException) -> APIError:
@@ -172,12 +172,24 @@ def build_api(service: ChatService, *, api_key: str | None, mount_ui: bool = Tru
             return completion(cid, model_name, res.text, res.finish_reason, res.prompt_tokens, res.completion_tokens,
                               fingerprint)
 
+        # the first piece before any header: a refusal until then (a full queue: 503) is an HTTP error
+        result: dict = {}
+        answer = service.answer(prep, req, result)
+        try:
+            first = [await answer.__anext__()]
+        except StopAsyncIteration:
+            first = []
+        except BaseException:
+            await answer.aclose()
+            raise
+
         async def events():
             created = int(time.time())
             yield sse(chunk(cid, model_name, created, {"role": "assistant", "content": ""}, fingerprint=fingerprint))
-            result: dict = {}
             try:
-                async for delta in service.answer(prep, req, result):
+                for delta in first:
+                    yield sse(chunk(cid, model_name, created, {"content": delta}, fingerprint=fingerprint))
+                async for delta in answer:
                     yield sse(chunk(cid, model_name, created, {"content": delta}, fingerprint=fingerprint))
                 yield sse(chunk(cid, model_name, created, {}, result["finish_reason"], fingerprint=fingerprint))
                 if req.include_usage:
@@ -185,9 +197,11 @@ def build_api(service: ChatService, *, api_key: str | None, mount_ui: bool = Tru
                                     usage_=usage(prep.prompt_tokens, result["completion_tokens"])))
             except Exception as e:  # noqa: BLE001 - headers are sent: report in the stream
                 log.exception("error while streaming %s", cid)
-                err = internal_error("generation failed", e)
+                err = e if isinstance(e, APIError) else internal_error("generation failed", e)
                 count_error(err)
                 yield sse(err.body())
+            finally:
+                await answer.aclose()
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream",

@@ -11,6 +11,7 @@ already produced.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from dataclasses import dataclass
@@ -29,6 +30,21 @@ RETRYABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 def cause_of(exc: BaseException) -> BaseException:
     """The user-level exception inside a Ray task error (or ``exc`` itself)."""
     return getattr(exc, "cause", None) or exc
+
+
+def overloaded(exc: BaseException, deployment: str) -> APIError | None:
+    """A 503 with Retry-After for a call that Serve refused because
+    ``deployment`` already has ``max_queued_requests`` waiting (else None)."""
+    from ray.serve.exceptions import BackPressureError
+
+    inner = cause_of(exc)
+    if not isinstance(inner, BackPressureError):
+        return None
+    queued, limit = (list(inner.args) + [None, None])[:2]
+    retry = inner.retry_after_s or 1
+    return APIError(503, f"the server is at capacity: every {deployment} replica is busy and {limit} more requests "
+                    "already wait for one; retry in a moment", code="server_overloaded", type="server_error",
+                    headers={"Retry-After": str(max(1, round(retry)))})
 
 
 _OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
@@ -148,6 +164,11 @@ class ChatService:
                 log.warning("replica died during %s (%s); retrying", getattr(method, "_method_name", "call"),
                             type(e).__name__)
                 await asyncio.sleep(0.5 * (attempt + 1))
+            except Exception as e:  # noqa: BLE001 - a full queue is a 503, the rest goes on up
+                err = overloaded(e, getattr(method, "deployment_name", None) or "model")
+                if err is not None:
+                    raise err from None
+                raise
 
     async def transcribe(self, data: bytes, language: str | None = None, param: str = "file",
                          temperature: float | None = None, detail: bool = False) -> str | dict:
@@ -313,9 +334,15 @@ class ChatService:
                             len(generated), type(e).__name__)
                 await asyncio.sleep(0.5 * failures)
                 continue
+            except Exception as e:  # noqa: BLE001 - a full queue is a 503, the rest goes on up
+                err = overloaded(e, "LLM")
+                if err is not None:
+                    raise err from None
+                raise
             finally:
                 if not exhausted:  # stopped early, failed, or the client went away
-                    gen.cancel()
+                    with contextlib.suppress(Exception):  # a refused call's cancel raises its refusal again
+                        gen.cancel()
         if not stop_string:  # flush text held back for a stop string that never came
             delta, _ = text.push([], final=True)
             if delta:

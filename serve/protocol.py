@@ -37,9 +37,10 @@ class APIError(Exception):
     """An HTTP error in OpenAI's shape: ``{"error": {message, type, param, code}}``."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str | None = None):
+                 type: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers  # e.g. Retry-After on a 503
         self.type = type or ("invalid_request_error" if 400 <= status < 500 else "server_error")
 
     def body(self) -> dict:
