@@ -264,3 +264,14 @@ def test_every_ray_pod_exports_metrics_where_the_pod_monitor_scrapes():
             (container,) = group["template"]["spec"]["containers"]
             named = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
             assert named.get(endpoint["port"]) == int(port), (name, group.get("groupName", "head"), named)
+
+
+def test_the_committed_dashboard_is_what_its_generator_writes():
+    import json
+
+    from deploy import dashboard
+
+    assert dashboard.main(["--check"]) == 0, "run: python -m deploy.dashboard"
+    d = json.loads(dashboard.OUT.read_text())
+    assert {p["id"] for p in d["panels"]} == set(range(1, len(d["panels"]) + 1))  # unique panel ids
+    assert all(t["expr"] and t["datasource"]["uid"] == "${datasource}" for p in d["panels"] for t in p["targets"])

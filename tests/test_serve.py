@@ -336,6 +336,28 @@ def test_metrics_count_tokens_outcomes_and_errors(client):
     assert scrape("mmphi_llm_running_requests") == 0 and scrape("mmphi_llm_waiting_requests") == 0
 
 
+def test_every_series_the_dashboard_plots_is_exported(client):
+    """Each metric that deploy/grafana/mmphi.json queries is in this node's
+    Prometheus text for this application (after the requests above), so no
+    panel of the dashboard stays empty for a wrong or missing name."""
+    import re
+
+    from deploy.dashboard import dashboard
+    from serve.app import metrics_url
+
+    ask(client, "Hello")
+    used = {m for p in dashboard()["panels"] for t in p["targets"] for m in re.findall(r"\bray_\w+", t["expr"])}
+    assert len(used) >= 9
+    deadline = time.monotonic() + 60
+    while True:
+        text = httpx.get(metrics_url(), timeout=30).text
+        missing = {m for m in used if not re.search(rf'^{m}{{[^}}]*application="mmphi"', text, re.M)}
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert not missing, f"not exported: {sorted(missing)}"
+
+
 # ------------------------------------------------------------ hostile input
 
 def big_json() -> bytes:
