@@ -51,7 +51,9 @@ def test_a_full_queue_is_a_503_with_retry_after_and_the_service_goes_on(server):
     replies = asyncio.run(burst())
     codes = [r.status_code for r in replies]
     refused = [r for r in replies if r.status_code == 503]
-    assert refused and codes.count(200) >= 2, codes
+    # the one in the slot answers; the queue place may go too (Serve counts a request queued until a
+    # replica takes it, so requests arriving together can find the place still taken)
+    assert refused and codes.count(200) >= 1, codes
     for r in refused:  # plain JSON, streamed or not: nothing was sent before the refusal
         assert r.headers["content-type"].startswith("application/json") and int(r.headers["retry-after"]) >= 1
         err = r.json()["error"]
