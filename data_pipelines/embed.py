@@ -362,7 +362,8 @@ def run(s: EmbedSettings) -> dict:
         if prior != ident:
             from models.checkpoint import differences
 
-            diffs = differences(prior, ident, "the folder", "this job writes") if isinstance(prior, dict) else [f"job.json: {prior!r}"]
+            diffs = (differences(prior, ident, "the folder", "this job writes") if isinstance(prior, dict)
+                     else [f"job.json: {prior!r}"])
             more = f"; and {len(diffs) - 6} more" if len(diffs) > 6 else ""
             raise EmbedError(f"{s.out} holds embeddings of another encoder or dtype than this job's "
                              f"({'; '.join(diffs[:6])}{more}); use a new --out, or delete it to start over")

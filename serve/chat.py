@@ -40,11 +40,18 @@ def overloaded(exc: BaseException, deployment: str) -> APIError | None:
     inner = cause_of(exc)
     if not isinstance(inner, BackPressureError):
         return None
-    queued, limit = (list(inner.args) + [None, None])[:2]
+    limit = inner.args[1] if len(inner.args) > 1 else None  # (num_queued_requests, max_queued_requests, ...)
     retry = inner.retry_after_s or 1
     return APIError(503, f"the server is at capacity: every {deployment} replica is busy and {limit} more requests "
                     "already wait for one; retry in a moment", code="server_overloaded", type="server_error",
                     headers={"Retry-After": str(max(1, round(retry)))})
+
+
+def raise_if_overloaded(exc: BaseException, deployment: str) -> None:
+    """Raise :func:`overloaded`'s 503 in place of a refused call's error."""
+    err = overloaded(exc, deployment)
+    if err is not None:
+        raise err from None
 
 
 _OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
@@ -165,9 +172,7 @@ class ChatService:
                             type(e).__name__)
                 await asyncio.sleep(0.5 * (attempt + 1))
             except Exception as e:  # noqa: BLE001 - a full queue is a 503, the rest goes on up
-                err = overloaded(e, getattr(method, "deployment_name", None) or "model")
-                if err is not None:
-                    raise err from None
+                raise_if_overloaded(e, getattr(method, "deployment_name", None) or "model")
                 raise
 
     async def transcribe(self, data: bytes, language: str | None = None, param: str = "file",
@@ -335,9 +340,7 @@ class ChatService:
                 await asyncio.sleep(0.5 * failures)
                 continue
             except Exception as e:  # noqa: BLE001 - a full queue is a 503, the rest goes on up
-                err = overloaded(e, "LLM")
-                if err is not None:
-                    raise err from None
+                raise_if_overloaded(e, "LLM")
                 raise
             finally:
                 if not exhausted:  # stopped early, failed, or the client went away

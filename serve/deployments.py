@@ -177,7 +177,7 @@ class LLM:
         self.batcher = None
         self.metrics = LLMMetrics()
         self._unbatched = 0  # requests in generate threads (batching off, or too long for the cache)
-        # Ray drops a gauge that was not set within a report interval: set them every second
+        # the queue gauges, set every second (Ray drops a gauge not set within a report interval)
         threading.Thread(target=self._gauges, name="llm-gauges", daemon=True).start()
         self.reconfigure({})  # the defaults; Serve then applies the deployment's user_config
         log.info("LLM ready: %s on %s", source.description, self.model.device)
@@ -267,7 +267,6 @@ class LLM:
             raise
         if not batched:
             self._unbatched += 1
-        self._queue_metrics()
         interval, last = self.options.stream_interval_ms / 1000, None
         failed = False
         try:
@@ -295,18 +294,15 @@ class LLM:
             track.finish(failed)
             if not batched:
                 self._unbatched -= 1
-            self._queue_metrics()
-
-    def _queue_metrics(self) -> None:
-        b = self.batcher
-        self.metrics.queue((b.active if b is not None else 0) + self._unbatched, b.waiting if b is not None else 0)
 
     def _gauges(self) -> None:
         import time
 
         while not self._pool._shutdown:
             try:
-                self._queue_metrics()
+                b = self.batcher
+                self.metrics.queue((b.active if b is not None else 0) + self._unbatched,
+                                   b.waiting if b is not None else 0)
             except Exception:  # noqa: BLE001 - a batcher being replaced; the next second reads the new one
                 pass
             time.sleep(1.0)
