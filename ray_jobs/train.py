@@ -394,6 +394,7 @@ def _train_run(s: TrainSettings, cfg, rank: int, world: int, checkpoints: str) -
 
     from . import data as D
     from . import strategy
+    from .metrics import TrainMetrics
     from .outputs import RunOutputs
     from .packing import TrainingForward
 
@@ -501,53 +502,60 @@ def _train_run(s: TrainSettings, cfg, rank: int, world: int, checkpoints: str) -
                 outputs.export_final(ckpt_dir)
             shutil.rmtree(ckpt_dir, ignore_errors=True)
 
-    if step == 0:  # the loss before any update, every worker on its share
-        first = evaluate(model, tok, val_enc, val, feats, [], world, rank, s.batch_size)
-        if outputs is not None:
-            outputs.append({"step": 0, "val_loss": first["val_loss"],
-                            "ln_vocab": math.log(model.llm.get_input_embeddings().weight.shape[0]), "time": time.time()})
-    model.train()
-    t_last, tokens = time.time(), 0
-    running = []
-    shown = ProgressLine(s.run_name(), s.steps, step) if rank == 0 else None
-    while step < s.steps:
-        epoch, index = divmod(step, spe)
-        if epoch not in plans:
-            plans = {epoch: epoch_plan(lengths, s, max_len, epoch, rank, world)}
-        batch = step_batch(train_enc, plans[epoch][index], tok.ids.pad, s.packing)
-        images = [train[i].image for i in batch.samples if train[i].image]
-        loss = steps(train_step, batch.inputs, feats.batch(images))
-        if steps.reason != compile_reason:  # compilation failed and the job went on eagerly
-            compile_reason = steps.reason
-            run_outputs.register_worker(rank, start_step, device=device, compiled=False, compile=compile_reason)
-        step += 1
-        running.append(loss.item())
-        if outputs is not None:
-            outputs.progress(step, running[-1])
-        if shown is not None and (line := shown.step(step, running[-1])):
-            log.info("%s", line)
-        tokens += batch.real_tokens
-        is_eval = step % s.eval_every == 0 or step == s.steps
-        is_ckpt = step % s.ckpt_every == 0 or step == s.steps
-        if is_eval or is_ckpt:
-            train_loss = _sum_across([sum(running), len(running)], world)
-            elapsed = time.time() - t_last
-            metrics = {"step": step, "epoch": step / spe, "train_loss": train_loss[0] / max(train_loss[1], 1),
-                       "lr": sched.get_last_lr()[-1],
-                       "tokens_per_s": _sum_across([tokens], world)[0] / max(elapsed, 1e-9)}
-            running, tokens = [], 0
-            if is_eval:
-                metrics.update(evaluate(model, tok, val_enc, val, feats, answers, world, rank, s.batch_size))
-            if step == s.steps and s.blind_eval:
-                blind = evaluate(model, tok, val_enc, val, feats, answers, world, rank, s.batch_size, blind_mean=train_mean,
-                                 loss=False)
-                metrics["blind_answer_accuracy"] = blind["answer_accuracy"]
+    live = TrainMetrics(s.run_name(), rank, s.steps, step)  # Prometheus, through Ray's metrics agent
+    try:
+        if step == 0:  # the loss before any update, every worker on its share
+            first = evaluate(model, tok, val_enc, val, feats, [], world, rank, s.batch_size)
+            live.evaluated(first)
             if outputs is not None:
-                outputs.append(metrics | {"time": time.time()})
-            if shown is not None:
-                log.info("%s", shown.line(step, metrics))
-            report({k: v for k, v in metrics.items() if not isinstance(v, dict)}, final=step == s.steps)
-            t_last = time.time()  # tokens/s counts training steps only, not evaluation or checkpointing
+                outputs.append({"step": 0, "val_loss": first["val_loss"], "time": time.time(),
+                                "ln_vocab": math.log(model.llm.get_input_embeddings().weight.shape[0])})
+        model.train()
+        t_last, tokens = time.time(), 0
+        running = []
+        shown = ProgressLine(s.run_name(), s.steps, step) if rank == 0 else None
+        while step < s.steps:
+            epoch, index = divmod(step, spe)
+            if epoch not in plans:
+                plans = {epoch: epoch_plan(lengths, s, max_len, epoch, rank, world)}
+            batch = step_batch(train_enc, plans[epoch][index], tok.ids.pad, s.packing)
+            images = [train[i].image for i in batch.samples if train[i].image]
+            loss = steps(train_step, batch.inputs, feats.batch(images))
+            if steps.reason != compile_reason:  # compilation failed and the job went on eagerly
+                compile_reason = steps.reason
+                run_outputs.register_worker(rank, start_step, device=device, compiled=False, compile=compile_reason)
+            step += 1
+            running.append(loss.item())
+            if outputs is not None:
+                outputs.progress(step, running[-1])
+            if shown is not None and (line := shown.step(step, running[-1])):
+                log.info("%s", line)
+            tokens += batch.real_tokens
+            live.step(step, running[-1], batch.real_tokens, sched.get_last_lr()[-1])
+            is_eval = step % s.eval_every == 0 or step == s.steps
+            is_ckpt = step % s.ckpt_every == 0 or step == s.steps
+            if is_eval or is_ckpt:
+                train_loss = _sum_across([sum(running), len(running)], world)
+                elapsed = time.time() - t_last
+                metrics = {"step": step, "epoch": step / spe, "train_loss": train_loss[0] / max(train_loss[1], 1),
+                           "lr": sched.get_last_lr()[-1],
+                           "tokens_per_s": _sum_across([tokens], world)[0] / max(elapsed, 1e-9)}
+                running, tokens = [], 0
+                if is_eval:
+                    metrics.update(evaluate(model, tok, val_enc, val, feats, answers, world, rank, s.batch_size))
+                if step == s.steps and s.blind_eval:
+                    blind = evaluate(model, tok, val_enc, val, feats, answers, world, rank, s.batch_size,
+                                     blind_mean=train_mean, loss=False)
+                    metrics["blind_answer_accuracy"] = blind["answer_accuracy"]
+                if outputs is not None:
+                    outputs.append(metrics | {"time": time.time()})
+                if shown is not None:
+                    log.info("%s", shown.line(step, metrics))
+                live.evaluated(metrics)
+                report({k: v for k, v in metrics.items() if not isinstance(v, dict)}, final=step == s.steps)
+                t_last = time.time()  # tokens/s counts training steps only, not evaluation or checkpointing
+    finally:
+        live.close()
     if state is not None and state["step"] >= s.steps and outputs is not None and not outputs.has_final():
         outputs.export_final(resume_dir)
 

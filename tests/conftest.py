@@ -112,3 +112,28 @@ def write_train_inputs(root: Path) -> Path:
         {"format": FORMAT, "encoder": vision_identity(load_config("tiny").vision), "shape": [1, 1],
          "dtype": "float16", "shards": []}))
     return root
+
+
+def scraped(name: str, **labels) -> list[float]:
+    """The values of metric ``name``'s series with ``labels`` on this node's
+    Ray metrics port (Prometheus text; Ray adds the ``ray_`` prefix), one per
+    series (e.g. per worker process)."""
+    import httpx
+
+    from serve.app import metrics_url
+
+    url = metrics_url()
+    assert url, "no metrics port on this Ray node"
+    values = []
+    for line in httpx.get(url, timeout=30).text.splitlines():
+        if not line.startswith(f"ray_{name}{{") and not line.startswith(f"ray_{name} "):
+            continue
+        series, value = line.rsplit(" ", 1)
+        if all(f'{k}="{v}"' in series for k, v in labels.items()):
+            values.append(float(value))
+    return values
+
+
+def scrape(name: str, **labels) -> float:
+    """The sum of :func:`scraped`'s values (0 where no series matches)."""
+    return sum(scraped(name, **labels))

@@ -21,6 +21,8 @@ import pytest
 
 httpx = pytest.importorskip("httpx")
 
+from conftest import scrape  # noqa: E402
+
 API_KEY = "test-key-123"
 LIMITS = {"max_body_bytes": 2_000_000, "max_image_pixels": 1_000_000, "max_images": 2, "max_audio_parts": 2,
           "max_audio_seconds": 5, "max_new_tokens": 48, "default_max_tokens": 16, "context_length": 320}
@@ -286,23 +288,6 @@ def test_official_openai_client(server):
         c.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server + "v1", api_key="wrong", max_retries=0).models.list()
-
-
-def scrape(name: str, **labels) -> float:
-    """The sum of metric ``name``'s series with ``labels`` on this node's
-    Ray metrics port (Prometheus text; Ray adds the ``ray_`` prefix)."""
-    from serve.app import metrics_url
-
-    url = metrics_url()
-    assert url, "no metrics port on this Ray node"
-    total = 0.0
-    for line in httpx.get(url, timeout=30).text.splitlines():
-        if not line.startswith(f"ray_{name}{{") and not line.startswith(f"ray_{name} "):
-            continue
-        series, value = line.rsplit(" ", 1)
-        if all(f'{k}="{v}"' in series for k, v in labels.items()):
-            total += float(value)
-    return total
 
 
 def test_metrics_count_tokens_outcomes_and_errors(client):

@@ -27,6 +27,7 @@ def dataset(tmp_path_factory):
     from data_pipelines.synthetic import synthesize
 
     root = tmp_path_factory.mktemp("train")
+    os.environ["RAY_metrics_report_interval_ms"] = "1000"  # metrics reach the node's agent within a second
     synthesize(root / "data", images=160, seed=6, progress=False)
     # a one-machine cluster started as the jobs start one, so the runs get what a user's local runs get
     # (no preemption watcher, 0.5 s polling)
@@ -134,6 +135,45 @@ def test_other_name_starts_fresh(stages, dataset):
     assert rows[0]["loss"] == pytest.approx(eager[0]["loss"], rel=1e-4)  # the same batch, before any update
     workers = RunOutputs(str(dataset / "runs"), "s1-other").workers()
     assert len(workers) == 2 and all(w["compiled"] is True and w["compile"] == "on" for w in workers)
+
+
+def test_a_run_exports_its_progress_to_prometheus(stages, dataset):
+    """While a run trains, this node's Ray metrics port shows its step, planned
+    steps, loss, validation loss and learning rate (rank 0's gauges); once it
+    has ended, its step counter is the steps trained and the token counters
+    of the two workers sum to at least one real token per sample."""
+    import math
+
+    from conftest import scraped
+
+    name, steps = "live", 40
+    result = {}
+
+    def fit():
+        result["summary"] = run(settings(dataset, "qlora", name, steps=steps, eval_every=20, ckpt_every=20,
+                                         init=str(dataset / "runs" / "s1" / "final")))
+
+    t = threading.Thread(target=fit)
+    t.start()
+    gauges = ("step", "planned_steps", "loss", "val_loss", "learning_rate")
+    seen = {}
+    while t.is_alive() and len(seen) < len(gauges):
+        for g in gauges:
+            if values := scraped(f"mmphi_train_{g}", run=name):
+                assert len(values) == 1, (g, values)  # rank 0's only
+                seen.setdefault(g, values[0])
+        time.sleep(0.5)
+    t.join(timeout=600)
+    assert not t.is_alive() and result["summary"]["steps"] == steps
+    assert set(seen) == set(gauges), f"gauges seen while the run trained: {seen}"
+    assert seen["planned_steps"] == steps and 0 <= seen["step"] <= steps, seen
+    assert math.isfinite(seen["loss"]) and seen["loss"] > 0 and seen["val_loss"] > 0 and seen["learning_rate"] > 0, seen
+    deadline = time.monotonic() + 60
+    while sum(scraped("mmphi_train_steps_total", run=name)) < steps and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert sum(scraped("mmphi_train_steps_total", run=name)) == steps
+    tokens = scraped("mmphi_train_tokens_total", run=name)
+    assert len(tokens) == 2 and sum(tokens) >= steps * 8 * 2, tokens  # each worker: its own series
 
 
 def test_killed_worker_resumes_from_last_checkpoint(stages, dataset):
