@@ -54,7 +54,7 @@ demo: setup ## run the main job on the tiny preset (offline, CPU)
 test: setup ## run the tests (fast ones; SLOW=1 adds the end-to-end ones)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(if $(filter 1,$(SLOW)),,-m "not slow") $(PYTEST_ARGS)
 
-manifests: setup ## regenerate the KubeRay manifests in deploy/k8s/ (from serve/config.yaml) and the Grafana dashboard
+manifests: setup ## regenerate the KubeRay manifests in deploy/k8s/ (from serve/config.yaml) and the Grafana dashboards
 	$(PY) -m deploy.generate
 	$(PY) -m deploy.dashboard
 

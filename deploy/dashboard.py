@@ -1,12 +1,14 @@
-"""The Grafana dashboard of the serving path: ``deploy/grafana/mmphi.json``.
+"""The Grafana dashboards: serving (``deploy/grafana/mmphi.json``) and
+training (``deploy/grafana/mmphi-training.json``).
 
-Built from the metrics of ``serve/metrics.py`` (as Ray exports them: with
-the ``ray_`` prefix) and Ray Serve's own; import it in Grafana (Dashboards →
-Import) with a Prometheus data source that scrapes the Ray nodes
-(``deploy/k8s/podmonitor.yaml`` on KubeRay).
+Built from the metrics of ``serve/metrics.py`` and ``ray_jobs/metrics.py``
+(as Ray exports them: with the ``ray_`` prefix), Ray Serve's own and Ray's
+node metrics; import them in Grafana (Dashboards → Import) with a Prometheus
+data source that scrapes the Ray nodes (``deploy/k8s/podmonitor.yaml`` on
+KubeRay).
 
-    python -m deploy.dashboard            # write deploy/grafana/mmphi.json
-    python -m deploy.dashboard --check    # exit 1 if the committed file differs
+    python -m deploy.dashboard            # write both files
+    python -m deploy.dashboard --check    # exit 1 if a committed file differs
 """
 from __future__ import annotations
 
@@ -16,8 +18,11 @@ import sys
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent / "grafana" / "mmphi.json"
+TRAINING_OUT = OUT.with_name("mmphi-training.json")
 DS = {"type": "prometheus", "uid": "${datasource}"}
 APP = 'application="$application"'
+RUN = 'run=~"$run"'
+DATASOURCE = {"name": "datasource", "label": "Prometheus", "type": "datasource", "query": "prometheus"}
 
 
 def _panel(i: int, title: str, targets: list[tuple[str, str]], unit: str, description: str) -> dict:
@@ -35,7 +40,7 @@ def _quantiles(metric: str) -> list[tuple[str, str]]:
              f"p{int(q * 100)}") for q in (0.5, 0.95, 0.99)]
 
 
-PANELS = [
+SERVING_PANELS = [
     ("Generated tokens per second", [
         (f"sum(rate(ray_mmphi_llm_generation_tokens_total{{{APP}}}[$__rate_interval]))", "generated"),
         (f"sum(rate(ray_mmphi_llm_prompt_tokens_total{{{APP}}}[$__rate_interval]))", "prompt")],
@@ -65,44 +70,105 @@ PANELS = [
 ]
 
 
-def dashboard() -> dict:
+TRAINING_PANELS = [
+    ("Training tokens per second", [
+        (f"sum by (run) (rate(ray_mmphi_train_tokens_total{{{RUN}}}[$__rate_interval]))", "{{run}}"),
+        (f"max by (run) (ray_mmphi_train_tokens_per_second{{{RUN}}})", "{{run}} (between evaluations)")],
+     "short", "Real (not padding) tokens trained on per second, all workers together: the counters' rate, "
+              "and the run's own figure between its last two evaluations or checkpoints (training time only)."),
+    ("Loss", [
+        (f"max by (run) (ray_mmphi_train_loss{{{RUN}}})", "{{run}} train"),
+        (f"max by (run) (ray_mmphi_train_val_loss{{{RUN}}})", "{{run}} validation")],
+     "short", "Rank 0's loss of its last step, and the loss on held-out samples at the last evaluation."),
+    ("Progress", [
+        (f"max by (run) (ray_mmphi_train_step{{{RUN}}}) / max by (run) (ray_mmphi_train_planned_steps{{{RUN}}})",
+         "{{run}}")],
+     "percentunit", "The step the run is at, of the steps it will do (a resumed run starts where it stopped)."),
+    ("Time left", [
+        (f"(max by (run) (ray_mmphi_train_planned_steps{{{RUN}}}) - max by (run) (ray_mmphi_train_step{{{RUN}}}))"
+         f" / sum by (run) (rate(ray_mmphi_train_steps_total{{{RUN}}}[5m]))", "{{run}}")],
+     "s", "Steps left over the steps per second of the last five minutes (evaluations and checkpoints included)."),
+    ("Optimizer steps per second", [
+        (f"sum by (run) (rate(ray_mmphi_train_steps_total{{{RUN}}}[$__rate_interval]))", "{{run}}")],
+     "short", "Steps done per second (rank 0's counter)."),
+    ("Learning rate", [(f"max by (run) (ray_mmphi_train_learning_rate{{{RUN}}})", "{{run}}")],
+     "short", "The learning rate of the last step (warm-up, then cosine decay)."),
+    ("Tokens per second per worker", [
+        (f"sum by (run, NodeAddress, WorkerId) (rate(ray_mmphi_train_tokens_total{{{RUN}}}[$__rate_interval]))",
+         "{{run}} {{NodeAddress}} {{WorkerId}}")],
+     "short", "One line per training worker: a straggler (a slow GPU or node, a bad batch mix) shows below the others."),
+    ("Node CPU and GPU utilisation", [
+        ("avg by (ip) (ray_node_cpu_utilization)", "CPU {{ip}}"),
+        ("avg by (ip, GpuIndex) (ray_node_gpus_utilization)", "GPU {{ip}} #{{GpuIndex}}")],
+     "percent", "Ray's node metrics: every node of the cluster, busy or not (a data-bound run shows idle GPUs)."),
+    ("Node memory and GPU memory", [
+        ("sum by (ip) (ray_node_mem_used)", "RAM {{ip}}"),
+        ("sum by (ip, GpuIndex) (ray_node_gram_used) * 1024 * 1024", "GPU {{ip}} #{{GpuIndex}}")],
+     "bytes", "Host memory in use, and GPU memory in use per card (Ray reports it in MiB)."),
+]
+# series only a node with GPUs exports
+GPU_ONLY = {"ray_node_gpus_utilization", "ray_node_gram_used"}
+
+
+def _dashboard(uid: str, title: str, tags: list[str], variables: list[dict], panels: list) -> dict:
     return {
-        "uid": "mmphi-serving",
-        "title": "mmphi serving",
-        "tags": ["mmphi", "ray-serve"],
+        "uid": uid,
+        "title": title,
+        "tags": tags,
         "timezone": "browser",
         "schemaVersion": 39,
         "refresh": "10s",
         "time": {"from": "now-1h", "to": "now"},
-        "templating": {"list": [
-            {"name": "datasource", "label": "Prometheus", "type": "datasource", "query": "prometheus"},
-            {"name": "application", "label": "Serve application", "type": "custom", "query": "mmphi",
-             "current": {"text": "mmphi", "value": "mmphi"}},
-        ]},
-        "panels": [_panel(i, *p) for i, p in enumerate(PANELS)],
+        "templating": {"list": [DATASOURCE, *variables]},
+        "panels": [_panel(i, *p) for i, p in enumerate(panels)],
     }
 
 
-def render() -> str:
-    return json.dumps(dashboard(), indent=2) + "\n"
+def dashboard() -> dict:
+    """Serving: tokens/s, latencies, queues, outcomes, errors, replicas."""
+    return _dashboard("mmphi-serving", "mmphi serving", ["mmphi", "ray-serve"], [
+        {"name": "application", "label": "Serve application", "type": "custom", "query": "mmphi",
+         "current": {"text": "mmphi", "value": "mmphi"}},
+    ], SERVING_PANELS)
+
+
+def training_dashboard() -> dict:
+    """Training: tokens/s, loss, progress and time left per run, per-worker
+    throughput, and the nodes' CPU, GPU and memory."""
+    query = "label_values(ray_mmphi_train_steps_total, run)"
+    return _dashboard("mmphi-training", "mmphi training", ["mmphi", "ray-train"], [
+        {"name": "run", "label": "Training run", "type": "query", "datasource": DS,
+         "query": {"query": query, "refId": "run"}, "definition": query, "refresh": 2, "sort": 1,
+         "multi": True, "includeAll": True, "allValue": ".+", "current": {"text": "All", "value": "$__all"}},
+    ], TRAINING_PANELS)
+
+
+FILES = {OUT: dashboard, TRAINING_OUT: training_dashboard}
+
+
+def render(make=dashboard) -> str:
+    return json.dumps(make(), indent=2) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m deploy.dashboard", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--check", action="store_true", help="write nothing; exit 1 if the file differs")
+    ap.add_argument("--check", action="store_true", help="write nothing; exit 1 if a file differs")
     a = ap.parse_args(argv)
-    text = render()
-    if a.check:
-        if not OUT.is_file() or OUT.read_text() != text:
-            print(f"{OUT}: differs from the generator's output; run: python -m deploy.dashboard", file=sys.stderr)
-            return 1
-        print(f"{OUT}: up to date")
-        return 0
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(text)
-    print(f"wrote {OUT}")
-    return 0
+    stale = 0
+    for out, make in FILES.items():
+        text = render(make)
+        if a.check:
+            if not out.is_file() or out.read_text() != text:
+                print(f"{out}: differs from the generator's output; run: python -m deploy.dashboard", file=sys.stderr)
+                stale += 1
+            else:
+                print(f"{out}: up to date")
+            continue
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        print(f"wrote {out}")
+    return 1 if stale else 0
 
 
 if __name__ == "__main__":

@@ -266,12 +266,42 @@ def test_every_ray_pod_exports_metrics_where_the_pod_monitor_scrapes():
             assert named.get(endpoint["port"]) == int(port), (name, group.get("groupName", "head"), named)
 
 
-def test_the_committed_dashboard_is_what_its_generator_writes():
+def test_the_committed_dashboards_are_what_their_generator_writes():
     import json
 
     from deploy import dashboard
 
     assert dashboard.main(["--check"]) == 0, "run: python -m deploy.dashboard"
-    d = json.loads(dashboard.OUT.read_text())
-    assert {p["id"] for p in d["panels"]} == set(range(1, len(d["panels"]) + 1))  # unique panel ids
-    assert all(t["expr"] and t["datasource"]["uid"] == "${datasource}" for p in d["panels"] for t in p["targets"])
+    assert set(dashboard.FILES) == {dashboard.OUT, dashboard.TRAINING_OUT}
+    uids = set()
+    for out in dashboard.FILES:
+        d = json.loads(out.read_text())
+        uids.add(d["uid"])
+        assert {p["id"] for p in d["panels"]} == set(range(1, len(d["panels"]) + 1))  # unique panel ids
+        assert all(t["expr"] and t["datasource"]["uid"] == "${datasource}" for p in d["panels"] for t in p["targets"])
+        assert len({(p["gridPos"]["x"], p["gridPos"]["y"]) for p in d["panels"]}) == len(d["panels"])  # no overlap
+    assert len(uids) == 2  # importing one does not replace the other
+
+
+def test_the_training_dashboard_plots_node_metrics_ray_exports_with_their_labels():
+    """The node panels name gauges of Ray's reporter agent and group them by
+    its tags (the ``ray_mmphi_train_*`` series are checked on a live run in
+    test_train.py): a renamed gauge or label would leave a panel empty."""
+    import re
+
+    from ray.dashboard.modules.reporter.reporter_agent import METRICS_GAUGES
+
+    from deploy.dashboard import GPU_ONLY, training_dashboard
+
+    exprs = [t["expr"] for p in training_dashboard()["panels"] for t in p["targets"] if "ray_node_" in t["expr"]]
+    assert len(exprs) >= 4
+    used = set()
+    for expr in exprs:
+        for by, metric in re.findall(r"by \(([^)]*)\) \((ray_node_\w+)\)", expr):
+            gauge = METRICS_GAUGES[metric.removeprefix("ray_")]
+            assert gauge.name == metric.removeprefix("ray_")
+            labels = {c.strip() for c in by.split(",")}
+            assert labels <= set(gauge.view.columns), (metric, labels, gauge.view.columns)
+            used.add(metric)
+    assert len(used) == len(exprs)  # every node expression was parsed
+    assert GPU_ONLY <= used and all("Gpu" in " ".join(METRICS_GAUGES[m[4:]].view.columns) for m in GPU_ONLY)

@@ -139,12 +139,19 @@ def test_other_name_starts_fresh(stages, dataset):
 
 def test_a_run_exports_its_progress_to_prometheus(stages, dataset):
     """While a run trains, this node's Ray metrics port shows its step, planned
-    steps, loss, validation loss and learning rate (rank 0's gauges); once it
-    has ended, its step counter is the steps trained and the token counters
-    of the two workers sum to at least one real token per sample."""
+    steps, loss, validation loss, learning rate and tokens/s (rank 0's
+    gauges); once it has ended, its step counter is the steps trained and the
+    token counters of the two workers sum to at least one real token per
+    sample. These are the series the training dashboard plots, with the
+    labels its per-worker panel groups by."""
     import math
+    import re
 
+    import httpx
     from conftest import scraped
+
+    from deploy.dashboard import training_dashboard
+    from serve.app import metrics_url
 
     name, steps = "live", 40
     result = {}
@@ -155,7 +162,10 @@ def test_a_run_exports_its_progress_to_prometheus(stages, dataset):
 
     t = threading.Thread(target=fit)
     t.start()
-    gauges = ("step", "planned_steps", "loss", "val_loss", "learning_rate")
+    gauges = ("step", "planned_steps", "loss", "val_loss", "learning_rate", "tokens_per_second")
+    plotted = {m for p in training_dashboard()["panels"] for t in p["targets"]
+               for m in re.findall(r"\bray_(mmphi_train_\w+)", t["expr"])}
+    assert plotted == {f"mmphi_train_{g}" for g in gauges} | {"mmphi_train_steps_total", "mmphi_train_tokens_total"}
     seen = {}
     while t.is_alive() and len(seen) < len(gauges):
         for g in gauges:
@@ -168,12 +178,18 @@ def test_a_run_exports_its_progress_to_prometheus(stages, dataset):
     assert set(seen) == set(gauges), f"gauges seen while the run trained: {seen}"
     assert seen["planned_steps"] == steps and 0 <= seen["step"] <= steps, seen
     assert math.isfinite(seen["loss"]) and seen["loss"] > 0 and seen["val_loss"] > 0 and seen["learning_rate"] > 0, seen
+    assert seen["tokens_per_second"] > 0, seen
     deadline = time.monotonic() + 60
     while sum(scraped("mmphi_train_steps_total", run=name)) < steps and time.monotonic() < deadline:
         time.sleep(0.5)
     assert sum(scraped("mmphi_train_steps_total", run=name)) == steps
     tokens = scraped("mmphi_train_tokens_total", run=name)
     assert len(tokens) == 2 and sum(tokens) >= steps * 8 * 2, tokens  # each worker: its own series
+    series = [line for line in httpx.get(metrics_url(), timeout=30).text.splitlines()
+              if line.startswith("ray_mmphi_train_tokens_total{") and f'run="{name}"' in line]
+    workers = {tuple(re.search(rf'\b{k}="([^"]+)"', line).group(1) for k in ("NodeAddress", "WorkerId"))
+               for line in series}
+    assert len(workers) == 2, series  # the per-worker panel's lines: one per (node, worker)
 
 
 def test_killed_worker_resumes_from_last_checkpoint(stages, dataset):
