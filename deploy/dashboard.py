@@ -96,7 +96,8 @@ TRAINING_PANELS = [
     ("Tokens per second per worker", [
         (f"sum by (run, NodeAddress, WorkerId) (rate(ray_mmphi_train_tokens_total{{{RUN}}}[$__rate_interval]))",
          "{{run}} {{NodeAddress}} {{WorkerId}}")],
-     "short", "One line per training worker: a straggler (a slow GPU or node, a bad batch mix) shows below the others."),
+     "short", "One line per training worker. Data-parallel workers step together, so a gap between lines is "
+              "data, not speed (one worker's batches carry fewer real tokens); a slow worker slows every line."),
     ("Node CPU and GPU utilisation", [
         ("avg by (ip) (ray_node_cpu_utilization)", "CPU {{ip}}"),
         ("avg by (ip, GpuIndex) (ray_node_gpus_utilization)", "GPU {{ip}} #{{GpuIndex}}")],
