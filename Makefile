@@ -54,9 +54,10 @@ demo: setup ## run the main job on the tiny preset (offline, CPU)
 test: setup ## run the tests (fast ones; SLOW=1 adds the end-to-end ones)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(if $(filter 1,$(SLOW)),,-m "not slow") $(PYTEST_ARGS)
 
-manifests: setup ## regenerate the KubeRay manifests in deploy/k8s/ (from serve/config.yaml) and the Grafana dashboards
+manifests: setup ## regenerate the KubeRay manifests in deploy/k8s/ (from serve/config.yaml), the Grafana dashboards and the alerting rules
 	$(PY) -m deploy.generate
 	$(PY) -m deploy.dashboard
+	$(PY) -m deploy.alerts
 
 bench-serve: setup ## serving load benchmark: 1/8/32 users vs the model in-process (tiny preset, CPU)
 	$(PY) bench/serve_bench.py $(BENCH_ARGS)

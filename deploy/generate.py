@@ -267,6 +267,21 @@ def pod_monitor() -> dict:
     }
 
 
+def prometheus_rule() -> dict:
+    """The alerting rules of ``deploy/alerts.py`` as a Prometheus Operator
+    ``PrometheusRule`` (its Prometheus must select it: kube-prometheus-stack
+    selects rules labelled with its Helm release unless
+    ``ruleSelectorNilUsesHelmValues`` is false)."""
+    from deploy.alerts import groups
+
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": _meta("mmphi-alerts", "metrics"),
+        "spec": {"groups": groups()},
+    }
+
+
 def shared_claim() -> dict:
     return {
         "apiVersion": "v1",
@@ -310,6 +325,7 @@ def render(image: str = DEFAULT_IMAGE) -> dict[str, str]:
     docs.update({f"rayjob-{name}.yaml": ray_job(name, job, image) for name, job in JOBS.items()})
     docs["rayservice.yaml"] = ray_service(image, cluster_serve_config(local))
     docs["podmonitor.yaml"] = pod_monitor()
+    docs["prometheusrule.yaml"] = prometheus_rule()
     return {name: HEADER.format(name=name) + yaml.dump(doc, Dumper=_Dumper, sort_keys=False, width=1000)
             for name, doc in docs.items()}
 

@@ -137,3 +137,37 @@ def scraped(name: str, **labels) -> list[float]:
 def scrape(name: str, **labels) -> float:
     """The sum of :func:`scraped`'s values (0 where no series matches)."""
     return sum(scraped(name, **labels))
+
+
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$application": "mmphi", "$run": ".+"}
+
+
+def promql_selectors(expr: str) -> list[tuple[str, frozenset]]:
+    """Parse PromQL ``expr`` (Grafana's variables filled in; a syntax error
+    raises ValueError) and return, for each series selector in it, the
+    metric's name and the labels of the nearest ``by (...)`` around it."""
+    import promql_parser as pq
+
+    for name, value in GRAFANA_VARIABLES.items():
+        expr = expr.replace(name, value)
+    assert "$" not in expr, f"an unknown Grafana variable in {expr}"
+    found = []
+
+    def walk(node, by: frozenset) -> None:
+        if isinstance(node, pq.VectorSelector):
+            found.append((node.name, by))
+            return
+        if isinstance(node, pq.MatrixSelector):
+            return walk(node.vector_selector, by)
+        if isinstance(node, pq.AggregateExpr) and node.modifier is not None \
+                and node.modifier.type == pq.AggModifierType.By:
+            by = frozenset(node.modifier.labels)
+        for attr in ("expr", "lhs", "rhs", "param"):
+            child = getattr(node, attr, None)
+            if child is not None and not isinstance(child, (int, float, str)):
+                walk(child, by)
+        for child in getattr(node, "args", None) or []:
+            walk(child, by)
+
+    walk(pq.parse(expr), frozenset())
+    return found

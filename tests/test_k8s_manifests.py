@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -287,21 +288,94 @@ def test_the_training_dashboard_plots_node_metrics_ray_exports_with_their_labels
     """The node panels name gauges of Ray's reporter agent and group them by
     its tags (the ``ray_mmphi_train_*`` series are checked on a live run in
     test_train.py): a renamed gauge or label would leave a panel empty."""
-    import re
-
+    from conftest import promql_selectors
     from ray.dashboard.modules.reporter.reporter_agent import METRICS_GAUGES
 
     from deploy.dashboard import GPU_ONLY, training_dashboard
 
-    exprs = [t["expr"] for p in training_dashboard()["panels"] for t in p["targets"] if "ray_node_" in t["expr"]]
-    assert len(exprs) >= 4
     used = set()
-    for expr in exprs:
-        for by, metric in re.findall(r"by \(([^)]*)\) \((ray_node_\w+)\)", expr):
-            gauge = METRICS_GAUGES[metric.removeprefix("ray_")]
-            assert gauge.name == metric.removeprefix("ray_")
-            labels = {c.strip() for c in by.split(",")}
-            assert labels <= set(gauge.view.columns), (metric, labels, gauge.view.columns)
-            used.add(metric)
-    assert len(used) == len(exprs)  # every node expression was parsed
-    assert GPU_ONLY <= used and all("Gpu" in " ".join(METRICS_GAUGES[m[4:]].view.columns) for m in GPU_ONLY)
+    for p in training_dashboard()["panels"]:
+        for t in p["targets"]:
+            for metric, by in promql_selectors(t["expr"]):
+                if not metric.startswith("ray_node_"):
+                    continue
+                gauge = METRICS_GAUGES[metric.removeprefix("ray_")]
+                assert gauge.name == metric.removeprefix("ray_")
+                assert by and by <= set(gauge.view.columns), (metric, by, gauge.view.columns)
+                used.add(metric)
+    assert len(used) >= 4
+    assert GPU_ONLY <= used and all("GpuIndex" in METRICS_GAUGES[m[4:]].view.columns for m in GPU_ONLY)
+
+
+# ----------------------------------------------------------------- dashboards and alerts
+def _expressions() -> dict[str, str]:
+    """{where: PromQL} of every dashboard target and alerting rule."""
+    from deploy import alerts, dashboard
+
+    out = {}
+    for make in dashboard.FILES.values():
+        d = make()
+        for p in d["panels"]:
+            for t in p["targets"]:
+                out[f"{d['uid']}: {p['title']} {t['refId']}"] = t["expr"]
+    for group in alerts.groups():
+        for rule in group["rules"]:
+            out[f"{group['name']}: {rule['alert']}"] = rule["expr"]
+    return out
+
+
+def test_every_dashboard_and_alert_expression_is_valid_promql_of_metrics_mmphi_defines():
+    """Each expression parses as PromQL (an unbalanced parenthesis or a bad
+    matcher fails here, not as an empty panel or a rule Prometheus refuses to
+    load), and each ``ray_mmphi_*`` series it reads is a metric that
+    serve/metrics.py or ray_jobs/metrics.py makes (counters end in _total,
+    histograms are read as _bucket)."""
+    import re
+
+    from conftest import promql_selectors
+
+    defined = set()
+    for src in ("serve/metrics.py", "ray_jobs/metrics.py"):
+        defined |= set(re.findall(r'"(mmphi_\w+)"', (ROOT / src).read_text()))
+    assert len(defined) >= 16, defined
+    exprs = _expressions()
+    assert len(exprs) >= 30
+    read = set()
+    for where, expr in exprs.items():
+        try:
+            selectors = promql_selectors(expr)
+        except ValueError as e:
+            raise AssertionError(f"{where}: {expr}: {e}") from None
+        assert selectors, where
+        for metric, _ in selectors:
+            assert metric.startswith("ray_"), (where, metric)  # Ray's exporter prefixes every metric
+            if metric.startswith("ray_mmphi_"):
+                base = re.sub(r"_(bucket|sum|count)$", "", metric.removeprefix("ray_"))
+                assert base in defined, (where, metric)
+                read.add(base)
+    # every metric mmphi makes is on a dashboard or in a rule
+    assert read == defined, sorted(defined - read)
+
+
+def test_alerting_rules_file_and_prometheus_rule_agree_and_each_rule_is_complete():
+    from deploy import alerts
+
+    assert alerts.main(["--check"]) == 0, "run: python -m deploy.alerts"
+    on_disk = yaml.safe_load(alerts.OUT.read_text())
+    (rule,) = [m for m in manifests().values() if m["kind"] == "PrometheusRule"]
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["spec"]["groups"] == on_disk["groups"] == alerts.groups()
+    names = [r["alert"] for g in on_disk["groups"] for r in g["rules"]]
+    assert len(names) == len(set(names)) >= 8 and {g["name"] for g in on_disk["groups"]} == {"mmphi-serving",
+                                                                                             "mmphi-training"}
+    for g in on_disk["groups"]:
+        for r in g["rules"]:
+            assert set(r) == {"alert", "expr", "for", "labels", "annotations"}, r["alert"]
+            assert re.fullmatch(r"\d+[smh]", r["for"]) and r["labels"]["severity"] in {"warning", "critical"}
+            assert set(r["annotations"]) == {"summary", "description"} and all(r["annotations"].values())
+            assert r["alert"].startswith("Mmphi")
+    # serving rules are about this application; training rules per run
+    for r in on_disk["groups"][0]["rules"]:
+        assert 'application="mmphi"' in r["expr"], r["alert"]
+    for r in on_disk["groups"][1]["rules"]:
+        assert "by (run)" in r["expr"] and "{{ $labels.run }}" in r["annotations"]["summary"], r["alert"]

@@ -321,26 +321,41 @@ def test_metrics_count_tokens_outcomes_and_errors(client):
     assert scrape("mmphi_llm_running_requests") == 0 and scrape("mmphi_llm_waiting_requests") == 0
 
 
-def test_every_series_the_dashboard_plots_is_exported(client):
-    """Each metric that deploy/grafana/mmphi.json queries is in this node's
-    Prometheus text for this application (after the requests above), so no
-    panel of the dashboard stays empty for a wrong or missing name."""
+def test_every_series_the_dashboard_plots_and_the_alerts_read_is_exported(client):
+    """Each metric that deploy/grafana/mmphi.json queries, or a serving rule
+    of deploy/alerts.py reads, is in this node's Prometheus text for this
+    application (after the requests above), with the labels its expressions
+    group by, so no panel stays empty and no rule goes silent for a wrong or
+    missing name or label."""
     import re
 
+    from conftest import promql_selectors
+
+    from deploy.alerts import SERVING
     from deploy.dashboard import dashboard
     from serve.app import metrics_url
 
     ask(client, "Hello")
-    used = {m for p in dashboard()["panels"] for t in p["targets"] for m in re.findall(r"\bray_\w+", t["expr"])}
-    assert len(used) >= 9
+    assert client.post("/v1/chat/completions", content=b"").status_code == 400  # one API error counted
+    exprs = [t["expr"] for p in dashboard()["panels"] for t in p["targets"]] + [r["expr"] for r in SERVING]
+    grouped: dict[str, set] = {}
+    for expr in exprs:
+        for metric, by in promql_selectors(expr):
+            grouped.setdefault(metric, set()).update(by)
+    assert len(grouped) >= 10 and "ray_serve_deployment_status" in grouped
     deadline = time.monotonic() + 60
     while True:
         text = httpx.get(metrics_url(), timeout=30).text
-        missing = {m for m in used if not re.search(rf'^{m}{{[^}}]*application="mmphi"', text, re.M)}
+        missing = {}
+        for metric, labels in grouped.items():
+            series = re.findall(rf'^{metric}{{([^}}]*application="mmphi"[^}}]*)}}', text, re.M)
+            have = {k for s in series for k in re.findall(r'(\w+)="', s)}
+            if not series or not labels <= have:
+                missing[metric] = sorted(labels - have) if series else "no series"
         if not missing or time.monotonic() > deadline:
             break
         time.sleep(1)
-    assert not missing, f"not exported: {sorted(missing)}"
+    assert not missing, f"not exported: {missing}"
 
 
 # ------------------------------------------------------------ hostile input

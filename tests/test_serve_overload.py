@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import pytest
 import yaml
 
+from conftest import scrape
 from test_serve import free_port
 
 httpx = pytest.importorskip("httpx")
@@ -108,5 +110,11 @@ def test_a_full_ingress_queue_is_the_proxys_503_with_retry_after(server, tmp_pat
     assert set(codes) <= {200, 503} and codes.count(200) >= 1 and len(at_proxy) >= 5, codes
     assert all(r.headers["retry-after"] == "1" for r in at_proxy), [dict(r.headers) for r in at_proxy]
     assert "max_queued_requests=1" in at_proxy[0].text, at_proxy[0].text
+    # the refusals are in Serve's request counter, which the MmphiRequestsRefused alert reads
+    deadline = time.monotonic() + 60
+    while scrape("serve_num_http_requests_total", application="mmphi", status_code="503") < len(at_proxy) \
+            and time.monotonic() < deadline:
+        time.sleep(1)
+    assert scrape("serve_num_http_requests_total", application="mmphi", status_code="503") >= len(at_proxy)
     after = httpx.post(url + "v1/chat/completions", json=BODY, timeout=120)
     assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 48

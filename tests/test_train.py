@@ -142,14 +142,15 @@ def test_a_run_exports_its_progress_to_prometheus(stages, dataset):
     steps, loss, validation loss, learning rate and tokens/s (rank 0's
     gauges); once it has ended, its step counter is the steps trained and the
     token counters of the two workers sum to at least one real token per
-    sample. These are the series the training dashboard plots, with the
-    labels its per-worker panel groups by."""
+    sample. These are the series the training dashboard plots (and its
+    alerting rules read), with the labels its per-worker panel groups by."""
     import math
     import re
 
     import httpx
     from conftest import scraped
 
+    from deploy.alerts import TRAINING
     from deploy.dashboard import training_dashboard
     from serve.app import metrics_url
 
@@ -165,6 +166,8 @@ def test_a_run_exports_its_progress_to_prometheus(stages, dataset):
     gauges = ("step", "planned_steps", "loss", "val_loss", "learning_rate", "tokens_per_second")
     plotted = {m for p in training_dashboard()["panels"] for t in p["targets"]
                for m in re.findall(r"\bray_(mmphi_train_\w+)", t["expr"])}
+    alerted = {m for r in TRAINING for m in re.findall(r"\bray_(mmphi_train_\w+)", r["expr"])}
+    assert alerted and alerted <= plotted
     assert plotted == {f"mmphi_train_{g}" for g in gauges} | {"mmphi_train_steps_total", "mmphi_train_tokens_total"}
     seen = {}
     while t.is_alive() and len(seen) < len(gauges):
