@@ -355,8 +355,11 @@ def test_streams_that_share_the_loop_send_fewer_messages():
         gaps = sorted(b - a for _, times in spaced for a, b in zip(times, times[1:]))
         # messages of a stream leave at least the interval apart while the others decode (less a timer's slack)
         assert gaps and gaps[len(gaps) // 2] > 0.025, gaps
-        # first ids at once: the first message is not held back, the second carries 250 ms of ids
-        assert all(len(c) >= 2 and 4 * len(c[0]) <= len(c[1]) for c, _ in wide), [list(map(len, c)) for c, _ in wide]
+        # first ids at once: the first message is not held back, a later one carries 250 ms of ids (a stream
+        # whose prefill finished before the others' decodes alone for a step or two, so its second message
+        # may leave at once too)
+        assert all(len(c) >= 2 and 4 * len(c[0]) <= max(map(len, c[1:])) for c, _ in wide), \
+            [list(map(len, c)) for c, _ in wide]
         with pytest.raises(ValueError, match="stream_interval_ms"):
             llm.reconfigure({"stream_interval_ms": -1})
     finally:
