@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
+
+from deploy import write_or_check
 
 OUT = Path(__file__).resolve().parent / "grafana" / "mmphi.json"
 TRAINING_OUT = OUT.with_name("mmphi-training.json")
@@ -156,20 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="write nothing; exit 1 if a file differs")
     a = ap.parse_args(argv)
-    stale = 0
-    for out, make in FILES.items():
-        text = render(make)
-        if a.check:
-            if not out.is_file() or out.read_text() != text:
-                print(f"{out}: differs from the generator's output; run: python -m deploy.dashboard", file=sys.stderr)
-                stale += 1
-            else:
-                print(f"{out}: up to date")
-            continue
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        print(f"wrote {out}")
-    return 1 if stale else 0
+    return write_or_check({out: render(make) for out, make in FILES.items()}, a.check, "python -m deploy.dashboard")
 
 
 if __name__ == "__main__":

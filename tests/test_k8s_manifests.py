@@ -330,8 +330,6 @@ def test_every_dashboard_and_alert_expression_is_valid_promql_of_metrics_mmphi_d
     load), and each ``ray_mmphi_*`` series it reads is a metric that
     serve/metrics.py or ray_jobs/metrics.py makes (counters end in _total,
     histograms are read as _bucket)."""
-    import re
-
     from conftest import promql_selectors
 
     defined = set()

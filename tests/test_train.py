@@ -148,7 +148,7 @@ def test_a_run_exports_its_progress_to_prometheus(stages, dataset):
     import re
 
     import httpx
-    from conftest import scraped
+    from conftest import promql_selectors, scraped
 
     from deploy.alerts import TRAINING
     from deploy.dashboard import training_dashboard
@@ -164,9 +164,11 @@ def test_a_run_exports_its_progress_to_prometheus(stages, dataset):
     t = threading.Thread(target=fit)
     t.start()
     gauges = ("step", "planned_steps", "loss", "val_loss", "learning_rate", "tokens_per_second")
-    plotted = {m for p in training_dashboard()["panels"] for t in p["targets"]
-               for m in re.findall(r"\bray_(mmphi_train_\w+)", t["expr"])}
-    alerted = {m for r in TRAINING for m in re.findall(r"\bray_(mmphi_train_\w+)", r["expr"])}
+    def train_metrics(expr: str) -> set[str]:
+        return {m.removeprefix("ray_") for m, _ in promql_selectors(expr) if m.startswith("ray_mmphi_train_")}
+
+    plotted = set().union(*(train_metrics(t["expr"]) for p in training_dashboard()["panels"] for t in p["targets"]))
+    alerted = set().union(*(train_metrics(r["expr"]) for r in TRAINING))
     assert alerted and alerted <= plotted
     assert plotted == {f"mmphi_train_{g}" for g in gauges} | {"mmphi_train_steps_total", "mmphi_train_tokens_total"}
     seen = {}
