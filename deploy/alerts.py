@@ -90,12 +90,14 @@ SERVING = [
 TRAINING = [
     _rule("MmphiTrainingStalled",
           f"(max by (run) (ray_mmphi_train_planned_steps) > max by (run) (ray_mmphi_train_step))"
-          f" and on (run) (sum by (run) (increase(ray_mmphi_train_steps_total[{STALL_MINUTES}m])) == 0)",
-          "5m", "warning",
+          f" and on (run) (time() - max by (run) (ray_mmphi_train_last_step_timestamp_seconds) > {STALL_MINUTES * 60})",
+          "1m", "warning",
           "training run {{ $labels.run }} has done no step in " + str(STALL_MINUTES) + " minutes",
-          "Rank 0 still exports the run's gauges (its process is alive) but no optimizer step has ended: "
-          "a hung collective (a worker lost mid-step), a stuck data loader or a full disk while "
-          "checkpointing. The workers' logs in the Ray dashboard (Train tab) show where it waits; "
+          "Rank 0 still exports the run's gauges (its process is alive), but its last optimizer step "
+          "ended that long ago, or, before its first step, the run started that long ago (the evaluation "
+          "before step 1 and any compilation count): a hung collective (a worker lost mid-step), a "
+          "stuck data loader or a full disk while checkpointing. The workers' logs in the Ray "
+          "dashboard (Train tab) show where it waits; "
           "stopping the job and submitting it again resumes from the last checkpoint."),
 ]
 

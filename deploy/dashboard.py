@@ -89,6 +89,11 @@ TRAINING_PANELS = [
         (f"(max by (run) (ray_mmphi_train_planned_steps{{{RUN}}}) - max by (run) (ray_mmphi_train_step{{{RUN}}}))"
          f" / sum by (run) (rate(ray_mmphi_train_steps_total{{{RUN}}}[5m]))", "{{run}}")],
      "s", "Steps left over the steps per second of the last five minutes (evaluations and checkpoints included)."),
+    ("Time since the last step", [
+        (f"time() - max by (run) (ray_mmphi_train_last_step_timestamp_seconds{{{RUN}}})", "{{run}}")],
+     "s", "Seconds since rank 0's last optimizer step (since the run started, before its first). It rises "
+          "through an evaluation or a checkpoint and falls back at the next step; one that keeps rising is a "
+          "hung run (alert MmphiTrainingStalled)."),
     ("Optimizer steps per second", [
         (f"sum by (run) (rate(ray_mmphi_train_steps_total{{{RUN}}}[$__rate_interval]))", "{{run}}")],
      "short", "Steps done per second (rank 0's counter)."),

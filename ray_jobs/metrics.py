@@ -6,17 +6,19 @@ Ray exports them on every node's metrics port (``ray start
 the tokens it trained on, so ``sum by (run) (rate(ray_mmphi_train_tokens_total[1m]))``
 is the job's tokens/s:
 
-=====================================  =======  ================================================
-``mmphi_train_steps_total``            counter  optimizer steps done (rank 0)
-``mmphi_train_tokens_total``           counter  real (not padding) tokens trained on, per worker
-``mmphi_train_step``                   gauge    the step the run is at
-``mmphi_train_planned_steps``          gauge    the steps the run will do
-``mmphi_train_loss``                   gauge    rank 0's loss of its last step
-``mmphi_train_val_loss``               gauge    the loss on held-out samples, last evaluation
-``mmphi_train_learning_rate``          gauge    the learning rate of the last step
-``mmphi_train_tokens_per_second``      gauge    all workers' tokens/s between the last two
-                                                evaluations or checkpoints (training only)
-=====================================  =======  ================================================
+===========================================  =======  ================================================
+``mmphi_train_steps_total``                  counter  optimizer steps done (rank 0)
+``mmphi_train_tokens_total``                 counter  real (not padding) tokens trained on, per worker
+``mmphi_train_step``                         gauge    the step the run is at
+``mmphi_train_planned_steps``                gauge    the steps the run will do
+``mmphi_train_loss``                         gauge    rank 0's loss of its last step
+``mmphi_train_val_loss``                     gauge    the loss on held-out samples, last evaluation
+``mmphi_train_learning_rate``                gauge    the learning rate of the last step
+``mmphi_train_tokens_per_second``            gauge    all workers' tokens/s between the last two
+                                                      evaluations or checkpoints (training only)
+``mmphi_train_last_step_timestamp_seconds``  gauge    Unix time of rank 0's last optimizer step (of
+                                                      the run's start, before its first step)
+===========================================  =======  ================================================
 
 Ray drops a gauge that no one sets for a few seconds, so a thread sets
 rank 0's gauges again every second while the run goes on (a step, an
@@ -28,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,8 @@ GAUGES = {
     "learning_rate": ("mmphi_train_learning_rate", "the learning rate of the last step"),
     "tokens_per_second": ("mmphi_train_tokens_per_second",
                           "all workers' training tokens per second between the last two evaluations or checkpoints"),
+    "last_step_timestamp_seconds": ("mmphi_train_last_step_timestamp_seconds",
+                                    "Unix time of the last optimizer step (of the run's start, before its first step)"),
 }
 _made: dict = {}
 
@@ -79,7 +84,7 @@ class TrainMetrics:
         if rank == 0:
             self.steps = _metric("Counter", "mmphi_train_steps_total", "optimizer steps done")
             self.gauges = {k: _metric("Gauge", name, d) for k, (name, d) in GAUGES.items()}
-            self.values.update(step=start_step, planned_steps=planned_steps)
+            self.values.update(step=start_step, planned_steps=planned_steps, last_step_timestamp_seconds=time.time())
             self._set_gauges()
             self._thread = threading.Thread(target=self._keep, args=(every_s,), name="mmphi-train-metrics", daemon=True)
             self._thread.start()
@@ -90,7 +95,7 @@ class TrainMetrics:
             self.tokens.inc(tokens, tags=self.tags)
         if self.rank == 0:
             self.steps.inc(1, tags=self.tags)
-            self.values.update(step=step, loss=loss, learning_rate=learning_rate)
+            self.values.update(step=step, loss=loss, learning_rate=learning_rate, last_step_timestamp_seconds=time.time())
             self._set_gauges()
 
     def evaluated(self, metrics: dict) -> None:

@@ -162,8 +162,10 @@ def test_a_run_exports_its_progress_to_prometheus(stages, dataset):
                                          init=str(dataset / "runs" / "s1" / "final")))
 
     t = threading.Thread(target=fit)
+    started = time.time()
     t.start()
-    gauges = ("step", "planned_steps", "loss", "val_loss", "learning_rate", "tokens_per_second")
+    gauges = ("step", "planned_steps", "loss", "val_loss", "learning_rate", "tokens_per_second",
+              "last_step_timestamp_seconds")
     def train_metrics(expr: str) -> set[str]:
         return {m.removeprefix("ray_") for m, _ in promql_selectors(expr) if m.startswith("ray_mmphi_train_")}
 
@@ -184,6 +186,7 @@ def test_a_run_exports_its_progress_to_prometheus(stages, dataset):
     assert seen["planned_steps"] == steps and 0 <= seen["step"] <= steps, seen
     assert math.isfinite(seen["loss"]) and seen["loss"] > 0 and seen["val_loss"] > 0 and seen["learning_rate"] > 0, seen
     assert seen["tokens_per_second"] > 0, seen
+    assert started - 5 <= seen["last_step_timestamp_seconds"] <= time.time(), (started, seen)
     deadline = time.monotonic() + 60
     while sum(scraped("mmphi_train_steps_total", run=name)) < steps and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -207,6 +210,7 @@ def test_killed_worker_resumes_from_last_checkpoint(stages, dataset):
                                          init=str(dataset / "runs" / "s1" / "final")))
 
     t = threading.Thread(target=fit)
+    started = time.time()
     t.start()
     progress = dataset / "runs" / name / "progress.jsonl"
     deadline = time.time() + 300
@@ -282,6 +286,7 @@ def test_a_sequence_resumes_the_run_a_killed_worker_was_in(stages, dataset):
         result["summaries"] = run_sequence(sequence)
 
     t = threading.Thread(target=fit)
+    started = time.time()
     t.start()
     progress = runs / "kseq-2" / "progress.jsonl"
     deadline = time.time() + 300

@@ -32,11 +32,17 @@ def last_set(made, name):
 
 
 def test_rank0_sets_gauges_and_counts_steps_every_rank_counts_its_tokens(made):
+    t0 = time.time()
     m0 = M.TrainMetrics("r", 0, planned_steps=10, start_step=4, every_s=60)
     m1 = M.TrainMetrics("r", 1, planned_steps=10, start_step=4, every_s=60)
     try:
         assert last_set(made, "mmphi_train_step") == 4 and last_set(made, "mmphi_train_planned_steps") == 10
+        started = last_set(made, "mmphi_train_last_step_timestamp_seconds")
+        assert t0 <= started <= time.time()  # no step yet: the run's start
+        time.sleep(0.01)
         m0.step(5, 2.5, tokens=300, learning_rate=1e-4)
+        stepped = last_set(made, "mmphi_train_last_step_timestamp_seconds")
+        assert started < stepped <= time.time()
         m1.step(5, 2.7, tokens=280, learning_rate=1e-4)
         assert made["mmphi_train_tokens_total"].calls == [("inc", 300, {"run": "r"}), ("inc", 280, {"run": "r"})]
         assert made["mmphi_train_steps_total"].calls == [("inc", 1, {"run": "r"})]  # rank 0's step only
@@ -45,8 +51,10 @@ def test_rank0_sets_gauges_and_counts_steps_every_rank_counts_its_tokens(made):
         m0.evaluated({"val_loss": 2.1, "tokens_per_s": 1234.0, "answer_accuracy": {"colour": 0.5}})
         m1.evaluated({"val_loss": 9.9})
         assert last_set(made, "mmphi_train_val_loss") == 2.1 and last_set(made, "mmphi_train_tokens_per_second") == 1234.0
+        time.sleep(0.01)
         m0.step(6, float("nan"), tokens=0, learning_rate=1e-4)  # a diverged step: the gauge keeps its last number
         assert last_set(made, "mmphi_train_loss") == 2.5 and last_set(made, "mmphi_train_step") == 6
+        assert last_set(made, "mmphi_train_last_step_timestamp_seconds") > stepped  # a diverged step is a step
         assert len(made["mmphi_train_tokens_total"].calls) == 2  # nothing counted for no tokens
     finally:
         m0.close()
