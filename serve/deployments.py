@@ -25,6 +25,7 @@ import asyncio
 import dataclasses
 import logging
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
@@ -178,7 +179,9 @@ class LLM:
         self.metrics = LLMMetrics()
         self._unbatched = 0  # requests in generate threads (batching off, or too long for the cache)
         # the queue gauges, set every second (Ray drops a gauge not set within a report interval)
-        threading.Thread(target=self._gauges, name="llm-gauges", daemon=True).start()
+        self._stopped = threading.Event()
+        threading.Thread(target=_queue_gauges, args=(weakref.ref(self), self._stopped), name="llm-gauges",
+                         daemon=True).start()
         self.reconfigure({})  # the defaults; Serve then applies the deployment's user_config
         log.info("LLM ready: %s on %s", source.description, self.model.device)
 
@@ -295,17 +298,22 @@ class LLM:
             if not batched:
                 self._unbatched -= 1
 
-    def _gauges(self) -> None:
-        import time
+    def shutdown(self) -> None:
+        """Stop the gauge thread and the batching loop and shut the generate
+        pool down. Serve calls it (through ``__del__``) when it stops the
+        replica; a caller that builds the class without Ray calls it when done."""
+        self._stopped.set()
+        if self.batcher is not None:
+            self.batcher.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
-        while not self._pool._shutdown:
-            try:
-                b = self.batcher
-                self.metrics.queue((b.active if b is not None else 0) + self._unbatched,
-                                   b.waiting if b is not None else 0)
-            except Exception:  # noqa: BLE001 - a batcher being replaced; the next second reads the new one
-                pass
-            time.sleep(1.0)
+    def __del__(self) -> None:
+        if hasattr(self, "_stopped"):  # not when __init__ failed before the threads started
+            self.shutdown()
+
+    def _set_queue_gauges(self) -> None:
+        b = self.batcher
+        self.metrics.queue((b.active if b is not None else 0) + self._unbatched, b.waiting if b is not None else 0)
 
     def _shared(self) -> bool:
         """Whether the batching loop decodes more than one request."""
@@ -367,3 +375,23 @@ def load_ingress_tokenizer(settings: ServeSettings):
     """The tokenizer and the resolved source, for the ingress."""
     source = resolve(settings)
     return load_tokenizer(source), source
+
+
+def _queue_gauges(replica: weakref.ref, stopped: threading.Event) -> None:
+    """Set an LLM replica's queue gauges every second until it shuts down.
+    The thread holds the replica only while it reads it: a strong reference
+    would keep the model alive after its owner dropped it, and free it from
+    this thread while the interpreter exits (a native abort in torch)."""
+    while not stopped.wait(1.0) and _gauges_once(replica()):
+        pass
+
+
+def _gauges_once(llm: LLM | None) -> bool:
+    """One second's gauges; False once the replica is gone."""
+    if llm is None:
+        return False
+    try:
+        llm._set_queue_gauges()
+    except Exception:  # noqa: BLE001 - a batcher being replaced; the next second reads the new one
+        pass
+    return True

@@ -392,6 +392,4 @@ def test_the_llm_deployment_repeats_a_seeded_answer_with_batching_on_and_off(mod
             assert asyncio.run(ids(seed=6)) != first, batching
             assert asyncio.run(ids()) != first and asyncio.run(ids()) != asyncio.run(ids()), batching
     finally:
-        if llm.batcher is not None:
-            llm.batcher.close()
-        llm._pool.shutdown()
+        llm.shutdown()

@@ -280,9 +280,42 @@ def test_llm_deployment_rebuilds_its_cache_and_routes_long_requests():
         assert len(asyncio.run(ask(20, 8))) == 8  # fits: the batching loop answers it
         assert static.stats["prefills"] == before + 1
     finally:
-        if llm.batcher is not None:
-            llm.batcher.close()
-        llm._pool.shutdown(wait=False)
+        llm.shutdown()
+
+
+def test_an_llm_replica_dropped_or_shut_down_stops_its_threads():
+    """Nothing the replica starts keeps it alive: dropping the last reference
+    frees the model at once (Serve calls ``__del__`` when it stops a replica),
+    and its gauge and batching threads end. A thread that held the replica
+    freed its tensors while the interpreter exited, and the process aborted."""
+    import gc
+    import threading
+    import weakref
+
+    from serve.deployments import LLM
+
+    def ours() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name in ("llm-gauges", "continuous-batching")]
+
+    before = set(ours())
+    llm = LLM.func_or_class({"preset": "tiny", "device": "cpu"})
+    started = set(ours()) - before
+    assert {t.name for t in started} == {"llm-gauges", "continuous-batching"}
+    batcher, ref = llm.batcher, weakref.ref(llm)
+    del llm
+    gc.collect()
+    assert ref() is None  # no thread holds it
+    for t in started:
+        t.join(timeout=5)
+    assert not any(t.is_alive() for t in started) and not batcher.alive()
+
+    llm = LLM.func_or_class({"preset": "tiny", "device": "cpu"})
+    started = set(ours()) - before
+    llm.shutdown()
+    for t in started:
+        t.join(timeout=5)
+    assert not any(t.is_alive() for t in started) and llm._pool._shutdown
+    llm.shutdown()  # again, as __del__ does later: nothing left to stop
 
 
 def test_llm_stream_sends_what_waits_in_one_message():
@@ -307,8 +340,7 @@ def test_llm_stream_sends_what_waits_in_one_message():
         assert [t for c in slow for t in c] == [t for c in fast for t in c] and len(sum(slow, [])) == 12
         assert len(slow) < 12 and max(map(len, slow)) > 1, slow
     finally:
-        llm.batcher.close()
-        llm._pool.shutdown(wait=False)
+        llm.shutdown()
 
 
 def test_streams_that_share_the_loop_send_fewer_messages():
@@ -363,5 +395,4 @@ def test_streams_that_share_the_loop_send_fewer_messages():
         with pytest.raises(ValueError, match="stream_interval_ms"):
             llm.reconfigure({"stream_interval_ms": -1})
     finally:
-        llm.batcher.close()
-        llm._pool.shutdown(wait=False)
+        llm.shutdown()
