@@ -90,6 +90,7 @@ def summarise(card: str, vision: dict | None, llm: dict | None, results: dict) -
                         "compute_limit_images_per_s": round(flops / f, 0) if flops else None,
                         "job_mfu": _share(_mul(emb.get("job_images_per_s"), f), flops),
                         "bare_encoder_mfu": _share(_mul(emb.get("bare_encoder_images_per_s"), f), flops),
+                        "encoder_device_mfu": _share(_mul(emb.get("bare_encoder_device_images_per_s"), f), flops),
                         "basis": "forward FLOPs of the tower up to the feature block, over dense bf16 peak"}
     tr = results.get("train") or {}
     if llm and tr.get("ok") and tr.get("mean_tokens"):

@@ -18,6 +18,7 @@ KEYS = ["card", "date", "embed.ratio_vs_bare", "train.ratio_vs_hf_peft", "train.
 RATIOS = {("embed", "ratio_vs_bare"): ("job_images_per_s", "bare_images_per_s"),
           ("embed", "ratio_vs_bare_encoder"): ("job_images_per_s", "bare_encoder_images_per_s"),
           ("embed", "ratio_overlap_vs_one_call"): ("job_images_per_s", "job_one_call_images_per_s"),
+          ("embed", "ratio_vs_bare_encoder_device"): ("job_images_per_s", "bare_encoder_device_images_per_s"),
           ("train", "ratio_vs_hf_peft"): ("job_tokens_per_s", "hf_peft_tokens_per_s"),
           ("train", "ratio_vs_hf_peft_longest"): ("job_tokens_per_s", "hf_peft_longest_tokens_per_s"),
           ("train", "ratio_packed_vs_hf_peft"): ("job_packed_tokens_per_s", "hf_peft_tokens_per_s"),
@@ -178,6 +179,12 @@ def test_cpu_rehearsal_end_to_end(cpu_bench):
     assert res["serve"]["llm_cache"]["kv_cache"] == "static"
     assert res["embed"]["job_one_call_images_per_s"] > 0  # the job timed with and without the actor's overlap
     assert set(res["details"]["embed"]["job_steady_images_per_s_by_calls"]) == {"1", "2"}
+    # the encoder with no host copies: a rate of its own, and the profile of one of its batches
+    emb = res["embed"]
+    assert emb["bare_encoder_device_images_per_s"] > 0 and "ratio_vs_bare_encoder_device" in emb  # checked above
+    assert sum(emb["encoder_profile_by_kind"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert emb["encoder_profile_by_kind"]["matmul"] > 0.1, emb["encoder_profile_by_kind"]
+    assert res["utilisation"]["embed"]["encoder_device_mfu"] is None  # no peak for a CPU
     assert res["utilisation"]["train"]["gflops_per_token"] > 0 and res["serve"]["mean_context_tokens"] > 0
     # one profiled step per training side: where its time goes, for the next optimisation
     for side in ("hf_peft_max_length", "job"):
