@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -161,6 +162,25 @@ class Embedder:
         self.store_torch = DTYPES[store_dtype]
         self.nbytes = int(np.prod(job_identity(cfg, store_dtype)["shape"])) * self.store_torch.itemsize
         self.node = ray.get_runtime_context().get_node_id()
+        self._streams = threading.local()
+        if self.device == "cuda":
+            torch.cuda.synchronize()  # the weights are on the device before any call's stream reads them
+
+    def _stream(self):
+        """This thread's CUDA stream (a null context on the CPU). Ray Data runs
+        ``calls_per_actor`` calls at once on as many threads; on one stream
+        each call's host copies (pixels in, features out) would wait for the
+        other's encoder kernels, on its own they overlap them."""
+        import contextlib
+
+        import torch
+
+        if self.device != "cuda":
+            return contextlib.nullcontext()
+        stream = getattr(self._streams, "stream", None)
+        if stream is None:
+            stream = self._streams.stream = torch.cuda.Stream()
+        return torch.cuda.stream(stream)
 
     def __call__(self, batch: dict) -> dict:
         import torch
@@ -170,7 +190,7 @@ class Embedder:
         every = bool(ok.all())
         emb = None if every else np.zeros((n, self.nbytes), np.uint8)  # fixed-width rows: a tensor column, no pickling
         if ok.any():
-            with torch.inference_mode():
+            with torch.inference_mode(), self._stream():
                 # a batch without failures goes as it is: no copies of its pixels or features on the host
                 x = self.encoder.pipeline.normalize(batch["pixels"] if every else batch["pixels"][ok],
                                                     self.device, self.dtype)

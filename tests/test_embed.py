@@ -254,3 +254,55 @@ def test_a_folder_without_embeddings_is_named_with_the_likely_mistake(tmp_path):
     (tmp_path / "emb" / "tiny" / "manifest.json").write_text("{}")
     assert why(tmp_path / "emb") == (f"{tmp_path / 'emb'} has no manifest.json, but the folder in it holds "
                                      f"embeddings: give {tmp_path / 'emb' / 'tiny'}")
+
+
+def test_each_encoder_thread_runs_on_its_own_cuda_stream(monkeypatch):
+    """Ray Data runs an encoder actor's calls on several threads: each thread
+    gets one stream of its own and keeps it, so one call's host copies overlap
+    another's kernels (CUDA's calls faked; on the CPU no stream is made)."""
+    import contextlib
+    import threading
+
+    import torch
+
+    from data_pipelines.embed import Embedder
+
+    made, entered = [], []
+
+    class FakeStream:
+        def __init__(self):
+            made.append(self)
+
+    @contextlib.contextmanager
+    def fake_stream(stream):
+        entered.append((threading.get_ident(), stream))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", fake_stream)
+    emb = Embedder.__new__(Embedder)  # the stream logic only: no encoder built
+    emb.device, emb._streams = "cuda", threading.local()
+
+    together = threading.Barrier(3)  # all alive at once: their idents differ
+
+    def two_calls():
+        together.wait(timeout=10)
+        for _ in range(2):
+            with emb._stream():
+                pass
+
+    threads = [threading.Thread(target=two_calls) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(made) == 3  # one per thread, not one per call
+    by_thread: dict[int, set] = {}
+    for ident, stream in entered:
+        by_thread.setdefault(ident, set()).add(id(stream))
+    assert len(by_thread) == 3 and all(len(s) == 1 for s in by_thread.values())
+    assert len({s for ss in by_thread.values() for s in ss}) == 3
+    emb.device = "cpu"
+    with emb._stream():
+        pass
+    assert len(made) == 3 and len(entered) == 6  # the CPU makes and enters no stream
