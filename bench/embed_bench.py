@@ -4,7 +4,8 @@ Same encoder, same images, same batch size, one run. Prints a table and
 writes JSON. Two bare figures are measured:
 
 - ``bare_e2e``: read + decode + crop each image, then encode, sequentially in
-  one process (what a simple script does);
+  one process (what a simple script does, with open_clip's preprocessing:
+  whole decode, resize, crop, whatever ``vision.jpeg_draft`` says);
 - ``bare_encoder``: the encoder alone on images already decoded in memory,
   one batch at a time, each batch's features copied to the host before the
   next starts (the job's goal is >= 90 % of it).
@@ -78,21 +79,24 @@ def bare(cfg, folder: Path, names: list[str], batch: int, device: str, min_secon
     from models.vision import DTYPES, VisionEncoder, preprocess_cfg
 
     enc = VisionEncoder(cfg.vision, device)
-    crop = ImageCropper.from_preprocess_cfg(preprocess_cfg(cfg.vision))
+    crop = enc.pipeline.cropper  # the job's decode and crop (vision.jpeg_draft as configured)
+    plain = ImageCropper.from_preprocess_cfg(preprocess_cfg(cfg.vision))  # open_clip's: whole decode, resize, crop
     dtype = DTYPES[cfg.vision.dtype]
     names = names[:1024]
-    t = time.perf_counter()
-    decoded = [np.stack([crop((folder / n).read_bytes()) for n in names[i:i + batch]])
-               for i in range(0, len(names), batch)]
-    decode_rate = len(names) / (time.perf_counter() - t)
+    rates = {}
+    for name, c in (("plain", plain), ("job", crop)):
+        t = time.perf_counter()
+        decoded = [np.stack([c((folder / n).read_bytes()) for n in names[i:i + batch]])
+                   for i in range(0, len(names), batch)]
+        rates[name] = len(names) / (time.perf_counter() - t)
     with torch.inference_mode():
         for _ in range(3):  # warm-up
             enc(enc.pipeline.normalize(decoded[0], device, dtype)).cpu()
     sync()
-    t = time.perf_counter()  # end to end, sequential: read + decode + crop, then encode
+    t = time.perf_counter()  # end to end, sequential, as a simple script does: read + decode + crop, then encode
     with torch.inference_mode():
         for i in range(0, len(names), batch):
-            px = np.stack([crop((folder / n).read_bytes()) for n in names[i:i + batch]])
+            px = np.stack([plain((folder / n).read_bytes()) for n in names[i:i + batch]])
             enc(enc.pipeline.normalize(px, device, dtype)).cpu()
     sync()
     e2e = len(names) / (time.perf_counter() - t)
@@ -118,7 +122,8 @@ def bare(cfg, folder: Path, names: list[str], batch: int, device: str, min_secon
         device_rate = done / (time.perf_counter() - t)
         prof = profile_step(lambda: enc(on_device[0]).to(store), device, top=12) if profile else None
     del enc, on_device
-    return {"bare_e2e_images_per_s": e2e, "bare_decode_images_per_s_one_core": decode_rate,
+    return {"bare_e2e_images_per_s": e2e, "bare_decode_images_per_s_one_core": rates["plain"],
+            "job_decode_images_per_s_one_core": rates["job"],
             "bare_encoder_images_per_s": enc_rate, "bare_encoder_device_images_per_s": device_rate,
             **({"encoder_profile": prof} if prof else {})}
 
@@ -184,7 +189,8 @@ def main(argv: list[str] | None = None) -> dict:
     res = {
         "card": torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({os.cpu_count()} cores)",
         "date": time.strftime("%Y-%m-%d"), "preset": args.preset, "overrides": args.overrides,
-        "encoder": m["encoder"], "compute_dtype": cfg.vision.dtype, "images": len(names),
+        "encoder": m["encoder"], "compute_dtype": cfg.vision.dtype, "jpeg_draft": cfg.vision.jpeg_draft,
+        "images": len(names),
         "source_size": args.source_size, "batch_size": args.batch_size, "actors": args.actors,
         **{k: round(v, 1) for k, v in b.items()},
         "job_steady_images_per_s": steady, "job_wall_s": round(wall, 1),

@@ -123,12 +123,10 @@ def finished(out: str) -> tuple[set[str], dict[str, str], list[str]]:
 
 
 # ----------------------------------------------------------------- stages
-def decode_batch(batch: dict, *, root: str, crop: dict, max_pixels: int) -> dict:
-    """CPU: read + decode + crop each image; failures become error rows.
-    Imports only PIL/NumPy/pyarrow, so these workers start fast."""
-    from models.images import ImageCropper
-
-    cropper = ImageCropper(**crop)
+def decode_batch(batch: dict, *, root: str, cropper, max_pixels: int) -> dict:
+    """CPU: read + decode + crop each image with ``cropper`` (the tower's
+    ``models.images.ImageCropper``); failures become error rows. Imports only
+    PIL/NumPy/pyarrow, so these workers start fast."""
     fs, base = storage.resolve(root)
     paths = [str(p) for p in batch["path"]]
     pixels = np.zeros((len(paths), cropper.size, cropper.size, 3), np.uint8)
@@ -339,8 +337,7 @@ def started_local_cluster() -> bool:
 
 def run(s: EmbedSettings) -> dict:
     from models.config import load_config
-    from models.images import ImageCropper
-    from models.vision import preprocess_cfg
+    from models.vision import image_cropper
 
     if s.store_dtype not in STORE_DTYPES:
         raise EmbedError(f"--dtype must be one of {', '.join(STORE_DTYPES)}")
@@ -369,8 +366,7 @@ def run(s: EmbedSettings) -> dict:
     t0 = time.time()
     cfg = load_config(s.preset, s.overrides)
     ident = job_identity(cfg, s.store_dtype)
-    c = ImageCropper.from_preprocess_cfg(preprocess_cfg(cfg.vision))
-    crop = {"size": c.size, "interpolation": c.interpolation, "resize_mode": c.resize_mode}
+    cropper = image_cropper(cfg.vision)
     root, paths, info = referenced_images(s.data, s.json_files, s.images)
     if s.limit is not None:
         paths = paths[: s.limit]
@@ -411,7 +407,7 @@ def run(s: EmbedSettings) -> dict:
         ds = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=n_blocks)
         ds = ds.map_batches(decode_batch, batch_size=s.decode_batch, num_cpus=s.cpus_per_task,
                             compute=TaskPoolStrategy(size=decode_tasks),
-                            fn_kwargs={"root": root, "crop": crop, "max_pixels": s.max_pixels})
+                            fn_kwargs={"root": root, "cropper": cropper, "max_pixels": s.max_pixels})
         # start work only once the minimum pool is up, so every actor gets a share
         # (and a cluster that can never place them fails with a clear time-out)
         ray.data.DataContext.get_current().wait_for_min_actors_s = s.actor_wait_s

@@ -62,6 +62,13 @@ class VisionConfig:
     # sine-cosine codes of the same norm (smooth in x and y, as trained ViTs'
     # learned ones are), which makes patch positions far easier to read
     random_pos_embed: str = "random"
+    # decode a JPEG at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) when that
+    # still covers the resize before the crop, then resize as usual: for
+    # images at least twice the crop (a phone photo: about a tenth of the
+    # decoding time), with pixels a fraction of a grey level from a whole
+    # decode's; smaller images and other formats are untouched. Part of the
+    # encoder's identity: embeddings, training and serving must agree on it.
+    jpeg_draft: bool = False
 
 
 @dataclass

@@ -76,6 +76,8 @@ def vision_identity(cfg: VisionConfig) -> dict:
     }
     if cfg.random_pos_embed != "random":  # only then: identities written before the option stay valid
         out["random_pos_embed"] = cfg.random_pos_embed
+    if cfg.jpeg_draft:  # likewise
+        out["jpeg_draft"] = True
     return out
 
 
@@ -131,6 +133,12 @@ def preprocess_cfg(cfg: VisionConfig) -> dict:
     return out
 
 
+def image_cropper(cfg: VisionConfig) -> ImageCropper:
+    """The CPU half of this tower's preprocessing (decode, resize, crop), as
+    every path that feeds it uses it: the embedding job, serving, chat."""
+    return ImageCropper.from_preprocess_cfg(preprocess_cfg(cfg), jpeg_draft=cfg.jpeg_draft)
+
+
 class PixelPipeline:
     """Preprocessing split in two: ``crop`` runs on the CPU (decode, RGB,
     resize, centre crop -> uint8 HxWx3, a quarter of float32's bytes to move),
@@ -139,7 +147,7 @@ class PixelPipeline:
 
     def __init__(self, cfg: VisionConfig):
         pp = preprocess_cfg(cfg)
-        self.cropper = ImageCropper.from_preprocess_cfg(pp)
+        self.cropper = image_cropper(cfg)
         self.size = self.cropper.size
         self.mean = torch.tensor(pp["mean"]).view(1, 3, 1, 1)
         self.std = torch.tensor(pp["std"]).view(1, 3, 1, 1)

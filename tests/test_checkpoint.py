@@ -79,7 +79,7 @@ def test_layout_and_plain_peft_loading(trained):
 
 
 @pytest.mark.parametrize("override", ["vision.token_mode=pooled", "vision.feature_layer=-1", "vision.patch_pool=1",
-                                      "projector.kind=linear", "llm.seed=7"])
+                                      "vision.jpeg_draft=true", "projector.kind=linear", "llm.seed=7"])
 def test_identity_changes_are_refused(trained, override):
     _, path, *_ = trained
     with pytest.raises(CheckpointMismatch, match=override.split("=")[0].split(".")[-1]):

@@ -306,3 +306,24 @@ def test_each_encoder_thread_runs_on_its_own_cuda_stream(monkeypatch):
     with emb._stream():
         pass
     assert len(made) == 3 and len(entered) == 6  # the CPU makes and enters no stream
+
+
+def test_decode_tasks_crop_as_the_config_says(tmp_path):
+    """The job's CPU tasks crop with the tower's own cropper, vision.jpeg_draft
+    included: their pixels are serving's and chat's."""
+    from data_pipelines.embed import decode_batch
+    from models.config import load_config
+    from models.vision import PixelPipeline, image_cropper
+
+    rng = np.random.RandomState(0)
+    big = Image.fromarray(rng.randint(0, 255, (800, 1000, 3), dtype=np.uint8))
+    big.save(tmp_path / "big.jpg", quality=90)
+    seen = {}
+    for draft in (False, True):
+        vision = load_config("tiny", [f"vision.jpeg_draft={str(draft).lower()}"]).vision
+        out = decode_batch({"path": np.array(["big.jpg"], dtype=object)}, root=str(tmp_path),
+                           cropper=image_cropper(vision), max_pixels=10**8)
+        assert out["error"][0] == ""
+        np.testing.assert_array_equal(out["pixels"][0], PixelPipeline(vision).crop(tmp_path / "big.jpg"))
+        seen[draft] = out["pixels"][0]
+    assert not np.array_equal(seen[False], seen[True])  # a 1000 x 800 JPEG for a 96 px crop: decoded at 1/8

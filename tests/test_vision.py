@@ -305,6 +305,71 @@ def test_encode_accepts_pil_path_and_bytes(encoder, tmp_path):
     torch.testing.assert_close(feats[:1], encoder(encoder.preprocess(img).unsqueeze(0)), atol=1e-6, rtol=0)
 
 
+def _photo(w: int, h: int, seed: int = 0) -> Image.Image:
+    """A photo-like image: smooth gradients, a few discs and mild noise."""
+    rng = np.random.RandomState(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    rgb = np.stack([x / w * 255, y / h * 255, (x + y) / (w + h) * 255], -1) + rng.normal(0, 4, (h, w, 3))
+    for _ in range(6):
+        cx, cy, r = rng.randint(0, w), rng.randint(0, h), rng.randint(h // 10, h // 3)
+        rgb[(x - cx) ** 2 + (y - cy) ** 2 < r * r] = rng.randint(0, 255, 3)
+    return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
+
+
+def test_jpeg_draft_decodes_a_large_jpeg_at_a_smaller_scale(as_source):
+    from models.images import ImageCropper
+
+    data = _encode(_photo(1000, 800), "JPEG", quality=92)
+    # the decoder's scale: the smallest of 1/2, 1/4, 1/8 that still covers what the caller asks for
+    assert load_image(as_source(data, ".jpg"), draft=lambda w, h: (250, 200)).size == (250, 200)
+    assert load_image(as_source(data, ".jpg"), draft=lambda w, h: (251, 200)).size == (500, 400)
+    assert load_image(as_source(data, ".jpg"), draft=lambda w, h: (600, 100)).size == (1000, 800)
+    whole, draft = ImageCropper(96)(as_source(data, ".jpg")), ImageCropper(96, jpeg_draft=True)(as_source(data, ".jpg"))
+    assert whole.shape == draft.shape == (96, 96, 3)
+    diff = np.abs(whole.astype(int) - draft.astype(int))
+    assert 0 < diff.mean() < 1.5, diff.mean()  # decoded at 1/8 (125 x 100 covers 120 x 96), nearly the same crop
+
+
+def test_jpeg_draft_leaves_small_jpegs_and_other_formats_alone(as_source):
+    from models.images import ImageCropper
+
+    small = _encode(_photo(180, 150), "JPEG", quality=92)  # under twice the 96 px resize: decoded whole
+    png = _encode(_photo(1000, 800), "PNG")
+    for data, suffix in ((small, ".jpg"), (png, ".png")):
+        np.testing.assert_array_equal(ImageCropper(96)(as_source(data, suffix)),
+                                      ImageCropper(96, jpeg_draft=True)(as_source(data, suffix)))
+    decoded = load_image(_encode(_photo(1000, 800), "JPEG"))  # an image already decoded is used as it is
+    np.testing.assert_array_equal(ImageCropper(96)(decoded), ImageCropper(96, jpeg_draft=True)(decoded))
+
+
+def test_jpeg_draft_keeps_the_exif_rotation_and_the_pixel_limit(as_source):
+    from models.images import ImageCropper
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown portrait
+    data = _encode(_photo(1000, 600), "JPEG", exif=exif.tobytes(), quality=92)
+    for mode in ("shortest", "squash"):
+        whole = ImageCropper(96, resize_mode=mode)(as_source(data, ".jpg"))
+        draft = ImageCropper(96, resize_mode=mode, jpeg_draft=True)(as_source(data, ".jpg"))
+        assert np.abs(whole.astype(int) - draft.astype(int)).mean() < 1.5, mode
+    # the limit reads the stored size, not the smaller one a draft decodes
+    msg = _decode_error(as_source(data, ".jpg"), max_pixels=500_000, draft=lambda w, h: (125, 75))
+    assert "1000x600" in msg and "500000" in msg
+
+
+def test_jpeg_draft_follows_the_config_and_is_part_of_the_identity():
+    from models.vision import PixelPipeline, image_cropper, vision_identity
+
+    off, on = vcfg(), vcfg("vision.jpeg_draft=true")
+    assert not image_cropper(off).jpeg_draft and image_cropper(on).jpeg_draft
+    assert PixelPipeline(on).cropper.jpeg_draft  # what serving and chat crop with
+    assert "jpeg_draft" not in vision_identity(off)  # identities written before the option stay valid
+    assert vision_identity(on)["jpeg_draft"] is True
+    assert load_config("phi3-mini").vision.jpeg_draft  # the real-weights preset decodes uploads fast
+    with pytest.raises(ConfigError, match="jpeg_draft"):
+        load_config("tiny", ["vision.jpeg_draft=maybe"])
+
+
 def test_encode_refuses_a_bad_image(encoder):
     with pytest.raises(ImageDecodeError):
         encoder.encode([b"not an image"])

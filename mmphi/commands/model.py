@@ -96,7 +96,10 @@ def chat(args: argparse.Namespace) -> int:
         print("mmphi chat: give --prompt (not blank), --image or --audio", file=sys.stderr)
         return 2
     try:
-        images = [load_image(path) for path in args.image]
+        images = []
+        for path in args.image:  # each checked here: a missing or broken file is named before anything loads
+            load_image(path)
+            images.append(Path(path).read_bytes())  # the model decodes it as its config says (vision.jpeg_draft)
         # the config and tokenizer alone (a checkpoint's own): the prompt is measured before the weights load
         # (minutes for a real model), and the audio is heard with the Whisper the checkpoint names
         model_cfg, tokenizer = chat_tokenizer(args.checkpoint, cfg, args.overrides)
