@@ -133,10 +133,11 @@ def preprocess_cfg(cfg: VisionConfig) -> dict:
     return out
 
 
-def image_cropper(cfg: VisionConfig) -> ImageCropper:
+def image_cropper(cfg: VisionConfig, pp: dict | None = None) -> ImageCropper:
     """The CPU half of this tower's preprocessing (decode, resize, crop), as
-    every path that feeds it uses it: the embedding job, serving, chat."""
-    return ImageCropper.from_preprocess_cfg(preprocess_cfg(cfg), jpeg_draft=cfg.jpeg_draft)
+    every path that feeds it uses it: the embedding job, serving, chat.
+    ``pp``: ``preprocess_cfg(cfg)`` when the caller has it already."""
+    return ImageCropper.from_preprocess_cfg(pp or preprocess_cfg(cfg), jpeg_draft=cfg.jpeg_draft)
 
 
 class PixelPipeline:
@@ -147,7 +148,7 @@ class PixelPipeline:
 
     def __init__(self, cfg: VisionConfig):
         pp = preprocess_cfg(cfg)
-        self.cropper = image_cropper(cfg)
+        self.cropper = image_cropper(cfg, pp)
         self.size = self.cropper.size
         self.mean = torch.tensor(pp["mean"]).view(1, 3, 1, 1)
         self.std = torch.tensor(pp["std"]).view(1, 3, 1, 1)
