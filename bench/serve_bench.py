@@ -74,12 +74,18 @@ class Prompts:
     prompt ``i`` has kind ``kinds[i % len(kinds)]``, a question and (for
     images) one of ``N_IMAGES`` synthetic scenes."""
 
-    def __init__(self, mix: str, image_size: int = 128, seed: int = 0):
+    def __init__(self, mix: str, image_size: int = 128, seed: int = 0, photo: tuple[int, int] | None = None):
         from data_pipelines.synthetic import make_scene
 
         self.kinds = KINDS[mix]
         self.images = []
+        self.mime = "image/jpeg" if photo else "image/png"
         for k in range(N_IMAGES):
+            if photo:  # a photo-like JPEG of that size, as a phone uploads (bench/decode_bench.py)
+                from bench.decode_bench import photo as make_photo
+
+                self.images.append(make_photo(*photo, seed=seed + k))
+                continue
             img, _ = make_scene(random.Random(seed + k), image_size)
             buf = io.BytesIO()
             img.save(buf, "PNG")
@@ -104,7 +110,7 @@ class Prompts:
         """The same conversation as OpenAI API messages."""
         parts = []
         if self.kind(i) == "image":
-            uri = "data:image/png;base64," + base64.b64encode(self.image(i)).decode()
+            uri = f"data:{self.mime};base64," + base64.b64encode(self.image(i)).decode()
             parts.append({"type": "image_url", "image_url": {"url": uri}})
         return [{"role": "user", "content": parts + [{"type": "text", "text": self.question(i)}]}]
 
@@ -544,6 +550,9 @@ def parse_args(argv=None):
     ap.add_argument("--mix", choices=sorted(KINDS), default="both",
                     help="prompt kinds: text only, image + text only, or both alternating")
     ap.add_argument("--warmup", type=int, default=2, help="untimed requests before the first level")
+    ap.add_argument("--photo", default=None, metavar="WxH",
+                    help="image requests carry photo-like JPEGs of this size (e.g. 4032x3024, a phone's) instead of "
+                         "128 px synthetic scenes")
     ap.add_argument("--llm-replicas", type=int, default=1, help="fixed LLM replica count (others: 1)")
     ap.add_argument("--autoscale", action="store_true",
                     help="keep serve/config.yaml's autoscaling instead of fixed replica counts")
@@ -590,7 +599,7 @@ def main(argv=None) -> dict:
     if args.checkpoint:
         settings["checkpoint"] = str(Path(args.checkpoint).expanduser().resolve())
     resolved = ServeSettings.from_dict({**app_args, **settings})
-    prompts = Prompts(args.mix)
+    prompts = Prompts(args.mix, photo=tuple(map(int, args.photo.lower().split("x"))) if args.photo else None)
 
     baseline = None
     if not args.no_baseline:
@@ -631,7 +640,7 @@ def main(argv=None) -> dict:
         "benchmark": "serve", "card": card_name(args.gpu), "device": "cuda" if args.gpu else "cpu",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "preset": args.preset, "checkpoint": args.checkpoint,
         "overrides": args.overrides, "torch": torch.__version__, "ray": ray.__version__,
-        "max_tokens": args.max_tokens, "temperature": 0, "mix": args.mix, "users": args.users,
+        "max_tokens": args.max_tokens, "temperature": 0, "mix": args.mix, "photo": args.photo, "users": args.users,
         "requests_per_user": None if args.duration else args.requests_per_user, "duration_s": args.duration,
         "llm_replicas": "autoscaled" if args.autoscale else args.llm_replicas, "options": args.option,
         "llm_user_config": deployment_options(args)[1]["LLM"].get("user_config"),

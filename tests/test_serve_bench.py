@@ -82,3 +82,26 @@ def test_llm_batching_is_recorded(result):
     assert result["llm_user_config"]["continuous_batching"] is True  # serve/config.yaml's default
     for level in result["levels"]:  # mean requests per decoding step: at least one, at most the users
         assert 1 <= level["llm_rows_per_step"] <= level["users"], level["llm_rows_per_step"]
+
+
+def test_photo_prompts_carry_jpegs_of_the_asked_size():
+    """--photo WxH: image requests carry photo-like JPEGs of that size (a
+    phone's upload), as image/jpeg data URIs; text requests stay text."""
+    import base64
+    import importlib.util
+    import io
+    from pathlib import Path
+
+    from PIL import Image
+
+    spec = importlib.util.spec_from_file_location("serve_bench_under_test",
+                                                  Path(__file__).resolve().parents[1] / "bench" / "serve_bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    prompts = mod.Prompts("both", photo=(640, 400))
+    img = Image.open(io.BytesIO(prompts.image(1)))
+    assert (img.format, img.size) == ("JPEG", (640, 400))
+    assert prompts.api_messages(0)[0]["content"][0]["type"] == "text"
+    url = prompts.api_messages(1)[0]["content"][0]["image_url"]["url"]
+    assert url.startswith("data:image/jpeg;base64,") and base64.b64decode(url.split(",", 1)[1]) == prompts.image(1)
+    assert Image.open(io.BytesIO(mod.Prompts("image").image(0))).format == "PNG"  # the default: 128 px scenes
