@@ -61,6 +61,12 @@ SERVING_PANELS = [
         (f"sum by (code, status) (rate(ray_mmphi_api_errors_total{{{APP}}}[$__rate_interval]))",
          "{{code}} ({{status}})")],
      "reqps", "Refused or failed API requests; server_overloaded: a full queue (max_queued_requests)."),
+    ("Image feature cache hit ratio", [
+        (f'sum(rate(ray_mmphi_image_cache_lookups_total{{{APP},outcome="hit"}}[$__rate_interval])) / '
+         f"sum(rate(ray_mmphi_image_cache_lookups_total{{{APP}}}[$__rate_interval]))", "hits")],
+     "percentunit", "Share of images whose CLIP features the ingress had kept (image_cache_mb): a conversation "
+                    "sends its image again with every turn. Low: a cache too small for the images in use, "
+                    "or turns spread over many ingress replicas."),
     ("HTTP requests (Ray Serve)", [
         (f"sum by (route, status_code) (rate(ray_serve_num_http_requests_total{{{APP}}}[$__rate_interval]))",
          "{{route}} {{status_code}}")],

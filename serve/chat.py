@@ -157,6 +157,11 @@ class ChatService:
         self.stop_ids = set(tokenizer.stop_ids)
         # requests that survived a dead replica: retried calls, continued answers
         self.recovered = {"retried_calls": 0, "continued_answers": 0}
+        from .image_cache import FeatureCache
+        from .metrics import ImageCacheMetrics
+
+        self.image_cache = FeatureCache(int(settings.image_cache_mb * 2**20))
+        self.image_cache_metrics = ImageCacheMetrics()
 
     # ---------------------------------------------------------------- calls
     async def _call(self, method, *args):
@@ -192,13 +197,19 @@ class ChatService:
         """CLIP features of one image; ``where`` names it in errors ("image 2 (messages[3].content[0])")."""
         from models.images import ImageDecodeError
 
+        key = self.image_cache.key(data)
+        feats = self.image_cache.get(key)
+        self.image_cache_metrics.lookup(feats is not None)
+        if feats is not None:
+            return feats
         try:
-            return await self._call(self.image_encoder.encode, data)
+            feats = await self._call(self.image_encoder.encode, data)
         except Exception as e:  # noqa: BLE001
             inner = cause_of(e)
             if isinstance(e, ImageDecodeError) or isinstance(inner, ImageDecodeError):
                 raise bad(f"{where}: {image_error_message(str(inner))}", param, "invalid_image") from None
             raise
+        return self.image_cache.put(key, feats)
 
     async def fetch_image(self, url: str, param: str) -> bytes:
         import httpx

@@ -20,6 +20,10 @@ request counts and latencies. Names follow vLLM's where they mean the same:
 ``mmphi_api_errors_total``                counter    API errors returned, by ``code`` (e.g.
                                                      invalid_image, context_length_exceeded)
                                                      and HTTP ``status``
+``mmphi_image_cache_lookups_total``       counter    the ingress's image feature cache, by
+                                                     ``outcome``: hit (features kept from an
+                                                     earlier request), miss (sent to the
+                                                     ImageEncoder)
 ========================================  =========  =============================================
 """
 from __future__ import annotations
@@ -128,3 +132,14 @@ class APIMetrics:
 
     def error(self, code: str | None, status: int) -> None:
         self.errors.inc(1, tags={"code": code or "none", "status": str(status)})
+
+
+class ImageCacheMetrics:
+    """The ingress's image feature cache: lookups by outcome (hit or miss)."""
+
+    def __init__(self) -> None:
+        self.lookups = _make("Counter", "mmphi_image_cache_lookups_total",
+                             "image feature cache lookups in the ingress by outcome", tag_keys=("outcome",))
+
+    def lookup(self, hit: bool) -> None:
+        self.lookups.inc(1, tags={"outcome": "hit" if hit else "miss"})

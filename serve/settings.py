@@ -61,6 +61,9 @@ class ServeSettings:
     retries: int = 3
     # the Gradio chat page at /; false serves the HTTP API alone (machines without gradio)
     ui: bool = True
+    # CLIP features of the images each ingress replica saw last, in MiB (a conversation sends its
+    # image again with every turn; a hit skips decoding and encoding it); 0 turns the cache off
+    image_cache_mb: float = 256.0
     limits: Limits = field(default_factory=Limits)
 
     def to_dict(self) -> dict:
@@ -94,6 +97,9 @@ class ServeSettings:
                 check_device_name(self.device)
             except ValueError as e:
                 raise SettingsError(f"device: {e}") from None
+        if not isinstance(self.image_cache_mb, (int, float)) or isinstance(self.image_cache_mb, bool) \
+                or self.image_cache_mb < 0:
+            raise SettingsError(f"image_cache_mb must be a number of MiB, 0 or more, got {self.image_cache_mb!r}")
         if self.retries < 0:
             raise SettingsError(f"retries must not be negative, got {self.retries}")
         if not isinstance(self.overrides, list) or not all(isinstance(o, str) for o in self.overrides):

@@ -321,6 +321,31 @@ def test_metrics_count_tokens_outcomes_and_errors(client):
     assert scrape("mmphi_llm_running_requests") == 0 and scrape("mmphi_llm_waiting_requests") == 0
 
 
+def test_an_image_sent_again_is_taken_from_the_ingress_cache(client):
+    """A conversation sends its image again with every turn: the ingress
+    keeps its features (image_cache_mb), so a repeated image is a cache hit
+    and answers as the first time. Three requests: with at most two ingress
+    replicas, one of them at least saw the image before."""
+    img = png(90, 70, "purple")  # an image no other test sends
+    msgs = [{"role": "user", "content": [image_part(img), {"type": "text", "text": "What is it?"}]}]
+    names = [("mmphi_image_cache_lookups_total", {"outcome": o}) for o in ("miss", "hit")]
+    time.sleep(2)  # what earlier tests counted is exported by now
+    before = [scrape(n, **kw) for n, kw in names]
+    answers = []
+    for _ in range(3):
+        r = chat(client, msgs, max_tokens=6, min_tokens=6, temperature=0)
+        assert r.status_code == 200, r.text
+        answers.append(r.json()["choices"][0]["message"]["content"])
+    assert answers[1:] == answers[:2]  # the kept features are the encoder's
+    deadline = time.monotonic() + 60
+    while True:
+        miss, hit = (scrape(n, **kw) - b for (n, kw), b in zip(names, before))
+        if miss + hit >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert miss + hit == 3 and hit >= 1 and miss >= 1, (miss, hit)
+
+
 def test_every_series_the_dashboard_plots_and_the_alerts_read_is_exported(client):
     """Each metric that deploy/grafana/mmphi.json queries, or a serving rule
     of deploy/alerts.py reads, is in this node's Prometheus text for this

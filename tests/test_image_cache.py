@@ -1,0 +1,114 @@
+"""The ingress's image feature cache: bounded least-recently-used features
+by image content, and the chat pipeline asking the ImageEncoder only for
+images it has not seen (without Ray; the served path is in test_serve.py)."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from serve.image_cache import FeatureCache
+from serve.settings import ServeSettings, SettingsError
+
+
+def feats(value: float, n: int = 4) -> np.ndarray:
+    return np.full((n, 8), value, np.float32)  # 32 n bytes
+
+
+def test_least_recently_used_entries_go_first_within_the_byte_bound():
+    cache = FeatureCache(3 * 128)  # three arrays of 128 bytes
+    keys = [FeatureCache.key(bytes([i])) for i in range(4)]
+    for i in range(3):
+        cache.put(keys[i], feats(i))
+    assert cache.get(keys[0])[0, 0] == 0  # now the most recently used
+    cache.put(keys[3], feats(3))  # over the bound: the least recently used (1) goes
+    assert cache.get(keys[1]) is None and len(cache) == 3 and cache.bytes == 3 * 128
+    assert [cache.get(k)[0, 0] for k in (keys[0], keys[2], keys[3])] == [0, 2, 3]
+    cache.put(keys[3], feats(30))  # the same image again replaces, not adds
+    assert cache.bytes == 3 * 128 and cache.get(keys[3])[0, 0] == 30
+    assert (cache.hits, cache.misses) == (5, 1)
+
+
+def test_kept_features_are_a_read_only_copy_and_oversize_ones_are_not_kept():
+    cache = FeatureCache(256)
+    key, arr = FeatureCache.key(b"img"), feats(1.0)
+    kept = cache.put(key, arr)
+    arr[:] = 7  # the caller's array is not what the next request gets
+    assert cache.get(key)[0, 0] == 1.0 and kept is cache.get(key)
+    with pytest.raises(ValueError):
+        cache.get(key)[0, 0] = 2.0
+    big = feats(2.0, n=9)  # 288 bytes > 256
+    assert cache.put(FeatureCache.key(b"big"), big) is big and cache.get(FeatureCache.key(b"big")) is None
+    off = FeatureCache(0)
+    off.put(key, feats(1.0))
+    assert len(off) == 0 and off.get(key) is None
+    assert FeatureCache.key(b"a") != FeatureCache.key(b"b") and len(FeatureCache.key(b"a")) == 16
+
+
+@pytest.mark.parametrize("value", [-1, "big", True])
+def test_a_wrong_cache_size_is_refused(value):
+    with pytest.raises(SettingsError, match="image_cache_mb"):
+        ServeSettings.from_dict({"image_cache_mb": value})
+
+
+class CountingEncoder:
+    """The ImageEncoder handle: features that depend on the image, counted."""
+
+    def __init__(self):
+        self.calls = 0
+
+    @property
+    def encode(self):
+        return self
+
+    async def remote(self, data: bytes):
+        from models.images import load_image
+
+        self.calls += 1
+        return np.full((4, 8), float(np.asarray(load_image(data)).mean()), np.float32)
+
+
+def png(colour) -> str:
+    b = io.BytesIO()
+    Image.new("RGB", (16, 16), colour).save(b, "PNG")
+    return "data:image/png;base64," + base64.b64encode(b.getvalue()).decode()
+
+
+def conversation(*turns) -> list[dict]:
+    """User turns (text, image data URI or None) with an assistant answer between them."""
+    out = []
+    for k, (text, image) in enumerate(turns):
+        parts = [{"type": "image_url", "image_url": {"url": image}}] if image else []
+        out.append({"role": "user", "content": parts + [{"type": "text", "text": text}]})
+        if k < len(turns) - 1:
+            out.append({"role": "assistant", "content": "An answer."})
+    return out
+
+
+@pytest.mark.parametrize("cache_mb", [256, 0])
+def test_each_turn_of_a_chat_about_an_image_encodes_it_once(tiny_cfg, cache_mb):
+    from serve.chat import ChatService
+    from serve.loading import Source
+    from serve.protocol import parse_chat_request
+
+    from models.tokenizer import load_tokenizer
+
+    enc = CountingEncoder()
+    service = ChatService(None, enc, None, load_tokenizer(tiny_cfg), Source(tiny_cfg, None, None),
+                          ServeSettings.from_dict({"image_cache_mb": cache_mb}))
+
+    def prepare(messages):
+        return asyncio.run(service.prepare(parse_chat_request({"messages": messages}, service.limits)))
+
+    red, green = png("red"), png("green")  # (255, 0, 0) and (0, 128, 0): other means
+    first = prepare(conversation(("What is it?", red)))
+    second = prepare(conversation(("What is it?", red), ("And its colour?", None)))  # the image sent again
+    third = prepare(conversation(("What is it?", red), ("And this one?", green)))
+    np.testing.assert_array_equal(first.image_features, second.image_features)
+    assert third.image_features.shape[0] == 2 and third.image_features[0, 0, 0] != third.image_features[1, 0, 0]
+    assert enc.calls == (2 if cache_mb else 4)  # red once, green once; without the cache every image every turn
+    assert (service.image_cache.hits, len(service.image_cache)) == ((2, 2) if cache_mb else (0, 0))
