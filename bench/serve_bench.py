@@ -72,15 +72,16 @@ GPU_SHARES = {"LLM": 0.7, "ImageEncoder": 0.2, "ASR": 0.1}
 class Prompts:
     """Deterministic prompts shared by the served and in-process runs:
     prompt ``i`` has kind ``kinds[i % len(kinds)]``, a question and (for
-    images) one of ``N_IMAGES`` synthetic scenes."""
+    images) one of ``n_images`` synthetic scenes (or photo-like JPEGs)."""
 
-    def __init__(self, mix: str, image_size: int = 128, seed: int = 0, photo: tuple[int, int] | None = None):
+    def __init__(self, mix: str, image_size: int = 128, seed: int = 0, photo: tuple[int, int] | None = None,
+                 n_images: int = N_IMAGES):
         from data_pipelines.synthetic import make_scene
 
         self.kinds = KINDS[mix]
         self.images = []
         self.mime = "image/jpeg" if photo else "image/png"
-        for k in range(N_IMAGES):
+        for k in range(n_images):
             if photo:  # a photo-like JPEG of that size, as a phone uploads (bench/decode_bench.py)
                 from bench.decode_bench import photo as make_photo
 
@@ -99,7 +100,7 @@ class Prompts:
         return qs[(i // len(self.kinds)) % len(qs)]
 
     def image(self, i: int) -> bytes:
-        return self.images[(i // len(self.kinds)) % N_IMAGES]
+        return self.images[(i // len(self.kinds)) % len(self.images)]
 
     def messages(self, i: int) -> list[dict]:
         """The model's message format (``models.conversation``)."""
@@ -550,6 +551,11 @@ def parse_args(argv=None):
     ap.add_argument("--mix", choices=sorted(KINDS), default="both",
                     help="prompt kinds: text only, image + text only, or both alternating")
     ap.add_argument("--warmup", type=int, default=2, help="untimed requests before the first level")
+    ap.add_argument("--images", type=int, default=N_IMAGES,
+                    help="distinct images the image requests cycle through (1: every one sends the same image, "
+                         "as the turns of one chat about it do)")
+    ap.add_argument("--image-cache-mb", type=float, default=None,
+                    help="the ingress's image feature cache (serving setting image_cache_mb; 0: off)")
     ap.add_argument("--photo", default=None, metavar="WxH",
                     help="image requests carry photo-like JPEGs of this size (e.g. 4032x3024, a phone's) instead of "
                          "128 px synthetic scenes")
@@ -598,8 +604,11 @@ def main(argv=None) -> dict:
                 "device": None if args.gpu else "cpu", "api_key_env": "MMPHI_BENCH_API_KEY", "ui": not args.no_ui}
     if args.checkpoint:
         settings["checkpoint"] = str(Path(args.checkpoint).expanduser().resolve())
+    if args.image_cache_mb is not None:
+        settings["image_cache_mb"] = args.image_cache_mb
     resolved = ServeSettings.from_dict({**app_args, **settings})
-    prompts = Prompts(args.mix, photo=tuple(map(int, args.photo.lower().split("x"))) if args.photo else None)
+    prompts = Prompts(args.mix, photo=tuple(map(int, args.photo.lower().split("x"))) if args.photo else None,
+                      n_images=args.images)
 
     baseline = None
     if not args.no_baseline:
@@ -640,7 +649,8 @@ def main(argv=None) -> dict:
         "benchmark": "serve", "card": card_name(args.gpu), "device": "cuda" if args.gpu else "cpu",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "preset": args.preset, "checkpoint": args.checkpoint,
         "overrides": args.overrides, "torch": torch.__version__, "ray": ray.__version__,
-        "max_tokens": args.max_tokens, "temperature": 0, "mix": args.mix, "photo": args.photo, "users": args.users,
+        "max_tokens": args.max_tokens, "temperature": 0, "mix": args.mix, "photo": args.photo, "images": args.images,
+        "image_cache_mb": resolved.image_cache_mb, "users": args.users,
         "requests_per_user": None if args.duration else args.requests_per_user, "duration_s": args.duration,
         "llm_replicas": "autoscaled" if args.autoscale else args.llm_replicas, "options": args.option,
         "llm_user_config": deployment_options(args)[1]["LLM"].get("user_config"),
