@@ -197,11 +197,13 @@ class ChatService:
         """CLIP features of one image; ``where`` names it in errors ("image 2 (messages[3].content[0])")."""
         from models.images import ImageDecodeError
 
-        key = self.image_cache.key(data)
-        feats = self.image_cache.get(key)
-        self.image_cache_metrics.lookup(feats is not None)
-        if feats is not None:
-            return feats
+        cached = self.image_cache.max_bytes > 0  # image_cache_mb: 0 neither hashes nor counts lookups
+        if cached:
+            key = self.image_cache.key(data)
+            feats = self.image_cache.get(key)
+            self.image_cache_metrics.lookup(feats is not None)
+            if feats is not None:
+                return feats
         try:
             feats = await self._call(self.image_encoder.encode, data)
         except Exception as e:  # noqa: BLE001
@@ -209,7 +211,7 @@ class ChatService:
             if isinstance(e, ImageDecodeError) or isinstance(inner, ImageDecodeError):
                 raise bad(f"{where}: {image_error_message(str(inner))}", param, "invalid_image") from None
             raise
-        return self.image_cache.put(key, feats)
+        return self.image_cache.put(key, feats) if cached else feats
 
     async def fetch_image(self, url: str, param: str) -> bytes:
         import httpx

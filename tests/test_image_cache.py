@@ -111,4 +111,5 @@ def test_each_turn_of_a_chat_about_an_image_encodes_it_once(tiny_cfg, cache_mb):
     np.testing.assert_array_equal(first.image_features, second.image_features)
     assert third.image_features.shape[0] == 2 and third.image_features[0, 0, 0] != third.image_features[1, 0, 0]
     assert enc.calls == (2 if cache_mb else 4)  # red once, green once; without the cache every image every turn
-    assert (service.image_cache.hits, len(service.image_cache)) == ((2, 2) if cache_mb else (0, 0))
+    cache = service.image_cache
+    assert (cache.hits, cache.misses, len(cache)) == ((2, 2, 2) if cache_mb else (0, 0, 0))  # off: no lookups
