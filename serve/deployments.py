@@ -9,7 +9,8 @@ ingress composes them through ``DeploymentHandle`` s.
   request's own language or temperature decodes it alone).
 - ``ImageEncoder.encode(bytes) -> float32 (tokens, dim)``: decodes and crops
   per request (pixel limit checked before decoding), then batches the CLIP
-  forward pass.
+  forward pass. The ASR's and the ImageEncoder's ``user_config`` set their
+  batch size and wait (``BatchWindow``).
 - ``LLM.generate(request)``: a streaming method yielding lists of new token
   ids; concurrent requests share forward passes (continuous batching,
   ``serve.batching``), and a request leaves the batch when its caller goes
@@ -46,8 +47,48 @@ def _autoscaling(max_replicas: int, target: float) -> dict:
             "target_ongoing_requests": target, "upscale_delay_s": 5, "downscale_delay_s": 60}
 
 
+@dataclasses.dataclass(frozen=True)
+class BatchWindow:
+    """How a deployment's ``@serve.batch`` gathers calls: at most
+    ``max_batch_size`` per forward pass, waiting up to ``batch_wait_timeout_s``
+    after the first for more. The wait is paid by a lone request, so it is
+    short: calls that arrive while a batch runs queue up and form the next
+    one anyway. The ASR and ImageEncoder ``user_config`` (live on ``serve
+    deploy``)."""
+
+    max_batch_size: int
+    batch_wait_timeout_s: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def update(self, deployment: str, config: dict | None) -> "BatchWindow":
+        """These settings with ``config``'s, checked; errors name the key."""
+        config = dict(config or {})
+        unknown = sorted(set(config) - set(self.to_dict()))
+        if unknown:
+            raise ValueError(f"unknown {deployment} user_config key(s) {', '.join(unknown)}; "
+                             f"valid: {', '.join(self.to_dict())}")
+        new = dataclasses.replace(self, **config)
+        size, wait = new.max_batch_size, new.batch_wait_timeout_s
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"{deployment} max_batch_size must be a positive integer, got {size!r}")
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= 1:
+            raise ValueError(f"{deployment} batch_wait_timeout_s must be a number of seconds in [0, 1], got {wait!r}")
+        return new
+
+    def apply(self, batched) -> None:
+        """Set a ``@serve.batch`` method's batch size and wait."""
+        batched.set_max_batch_size(self.max_batch_size)
+        batched.set_batch_wait_timeout_s(float(self.batch_wait_timeout_s))
+
+
+ASR_BATCH = BatchWindow(max_batch_size=8, batch_wait_timeout_s=0.02)  # a Whisper decode takes far longer
+IMAGE_BATCH = BatchWindow(max_batch_size=16, batch_wait_timeout_s=0.002)
+
+
 @serve.deployment(name="ASR", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=16,
-                  autoscaling_config=_autoscaling(2, 4), health_check_period_s=10)
+                  autoscaling_config=_autoscaling(2, 4), health_check_period_s=10, user_config=ASR_BATCH.to_dict())
 class ASR:
     def __init__(self, settings: dict):
         from models.speech import SpeechRecognizer
@@ -58,6 +99,10 @@ class ASR:
         self.recognizer = SpeechRecognizer(source.cfg.speech, self.settings.device)
         self.max_seconds = min(self.settings.limits.max_audio_seconds, source.cfg.speech.max_seconds)
         log.info("ASR ready: %s", self.recognizer.info)
+
+    def reconfigure(self, config: dict) -> None:
+        """Apply the deployment's ``user_config``: its batch window (``BatchWindow``)."""
+        ASR_BATCH.update("ASR", config).apply(self._decode_batch)
 
     def ping(self) -> str:
         return "ok"
@@ -89,7 +134,7 @@ class ASR:
             return text
         return {"text": text, "language": lang, "duration": audio.size / SAMPLE_RATE}
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    @serve.batch(max_batch_size=ASR_BATCH.max_batch_size, batch_wait_timeout_s=ASR_BATCH.batch_wait_timeout_s)
     async def _decode_batch(self, clips: list[np.ndarray]) -> list[tuple[str, str]]:
         return await asyncio.to_thread(self._decode, clips)
 
@@ -117,7 +162,7 @@ class ASR:
 
 
 @serve.deployment(name="ImageEncoder", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=16,
-                  autoscaling_config=_autoscaling(2, 4), health_check_period_s=10)
+                  autoscaling_config=_autoscaling(2, 4), health_check_period_s=10, user_config=IMAGE_BATCH.to_dict())
 class ImageEncoder:
     def __init__(self, settings: dict):
         self.settings = ServeSettings.from_dict(settings)
@@ -127,6 +172,10 @@ class ImageEncoder:
         self.max_pixels = self.settings.limits.max_image_pixels
         log.info("ImageEncoder ready: %s, %d tokens x %d per image", source.cfg.vision.model,
                  self.vision.num_tokens, self.vision.feature_dim)
+
+    def reconfigure(self, config: dict) -> None:
+        """Apply the deployment's ``user_config``: its batch window (``BatchWindow``)."""
+        IMAGE_BATCH.update("ImageEncoder", config).apply(self._encode_batch)
 
     def ping(self) -> str:
         return "ok"
@@ -143,7 +192,7 @@ class ImageEncoder:
         crop = await asyncio.to_thread(self.vision.pipeline.crop, data, self.max_pixels)
         return await self._encode_batch(crop)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=IMAGE_BATCH.max_batch_size, batch_wait_timeout_s=IMAGE_BATCH.batch_wait_timeout_s)
     async def _encode_batch(self, crops: list[np.ndarray]) -> list[np.ndarray]:
         return await asyncio.to_thread(self._forward, crops)
 

@@ -393,3 +393,34 @@ def test_the_llm_deployment_repeats_a_seeded_answer_with_batching_on_and_off(mod
             assert asyncio.run(ids()) != first and asyncio.run(ids()) != asyncio.run(ids()), batching
     finally:
         llm.shutdown()
+
+
+def test_the_asr_and_image_encoder_batch_windows():
+    """Their user_config sets a @serve.batch method's size and wait (live on
+    serve deploy), checked with the key named; serve/config.yaml's values
+    are the deployments' own defaults."""
+    from ray import serve
+
+    from serve.app import read_serve_config
+    from serve.deployments import ASR_BATCH, IMAGE_BATCH, BatchWindow
+
+    w = IMAGE_BATCH.update("ImageEncoder", {"batch_wait_timeout_s": 0.005})
+    assert (w.max_batch_size, w.batch_wait_timeout_s) == (16, 0.005) and IMAGE_BATCH.batch_wait_timeout_s == 0.002
+    for bad, words in [({"max_batch_size": 0}, "ImageEncoder max_batch_size must be a positive integer"),
+                       ({"max_batch_size": True}, "max_batch_size must be a positive integer"),
+                       ({"batch_wait_timeout_s": -1}, "batch_wait_timeout_s must be a number of seconds"),
+                       ({"batch_wait_timeout_s": "1"}, "batch_wait_timeout_s must be a number of seconds"),
+                       ({"max_batch": 4}, "unknown ImageEncoder user_config key(s) max_batch; valid: max_batch_size")]:
+        with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
+            IMAGE_BATCH.update("ImageEncoder", bad)
+
+    class Holder:
+        @serve.batch(max_batch_size=2, batch_wait_timeout_s=0.5)
+        async def run(self, xs):
+            return xs
+
+    BatchWindow(5, 0.001).apply(Holder().run)
+    assert Holder.run._get_max_batch_size() == 5 and Holder.run._get_batch_wait_timeout_s() == 0.001
+    _, opts = read_serve_config()
+    assert opts["ImageEncoder"]["user_config"] == IMAGE_BATCH.to_dict()
+    assert opts["ASR"]["user_config"] == ASR_BATCH.to_dict()
