@@ -84,7 +84,7 @@ class BatchWindow:
 
 
 ASR_BATCH = BatchWindow(max_batch_size=8, batch_wait_timeout_s=0.02)  # a Whisper decode takes far longer
-IMAGE_BATCH = BatchWindow(max_batch_size=16, batch_wait_timeout_s=0.002)
+IMAGE_BATCH = BatchWindow(max_batch_size=16, batch_wait_timeout_s=0.005)
 
 
 @serve.deployment(name="ASR", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=16,

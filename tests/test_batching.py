@@ -404,8 +404,8 @@ def test_the_asr_and_image_encoder_batch_windows():
     from serve.app import read_serve_config
     from serve.deployments import ASR_BATCH, IMAGE_BATCH, BatchWindow
 
-    w = IMAGE_BATCH.update("ImageEncoder", {"batch_wait_timeout_s": 0.005})
-    assert (w.max_batch_size, w.batch_wait_timeout_s) == (16, 0.005) and IMAGE_BATCH.batch_wait_timeout_s == 0.002
+    w = IMAGE_BATCH.update("ImageEncoder", {"batch_wait_timeout_s": 0.02})
+    assert (w.max_batch_size, w.batch_wait_timeout_s) == (16, 0.02) and IMAGE_BATCH.batch_wait_timeout_s == 0.005
     for bad, words in [({"max_batch_size": 0}, "ImageEncoder max_batch_size must be a positive integer"),
                        ({"max_batch_size": True}, "max_batch_size must be a positive integer"),
                        ({"batch_wait_timeout_s": -1}, "batch_wait_timeout_s must be a number of seconds"),
