@@ -38,6 +38,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.profiling import profile_step, sync  # noqa: E402
+
 
 def _make(args: tuple) -> None:
     from PIL import Image, ImageDraw
@@ -61,19 +63,10 @@ def make_images(folder: Path, n: int, w: int, h: int) -> list[str]:
     return sorted(p.name for p in folder.glob("*.jpg"))[:n]
 
 
-def sync() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def bare(cfg, folder: Path, names: list[str], batch: int, device: str, min_seconds: float = 5.0,
          profile: bool = False) -> dict:
     """The bare loops, on at most 1,024 of the images (decoding is the slow part)."""
     import torch
-
-    from bench.profiling import profile_step
 
     from models.images import ImageCropper
     from models.vision import DTYPES, VisionEncoder, preprocess_cfg
@@ -92,13 +85,13 @@ def bare(cfg, folder: Path, names: list[str], batch: int, device: str, min_secon
     with torch.inference_mode():
         for _ in range(3):  # warm-up
             enc(enc.pipeline.normalize(decoded[0], device, dtype)).cpu()
-    sync()
+    sync(device)
     t = time.perf_counter()  # end to end, sequential, as a simple script does: read + decode + crop, then encode
     with torch.inference_mode():
         for i in range(0, len(names), batch):
             px = np.stack([plain((folder / n).read_bytes()) for n in names[i:i + batch]])
             enc(enc.pipeline.normalize(px, device, dtype)).cpu()
-    sync()
+    sync(device)
     e2e = len(names) / (time.perf_counter() - t)
     if device == "cuda":
         decoded = [torch.from_numpy(d).pin_memory() for d in decoded]
@@ -108,7 +101,7 @@ def bare(cfg, folder: Path, names: list[str], batch: int, device: str, min_secon
             for px in decoded:
                 enc(enc.pipeline.normalize(px, device, dtype)).cpu()
                 done += len(px)
-    sync()
+    sync(device)
     enc_rate = done / (time.perf_counter() - t)
     store = torch.float16  # the job's stored dtype (EmbedSettings.store_dtype)
     with torch.inference_mode():  # the encoder's own rate: pixels and features stay on the device
@@ -118,7 +111,7 @@ def bare(cfg, folder: Path, names: list[str], batch: int, device: str, min_secon
             for x in on_device:
                 enc(x).to(store)
                 done += len(x)
-        sync()
+        sync(device)
         device_rate = done / (time.perf_counter() - t)
         prof = profile_step(lambda: enc(on_device[0]).to(store), device, top=12) if profile else None
     del enc, on_device

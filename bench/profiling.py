@@ -6,9 +6,10 @@ import time
 
 
 def sync(device: str) -> None:
+    """Wait for the device's queued work (nothing to wait for on the CPU)."""
     import torch
 
-    if device == "cuda":
+    if str(device).startswith("cuda"):
         torch.cuda.synchronize()
 
 

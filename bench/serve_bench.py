@@ -57,6 +57,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.profiling import sync  # noqa: E402
+
 KINDS = {"text": ["text"], "image": ["image"], "both": ["text", "image"]}
 TEXT_QUESTIONS = ["What is seven plus five?", "Name three colours.", "Count from one to ten.",
                   "What shape has three sides?"]
@@ -117,13 +119,6 @@ class Prompts:
 
 
 # --------------------------------------------------------------- in-process
-
-def sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
 
 def in_process(settings, prompts: Prompts, batches: list[int], max_tokens: int, repeats: int,
                engines: tuple[str, ...] = ("static", "dynamic")) -> dict:
