@@ -72,7 +72,17 @@ class GenerationRequest:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     seed: int | None = None  # sampling with this request's own generator: the same seed, the same answer
+    # one digest per image (serve.prefix_cache.feature_digests); computed when first needed
+    image_digests: tuple[bytes, ...] | None = field(default=None, repr=False, compare=False)
     _rng: torch.Generator | None = field(default=None, init=False, repr=False, compare=False)
+
+    def digests(self) -> tuple[bytes, ...]:
+        """This request's image digests, the prefix cache's key for its images."""
+        if self.image_digests is None:
+            from .prefix_cache import feature_digests
+
+            self.image_digests = feature_digests(self.image_features)
+        return self.image_digests
 
     def rng(self, device: torch.device) -> torch.Generator:
         """This request's sampling generator, seeded with ``seed`` at its first token."""
@@ -130,6 +140,10 @@ class BatchingOptions:
     # decoded meanwhile: fewer messages through Ray and HTTP per token when
     # the replica is busy. A lone stream and first tokens are sent at once; 0: always at once
     stream_interval_ms: float = 40.0
+    # static cache only: a finished request's row stays in the cache while no
+    # request needs it, and a later prompt that starts with the same tokens
+    # and images (a chat's next turn) prefills only the rest (serve.prefix_cache)
+    prefix_cache: bool = True
 
     @classmethod
     def from_dict(cls, data: dict | None) -> BatchingOptions:
@@ -153,6 +167,8 @@ class BatchingOptions:
             raise ValueError(f"kv_cache_fraction must be a number in (0, 0.95], got {frac!r}")
         if not isinstance(opts.cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be true or false, got {opts.cuda_graphs!r}")
+        if not isinstance(opts.prefix_cache, bool):
+            raise ValueError(f"prefix_cache must be true or false, got {opts.prefix_cache!r}")
         pbt = opts.prefill_batch_tokens
         if isinstance(pbt, bool) or not isinstance(pbt, int) or pbt < 1:
             raise ValueError(f"prefill_batch_tokens must be a positive integer, got {pbt!r}")
@@ -186,6 +202,7 @@ class _Row:
     last: int  # the token fed next
     generated: int = 1
     done: bool = field(default=False)
+    tokens: list[int] = field(default_factory=list)  # generated so far; all but the last are in the cache
 
 
 class _RowCache:
@@ -241,11 +258,17 @@ class ContinuousBatcher:
         self._thread: threading.Thread | None = None
         self._closed = False
         self.error: BaseException | None = None  # why the loop stopped, if it did
-        self.stats = {"steps": 0, "prefills": 0, "tokens": 0, "largest_batch": 0}
+        self.stats = {"steps": 0, "prefills": 0, "tokens": 0, "largest_batch": 0,
+                      "prompt_tokens": 0, "prefix_hits": 0, "prefix_tokens": 0}
         self.static = None  # serve.static_cache.StaticDecoder when kv_cache is static
         self.static_error: str | None = None  # why the static cache was not built, if it was asked for
+        self.prefix = None  # serve.prefix_cache.PrefixIndex of the static cache's retained rows
         if self.options.kv_cache == "static":
             self._build_static(context_length)
+        if self.static is not None:
+            from .prefix_cache import PrefixIndex
+
+            self.prefix = PrefixIndex(model.tokenizer.ids.image, model.num_image_tokens)
 
     def _build_static(self, context_length: int | None) -> None:
         from models.language import base_causal_lm
@@ -291,7 +314,16 @@ class ContinuousBatcher:
         """The cache this batcher decodes with, for ``batching_stats``."""
         if self.static is None:
             return {"kv_cache": "dynamic", **({"static_error": self.static_error} if self.static_error else {})}
-        return {"kv_cache": "static", **self.static.describe()}
+        return {"kv_cache": "static", **self.static.describe(), "prefix_cache": self._prefix_on(),
+                "retained_rows": len(self.prefix)}
+
+    def _prefix_on(self) -> bool:
+        """Whether finished rows are kept for prefix reuse (the static cache and ``prefix_cache``)."""
+        if self.prefix is None:
+            return False
+        if not self.options.prefix_cache and len(self.prefix):
+            self.prefix.clear()  # turned off live
+        return self.options.prefix_cache
 
     # ----------------------------------------------------------- interface
     def submit(self, request: GenerationRequest, emit: Callable[[Any], None]) -> Ticket:
@@ -381,17 +413,38 @@ class ContinuousBatcher:
                 ticket = self._pending.popleft()
                 if not ticket.cancelled:
                     tickets.append(ticket)
-        ready = []
+        ready, resumed = [], []
+        reuse = self._prefix_on()
         for ticket in tickets:
             try:
                 req = ticket.request
                 if not self.fits(req):
                     raise ValueError(f"{len(req.input_ids)} prompt tokens + max_new_tokens {req.max_new_tokens} "
                                      f"exceed a KV cache row of {self.static.max_len} tokens")
-                ids = torch.tensor([req.input_ids], dtype=torch.long, device=self.device)
-                ready.append((ticket, self.model.embed(ids, req.features_tensor())))
+                found = self.prefix.match(req.input_ids, req.digests()) if reuse else None
+                feats = req.features_tensor()
+                if found is None:
+                    ids = torch.tensor([req.input_ids], dtype=torch.long, device=self.device)
+                    ready.append((ticket, self.model.embed(ids, feats)))
+                    continue
+                # the retained row's first columns, copied now: rows are reassigned below
+                cache = self._row_cache(found.entry.row, found.tokens)
+                ids = torch.tensor([req.input_ids[found.tokens:]], dtype=torch.long, device=self.device)
+                rest = feats[found.images:] if feats is not None and len(feats) > found.images else None
+                resumed.append((ticket, self.model.embed(ids, rest), cache, found.tokens))
             except Exception as e:  # bad input: this request fails alone
                 _emit(ticket, e)
+        if self.prefix is not None:  # the rows the running requests and the step's padding will use
+            self.prefix.forget_below(self.static.floor(len(self._rows) + len(ready) + len(resumed)))
+        for ticket, embeds, cache, reused in resumed:
+            try:
+                logits = self._prefill_after(embeds, cache, reused)
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory: this request fails alone
+                _emit(ticket, e)
+                continue
+            self.stats["prefix_hits"] += 1
+            self.stats["prefix_tokens"] += reused
+            self._start(ticket, cache, logits)
         for group in self._prefill_groups(ready):
             try:
                 results = self._prefill(group)
@@ -423,6 +476,22 @@ class ContinuousBatcher:
                 groups.append([item])
         return groups
 
+    def _row_cache(self, row: int, n: int):
+        """A one-request cache holding a copy of static row ``row``'s first ``n`` columns."""
+        cache = self._cache_class()
+        for i, (k, v) in enumerate(zip(self.static.keys, self.static.values)):
+            cache.update(k[row:row + 1, :, :n].clone(), v[row:row + 1, :, :n].clone(), i)
+        return cache
+
+    def _prefill_after(self, embeds: torch.Tensor, cache, reused: int) -> torch.Tensor:
+        """The prompt's tokens after its ``reused`` cached ones through the
+        model, appended to ``cache``; the logits of the last."""
+        mask = torch.ones(1, reused + embeds.shape[1], dtype=torch.long, device=self.device)
+        out = self.model.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1,
+                             **{self._cache_arg: cache})
+        self.stats["prompt_tokens"] += embeds.shape[1]
+        return out.logits[:, -1]
+
     def _prefill(self, group: list) -> list[tuple]:
         """Prompts (embedded) through the model in one forward pass, right-
         padded to the longest: padding comes after every real token, so causal
@@ -434,6 +503,7 @@ class ContinuousBatcher:
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
             out = self.model.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1,
                                  **{self._cache_arg: cache})
+            self.stats["prompt_tokens"] += embeds.shape[1]
             return [(ticket, cache, out.logits[:, -1])]
         lengths = [e.shape[1] for _, e in group]
         width, first = max(lengths), group[0][1]
@@ -447,6 +517,7 @@ class ContinuousBatcher:
         out = self.model.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=True,
                              logits_to_keep=torch.tensor(keep, device=self.device), **{self._cache_arg: cache})
         self.stats["batched_prefills"] = self.stats.get("batched_prefills", 0) + 1
+        self.stats["prompt_tokens"] += sum(lengths)
         return [(ticket, _RowCache(cache, i, n), out.logits[i, keep.index(n - 1)].unsqueeze(0))
                 for i, ((ticket, _), n) in enumerate(zip(group, lengths))]
 
@@ -482,6 +553,7 @@ class ContinuousBatcher:
     def _deliver(self, row: _Row, token: int) -> None:
         req = row.ticket.request
         self.stats["tokens"] += 1
+        row.tokens.append(token)
         _emit(row.ticket, [token])
         if token in self.stop_ids or row.generated >= req.max_new_tokens:
             row.done = True
@@ -568,6 +640,8 @@ class ContinuousBatcher:
         into each hole a leaving row opens below it."""
         rows = self._rows
         n = len(rows) - sum(id(r) in gone for r in rows)
+        if self._prefix_on():
+            self._retain([i for i, r in enumerate(rows) if id(r) in gone], n)
         holes = [i for i in range(n) if id(rows[i]) in gone]
         movers = [i for i in range(n, len(rows)) if id(rows[i]) not in gone]
         for hole, mover in zip(holes, movers, strict=True):
@@ -575,8 +649,30 @@ class ContinuousBatcher:
             rows[hole] = rows[mover]
         self._rows = rows[:n]
 
+    def _retain(self, leaving: list[int], n: int) -> None:
+        """Keep leaving rows' keys and values for prefix reuse, in place when
+        the row stays clear of the ``n`` rows that go on decoding (and of a
+        step's padding rows), else copied to a free row above every current one."""
+        floor, busy = self.static.floor(n), set(range(len(self._rows)))
+        for i in leaving:
+            row = self._rows[i]
+            length = row.position
+            if length < 1 or len(row.tokens) < 1:
+                continue
+            if i >= floor:
+                target = i
+            else:
+                target = self.prefix.free_row(floor, self.static.rows, busy)
+                if target is None:
+                    continue
+                self.static.move(i, target, length)
+            busy.discard(i)
+            self.prefix.add(target, row.ticket.request.input_ids + row.tokens[:-1], row.ticket.request.digests())
+
     def _reset(self) -> None:
         self._rows, self._cache, self._mask = [], None, None
+        if self.prefix is not None:  # a failed step may have written anywhere
+            self.prefix.clear()
 
 
 def cache_kwarg(llm) -> str:

@@ -236,7 +236,7 @@ class LLM:
 
     def reconfigure(self, config: dict) -> None:
         """Apply the deployment's ``user_config`` (also live, on ``serve deploy``).
-        ``max_batch_size``, ``prefill_batch_tokens`` and ``continuous_batching`` apply at once; the
+        ``max_batch_size``, ``prefill_batch_tokens``, ``prefix_cache`` and ``continuous_batching`` apply at once; the
         cache options (``kv_cache``, ``max_seq_len``, ``kv_cache_fraction``,
         ``cuda_graphs``, and ``max_batch_size`` with the static cache, whose
         rows it sizes) rebuild the batcher when it is idle, else apply when
@@ -258,7 +258,8 @@ class LLM:
         if self.batcher is not None:  # the options that apply live
             self.batcher.max_batch_size = self.options.max_batch_size
             self.batcher.options = dataclasses.replace(self.batcher.options,
-                                                       prefill_batch_tokens=self.options.prefill_batch_tokens)
+                                                       prefill_batch_tokens=self.options.prefill_batch_tokens,
+                                                       prefix_cache=self.options.prefix_cache)
         log.info("LLM batching: %s", f"continuous, up to {self.batcher.max_batch_size} rows per step, "
                  f"{self.batcher.describe()}" if self.options.continuous_batching else
                  "off (one generate call per request)")
@@ -307,8 +308,10 @@ class LLM:
         def emit(item) -> None:  # from the batching or generate thread
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        track = self.metrics.track(len(req.input_ids), self.stop_ids, req.max_new_tokens)
         batched = self.options.continuous_batching and self.batcher.fits(req)
+        if batched and req.image_features is not None and self.batcher.prefix is not None and self.options.prefix_cache:
+            await asyncio.to_thread(req.digests)  # hashed here, not in the batching loop
+        track = self.metrics.track(len(req.input_ids), self.stop_ids, req.max_new_tokens)
         try:
             if batched:
                 cancel = self.batcher.submit(req, emit).cancel

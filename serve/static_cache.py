@@ -194,6 +194,14 @@ class StaticDecoder:
             k[row, :, :n].copy_(layer.keys[0])
             v[row, :, :n].copy_(layer.values[0])
 
+    def floor(self, n: int) -> int:
+        """The first row that a step over ``n`` running rows leaves alone: a
+        bucketed step also runs padding rows up to its row bucket, and each
+        writes its row's column 0."""
+        if n <= 0:
+            return 0
+        return next(x for x in self.row_buckets if x >= n) if self.bucketed else n
+
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy row ``src``'s first ``length`` columns into row ``dst``."""
         self.moves += 1
