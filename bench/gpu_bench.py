@@ -75,9 +75,10 @@ def stage_argv(stage: str, cuda: bool, work: Path) -> list[str]:
                     "--warmup", "2", "--profile", *out]
         return ["--batch", "8", "--max-len", "256", "--steps", "4", "--warmup", "1", "--threads", "1", "--profile", *out]
     if stage == "serve":
-        # the image cache off: every image request is a first turn (a new image), as in the tries before it
+        # the image cache and the LLM's prefix cache off: every request is a first turn (a new image, a
+        # prompt prefilled whole; the timed requests repeat the warm-up's), as in the tries before them
         common = ["--users", "1,32", "--mix", "both", "--no-ui", "--baseline-repeats", "1", "--image-cache-mb", "0",
-                  *out]
+                  "--option", "LLM.user_config.prefix_cache=false", *out]
         if cuda:
             sets = [x for o in _module("train_bench").offline_overrides("phi3-mini") for x in ("--set", o)]
             return ["--preset", "phi3-mini", "--gpu", *sets, "--set", "llm.load_in_4bit=false",
@@ -85,7 +86,8 @@ def stage_argv(stage: str, cuda: bool, work: Path) -> list[str]:
         # two requests per user: the lone user's second request is the image + text one (TTFT)
         return ["--max-tokens", "8", "--requests-per-user", "2", "--warmup", "2", *common]
     if stage == "serve4bit":  # the preset's 4-bit base (LoRA apart, fused): does decoding keep its graphs, how fast
-        common = ["--users", "1", "--mix", "both", "--no-ui", "--baseline-repeats", "1", "--image-cache-mb", "0", *out]
+        common = ["--users", "1", "--mix", "both", "--no-ui", "--baseline-repeats", "1", "--image-cache-mb", "0",
+                  "--option", "LLM.user_config.prefix_cache=false", *out]
         if cuda:
             sets = [x for o in _module("train_bench").offline_overrides("phi3-mini") for x in ("--set", o)]
             return ["--preset", "phi3-mini", "--gpu", *sets, "--max-tokens", "64", "--requests-per-user", "2", *common]

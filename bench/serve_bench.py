@@ -15,7 +15,13 @@ Two parts, one run, same weights, same prompts, same token counts:
   generator with N users for each N in ``--users``; each user sends streaming
   ``/v1/chat/completions`` requests back to back (``--requests-per-user``
   each, or for ``--duration`` seconds). Time to first token is measured at
-  the client: the first SSE chunk carrying text.
+  the client: the first SSE chunk carrying text. With ``--turns T`` each
+  user's requests are the turns of chats of ``T`` turns: the first turn is a
+  prompt as above, each later one sends the whole history (the earlier
+  questions, the image, the answers the server gave) and a follow-up
+  question, as a chat page does; the table adds time to first token by turn
+  (the LLM's prefix cache, ``LLM.user_config.prefix_cache``, serves the
+  repeated history).
 
 Every request asks for ``--max-tokens`` tokens with ``min_tokens`` equal to
 it and temperature 0, so no answer stops early at a stop token; the token
@@ -35,6 +41,7 @@ tokens/s at batch N. Prints a table and writes JSON (``--out``).
     python bench/serve_bench.py --checkpoint runs/demo/runs/stage2/final
     python bench/serve_bench.py --option LLM.max_ongoing_requests=32 --llm-replicas 2   # deployment options
     python bench/serve_bench.py --option LLM.user_config.continuous_batching=false      # one generate per request
+    python bench/serve_bench.py --turns 4 --users 1,8 --max-tokens 64 --option LLM.user_config.prefix_cache=false
 """
 from __future__ import annotations
 
@@ -64,6 +71,8 @@ TEXT_QUESTIONS = ["What is seven plus five?", "Name three colours.", "Count from
                   "What shape has three sides?"]
 IMAGE_QUESTIONS = ["What colour is the large object?", "How many objects are in the image?",
                    "Where is the circle?", "Describe the image."]
+FOLLOW_UPS = ["Tell me more about that.", "Why do you say so?", "Could you say it in other words?",
+              "What else can you tell me?"]
 N_IMAGES = 8
 # deployment options --gpu sets (one card shared: fractions add up to 1; LLM replicas split theirs)
 GPU_SHARES = {"LLM": 0.7, "ImageEncoder": 0.2, "ASR": 0.1}
@@ -324,7 +333,7 @@ def start_server(args, settings: dict, port: int) -> tuple[str, float]:
 
 async def one_request(client, body: dict, kind: str) -> dict:
     """One streaming chat completion; timestamps at the client."""
-    rec = {"kind": kind, "ok": False, "tokens": 0, "chunks": 0, "error": None}
+    rec = {"kind": kind, "ok": False, "tokens": 0, "chunks": 0, "error": None, "text": ""}
     t0 = time.perf_counter()
     first = last = None
     done = False
@@ -346,6 +355,7 @@ async def one_request(client, body: dict, kind: str) -> dict:
                     return rec
                 for ch in obj.get("choices") or []:
                     if ch.get("delta", {}).get("content"):
+                        rec["text"] += ch["delta"]["content"]
                         now = time.perf_counter()
                         first = first if first is not None else now
                         last = now
@@ -369,8 +379,8 @@ async def one_request(client, body: dict, kind: str) -> dict:
     return rec
 
 
-def request_body(prompts: Prompts, i: int, args, model_name: str) -> dict:
-    return {"model": model_name, "messages": prompts.api_messages(i), "max_tokens": args.max_tokens,
+def request_body(prompts: Prompts, i: int, args, model_name: str, messages: list[dict] | None = None) -> dict:
+    return {"model": model_name, "messages": messages or prompts.api_messages(i), "max_tokens": args.max_tokens,
             "min_tokens": args.max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
 
@@ -383,10 +393,19 @@ async def load_level(url: str, prompts: Prompts, users: int, args, model_name: s
         deadline = time.perf_counter() + args.duration if args.duration else None
 
         async def user(u: int) -> list[dict]:
-            out, j = [], 0
+            out, j, history, first = [], 0, [], 0
             while (j < args.requests_per_user) if deadline is None else (time.perf_counter() < deadline):
-                i = u + users * j  # user u's j-th request; kinds alternate across users and requests
-                out.append(await one_request(client, request_body(prompts, i, args, model_name), prompts.kind(i)))
+                turn = j % args.turns
+                if turn == 0:  # a new chat: user u's j-th prompt; kinds alternate across users and requests
+                    first = u + users * j
+                    messages = prompts.api_messages(first)
+                else:  # the chat so far and a follow-up question
+                    messages = history + [{"role": "user", "content": FOLLOW_UPS[(turn - 1) % len(FOLLOW_UPS)]}]
+                rec = await one_request(client, request_body(prompts, first, args, model_name, messages),
+                                        prompts.kind(first))
+                rec["turn"] = turn + 1
+                out.append(rec)
+                history = messages + [{"role": "assistant", "content": rec["text"]}]
                 j += 1
             return out
 
@@ -426,7 +445,9 @@ def summarise(users: int, recs: list[dict], baseline: dict | None, kinds: list[s
         "completion_tokens": tokens,
         "tokens_per_request": [min(r["tokens"] for r in ok), max(r["tokens"] for r in ok)] if ok else None,
         "ttft_ms_p50_by_kind": {k: ms(pct([r["ttft_s"] for r in ok if r["kind"] == k], 50)) for k in kinds},
-        "per_request": [{"kind": r["kind"], "ok": r["ok"], "tokens": r["tokens"], "chunks": r["chunks"],
+        "ttft_ms_p50_by_turn": {t: ms(pct([r["ttft_s"] for r in ok if r.get("turn", 1) == t], 50))
+                                for t in sorted({r.get("turn", 1) for r in recs})},
+        "per_request": [{"kind": r["kind"], "turn": r.get("turn", 1), "ok": r["ok"], "tokens": r["tokens"], "chunks": r["chunks"],
                          "ttft_ms": ms(r.get("ttft_s")), "itl_ms": ms(r.get("itl_s")),
                          "latency_ms": ms(r.get("latency_s")), "finish_reason": r.get("finish_reason")}
                         for r in recs],
@@ -455,6 +476,8 @@ async def serve_load(url: str, prompts: Prompts, args, model_name: str, headers:
         rows.append(summarise(users, recs, baseline, prompts.kinds))
         after = await llm_stats()
         rows[-1]["llm_rows_per_step"] = rows_per_step(before, after)
+        rows[-1]["llm_prefix"] = {k: after.get(k, 0) - before.get(k, 0)
+                                  for k in ("prompt_tokens", "prefix_tokens", "prefix_hits")}
         rows[-1]["llm_cache"] = {k: after[k] for k in ("kv_cache", "rows", "max_len", "cuda_graphs", "graphs_captured",
                                                        "capture_s", "graph_error", "static_error") if k in after}
         print(f"  {users} users: {rows[-1]['ok']}/{rows[-1]['requests']} ok, "
@@ -526,6 +549,12 @@ def print_table(res: dict) -> None:
               f"{fmt(r['ttft_ms_p50'], 9)} {fmt(r['ttft_ms_p95'], 9)} {fmt(r['itl_ms_p50'], 8, 2)} "
               f"{fmt(r['output_tok_s'], 9)} {fmt(r['requests_per_s'], 7, 2)} {fmt(r.get('inproc_tok_s'), 9)} "
               f"{fmt(r.get('overhead_ratio'), 8, 2)} {tvp:>13} {fmt(r.get('llm_rows_per_step'), 6, 1)}")
+    if res.get("turns", 1) > 1:
+        for r in res["levels"]:
+            by_turn = ", ".join(f"turn {t} {fmt(v, 0)} ms" for t, v in r["ttft_ms_p50_by_turn"].items())
+            p = r.get("llm_prefix") or {}
+            print(f"{r['users']:>5} users, TTFT p50 by turn: {by_turn}; prompt tokens prefilled "
+                  f"{p.get('prompt_tokens')}, from the prefix cache {p.get('prefix_tokens')} ({p.get('prefix_hits')} hits)")
     print("TTFT/prefill: served TTFT p50 over in-process prefill, t = text, i = image + text "
           "(image: prefill without the vision tower); rows/step: requests the LLM decoded together "
           "per forward pass (continuous batching)")
@@ -546,6 +575,8 @@ def parse_args(argv=None):
     ap.add_argument("--mix", choices=sorted(KINDS), default="both",
                     help="prompt kinds: text only, image + text only, or both alternating")
     ap.add_argument("--warmup", type=int, default=2, help="untimed requests before the first level")
+    ap.add_argument("--turns", type=int, default=1,
+                    help="turns per chat: each user's requests continue a chat this long (history resent each turn)")
     ap.add_argument("--images", type=int, default=N_IMAGES,
                     help="distinct images the image requests cycle through (1: every one sends the same image, "
                          "as the turns of one chat about it do)")
@@ -571,6 +602,8 @@ def parse_args(argv=None):
     args.users = [int(u) for u in args.users.split(",") if u.strip()]
     if not args.users or min(args.users) < 1:
         ap.error("--users needs positive integers")
+    if args.turns < 1:
+        ap.error("--turns must be at least 1")
     if args.max_tokens < 2:
         ap.error("--max-tokens must be at least 2 (inter-token latency needs two tokens)")
     return args
@@ -644,7 +677,7 @@ def main(argv=None) -> dict:
         "benchmark": "serve", "card": card_name(args.gpu), "device": "cuda" if args.gpu else "cpu",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "preset": args.preset, "checkpoint": args.checkpoint,
         "overrides": args.overrides, "torch": torch.__version__, "ray": ray.__version__,
-        "max_tokens": args.max_tokens, "temperature": 0, "mix": args.mix, "photo": args.photo, "images": args.images,
+        "max_tokens": args.max_tokens, "temperature": 0, "mix": args.mix, "turns": args.turns, "photo": args.photo, "images": args.images,
         "image_cache_mb": resolved.image_cache_mb, "users": args.users,
         "requests_per_user": None if args.duration else args.requests_per_user, "duration_s": args.duration,
         "llm_replicas": "autoscaled" if args.autoscale else args.llm_replicas, "options": args.option,

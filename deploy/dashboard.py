@@ -67,6 +67,12 @@ SERVING_PANELS = [
      "percentunit", "Share of images whose CLIP features the ingress had kept (image_cache_mb): a conversation "
                     "sends its image again with every turn. Low: a cache too small for the images in use, "
                     "or turns spread over many ingress replicas."),
+    ("Prompt tokens from the prefix cache", [
+        (f"sum(rate(ray_mmphi_llm_prefix_cache_tokens_total{{{APP}}}[$__rate_interval])) / "
+         f"sum(rate(ray_mmphi_llm_prompt_tokens_total{{{APP}}}[$__rate_interval]))", "from the cache")],
+     "percentunit", "Share of prompt tokens whose keys and values an LLM replica kept from an earlier request "
+                    "(LLM user_config prefix_cache): a chat's next turn repeats its history. Low with long chats: "
+                    "busy replicas (retained rows give way to running ones) or turns spread over many replicas."),
     ("HTTP requests (Ray Serve)", [
         (f"sum by (route, status_code) (rate(ray_serve_num_http_requests_total{{{APP}}}[$__rate_interval]))",
          "{{route}} {{status_code}}")],

@@ -366,6 +366,8 @@ class LLM:
     def _set_queue_gauges(self) -> None:
         b = self.batcher
         self.metrics.queue((b.active if b is not None else 0) + self._unbatched, b.waiting if b is not None else 0)
+        if b is not None:
+            self.metrics.prefix_reused(b.stats["prefix_tokens"])
 
     def _shared(self) -> bool:
         """Whether the batching loop decodes more than one request."""

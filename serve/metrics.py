@@ -12,6 +12,9 @@ request counts and latencies. Names follow vLLM's where they mean the same:
 ``mmphi_llm_prompt_tokens_total``         counter    prompt tokens of the requests taken (image
                                                      placeholders included)
 ``mmphi_llm_generation_tokens_total``     counter    tokens generated
+``mmphi_llm_prefix_cache_tokens_total``   counter    prompt tokens whose keys and values came from
+                                                     a row an earlier request left (the prefix
+                                                     cache), not prefilled
 ``mmphi_llm_time_to_first_token_seconds`` histogram  from the LLM replica taking a request to its
                                                      first token: queueing for a row and prefill
 ``mmphi_llm_time_per_output_token_seconds`` histogram  mean gap between a request's later tokens
@@ -67,6 +70,9 @@ class LLMMetrics:
                               tag_keys=("outcome",))
         self.prompt_tokens = _make("Counter", "mmphi_llm_prompt_tokens_total", "prompt tokens taken")
         self.generation_tokens = _make("Counter", "mmphi_llm_generation_tokens_total", "tokens generated")
+        self.prefix_tokens = _make("Counter", "mmphi_llm_prefix_cache_tokens_total",
+                                   "prompt tokens taken from the prefix cache instead of prefilled")
+        self._prefix_seen = 0  # the batcher's prefix_tokens count already added to the counter
         self.ttft = _make("Histogram", "mmphi_llm_time_to_first_token_seconds",
                           "seconds from the replica taking a request to its first token", boundaries=TTFT_BOUNDS)
         self.tpot = _make("Histogram", "mmphi_llm_time_per_output_token_seconds",
@@ -77,6 +83,16 @@ class LLMMetrics:
     def queue(self, running: int, waiting: int) -> None:
         self.running.set(running)
         self.waiting.set(waiting)
+
+    def prefix_reused(self, total: int) -> None:
+        """The batcher's running count of prompt tokens taken from the prefix
+        cache: what it gained since the last call goes to the counter (a
+        rebuilt batcher counts from 0 again)."""
+        if total < self._prefix_seen:
+            self._prefix_seen = 0
+        if total > self._prefix_seen:
+            self.prefix_tokens.inc(total - self._prefix_seen)
+            self._prefix_seen = total
 
     def track(self, prompt_tokens: int, stop_ids, max_new_tokens: int) -> "RequestTrack":
         self.prompt_tokens.inc(prompt_tokens)

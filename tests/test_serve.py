@@ -346,6 +346,33 @@ def test_an_image_sent_again_is_taken_from_the_ingress_cache(client):
     assert miss + hit == 3 and hit >= 1 and miss >= 1, (miss, hit)
 
 
+def test_a_chats_next_turn_is_prefilled_from_the_prefix_cache(client):
+    """A chat sends its history every turn: an LLM replica that served an
+    earlier turn keeps its row, so the next turn prefills only its new tokens
+    (and answers as it would without). Four sends of the second turn over at
+    most two LLM replicas: at least two land where it, or the first turn, was."""
+    img = png(70, 90, "teal")  # an image no other test sends
+    first = [{"role": "user", "content": [image_part(img), {"type": "text", "text": "What is in this picture?"}]}]
+    r = chat(client, first, max_tokens=6, min_tokens=6, temperature=0)
+    assert r.status_code == 200, r.text
+    second = first + [{"role": "assistant", "content": r.json()["choices"][0]["message"]["content"]},
+                      {"role": "user", "content": "And what colour is it?"}]
+    time.sleep(2)  # what earlier tests counted is exported by now
+    before = scrape("mmphi_llm_prefix_cache_tokens_total")
+    answers, prompt_tokens = [], 0
+    for _ in range(4):
+        r = chat(client, second, max_tokens=6, min_tokens=6, temperature=0)
+        assert r.status_code == 200, r.text
+        answers.append(r.json()["choices"][0]["message"]["content"])
+        prompt_tokens = r.json()["usage"]["prompt_tokens"]
+    assert len(set(answers)) == 1  # a reused prefix answers as a prefilled one
+    deadline = time.monotonic() + 60
+    while (got := scrape("mmphi_llm_prefix_cache_tokens_total") - before) < 2 * 16 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert got >= 2 * 16, got  # at least two hits of at least the minimum prefix
+    assert got <= 4 * (prompt_tokens - 1), (got, prompt_tokens)  # never the whole prompt: its last token is prefilled
+
+
 def test_every_series_the_dashboard_plots_and_the_alerts_read_is_exported(client):
     """Each metric that deploy/grafana/mmphi.json queries, or a serving rule
     of deploy/alerts.py reads, is in this node's Prometheus text for this

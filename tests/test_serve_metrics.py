@@ -55,3 +55,10 @@ def test_a_request_that_never_produced_a_token_has_no_time_to_first_token(m):
     assert m.ttft.calls == [] and m.generation_tokens.calls == [] and m.tpot.calls == []
     m.queue(3, 1)
     assert m.running.calls == [("set", 3, None)] and m.waiting.calls == [("set", 1, None)]
+
+
+def test_prefix_cache_tokens_count_what_the_batcher_gained_since_last_time(m):
+    m.prefix_tokens = Recorder()
+    for total in (0, 40, 40, 100, 30, 30):  # 30 after 100: a rebuilt batcher counts from zero again
+        m.prefix_reused(total)
+    assert m.prefix_tokens.calls == [("inc", 40, None), ("inc", 60, None), ("inc", 30, None)]
