@@ -70,6 +70,7 @@ class Prepared:
     image_features: np.ndarray | None
     max_new_tokens: int
     dropped_messages: int
+    affinity: str | None = None  # the conversation's routing key (serve.routing)
 
     @property
     def prompt_tokens(self) -> int:
@@ -248,7 +249,9 @@ class ChatService:
                                   f"messages[{mi}].content[{pi}].image_url")
                 for n, (mi, pi), p in images])
             feats = np.stack(arrays).astype(np.float32, copy=False)
-        return Prepared(enc.input_ids, feats, max_new, len(messages) - len(kept))
+        from .routing import affinity_key
+
+        return Prepared(enc.input_ids, feats, max_new, len(messages) - len(kept), affinity_key(kept))
 
     @staticmethod
     def _image_parts(messages: list[Message]) -> list[tuple[tuple[int, int], Part]]:
@@ -322,7 +325,7 @@ class ChatService:
                 finish = "length"
                 break
             call = {"input_ids": prep.input_ids + generated, "image_features": prep.image_features,
-                    "max_new_tokens": remaining, **sampling}
+                    "max_new_tokens": remaining, "affinity_key": prep.affinity, **sampling}
             if req.min_tokens > len(generated):
                 call["min_new_tokens"] = req.min_tokens - len(generated)
             gen = self.llm.options(stream=True).generate.remote(call)

@@ -204,9 +204,14 @@ class ImageEncoder:
         return list(feats)
 
 
+# a chat's turns go to the replica that kept its earlier turns' rows (serve.routing)
+LLM_ROUTER = {"request_router_class": "serve.routing:ChatAffinityRouter",
+              "request_router_kwargs": {"imbalanced_threshold": 8}}
+
+
 @serve.deployment(name="LLM", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=48,
                   autoscaling_config=_autoscaling(2, 16), health_check_period_s=10,
-                  graceful_shutdown_timeout_s=30,
+                  graceful_shutdown_timeout_s=30, request_router_config=LLM_ROUTER,
                   user_config={"continuous_batching": True, "max_batch_size": 32})
 class LLM:
     """Phi-3 (+ adapter) and the projector. With ``continuous_batching`` (the
