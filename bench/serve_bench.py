@@ -470,13 +470,14 @@ async def serve_load(url: str, prompts: Prompts, args, model_name: str, headers:
             if not r["ok"]:
                 raise SystemExit(f"warm-up request failed: {r['error']}")
     rows = []
+    replicas = args.llm_replicas if not args.autoscale else 1
     for users in args.users:
-        before = await llm_stats()
+        before, before_all = await llm_stats(), await llm_stats_all(replicas)
         recs = await load_level(url, prompts, users, args, model_name, headers)
         rows.append(summarise(users, recs, baseline, prompts.kinds))
-        after = await llm_stats()
+        after, after_all = await llm_stats(), await llm_stats_all(replicas)
         rows[-1]["llm_rows_per_step"] = rows_per_step(before, after)
-        rows[-1]["llm_prefix"] = {k: after.get(k, 0) - before.get(k, 0)
+        rows[-1]["llm_prefix"] = {k: after_all.get(k, 0) - before_all.get(k, 0)
                                   for k in ("prompt_tokens", "prefix_tokens", "prefix_hits")}
         rows[-1]["llm_cache"] = {k: after[k] for k in ("kv_cache", "rows", "max_len", "cuda_graphs", "graphs_captured",
                                                        "capture_s", "graph_error", "static_error") if k in after}
@@ -492,6 +493,25 @@ async def llm_stats() -> dict:
     from serve.app import APP_NAME
 
     return await serve.get_deployment_handle("LLM", APP_NAME).batching_stats.remote()
+
+
+async def llm_stats_all(replicas: int) -> dict:
+    """The prompt and prefix cache counters summed over the LLM's replicas:
+    each call reaches a replica at random, so enough calls reach every one
+    (``replicas`` of them, fixed) with near certainty; one reply per replica counts."""
+    from ray import serve
+
+    from serve.app import APP_NAME
+
+    handle = serve.get_deployment_handle("LLM", APP_NAME)
+    seen: dict = {}
+    for _ in range(1 if replicas <= 1 else 12 * replicas):
+        s = await handle.batching_stats.remote()
+        seen[s.get("replica")] = s
+        if len(seen) >= replicas:
+            break
+    keys = ("prompt_tokens", "prefix_tokens", "prefix_hits")
+    return {k: sum(s.get(k, 0) for s in seen.values()) for k in keys} | {"replicas_seen": len(seen)}
 
 
 def rows_per_step(before: dict, after: dict) -> float | None:

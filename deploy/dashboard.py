@@ -72,7 +72,8 @@ SERVING_PANELS = [
          f"sum(rate(ray_mmphi_llm_prompt_tokens_total{{{APP}}}[$__rate_interval]))", "from the cache")],
      "percentunit", "Share of prompt tokens whose keys and values an LLM replica kept from an earlier request "
                     "(LLM user_config prefix_cache): a chat's next turn repeats its history. Low with long chats: "
-                    "busy replicas (retained rows give way to running ones) or turns spread over many replicas."),
+                    "busy replicas (retained rows give way to running ones), or a chat's turns spread over replicas "
+                    "(the LLM's request router keeps them together unless a replica is overloaded)."),
     ("HTTP requests (Ray Serve)", [
         (f"sum by (route, status_code) (rate(ray_serve_num_http_requests_total{{{APP}}}[$__rate_interval]))",
          "{{route}} {{status_code}}")],

@@ -427,24 +427,14 @@ class ContinuousBatcher:
                     ids = torch.tensor([req.input_ids], dtype=torch.long, device=self.device)
                     ready.append((ticket, self.model.embed(ids, feats)))
                     continue
-                # the retained row's first columns, copied now: rows are reassigned below
-                cache = self._row_cache(found.entry.row, found.tokens)
                 ids = torch.tensor([req.input_ids[found.tokens:]], dtype=torch.long, device=self.device)
                 rest = feats[found.images:] if feats is not None and len(feats) > found.images else None
-                resumed.append((ticket, self.model.embed(ids, rest), cache, found.tokens))
+                resumed.append((ticket, self.model.embed(ids, rest)[0], found.entry, found.tokens))
             except Exception as e:  # bad input: this request fails alone
                 _emit(ticket, e)
-        if self.prefix is not None:  # the rows the running requests and the step's padding will use
-            self.prefix.forget_below(self.static.floor(len(self._rows) + len(ready) + len(resumed)))
-        for ticket, embeds, cache, reused in resumed:
-            try:
-                logits = self._prefill_after(embeds, cache, reused)
-            except Exception as e:  # noqa: BLE001 - e.g. out of memory: this request fails alone
-                _emit(ticket, e)
-                continue
-            self.stats["prefix_hits"] += 1
-            self.stats["prefix_tokens"] += reused
-            self._start(ticket, cache, logits)
+        claims = self._make_room(resumed, len(ready)) if self.prefix is not None else {}
+        if resumed:
+            self._resume(resumed, claims)
         for group in self._prefill_groups(ready):
             try:
                 results = self._prefill(group)
@@ -476,21 +466,52 @@ class ContinuousBatcher:
                 groups.append([item])
         return groups
 
-    def _row_cache(self, row: int, n: int):
-        """A one-request cache holding a copy of static row ``row``'s first ``n`` columns."""
-        cache = self._cache_class()
-        for i, (k, v) in enumerate(zip(self.static.keys, self.static.values)):
-            cache.update(k[row:row + 1, :, :n].clone(), v[row:row + 1, :, :n].clone(), i)
-        return cache
+    def _make_room(self, resumed: list[tuple], fresh: int) -> dict[int, int]:
+        """Before new requests take rows ``n..``: the first ``len(resumed)``
+        go to the requests that continue a retained row (``_resume``), which
+        keep theirs in place when it is among them (the first to claim it);
+        every other retained row below the new step's row bucket moves up
+        (``PrefixIndex.relocate``). Returns the claims: resumed index -> row."""
+        n, k = len(self._rows), len(resumed)
+        claims: dict[int, int] = {}
+        for j, (_, _, entry, _) in enumerate(resumed):
+            if n <= entry.row < n + k and entry.row not in claims.values():
+                claims[j] = entry.row
+        floor = self.static.floor(n + k + fresh)
+        protect = {entry.row for _, _, entry, _ in resumed}
+        for src, dst, length in self.prefix.relocate(floor, self.static.rows, set(claims.values()), protect):
+            self.static.move(src, dst, length)
+        return claims
 
-    def _prefill_after(self, embeds: torch.Tensor, cache, reused: int) -> torch.Tensor:
-        """The prompt's tokens after its ``reused`` cached ones through the
-        model, appended to ``cache``; the logits of the last."""
-        mask = torch.ones(1, reused + embeds.shape[1], dtype=torch.long, device=self.device)
-        out = self.model.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1,
-                             **{self._cache_arg: cache})
-        self.stats["prompt_tokens"] += embeds.shape[1]
-        return out.logits[:, -1]
+    def _resume(self, resumed: list[tuple], claims: dict[int, int]) -> None:
+        """Requests whose prompts start with a retained row's columns: each
+        takes one of the next free rows (its source row itself when
+        ``_make_room`` let it claim that, else a copy of the source's
+        prefix), then every one's remaining tokens run through the static
+        cache together (``StaticDecoder.prefill``). Copies first: a copy never
+        lands on a row another request reads (every source among the new
+        rows is claimed)."""
+        n, k = len(self._rows), len(resumed)
+        dest = dict(claims)
+        free = iter(sorted(set(range(n, n + k)) - set(dest.values())))
+        for j in range(k):
+            if j not in dest:
+                dest[j] = next(free)
+                self.static.move(resumed[j][2].row, dest[j], resumed[j][3])
+        order = sorted(range(k), key=dest.__getitem__)
+        try:
+            logits = self.static.prefill(n, [resumed[j][1] for j in order], [resumed[j][3] for j in order])
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: these requests fail
+            log.warning("prefill of %d request(s) after their cached prefixes failed: %s", k, e)
+            for j in order:
+                _emit(resumed[j][0], e)
+            return
+        for i, j in enumerate(order):
+            ticket, embeds, _, reused = resumed[j]
+            self.stats["prompt_tokens"] += embeds.shape[0]
+            self.stats["prefix_hits"] += 1
+            self.stats["prefix_tokens"] += reused
+            self._start(ticket, None, logits[i:i + 1], at_row=n + i)
 
     def _prefill(self, group: list) -> list[tuple]:
         """Prompts (embedded) through the model in one forward pass, right-
@@ -521,8 +542,10 @@ class ContinuousBatcher:
         return [(ticket, _RowCache(cache, i, n), out.logits[i, keep.index(n - 1)].unsqueeze(0))
                 for i, ((ticket, _), n) in enumerate(zip(group, lengths))]
 
-    def _start(self, ticket: Ticket, cache, logits: torch.Tensor) -> None:
-        """A prefilled request: its first token, then a row unless it is done."""
+    def _start(self, ticket: Ticket, cache, logits: torch.Tensor, at_row: int | None = None) -> None:
+        """A prefilled request: its first token, then a row unless it is done.
+        ``at_row``: its keys and values are in that static cache row already
+        (``cache`` is None), at or after the next free one."""
         try:
             token = self._sample(logits, [ticket.request], [0])[0]
         except Exception as e:  # noqa: BLE001
@@ -531,8 +554,14 @@ class ContinuousBatcher:
         self.stats["prefills"] += 1
         row = _Row(ticket, position=len(ticket.request.input_ids), last=token)
         self._deliver(row, token)
-        if not row.done and not ticket.cancelled:
+        if row.done or ticket.cancelled:
+            return
+        if at_row is None:
             self._join(row, cache)
+            return
+        if at_row != len(self._rows):  # a request before it left at its first token
+            self.static.move(at_row, len(self._rows), row.position)
+        self._rows.append(row)
 
     def _decode(self) -> list[int]:
         rows = self._rows

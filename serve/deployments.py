@@ -285,7 +285,12 @@ class LLM:
 
     def batching_stats(self) -> dict:
         b = self.batcher
-        return {"continuous_batching": self.options.continuous_batching, "max_batch_size": self.options.max_batch_size,
+        try:
+            replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # noqa: BLE001 - built outside Serve
+            replica = None
+        return {"replica": replica, "continuous_batching": self.options.continuous_batching,
+                "max_batch_size": self.options.max_batch_size,
                 **({"active": b.active, "waiting": b.waiting, **b.stats, **b.describe()} if b is not None else {})}
 
     async def generate(self, request: dict) -> AsyncIterator[list[int]]:

@@ -15,8 +15,9 @@ step's row bucket, on a GPU) at column 0. A retained row therefore sits at
 or above ``floor = bucket(n)``: a row that finishes at or above the floor
 stays where it is (no copy), one below it is copied to a free row above the
 current rows first (its place is about to be taken by the last running row).
-When the running rows grow into retained rows, those are forgotten; when no
-row is free, the least recently used retained row makes room. Retention
+When the running rows grow into retained rows, those move up to free rows
+(the most recently used first) unless a new request continues one in place;
+when no row is free, the least recently used retained row makes room. Retention
 takes no memory the cache does not have already: it lives in rows that no
 request is using.
 
@@ -116,13 +117,34 @@ class PrefixIndex:
             common = int(slots[same * self.image_tokens])
         return common, same
 
-    def forget_below(self, floor: int) -> int:
-        """Forget retained rows below ``floor`` (running rows, or a step's
-        padding rows, are about to write there); how many were forgotten."""
-        gone = [r for r in self.entries if r < floor]
-        for r in gone:
-            del self.entries[r]
-        return len(gone)
+    def relocate(self, floor: int, rows: int, keep: set[int], protect: set[int]) -> list[tuple[int, int, int]]:
+        """Make rows below ``floor`` free for running requests. Entries at rows
+        in ``keep`` leave the index (requests continue them in place); every
+        other entry below ``floor`` moves to a free row at or above it, the
+        most recently used first, taking the row of a less recently used
+        entry there when none is free (never one in ``protect``: rows that
+        requests are about to copy from), or is forgotten. The copies to
+        make, in order: ``(source row, target row, columns)``."""
+        for r in keep:
+            self.entries.pop(r, None)
+        low = sorted((e for e in self.entries.values() if e.row < floor), key=lambda e: e.used, reverse=True)
+        for e in low:
+            del self.entries[e.row]
+        free = [r for r in range(rows - 1, floor - 1, -1) if r not in self.entries]
+        moves = []
+        for e in low:
+            if free:
+                target = free.pop(0)
+            else:
+                older = [x for x in self.entries.values() if x.used < e.used and x.row not in protect]
+                if not older:
+                    continue  # forgotten: its columns stay readable until a running row takes them
+                target = min(older, key=lambda x: x.used).row
+                del self.entries[target]
+            moves.append((e.row, target, len(e)))
+            e.row = target
+            self.entries[target] = e
+        return moves
 
     def free_row(self, floor: int, rows: int, busy: set[int]) -> int | None:
         """A row at or above ``floor`` that neither a running request (``busy``)

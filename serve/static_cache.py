@@ -321,6 +321,56 @@ class StaticDecoder:
                 x = x + mlp(h)
         return self.lm_head(_rms_norm(x, self.norm))
 
+    @torch.no_grad()
+    def prefill(self, row0: int, embeds: list[torch.Tensor], starts: list[int]) -> torch.Tensor:
+        """Continue rows ``row0..row0+k-1``, whose first ``starts[j]`` columns
+        hold a prefix already: run ``embeds[j]`` (``(tokens, hidden)``, image
+        features spliced in) at positions ``starts[j]..``, writing their keys
+        and values into the rows; the logits of each row's last token, ``(k, vocab)``.
+        The rows run together, padded to the longest; a padding token writes
+        only past its row's real columns (its later tokens overwrite them)."""
+        k, lens = len(embeds), [int(e.shape[0]) for e in embeds]
+        width, need = max(lens), max(p + n for p, n in zip(starts, lens))
+        if row0 + k > self.rows or need > self.max_len:
+            raise ValueError(f"rows {row0}..{row0 + k - 1} up to position {need - 1} exceed the KV cache's "
+                             f"{self.rows} rows of {self.max_len} tokens")
+        x = embeds[0].new_zeros(k, width, embeds[0].shape[-1], dtype=self.dtype)
+        for j, e in enumerate(embeds):
+            x[j, :lens[j]] = e
+        x = x.view(k * width, -1)
+        pos = (torch.tensor(starts, device=self.device)[:, None] + torch.arange(width, device=self.device))
+        pos = pos.clamp_(max=self.max_len - 1)  # (k, width)
+        rows = torch.arange(row0, row0 + k, device=self.device)[:, None]
+        cos = self.cos[pos][:, None]  # (k, 1, width, dim)
+        sin = self.signed_sin[pos][:, None]
+        cols = self.columns[:need]
+        mask = cols <= pos[..., None]
+        if self.window is not None:
+            mask = mask & (cols > pos[..., None] - self.window)
+        mask = mask[:, None]  # (k, 1, width, need)
+        q_end = self.heads * self.head_dim
+        k_end = q_end + self.kv_heads * self.head_dim
+        gqa = self.kv_heads != self.heads
+        for layer, keys, values in zip(self.layers, self.keys, self.values):
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = attn.qkv_proj(_rms_norm(x, layer.input_layernorm)).view(k, width, -1)
+            qk = _rope(qkv[..., :k_end].view(k, width, self.heads + self.kv_heads, self.head_dim).transpose(1, 2),
+                       cos, sin)
+            q = qk[:, :self.heads]
+            keys[rows, :, pos] = qk[:, self.heads:].transpose(1, 2)
+            values[rows, :, pos] = qkv[..., k_end:].view(k, width, self.kv_heads, self.head_dim)
+            out = F.scaled_dot_product_attention(q, keys[row0:row0 + k, :, :need], values[row0:row0 + k, :, :need],
+                                                 attn_mask=mask, scale=self.scale, enable_gqa=gqa)
+            x = _add_linear(x, attn.o_proj, out.transpose(1, 2).reshape(k * width, -1))
+            h = _rms_norm(x, layer.post_attention_layernorm)
+            if hasattr(mlp, "gate_up_proj") and hasattr(mlp, "activation_fn"):
+                gate, up = mlp.gate_up_proj(h).chunk(2, dim=-1)
+                x = _add_linear(x, mlp.down_proj, up * mlp.activation_fn(gate))
+            else:
+                x = x + mlp(h)
+        last = x.view(k, width, -1)[torch.arange(k, device=self.device), torch.tensor(lens, device=self.device) - 1]
+        return self.lm_head(_rms_norm(last, self.norm))
+
     def describe(self) -> dict:
         return {"rows": self.rows, "max_len": self.max_len, "gib": round(self.nbytes / 2**30, 3), "moves": self.moves,
                 "cuda_graphs": self.use_graphs, "graphs_captured": len(self.graphs), "capture_s": self.capture_s, "graph_error": self.graph_error}

@@ -166,6 +166,43 @@ def test_a_retained_row_a_new_request_takes_is_not_reused(model, images, kv):
     assert [s.tokens for s in sinks] == expected
 
 
+def test_chats_that_take_turns_keep_each_others_rows(model, images, kv):
+    """Two chats alternate, one request at a time: each first turn takes the
+    row the other chat's turn left, which moves up instead of being lost, so
+    every second turn continues its own chat's row."""
+    stops = list(model.tokenizer.stop_ids)
+    qa, qb = "What is in the picture?", "Count from one to ten, slowly, please."
+    a1 = GenerationRequest(chat(model, [(1, qa)], []), images[:1], max_new_tokens=5)
+    b1 = GenerationRequest(chat(model, [(0, qb)], []), None, max_new_tokens=5)
+    ans_a, ans_b = reference(model, a1, stops), reference(model, b1, stops)
+    a2 = GenerationRequest(chat(model, [(1, qa), (0, "Are you sure?")], [answer_text(model, ans_a)]), images[:1],
+                           max_new_tokens=6)
+    b2 = GenerationRequest(chat(model, [(0, qb), (0, "Go on.")], [answer_text(model, ans_b)]), None, max_new_tokens=6)
+    batcher = make(model, kv, stop_ids=stops)
+    for req, want in ((a1, ans_a), (b1, ans_b), (a2, reference(model, a2, stops)), (b2, reference(model, b2, stops))):
+        assert run_schedule(batcher, {0: [0]}, [req])[0].tokens == want
+    assert batcher.stats["prefix_hits"] == 2
+    assert batcher.stats["prefix_tokens"] >= len(a1.input_ids) + len(b1.input_ids)
+
+
+def test_several_continued_chats_join_together(model, images, kv):
+    """Three chats' second turns arrive at once and run their new tokens in
+    one pass; one of them (max_new_tokens 1) leaves at its first token, so
+    the rows after it close the gap."""
+    stops = list(model.tokenizer.stop_ids)
+    qs = ["What is in the picture?", "Where is the circle in it?", "Name its colours, please."]
+    firsts = [GenerationRequest(chat(model, [(1, q)], []), images[k:k + 1], max_new_tokens=4) for k, q in enumerate(qs)]
+    answers = [reference(model, r, stops) for r in firsts]
+    seconds = [GenerationRequest(chat(model, [(1, q), (0, "Why?")], [answer_text(model, a)]), images[k:k + 1],
+                                 max_new_tokens=1 if k == 0 else 8) for k, (q, a) in enumerate(zip(qs, answers))]
+    expected = [reference(model, r, stops) for r in seconds]
+    batcher = make(model, kv, stop_ids=stops)
+    assert [s.tokens for s in run_schedule(batcher, {0: [0, 1, 2]}, firsts)] == answers
+    hits = batcher.stats["prefix_hits"]
+    assert [s.tokens for s in run_schedule(batcher, {0: [0, 1, 2]}, seconds)] == expected
+    assert batcher.stats["prefix_hits"] - hits == 3
+
+
 def test_prefix_cache_off_retains_nothing(model, images):
     stops = list(model.tokenizer.stop_ids)
     req = GenerationRequest(chat(model, [(1, "What is in the picture?")], []), images[:1], max_new_tokens=6)
@@ -237,7 +274,28 @@ def test_add_replaces_what_it_extends_and_free_rows_go_oldest_first():
     ix.match(list(range(30)) + [1], ())  # row 6 used last: row 5 is the oldest now
     assert ix.free_row(4, 8, busy=set()) == 5 and 5 not in ix.entries
     assert ix.free_row(8, 8, busy=set()) is None  # no row above the floor
-    assert ix.forget_below(7) == 2 and set(ix.entries) == {7}
+
+
+def test_relocate_moves_rows_out_of_the_way_newest_first():
+    ix = index()
+    for row, start in ((0, 0), (1, 100), (2, 200), (6, 300), (7, 400)):
+        ix.add(row, list(range(start, start + 20)), ())
+    ix.match(list(range(100, 130)), ())  # row 1 used last, then row 2's clock is older
+    # rows 0..3 are about to run; row 2 is continued in place; rows 4 and 5 are free
+    moves = ix.relocate(4, 8, keep={2}, protect=set())
+    assert moves == [(1, 5, 20), (0, 4, 20)]  # the most recently used first, to the top free row
+    assert sorted(ix.entries) == [4, 5, 6, 7] and all(e.row == r for r, e in ix.entries.items())
+    assert ix.entries[5].ids[0] == 100 and ix.entries[4].ids[0] == 0
+    # no free row: a less recently used one above gives way, unless a request is about to copy it
+    ix2 = index()
+    for row, start in ((0, 0), (2, 200), (3, 300)):
+        ix2.add(row, list(range(start, start + 20)), ())
+    ix2.match(list(range(0, 30)), ())  # row 0 newest
+    assert ix2.relocate(2, 4, keep=set(), protect={2, 3}) == []  # every older row is protected: forgotten
+    assert sorted(ix2.entries) == [2, 3]
+    ix2.add(0, list(range(500, 520)), ())
+    assert ix2.relocate(2, 4, keep=set(), protect={3}) == [(0, 2, 20)]  # row 2 (older) gave way
+    assert ix2.entries[2].ids[0] == 500
 
 
 def test_feature_digests_tell_pictures_apart(images):

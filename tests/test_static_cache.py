@@ -87,6 +87,40 @@ def test_move_keeps_a_row_intact(llm):
     assert dec.moves == 1
 
 
+@pytest.mark.parametrize("window", [None, 7])
+def test_prefill_after_a_prefix_equals_the_full_forward(llm, window):
+    """Rows 2..4 hold 0, 9 and 20 tokens of their sequences; the rest of each
+    (3 to 17 tokens, padded together) runs in one pass: each row's last
+    logits equal the whole sequence's, its keys and values then decode on,
+    and nothing is written outside the rows' own columns."""
+    cfg = llm.get_base_model().config
+    saved = cfg.sliding_window
+    try:
+        cfg.sliding_window = window
+        seqs = sequences(3, (17, 12, 29))
+        starts = [0, 9, 20]
+        dec = StaticDecoder(llm, rows=6, max_len=64)
+        for row, (s, p) in enumerate(zip(seqs, starts), start=2):
+            if p:
+                dec.load(row, prefill(llm, s[:p]))
+        before = [k.clone() for k in dec.keys]
+        embed = llm.get_input_embeddings()
+        with torch.no_grad():
+            logits = dec.prefill(2, [embed(torch.tensor(s[p:])) for s, p in zip(seqs, starts)], starts)
+        for j, s in enumerate(seqs):
+            torch.testing.assert_close(logits[j], full_logits(llm, s), atol=1e-4, rtol=1e-4)
+        for k0, k1 in zip(before, dec.keys):  # rows 0, 1 and 5 untouched
+            assert torch.equal(k0[[0, 1, 5]], k1[[0, 1, 5]])
+        nxt = [5, 6, 7]
+        step = dec.decode([0, 0] + nxt, [0, 0] + [len(s) for s in seqs])[2:]
+        for j, s in enumerate(seqs):
+            torch.testing.assert_close(step[j], full_logits(llm, s + [nxt[j]]), atol=1e-4, rtol=1e-4)
+    finally:
+        cfg.sliding_window = saved
+    with pytest.raises(ValueError, match="exceed the KV cache"):
+        dec.prefill(5, [embed(torch.tensor([1, 2]))] * 2, [0, 0])
+
+
 def test_decode_refuses_what_the_cache_cannot_hold(llm):
     dec = StaticDecoder(llm, rows=2, max_len=32)
     with pytest.raises(ValueError, match="exceed the KV cache"):
