@@ -10,7 +10,11 @@ boundaries; every step
    single ``generate`` call prefills it, several waiting ones together in
    groups of similar length (right-padded, so each row sees only its own
    tokens; ``prefill_batch_tokens`` bounds a group); each one's first token is
-   sampled and streamed, and its KV cache joins the batch's;
+   sampled and streamed, and its KV cache joins the batch's. With the static
+   cache, a request whose prompt starts with the tokens and images of a row
+   an earlier request left (``serve.prefix_cache``) continues that row
+   instead: the requests that do run only their new tokens, together, in
+   their rows (``StaticDecoder.prefill``);
 2. decodes one token for every row in one forward pass;
 3. applies each row's own sampling settings and streams each row's token to
    its caller;
