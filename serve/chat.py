@@ -162,6 +162,7 @@ class ChatService:
         from .metrics import ImageCacheMetrics
 
         self.image_cache = FeatureCache(int(settings.image_cache_mb * 2**20))
+        self._encoding: dict[bytes, asyncio.Future] = {}  # images being encoded now, by cache key
         self.image_cache_metrics = ImageCacheMetrics()
 
     # ---------------------------------------------------------------- calls
@@ -202,17 +203,34 @@ class ChatService:
         if cached:
             key = self.image_cache.key(data)
             feats = self.image_cache.get(key)
-            self.image_cache_metrics.lookup(feats is not None)
+            # an image another request is encoding now is waited for, not encoded twice (a hit)
+            task = self._encoding.get(key) if feats is None else None
+            self.image_cache_metrics.lookup(feats is not None or task is not None)
             if feats is not None:
                 return feats
+            if task is None:  # its own task: a requester that goes away does not cancel it for the others
+                task = self._encoding[key] = asyncio.ensure_future(self._encode_and_keep(key, data))
+                task.add_done_callback(lambda t, key=key: self._encoded(key, t))
+            pending = asyncio.shield(task)
+        else:
+            pending = self._call(self.image_encoder.encode, data)
         try:
-            feats = await self._call(self.image_encoder.encode, data)
+            return await pending
         except Exception as e:  # noqa: BLE001
             inner = cause_of(e)
             if isinstance(e, ImageDecodeError) or isinstance(inner, ImageDecodeError):
                 raise bad(f"{where}: {image_error_message(str(inner))}", param, "invalid_image") from None
             raise
-        return self.image_cache.put(key, feats) if cached else feats
+
+    async def _encode_and_keep(self, key: bytes, data: bytes) -> np.ndarray:
+        return self.image_cache.put(key, await self._call(self.image_encoder.encode, data))
+
+    def _encoded(self, key: bytes, task: asyncio.Future) -> None:
+        """An image's encoding ended: later requests find it in the cache (or encode it again after a failure)."""
+        if self._encoding.get(key) is task:
+            del self._encoding[key]
+        if not task.cancelled():
+            task.exception()  # retrieved here, so an error nobody waits for any more is not reported as lost
 
     async def fetch_image(self, url: str, param: str) -> bytes:
         import httpx

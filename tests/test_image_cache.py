@@ -113,3 +113,46 @@ def test_each_turn_of_a_chat_about_an_image_encodes_it_once(tiny_cfg, cache_mb):
     assert enc.calls == (2 if cache_mb else 4)  # red once, green once; without the cache every image every turn
     cache = service.image_cache
     assert (cache.hits, cache.misses, len(cache)) == ((2, 2, 2) if cache_mb else (0, 0, 0))  # off: no lookups
+
+
+class SlowEncoder(CountingEncoder):
+    """Takes a while, so that requests overlap; fails on a non-image."""
+
+    async def remote(self, data: bytes):
+        await asyncio.sleep(0.05)
+        return await super().remote(data)
+
+
+def test_concurrent_requests_for_a_new_image_encode_it_once(tiny_cfg):
+    from serve.chat import ChatService
+    from serve.loading import Source
+    from serve.protocol import APIError, parse_chat_request
+
+    from models.tokenizer import load_tokenizer
+
+    enc = SlowEncoder()
+    service = ChatService(None, enc, None, load_tokenizer(tiny_cfg), Source(tiny_cfg, None, None),
+                          ServeSettings.from_dict({"image_cache_mb": 16}))
+
+    def request(image):
+        return parse_chat_request({"messages": conversation(("What is it?", image))}, service.limits)
+
+    broken = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\nbroken").decode()
+
+    async def go():
+        red = request(png("red"))
+        first = asyncio.ensure_future(service.prepare(red))
+        await asyncio.sleep(0.01)  # the first is encoding now
+        others = [service.prepare(red) for _ in range(3)]
+        first.cancel()  # its client left: the encoding goes on for the others
+        got = await asyncio.gather(*others)
+        assert enc.calls == 1 and len(service._encoding) == 0
+        for p in got[1:]:
+            np.testing.assert_array_equal(p.image_features, got[0].image_features)
+        results = await asyncio.gather(*[service.prepare(request(broken)) for _ in range(2)], return_exceptions=True)
+        assert enc.calls == 2  # one failed encoding, both told
+        assert all(isinstance(r, APIError) and r.code == "invalid_image" for r in results), results
+        await service.prepare(request(png("blue")))
+        assert enc.calls == 3 and len(service._encoding) == 0
+
+    asyncio.run(go())

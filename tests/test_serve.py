@@ -346,6 +346,30 @@ def test_an_image_sent_again_is_taken_from_the_ingress_cache(client):
     assert miss + hit == 3 and hit >= 1 and miss >= 1, (miss, hit)
 
 
+def test_concurrent_requests_for_a_new_image_encode_it_once_per_ingress(client):
+    """Four requests with the same new image at once: an ingress replica
+    encodes it once and the others wait for that encoding (counted as hits),
+    so there are at most as many misses as ingress replicas (two)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    img = png(80, 60, "navy")  # an image no other test sends
+    msgs = [{"role": "user", "content": [image_part(img), {"type": "text", "text": "What is it?"}]}]
+    names = [("mmphi_image_cache_lookups_total", {"outcome": o}) for o in ("miss", "hit")]
+    time.sleep(2)  # what earlier tests counted is exported by now
+    before = [scrape(n, **kw) for n, kw in names]
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda _: chat(client, msgs, max_tokens=4, min_tokens=4, temperature=0), range(4)))
+    assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
+    assert len({r.json()["choices"][0]["message"]["content"] for r in replies}) == 1
+    deadline = time.monotonic() + 60
+    while True:
+        miss, hit = (scrape(n, **kw) - b for (n, kw), b in zip(names, before))
+        if miss + hit >= 4 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert miss + hit == 4 and 1 <= miss <= 2, (miss, hit)
+
+
 def test_a_chats_next_turn_is_prefilled_from_the_prefix_cache(client):
     """A chat sends its history every turn: an LLM replica that served an
     earlier turn keeps its row, so the next turn prefills only its new tokens
