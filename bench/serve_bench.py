@@ -223,14 +223,17 @@ def engine(model, prompts: Prompts, encode, features, batches: list[int], max_to
     ``batches``, each ``max_tokens`` long. Tokens/s over the whole batch
     (prefills included), the inter-token time of a single stream, and how
     many leading tokens of the first prompt's greedy answer equal
-    ``generate``'s (``reference``; bf16 rounding may part them late)."""
+    ``generate``'s (``reference``; bf16 rounding may part them late).
+    The prefix cache is off for these (the timed runs repeat their warm-ups'
+    prompts); with the static cache, ``prefix_turn`` then times a chat's
+    second turn with and without it."""
     import torch
 
     from serve.batching import DONE, BatchingOptions, ContinuousBatcher, GenerationRequest
 
     t = time.perf_counter()
     batcher = ContinuousBatcher(model, max(batches), suppress_ids=model.suppressed_ids,
-                                options=BatchingOptions(kv_cache=kv), context_length=context)
+                                options=BatchingOptions(kv_cache=kv, prefix_cache=False), context_length=context)
     out: dict = {"build_s": round(time.perf_counter() - t, 2), **batcher.describe(), "tok_s": {}}
 
     def go(idx: list[int]) -> tuple[float, list[list[float]], list[list[int]]]:
@@ -268,9 +271,70 @@ def engine(model, prompts: Prompts, encode, features, batches: list[int], max_to
             secs, _, tokens = go(list(range(b)))
             assert all(len(x) == max_tokens for x in tokens), [len(x) for x in tokens]
             out["tok_s"][str(b)] = round(b * max_tokens / secs, 1)
+        if batcher.prefix is not None:
+            out["prefix"] = prefix_turn(model, batcher, prompts, encode, features, device)
     out["graphs_captured"] = batcher.describe().get("graphs_captured")
     batcher.close()
     return out
+
+
+def prefix_turn(model, batcher, prompts: Prompts, encode, features, device: str, new_tokens: int = 8) -> dict:
+    """A chat's second turn (the first turn, its answer, a follow-up
+    question) through ``batcher`` alone: time to its first token prefilled
+    whole (prefix cache off) and continuing the first turn's kept row (on),
+    each after an untimed run of the same path, and how many of the greedy
+    tokens of the two agree."""
+    from dataclasses import replace
+
+    from models.conversation import encode_conversation
+    from serve.batching import DONE, GenerationRequest
+
+    i = next((k for k in range(len(prompts.kinds)) if prompts.kind(k) == "image"), 0)
+    first_ids, feats = list(encode(i).input_ids), features([i])
+
+    def one(ids: list[int]) -> tuple[float, list[int]]:
+        tokens: list[int] = []
+        stamps: list[float] = []
+
+        def emit(item):
+            if isinstance(item, BaseException):
+                raise item
+            if item is not DONE:
+                stamps.append(time.perf_counter())
+                tokens.extend(item)
+
+        sync(device)
+        t0 = time.perf_counter()
+        batcher.submit(GenerationRequest(ids, feats, max_new_tokens=new_tokens, min_new_tokens=new_tokens), emit)
+        while batcher.step():
+            pass
+        return stamps[0] - t0, tokens
+
+    def prefix_cache(on: bool) -> None:
+        batcher.options = replace(batcher.options, prefix_cache=on)
+        batcher.prefix.clear()
+
+    prefix_cache(False)
+    answer = one(first_ids)[1]
+    tok = model.tokenizer
+    messages = prompts.messages(i) + [{"role": "assistant", "content": tok.decode(answer, skip_special_tokens=True)},
+                                      {"role": "user", "content": [{"type": "text", "text": FOLLOW_UPS[0]}]}]
+    second = encode_conversation(tok, messages, model.num_image_tokens, add_generation_prompt=True,
+                                 system_prompt=model.cfg.tokenizer.system_prompt).input_ids
+    one(second)  # warm-up: the whole prompt
+    whole_s, whole = one(second)
+    runs = []
+    for _ in range(2):  # the first continues the row untimed (warm-up), the second is timed
+        prefix_cache(True)
+        one(first_ids)
+        before = dict(batcher.stats)
+        runs.append(one(second))
+    cached_s, cached = runs[-1]
+    prefix_cache(False)
+    same = next((k for k, (a, b) in enumerate(zip(cached, whole)) if a != b), len(whole))
+    return {"prompt_tokens": len(second), "reused_tokens": batcher.stats["prefix_tokens"] - before["prefix_tokens"],
+            "ttft_ms_whole": round(1000 * whole_s, 2), "ttft_ms_cached": round(1000 * cached_s, 2),
+            "ratio": round(whole_s / cached_s, 2) if cached_s > 0 else None, "agrees": f"{same}/{len(whole)}"}
 
 
 # ------------------------------------------------------------------ serving
@@ -558,6 +622,11 @@ def print_table(res: dict) -> None:
             print(f"in-process batching loop, {kv} KV cache{' + CUDA graphs' if e.get('cuda_graphs') else ''}: "
                   f"inter-token {e['itl_ms_batch1']:.2f} ms at batch 1; tokens/s {rates} (generate: {gen}); "
                   f"greedy tokens equal to generate's {e['agrees_with_generate']}")
+            if e.get("prefix"):
+                p = e["prefix"]
+                print(f"  a chat's second turn ({p['prompt_tokens']} tokens): first token {p['ttft_ms_whole']:.1f} ms "
+                      f"prefilled whole, {p['ttft_ms_cached']:.1f} ms continuing the first turn's row "
+                      f"({p['reused_tokens']} tokens kept, {p['ratio']}x); greedy tokens agree {p['agrees']}")
     head = (f"{'users':>5} {'ok/req':>7} {'err':>4} {'TTFT p50':>9} {'TTFT p95':>9} {'ITL p50':>8} {'tok/s':>9} "
             f"{'req/s':>7} {'in-proc':>9} {'served/':>8} {'TTFT/prefill':>13} {'rows/':>6}")
     print(head)

@@ -26,7 +26,9 @@ RATIOS = {("embed", "ratio_vs_bare"): ("job_images_per_s", "bare_images_per_s"),
           ("train", "ratio_fp32_frozen_vs_hf_peft"): ("job_fp32_frozen_tokens_per_s", "hf_peft_tokens_per_s"),
           ("train", "ratio_peft_lora_vs_hf_peft"): ("job_peft_lora_tokens_per_s", "hf_peft_tokens_per_s"),
           ("train", "ratio_whole_last_layer_vs_hf_peft"): ("job_whole_last_layer_tokens_per_s", "hf_peft_tokens_per_s"),
-          ("serve", "ratio_vs_hf_batch32"): ("served_tok_s_batch32", "hf_tok_s_batch32")}
+          ("serve", "ratio_vs_hf_batch32"): ("served_tok_s_batch32", "hf_tok_s_batch32"),
+          ("serve", "engine_static_prefix_ttft_ratio"): ("engine_static_prefix_ttft_ms_whole",
+                                                         "engine_static_prefix_ttft_ms_cached")}
 
 
 def _load():
@@ -177,6 +179,12 @@ def test_cpu_rehearsal_end_to_end(cpu_bench):
         assert got == want and int(want) > 0, kv
         assert res["serve"][f"engine_{kv}_decode_tok_s_batch1"] > 0
     assert res["serve"]["llm_cache"]["kv_cache"] == "static"
+    # a chat's second turn continuing the first turn's row: fewer tokens prefilled, the same greedy tokens
+    srv = res["serve"]
+    got, want = srv["engine_static_prefix_agrees"].split("/")
+    assert got == want and int(want) > 0
+    assert 0 < srv["engine_static_prefix_reused_tokens"] < srv["engine_static_prefix_prompt_tokens"]
+    assert "engine_dynamic_prefix_agrees" not in srv  # the dynamic cache keeps no rows
     assert res["embed"]["job_one_call_images_per_s"] > 0  # the job timed with and without the actor's overlap
     assert set(res["details"]["embed"]["job_steady_images_per_s_by_calls"]) == {"1", "2"}
     # the encoder with no host copies: a rate of its own, and the profile of one of its batches
