@@ -195,8 +195,10 @@ def engine_summary(r: dict) -> dict:
         out[f"engine_{kv}_graphs"] = e.get("graphs_captured")
         out[f"engine_{kv}_graph_error"] = e.get("graph_error")
         out[f"engine_{kv}_agrees_with_generate"] = e.get("agrees_with_generate")
-        if e.get("prefix"):  # a chat's second turn, prefilled whole and continuing the first turn's row
-            p = e["prefix"]
+        p = e.get("prefix")
+        if p and p.get("error"):
+            out[f"engine_{kv}_prefix_error"] = p["error"]
+        elif p:  # a chat's second turn, prefilled whole and continuing the first turn's row
             out[f"engine_{kv}_prefix_ttft_ms_whole"] = p["ttft_ms_whole"]
             out[f"engine_{kv}_prefix_ttft_ms_cached"] = p["ttft_ms_cached"]
             out[f"engine_{kv}_prefix_ttft_ratio"] = _ratio(p["ttft_ms_whole"], p["ttft_ms_cached"])

@@ -272,7 +272,10 @@ def engine(model, prompts: Prompts, encode, features, batches: list[int], max_to
             assert all(len(x) == max_tokens for x in tokens), [len(x) for x in tokens]
             out["tok_s"][str(b)] = round(b * max_tokens / secs, 1)
         if batcher.prefix is not None:
-            out["prefix"] = prefix_turn(model, batcher, prompts, encode, features, device)
+            try:
+                out["prefix"] = prefix_turn(model, batcher, prompts, encode, features, device)
+            except Exception as e:  # noqa: BLE001 - an extra figure: its failure is reported, the stage goes on
+                out["prefix"] = {"error": f"{type(e).__name__}: {e}"}
     out["graphs_captured"] = batcher.describe().get("graphs_captured")
     batcher.close()
     return out
@@ -622,7 +625,9 @@ def print_table(res: dict) -> None:
             print(f"in-process batching loop, {kv} KV cache{' + CUDA graphs' if e.get('cuda_graphs') else ''}: "
                   f"inter-token {e['itl_ms_batch1']:.2f} ms at batch 1; tokens/s {rates} (generate: {gen}); "
                   f"greedy tokens equal to generate's {e['agrees_with_generate']}")
-            if e.get("prefix"):
+            if e.get("prefix", {}).get("error"):
+                print(f"  a chat's second turn: failed ({e['prefix']['error']})")
+            elif e.get("prefix"):
                 p = e["prefix"]
                 print(f"  a chat's second turn ({p['prompt_tokens']} tokens): first token {p['ttft_ms_whole']:.1f} ms "
                       f"prefilled whole, {p['ttft_ms_cached']:.1f} ms continuing the first turn's row "

@@ -58,7 +58,8 @@ FAKE = {
     "serve_bench": {"max_tokens": 8, "inprocess": {"tok_s": {"1": 50.0, "32": 400.0}, "itl_ms_batch1": 20.0,
                                                    "engine": {"static": {"itl_ms_batch1": 4.0, "tok_s": {"1": 200.0, "32": 1000.0},
                                                                          "graphs_captured": 12, "graph_error": None,
-                                                                         "agrees_with_generate": "8/8"}}},
+                                                                         "agrees_with_generate": "8/8",
+                                                                         "prefix": {"error": "RuntimeError: pretend"}}}},
                     "summary": {"llm_cache": {"kv_cache": "static", "rows": 32}},
                     "levels": [{"users": 1, "itl_ms_p50": 25.0, "output_tok_s": 30.0, "errors": 0,
                                 "ttft_ms_p50_by_kind": {"text": 40.0, "image": 60.0}},
@@ -106,6 +107,9 @@ def test_a_failing_stage_is_recorded_and_the_others_run(tmp_path, monkeypatch):
     assert res["serve"]["engine_static_decode_tok_s_batch1"] == pytest.approx(250.0)  # 1000 / its ITL
     assert res["serve"]["engine_static_ratio_vs_hf_batch32"] == pytest.approx(2.5)
     assert res["serve"]["engine_static_graphs"] == 12 and res["serve"]["llm_cache"]["kv_cache"] == "static"
+    # the second-turn figure failed alone: its error is kept, the stage's figures stand
+    assert res["serve"]["engine_static_prefix_error"] == "RuntimeError: pretend"
+    assert "engine_static_prefix_ttft_ratio" not in res["serve"]
     # what each figure implies: FLOPs and bytes from the shapes run (no peaks for a CPU: no utilisation)
     util = res["utilisation"]
     assert util["peaks"] is None and util["embed"]["gflops_per_image"] > 0 and util["embed"]["job_mfu"] is None
