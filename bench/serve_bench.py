@@ -514,7 +514,8 @@ def summarise(users: int, recs: list[dict], baseline: dict | None, kinds: list[s
         "ttft_ms_p50_by_kind": {k: ms(pct([r["ttft_s"] for r in ok if r["kind"] == k], 50)) for k in kinds},
         "ttft_ms_p50_by_turn": {t: ms(pct([r["ttft_s"] for r in ok if r.get("turn", 1) == t], 50))
                                 for t in sorted({r.get("turn", 1) for r in recs})},
-        "per_request": [{"kind": r["kind"], "turn": r.get("turn", 1), "ok": r["ok"], "tokens": r["tokens"], "chunks": r["chunks"],
+        "per_request": [{"kind": r["kind"], "turn": r.get("turn", 1), "ok": r["ok"], "tokens": r["tokens"],
+                         "chunks": r["chunks"],
                          "ttft_ms": ms(r.get("ttft_s")), "itl_ms": ms(r.get("itl_s")),
                          "latency_ms": ms(r.get("latency_s")), "finish_reason": r.get("finish_reason")}
                         for r in recs],
@@ -648,7 +649,8 @@ def print_table(res: dict) -> None:
             by_turn = ", ".join(f"turn {t} {fmt(v, 0)} ms" for t, v in r["ttft_ms_p50_by_turn"].items())
             p = r.get("llm_prefix") or {}
             print(f"{r['users']:>5} users, TTFT p50 by turn: {by_turn}; prompt tokens prefilled "
-                  f"{p.get('prompt_tokens')}, from the prefix cache {p.get('prefix_tokens')} ({p.get('prefix_hits')} hits)")
+                  f"{p.get('prompt_tokens')}, from the prefix cache {p.get('prefix_tokens')} "
+                  f"({p.get('prefix_hits')} hits)")
     print("TTFT/prefill: served TTFT p50 over in-process prefill, t = text, i = image + text "
           "(image: prefill without the vision tower); rows/step: requests the LLM decoded together "
           "per forward pass (continuous batching)")
@@ -771,7 +773,8 @@ def main(argv=None) -> dict:
         "benchmark": "serve", "card": card_name(args.gpu), "device": "cuda" if args.gpu else "cpu",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "preset": args.preset, "checkpoint": args.checkpoint,
         "overrides": args.overrides, "torch": torch.__version__, "ray": ray.__version__,
-        "max_tokens": args.max_tokens, "temperature": 0, "mix": args.mix, "turns": args.turns, "photo": args.photo, "images": args.images,
+        "max_tokens": args.max_tokens, "temperature": 0, "mix": args.mix, "turns": args.turns, "photo": args.photo,
+        "images": args.images,
         "image_cache_mb": resolved.image_cache_mb, "users": args.users,
         "requests_per_user": None if args.duration else args.requests_per_user, "duration_s": args.duration,
         "llm_replicas": "autoscaled" if args.autoscale else args.llm_replicas, "options": args.option,

@@ -168,7 +168,8 @@ class PrefixIndex:
         n_img = int((a == self.image_id).sum()) // self.image_tokens
         images = tuple(images[:n_img])
         for r, e in list(self.entries.items()):
-            if r != row and len(e) <= len(a) and e.images == images[:len(e.images)] and np.array_equal(e.ids, a[:len(e)]):
+            if (r != row and len(e) <= len(a) and e.images == images[:len(e.images)]
+                    and np.array_equal(e.ids, a[:len(e)])):
                 del self.entries[r]
         self.clock += 1
         entry = self.entries[row] = Retained(row, a, images, self.clock)

@@ -115,8 +115,8 @@ def test_rows_that_leave_below_running_ones_are_kept_and_reused(model, images, k
 def test_retained_rows_make_way_for_running_requests(model, images, kv):
     stops = list(model.tokenizer.stop_ids)
     questions = ["What is seven plus five?", "Where is the circle?", "Name three colours.", "Hi"]
-    reqs = [GenerationRequest(chat(model, [(k % 2, q)], []), images[k % 3:k % 3 + 1] if k % 2 else None, max_new_tokens=6)
-            for k, q in enumerate(questions)]
+    reqs = [GenerationRequest(chat(model, [(k % 2, q)], []), images[k % 3:k % 3 + 1] if k % 2 else None,
+                              max_new_tokens=6) for k, q in enumerate(questions)]
     expected = [reference(model, r, stops) for r in reqs]
     batcher = make(model, kv, 4, stop_ids=stops)
     for k in range(4):  # one at a time: each leaves its row retained
