@@ -292,33 +292,7 @@ class StaticDecoder:
         residual adds take few kernels (a replayed graph still pays a few
         microseconds for each of its kernels)."""
         tokens, pos, rows = self.tokens[:b], self.positions[:b], self.row_index[:b]
-        x = self.embed_tokens(tokens)  # (b, hidden)
-        cos = self.cos[pos][:, None, None, :]
-        sin = self.signed_sin[pos][:, None, None, :]
-        cols = self.columns[:length].unsqueeze(0)
-        mask = cols <= pos[:, None]
-        if self.window is not None:
-            mask = mask & (cols > pos[:, None] - self.window)
-        mask = mask[:, None, None, :]  # (b, 1, 1, length)
-        q_end = self.heads * self.head_dim
-        k_end = q_end + self.kv_heads * self.head_dim
-        gqa = self.kv_heads != self.heads
-        for layer, keys, values in zip(self.layers, self.keys, self.values):
-            attn, mlp = layer.self_attn, layer.mlp
-            qkv = attn.qkv_proj(_rms_norm(x, layer.input_layernorm))
-            qk = _rope(qkv[:, :k_end].view(b, self.heads + self.kv_heads, 1, self.head_dim), cos, sin)
-            q, k = qk[:, :self.heads], qk[:, self.heads:]
-            keys[rows, :, pos] = k[:, :, 0]
-            values[rows, :, pos] = qkv[:, k_end:].view(b, self.kv_heads, self.head_dim)
-            out = F.scaled_dot_product_attention(q, keys[:b, :, :length], values[:b, :, :length], attn_mask=mask,
-                                                 scale=self.scale, enable_gqa=gqa)
-            x = _add_linear(x, attn.o_proj, out.reshape(b, -1))
-            h = _rms_norm(x, layer.post_attention_layernorm)
-            if hasattr(mlp, "gate_up_proj") and hasattr(mlp, "activation_fn"):  # Phi3MLP's own steps
-                gate, up = mlp.gate_up_proj(h).chunk(2, dim=-1)
-                x = _add_linear(x, mlp.down_proj, up * mlp.activation_fn(gate))
-            else:
-                x = x + mlp(h)
+        x = self._layers(self.embed_tokens(tokens), rows[:, None], pos[:, None], slice(0, b), length)
         return self.lm_head(_rms_norm(x, self.norm))
 
     @torch.no_grad()
@@ -337,39 +311,50 @@ class StaticDecoder:
         x = embeds[0].new_zeros(k, width, embeds[0].shape[-1], dtype=self.dtype)
         for j, e in enumerate(embeds):
             x[j, :lens[j]] = e
-        x = x.view(k * width, -1)
         pos = (torch.tensor(starts, device=self.device)[:, None] + torch.arange(width, device=self.device))
         pos = pos.clamp_(max=self.max_len - 1)  # (k, width)
         rows = torch.arange(row0, row0 + k, device=self.device)[:, None]
-        cos = self.cos[pos][:, None]  # (k, 1, width, dim)
+        x = self._layers(x.view(k * width, -1), rows, pos, slice(row0, row0 + k), need)
+        last = x.view(k, width, -1)[torch.arange(k, device=self.device), torch.tensor(lens, device=self.device) - 1]
+        return self.lm_head(_rms_norm(last, self.norm))
+
+    def _layers(self, x: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, kv_rows: slice,
+                length: int) -> torch.Tensor:
+        """Every decoder layer over ``x`` (``(n * width, hidden)``: ``width``
+        tokens for each of ``n`` rows), writing token ``(i, t)``'s key and
+        value at row ``rows[i, 0]``, column ``pos[i, t]`` (both ``(n, width)``
+        or broadcast to it) and attending over the cache rows ``kv_rows``,
+        columns ``0..length-1`` (causal, and within the sliding window). The
+        hidden states after the last layer, before the final norm."""
+        n, width = pos.shape
+        cos = self.cos[pos][:, None]  # (n, 1, width, dim)
         sin = self.signed_sin[pos][:, None]
-        cols = self.columns[:need]
+        cols = self.columns[:length]
         mask = cols <= pos[..., None]
         if self.window is not None:
             mask = mask & (cols > pos[..., None] - self.window)
-        mask = mask[:, None]  # (k, 1, width, need)
+        mask = mask[:, None]  # (n, 1, width, length)
         q_end = self.heads * self.head_dim
         k_end = q_end + self.kv_heads * self.head_dim
         gqa = self.kv_heads != self.heads
         for layer, keys, values in zip(self.layers, self.keys, self.values):
             attn, mlp = layer.self_attn, layer.mlp
-            qkv = attn.qkv_proj(_rms_norm(x, layer.input_layernorm)).view(k, width, -1)
-            qk = _rope(qkv[..., :k_end].view(k, width, self.heads + self.kv_heads, self.head_dim).transpose(1, 2),
+            qkv = attn.qkv_proj(_rms_norm(x, layer.input_layernorm)).view(n, width, -1)
+            qk = _rope(qkv[..., :k_end].view(n, width, self.heads + self.kv_heads, self.head_dim).transpose(1, 2),
                        cos, sin)
-            q = qk[:, :self.heads]
             keys[rows, :, pos] = qk[:, self.heads:].transpose(1, 2)
-            values[rows, :, pos] = qkv[..., k_end:].view(k, width, self.kv_heads, self.head_dim)
-            out = F.scaled_dot_product_attention(q, keys[row0:row0 + k, :, :need], values[row0:row0 + k, :, :need],
-                                                 attn_mask=mask, scale=self.scale, enable_gqa=gqa)
-            x = _add_linear(x, attn.o_proj, out.transpose(1, 2).reshape(k * width, -1))
+            values[rows, :, pos] = qkv[..., k_end:].view(n, width, self.kv_heads, self.head_dim)
+            out = F.scaled_dot_product_attention(qk[:, :self.heads], keys[kv_rows, :, :length],
+                                                 values[kv_rows, :, :length], attn_mask=mask, scale=self.scale,
+                                                 enable_gqa=gqa)
+            x = _add_linear(x, attn.o_proj, out.transpose(1, 2).reshape(n * width, -1))
             h = _rms_norm(x, layer.post_attention_layernorm)
-            if hasattr(mlp, "gate_up_proj") and hasattr(mlp, "activation_fn"):
+            if hasattr(mlp, "gate_up_proj") and hasattr(mlp, "activation_fn"):  # Phi3MLP's own steps
                 gate, up = mlp.gate_up_proj(h).chunk(2, dim=-1)
                 x = _add_linear(x, mlp.down_proj, up * mlp.activation_fn(gate))
             else:
                 x = x + mlp(h)
-        last = x.view(k, width, -1)[torch.arange(k, device=self.device), torch.tensor(lens, device=self.device) - 1]
-        return self.lm_head(_rms_norm(last, self.norm))
+        return x
 
     def describe(self) -> dict:
         return {"rows": self.rows, "max_len": self.max_len, "gib": round(self.nbytes / 2**30, 3), "moves": self.moves,
