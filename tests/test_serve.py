@@ -290,6 +290,18 @@ def test_official_openai_client(server):
         openai.OpenAI(base_url=server + "v1", api_key="wrong", max_retries=0).models.list()
 
 
+def counted_since(names: list[tuple[str, dict]], before: list[float], done, timeout: float = 60) -> list[float]:
+    """How much each scraped counter ``(name, labels)`` rose since ``before``,
+    once ``done`` of those rises holds, or after ``timeout`` seconds
+    (metrics reach the node's agent within a report interval)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = [scrape(n, **kw) - b for (n, kw), b in zip(names, before)]
+        if done(got) or time.monotonic() > deadline:
+            return got
+        time.sleep(1)
+
+
 def test_metrics_count_tokens_outcomes_and_errors(client):
     """The LLM replica's token counters, outcomes and time to first token and
     the ingress's error count reach Prometheus: a 5-token answer cut by
@@ -306,12 +318,7 @@ def test_metrics_count_tokens_outcomes_and_errors(client):
     bad = chat(client, [{"role": "user", "content": [image_part(b"\x89PNG\r\n\x1a\nbroken")]}])
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_image"
     want = [5, r["usage"]["prompt_tokens"], 1, 1, 1, 1]
-    deadline = time.monotonic() + 60
-    while True:
-        got = [scrape(n, **kw) - b for (n, kw), b in zip(names, before)]
-        if all(g >= w for g, w in zip(got, want)) or time.monotonic() > deadline:
-            break
-        time.sleep(1)
+    got = counted_since(names, before, lambda got: all(g >= w for g, w in zip(got, want)))
     assert all(g >= w for g, w in zip(got, want)), dict(zip([n for n, _ in names], got))
     # the queue gauges are set every second, idle or not (Ray drops a gauge left unset for an interval)
     from serve.app import metrics_url
@@ -337,12 +344,7 @@ def test_an_image_sent_again_is_taken_from_the_ingress_cache(client):
         assert r.status_code == 200, r.text
         answers.append(r.json()["choices"][0]["message"]["content"])
     assert answers[1:] == answers[:2]  # the kept features are the encoder's
-    deadline = time.monotonic() + 60
-    while True:
-        miss, hit = (scrape(n, **kw) - b for (n, kw), b in zip(names, before))
-        if miss + hit >= 3 or time.monotonic() > deadline:
-            break
-        time.sleep(1)
+    miss, hit = counted_since(names, before, lambda got: sum(got) >= 3)
     assert miss + hit == 3 and hit >= 1 and miss >= 1, (miss, hit)
 
 
@@ -361,12 +363,7 @@ def test_concurrent_requests_for_a_new_image_encode_it_once_per_ingress(client):
         replies = list(pool.map(lambda _: chat(client, msgs, max_tokens=4, min_tokens=4, temperature=0), range(4)))
     assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
     assert len({r.json()["choices"][0]["message"]["content"] for r in replies}) == 1
-    deadline = time.monotonic() + 60
-    while True:
-        miss, hit = (scrape(n, **kw) - b for (n, kw), b in zip(names, before))
-        if miss + hit >= 4 or time.monotonic() > deadline:
-            break
-        time.sleep(1)
+    miss, hit = counted_since(names, before, lambda got: sum(got) >= 4)
     assert miss + hit == 4 and 1 <= miss <= 2, (miss, hit)
 
 
@@ -382,7 +379,8 @@ def test_a_chats_next_turn_is_prefilled_from_the_prefix_cache(client):
     second = first + [{"role": "assistant", "content": r.json()["choices"][0]["message"]["content"]},
                       {"role": "user", "content": "And what colour is it?"}]
     time.sleep(2)  # what earlier tests counted is exported by now
-    before = scrape("mmphi_llm_prefix_cache_tokens_total")
+    names = [("mmphi_llm_prefix_cache_tokens_total", {})]
+    before = [scrape(n, **kw) for n, kw in names]
     answers, prompt_tokens = [], 0
     for _ in range(4):
         r = chat(client, second, max_tokens=6, min_tokens=6, temperature=0)
@@ -390,9 +388,7 @@ def test_a_chats_next_turn_is_prefilled_from_the_prefix_cache(client):
         answers.append(r.json()["choices"][0]["message"]["content"])
         prompt_tokens = r.json()["usage"]["prompt_tokens"]
     assert len(set(answers)) == 1  # a reused prefix answers as a prefilled one
-    deadline = time.monotonic() + 60
-    while (got := scrape("mmphi_llm_prefix_cache_tokens_total") - before) < 2 * 16 and time.monotonic() < deadline:
-        time.sleep(1)
+    got, = counted_since(names, before, lambda got: got[0] >= 2 * 16)
     assert got >= 2 * 16, got  # at least two hits of at least the minimum prefix
     assert got <= 4 * (prompt_tokens - 1), (got, prompt_tokens)  # never the whole prompt: its last token is prefilled
 
