@@ -321,13 +321,16 @@ class ContinuousBatcher:
         return {"kv_cache": "static", **self.static.describe(), "prefix_cache": self._prefix_on(),
                 "retained_rows": len(self.prefix)}
 
-    def _prefix_on(self) -> bool:
+    @property
+    def reuses_prefixes(self) -> bool:
         """Whether finished rows are kept for prefix reuse (the static cache and ``prefix_cache``)."""
-        if self.prefix is None:
-            return False
-        if not self.options.prefix_cache and len(self.prefix):
-            self.prefix.clear()  # turned off live
-        return self.options.prefix_cache
+        return self.prefix is not None and self.options.prefix_cache
+
+    def _prefix_on(self) -> bool:
+        """``reuses_prefixes``, dropping what was kept when it was turned off live."""
+        if self.prefix is not None and not self.options.prefix_cache and len(self.prefix):
+            self.prefix.clear()
+        return self.reuses_prefixes
 
     # ----------------------------------------------------------- interface
     def submit(self, request: GenerationRequest, emit: Callable[[Any], None]) -> Ticket:

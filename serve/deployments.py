@@ -319,7 +319,7 @@ class LLM:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
         batched = self.options.continuous_batching and self.batcher.fits(req)
-        if batched and req.image_features is not None and self.batcher.prefix is not None and self.options.prefix_cache:
+        if batched and req.image_features is not None and self.batcher.reuses_prefixes:
             await asyncio.to_thread(req.digests)  # hashed here, not in the batching loop
         track = self.metrics.track(len(req.input_ids), self.stop_ids, req.max_new_tokens)
         try:
