@@ -14,7 +14,7 @@ import pytest
 from models.conversation import encode_conversation
 from serve.batching import BatchingOptions, GenerationRequest
 from serve.prefix_cache import MIN_TOKENS, PrefixIndex, feature_digests
-from tests.test_batching import make, reference, run_schedule
+from tests.test_batching import Collector, make, reference, run_schedule
 
 
 @pytest.fixture(scope="module")
@@ -304,3 +304,80 @@ def test_feature_digests_tell_pictures_apart(images):
     assert feature_digests(None) == ()
     req = GenerationRequest([1, 2], images[:1])
     assert req.digests() == a[:1]
+
+
+# ------------------------------------------------------------ random chats
+FOLLOW_UPS = ["Why?", "Are you sure?", "And this one?", "Say it again, in other words.", "What else do you see?"]
+
+
+def _random_chats(model, images, kv, seed: int, chats: int = 7, rows: int = 4, steps: int = 400):
+    """``chats`` conversations of 2 to 4 turns over ``rows`` rows, each next
+    turn sent at a random step after the previous answer, with its own
+    ``max_new_tokens``; a few turns bring a new picture, a few are cancelled
+    mid-answer. Openings repeat across chats (the same question with another
+    picture, or none), so rows of other chats match too. Returns what each
+    request got: (request, tokens, cancelled after) and the batcher."""
+    import random
+
+    rnd = random.Random(seed)
+    stops = list(model.tokenizer.stop_ids)
+    batcher = make(model, kv, rows, stop_ids=stops)
+    openings = ["What is in the picture?", "Describe the picture in a few words.", "Hi"]
+    plan = []
+    for _ in range(chats):
+        n_turns = rnd.randint(2, 4)
+        first_img = rnd.random() < 0.7
+        turns = [(int(first_img), rnd.choice(openings))]
+        turns += [(int(rnd.random() < 0.25), rnd.choice(FOLLOW_UPS)) for _ in range(n_turns - 1)]
+        pics = [rnd.randrange(len(images)) for _ in turns]
+        plan.append({"turns": turns, "pics": pics, "answers": [], "sink": None, "next_at": rnd.randrange(6)})
+    done = []
+    for step in range(steps):
+        for c in plan:
+            if c["sink"] is None and len(c["answers"]) < len(c["turns"]) and step >= c["next_at"]:
+                k = len(c["answers"])
+                turns = c["turns"][:k + 1]
+                feats = [c["pics"][j] for j, (n, _) in enumerate(turns) if n]
+                req = GenerationRequest(chat(model, turns, c["answers"]), images[feats] if feats else None,
+                                        max_new_tokens=rnd.randint(1, 10))
+                c["cancel"] = rnd.randint(1, req.max_new_tokens) if rnd.random() < 0.15 else None
+                c["req"], c["sink"] = req, Collector()
+                c["ticket"] = batcher.submit(req, c["sink"])
+        batcher.step()
+        for c in plan:
+            sink = c["sink"]
+            if sink is None:
+                continue
+            if c["cancel"] is not None and len(sink.tokens) >= c["cancel"] and not sink.done.is_set():
+                c["ticket"].cancel()
+                sink.done.set()  # what arrives after the cancel is not the answer
+            if sink.done.is_set():
+                assert sink.error is None, sink.error
+                done.append((c["req"], list(sink.tokens), c["cancel"]))
+                c["answers"].append(answer_text(model, sink.tokens))
+                c["sink"], c["next_at"] = None, step + 1 + rnd.randrange(8)
+        if all(len(c["answers"]) == len(c["turns"]) for c in plan) and not batcher.active and not batcher.waiting:
+            break
+    else:
+        raise AssertionError(f"the chats did not finish in {steps} steps")
+    return done, batcher
+
+
+@pytest.mark.parametrize("seed, rows", [(0, 4), (1, 6)])
+def test_random_chats_answer_as_alone(model, images, kv, seed, rows):
+    """Seven chats over four or six rows, arriving, continuing, bringing pictures and
+    being cancelled at random: every answer is ``generate``'s for its request
+    alone (a cancelled one a prefix of it), though rows were continued,
+    copied, moved up and forgotten along the way."""
+    stops = list(model.tokenizer.stop_ids)
+    done, batcher = _random_chats(model, images, kv, seed, rows=rows)
+    assert len(done) >= 14
+    for k, (req, tokens, cancel) in enumerate(done):
+        want = reference(model, req, stops)
+        if cancel is None:
+            assert tokens == want, f"request {k}: batched {tokens} != alone {want}"
+        else:
+            assert tokens[:cancel] == want[:len(tokens[:cancel])], f"request {k} (cancelled): {tokens} vs {want}"
+    # the schedule did what it is for: rows continued, and rows copied or moved
+    assert batcher.stats["prefix_hits"] >= 2, batcher.stats
+    assert batcher.static.moves > 0 and batcher.stats["largest_batch"] >= 4
