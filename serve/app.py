@@ -169,6 +169,7 @@ def run_local(
     config: str | Path | None = DEFAULT_CONFIG,
     num_cpus: int | None = None,
     access_log: bool = True,
+    system_logs: str = "INFO",
 ) -> str:
     """Serve the application on a local Ray cluster; returns the page's URL.
 
@@ -178,7 +179,10 @@ def run_local(
     Ctrl-C, then shut Serve down; otherwise return once every deployment is
     healthy and leave it running (``serve.shutdown()`` stops it).
     ``access_log=False``: no line per request and per deployment call (in
-    the replicas' log files and on the console); the rest of their logs stay."""
+    the replicas' log files and on the console); the rest of their logs stay.
+    ``system_logs``: the log level of Serve's controller and HTTP proxy
+    (``"WARNING"`` leaves out their line per deployment change and replica
+    start, e.g. on a console that also shows a job's own progress)."""
     import ray
 
     args, opts = read_serve_config(config) if config else ({}, {})
@@ -199,7 +203,8 @@ def run_local(
         current = None
     if current is None:
         _check_port(host, port)
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options={"host": host, "port": port},
+                logging_config=None if system_logs == "INFO" else {"log_level": system_logs})
     started = time.monotonic()
     serve.run(build_app(args, opts), name=APP_NAME, route_prefix="/", blocking=False,
               logging_config=None if access_log else {"enable_access_log": False})

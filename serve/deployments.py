@@ -230,6 +230,7 @@ class LLM:
         self.stop_ids = set(self.model.tokenizer.stop_ids)
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="generate")
         self.batcher = None
+        self._batching_said = None  # the last "LLM batching" log line's text
         self.metrics = LLMMetrics()
         self._unbatched = 0  # requests in generate threads (batching off, or too long for the cache)
         # the queue gauges, set every second (Ray drops a gauge not set within a report interval)
@@ -265,9 +266,11 @@ class LLM:
             self.batcher.options = dataclasses.replace(self.batcher.options,
                                                        prefill_batch_tokens=self.options.prefill_batch_tokens,
                                                        prefix_cache=self.options.prefix_cache)
-        log.info("LLM batching: %s", f"continuous, up to {self.batcher.max_batch_size} rows per step, "
-                 f"{self.batcher.describe()}" if self.options.continuous_batching else
-                 "off (one generate call per request)")
+        said = (f"continuous, up to {self.batcher.max_batch_size} rows per step, {self.batcher.describe()}"
+                if self.options.continuous_batching else "off (one generate call per request)")
+        if said != self._batching_said:  # once at start, then on each change
+            log.info("LLM batching: %s", said)
+            self._batching_said = said
 
     def ping(self) -> str:
         return "ok"

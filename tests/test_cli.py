@@ -388,6 +388,7 @@ def test_demo_learns_from_the_image_and_reuses_everything(work):
     assert "Reporting training result" not in p.stdout + p.stderr  # Ray Train's line per report and worker
     assert "POST /v1/chat/completions" not in p.stdout + p.stderr  # no access-log line per checked question
     assert "gemm_4bit_forward" not in p.stdout + p.stderr  # bitsandbytes' optional-kernel notice, once per process
+    assert "Got updated endpoints" not in p.stdout + p.stderr  # the HTTP proxy's INFO line listing every route
     s = json.loads((out / "summary.json").read_text())
     s1, s2a, s2 = s["stage1"], s["stage2_single"], s["stage2"]
     acc, blind, chance, n = s2["answer_accuracy"], s2["blind_answer_accuracy"], s2["chance"], s2["answer_counts"]

@@ -194,7 +194,8 @@ def _serve(args, s2: dict, questions: list, images: Path) -> dict:
     print(f"[7/7] Ray Serve: ASR, ImageEncoder and LLM deployments behind the chat page, checkpoint {s2['final']}")
     started = time.time()
     # no access log: the check's 1,200 requests would print 3 lines each (ingress, encoder, LLM)
-    url = run_local(checkpoint=s2["final"], port=args.port, blocking=False, access_log=False)
+    # nor the controller's and proxy's INFO lines (one per replica start, the proxy's list of every route)
+    url = run_local(checkpoint=s2["final"], port=args.port, blocking=False, access_log=False, system_logs="WARNING")
     ready = time.time() - started
 
     def ask(client, sample) -> str:
