@@ -477,16 +477,15 @@ class ContinuousBatcher:
         """Before new requests take rows ``n..``: the first ``len(resumed)``
         go to the requests that continue a retained row (``_resume``), which
         keep theirs in place when it is among them (the first to claim it);
-        every other retained row below the new step's row bucket moves up
+        every other retained row below the rows the new step runs moves up
         (``PrefixIndex.relocate``). Returns the claims: resumed index -> row."""
         n, k = len(self._rows), len(resumed)
         claims: dict[int, int] = {}
         for j, (_, _, entry, _) in enumerate(resumed):
             if n <= entry.row < n + k and entry.row not in claims.values():
                 claims[j] = entry.row
-        floor = self.static.floor(n + k + fresh)
         protect = {entry.row for _, _, entry, _ in resumed}
-        for src, dst, length in self.prefix.relocate(floor, self.static.rows, set(claims.values()), protect):
+        for src, dst, length in self.prefix.relocate(n + k + fresh, self.static.rows, set(claims.values()), protect):
             self.static.move(src, dst, length)
         return claims
 
@@ -687,18 +686,19 @@ class ContinuousBatcher:
 
     def _retain(self, leaving: list[int], n: int) -> None:
         """Keep leaving rows' keys and values for prefix reuse, in place when
-        the row stays clear of the ``n`` rows that go on decoding (and of a
-        step's padding rows), else copied to a free row above every current one."""
-        floor, busy = self.static.floor(n), set(range(len(self._rows)))
+        the row stays clear of the ``n`` rows that go on decoding (a bucketed
+        step's padding rows write only the last column, which no request
+        uses), else copied to a free row above every current one."""
+        busy = set(range(len(self._rows)))
         for i in leaving:
             row = self._rows[i]
             length = row.position
             if length < 1 or len(row.tokens) < 1:
                 continue
-            if i >= floor:
+            if i >= n:
                 target = i
             else:
-                target = self.prefix.free_row(floor, self.static.rows, busy)
+                target = self.prefix.free_row(n, self.static.rows, busy)
                 if target is None:
                     continue
                 self.static.move(i, target, length)

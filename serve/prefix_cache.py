@@ -10,11 +10,12 @@ left, copies the longest common prefix and runs the model over the new
 tokens only.
 
 Where the rows live. The static cache keeps its running rows dense
-(``0..n-1``) and a decoding step writes padding rows ``n..b-1`` (``b``, the
-step's row bucket, on a GPU) at column 0. A retained row therefore sits at
-or above ``floor = bucket(n)``: a row that finishes at or above the floor
-stays where it is (no copy), one below it is copied to a free row above the
-current rows first (its place is about to be taken by the last running row).
+(``0..n-1``); a decoding step padded to a row bucket (CUDA graphs) writes
+its padding rows ``n..b-1`` only at the last column, which no request uses.
+A retained row therefore sits anywhere at or above ``n``: a row that
+finishes there stays where it is (no copy), one below it is copied to a free
+row above the current rows first (its place is about to be taken by the last
+running row).
 When the running rows grow into retained rows, those move up to free rows
 (the most recently used first) unless a new request continues one in place;
 when no row is free, the least recently used retained row makes room. Retention

@@ -194,14 +194,6 @@ class StaticDecoder:
             k[row, :, :n].copy_(layer.keys[0])
             v[row, :, :n].copy_(layer.values[0])
 
-    def floor(self, n: int) -> int:
-        """The first row that a step over ``n`` running rows leaves alone: a
-        bucketed step also runs padding rows up to its row bucket, and each
-        writes its row's column 0."""
-        if n <= 0:
-            return 0
-        return next(x for x in self.row_buckets if x >= n) if self.bucketed else n
-
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy row ``src``'s first ``length`` columns into row ``dst``."""
         self.moves += 1
@@ -224,7 +216,10 @@ class StaticDecoder:
         else:
             b, length = n, need
         self.tokens[:b].copy_(torch.tensor(tokens + [0] * (b - n), dtype=torch.long))
-        self.positions[:b].copy_(torch.tensor(positions + [0] * (b - n), dtype=torch.long))
+        # a padding row writes its key and value at the last column, which no request uses (a prompt and
+        # its answer fit max_len, and the answer's last token is never fed): the rows past the running
+        # ones keep what they hold (a finished request's prefix, kept for reuse) whatever the bucket
+        self.positions[:b].copy_(torch.tensor(positions + [self.max_len - 1] * (b - n), dtype=torch.long))
         if self.use_graphs:
             try:
                 return self._replay(b, length)[:n]

@@ -130,10 +130,11 @@ def test_retained_rows_make_way_for_running_requests(model, images, kv):
     assert batcher.stats["largest_batch"] == 4
 
 
-def test_retained_rows_stay_clear_of_the_steps_padding_rows(model, images, kv):
+def test_a_row_kept_among_the_steps_padding_rows_is_reused(model, images, kv):
     """Four rows run; the last (row 3) finishes first. A bucketed step over the
-    three left runs four rows and writes the fourth's column 0, so row 3 is
-    kept above that bucket, and its conversation's next turn answers as alone."""
+    three left runs four rows, the fourth as padding, which writes only the
+    column no request uses: row 3 is kept where it is, and its conversation's
+    next turn answers as alone."""
     stops = list(model.tokenizer.stop_ids)
     q = "Describe the picture in a few words."
     short = GenerationRequest(chat(model, [(1, q)], []), images[:1], max_new_tokens=3)  # the longest prompt: row 3
@@ -144,9 +145,11 @@ def test_retained_rows_stay_clear_of_the_steps_padding_rows(model, images, kv):
     reqs = others + [short, follow]
     expected = [reference(model, r, stops) for r in reqs]
     batcher = make(model, kv, stop_ids=stops)
-    sinks = run_schedule(batcher, {0: [0, 1, 2, 3], 6: [4]}, reqs)
+    sinks = run_schedule(batcher, {0: [0, 1, 2, 3], 5: [4]}, reqs)
     assert [s.tokens for s in sinks] == expected
     assert batcher.stats["prefix_hits"] >= 1
+    assert batcher.stats["prefix_tokens"] >= len(short.input_ids)  # the whole first turn: row 3 was intact
+    assert batcher.static.moves == 0  # kept in place, and continued in place
 
 
 def test_a_retained_row_a_new_request_takes_is_not_reused(model, images, kv):

@@ -60,6 +60,21 @@ def test_decode_steps_equal_the_full_forward(llm, bucketed):
             torch.testing.assert_close(logits[row], full_logits(llm, s), atol=1e-4, rtol=1e-4)
 
 
+def test_a_bucketed_steps_padding_rows_write_only_the_last_column(llm):
+    """Three rows padded to a bucket of four: row 3 (a finished request's
+    prefix, kept for reuse) keeps every column a request can use."""
+    seqs = sequences(3, (5, 23, 11, 17))
+    dec = StaticDecoder(llm, rows=8, max_len=64)
+    dec.bucketed = True
+    for row, s in enumerate(seqs):
+        dec.load(row, prefill(llm, s))
+    kept = [(k[3].clone(), v[3].clone()) for k, v in zip(dec.keys, dec.values)]
+    dec.decode([7, 8, 9], [len(s) for s in seqs[:3]])
+    for (k0, v0), k, v in zip(kept, dec.keys, dec.values):
+        assert torch.equal(k[3, :, :-1], k0[:, :-1]) and torch.equal(v[3, :, :-1], v0[:, :-1])
+        assert not torch.equal(k[3, :, -1], k0[:, -1])  # the padding row's write: the column no request uses
+
+
 def test_sliding_window_masks_old_keys(llm):
     cfg = llm.get_base_model().config
     seq = sequences(1, (30,))[0]
