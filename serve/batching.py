@@ -14,7 +14,11 @@ boundaries; every step
    cache, a request whose prompt starts with the tokens and images of a row
    an earlier request left (``serve.prefix_cache``) continues that row
    instead: the requests that do run only their new tokens, together, in
-   their rows (``StaticDecoder.prefill``);
+   their rows (``StaticDecoder.prefill``). A new prompt longer than
+   ``prefill_chunk_tokens`` (static cache) is prefilled in chunks instead,
+   in a row of its own above the running ones, at most that many prompt
+   tokens per step across such prompts: a long prompt delays each step a
+   little instead of stalling every running stream for its whole prefill;
 2. decodes one token for every row in one forward pass;
 3. applies each row's own sampling settings and streams each row's token to
    its caller;
@@ -148,6 +152,9 @@ class BatchingOptions:
     # request needs it, and a later prompt that starts with the same tokens
     # and images (a chat's next turn) prefills only the rest (serve.prefix_cache)
     prefix_cache: bool = True
+    # static cache only: a new prompt longer than this is prefilled in chunks, at most this many prompt
+    # tokens per step across such prompts, between decoding steps (0: in one pass at admission)
+    prefill_chunk_tokens: int = 1024
 
     @classmethod
     def from_dict(cls, data: dict | None) -> BatchingOptions:
@@ -173,6 +180,9 @@ class BatchingOptions:
             raise ValueError(f"cuda_graphs must be true or false, got {opts.cuda_graphs!r}")
         if not isinstance(opts.prefix_cache, bool):
             raise ValueError(f"prefix_cache must be true or false, got {opts.prefix_cache!r}")
+        pct = opts.prefill_chunk_tokens
+        if isinstance(pct, bool) or not isinstance(pct, int) or not (pct == 0 or pct >= 16):
+            raise ValueError(f"prefill_chunk_tokens must be 0 (off) or an integer of at least 16, got {pct!r}")
         pbt = opts.prefill_batch_tokens
         if isinstance(pbt, bool) or not isinstance(pbt, int) or pbt < 1:
             raise ValueError(f"prefill_batch_tokens must be a positive integer, got {pbt!r}")
@@ -207,6 +217,15 @@ class _Row:
     generated: int = 1
     done: bool = field(default=False)
     tokens: list[int] = field(default_factory=list)  # generated so far; all but the last are in the cache
+
+
+@dataclass(eq=False)  # compared by identity
+class _Prefill:
+    """A long prompt prefilled in chunks, in its own (pinned) row."""
+    ticket: Ticket
+    entry: Any  # serve.prefix_cache.Retained, pinned: its row moves when running rows need it
+    embeds: torch.Tensor  # (tokens, hidden): the whole prompt, images spliced in
+    done: int = 0  # columns 0..done-1 of the row hold the prompt's first done tokens
 
 
 class _RowCache:
@@ -257,13 +276,14 @@ class ContinuousBatcher:
         self._pending: deque[Ticket] = deque()
         self._cond = threading.Condition()
         self._rows: list[_Row] = []
+        self._prefilling: list[_Prefill] = []  # long prompts prefilled in chunks, oldest first
         self._cache = None
         self._mask: torch.Tensor | None = None  # (rows, cache length), 1 = real token
         self._thread: threading.Thread | None = None
         self._closed = False
         self.error: BaseException | None = None  # why the loop stopped, if it did
         self.stats = {"steps": 0, "prefills": 0, "tokens": 0, "largest_batch": 0,
-                      "prompt_tokens": 0, "prefix_hits": 0, "prefix_tokens": 0}
+                      "prompt_tokens": 0, "prefix_hits": 0, "prefix_tokens": 0, "prefill_chunks": 0}
         self.static = None  # serve.static_cache.StaticDecoder when kv_cache is static
         self.static_error: str | None = None  # why the static cache was not built, if it was asked for
         self.prefix = None  # serve.prefix_cache.PrefixIndex of the static cache's retained rows
@@ -344,7 +364,8 @@ class ContinuousBatcher:
 
     @property
     def active(self) -> int:
-        return len(self._rows)
+        """Requests holding a row: decoding, or prefilling a long prompt in chunks."""
+        return len(self._rows) + len(self._prefilling)
 
     @property
     def waiting(self) -> int:
@@ -370,7 +391,7 @@ class ContinuousBatcher:
         try:
             while True:
                 with self._cond:
-                    while not self._pending and not self._rows and not self._closed:
+                    while not self._pending and not self._rows and not self._prefilling and not self._closed:
                         self._cond.wait()
                     if self._closed:
                         break
@@ -382,7 +403,7 @@ class ContinuousBatcher:
             with self._cond:
                 waiting, self._pending = list(self._pending), deque()
             err = self.error or RuntimeError("the LLM replica is shutting down")
-            for t in waiting + [r.ticket for r in self._rows]:
+            for t in waiting + [r.ticket for r in self._rows] + [p.ticket for p in self._prefilling]:
                 _emit(t, err)
             self._reset()
 
@@ -393,14 +414,15 @@ class ContinuousBatcher:
         False when there was nothing to do."""
         self._drop([r for r in self._rows if r.ticket.cancelled])
         admitted = self._admit()
+        chunked = self._advance_prefills()
         if not self._rows:
-            return admitted
+            return admitted or chunked
         try:
             tokens = self._decode()
         except Exception as e:  # e.g. out of memory: these rows fail, the replica goes on
             log.exception("decode step failed for %d request(s)", len(self._rows))
-            for r in self._rows:
-                _emit(r.ticket, e)
+            for t in [r.ticket for r in self._rows] + [p.ticket for p in self._prefilling]:
+                _emit(t, e)
             self._reset()
             return True
         for r, t in zip(self._rows, tokens):
@@ -416,12 +438,13 @@ class ContinuousBatcher:
         request that fails (bad input) fails alone."""
         tickets = []
         with self._cond:
-            while len(self._rows) + len(tickets) < self.max_batch_size and self._pending:
+            while len(self._rows) + len(self._prefilling) + len(tickets) < self.max_batch_size and self._pending:
                 ticket = self._pending.popleft()
                 if not ticket.cancelled:
                     tickets.append(ticket)
-        ready, resumed = [], []
+        ready, resumed, long = [], [], []
         reuse = self._prefix_on()
+        chunk = self.options.prefill_chunk_tokens if self.prefix is not None else 0
         for ticket in tickets:
             try:
                 req = ticket.request
@@ -432,7 +455,7 @@ class ContinuousBatcher:
                 feats = req.features_tensor()
                 if found is None:
                     ids = torch.tensor([req.input_ids], dtype=torch.long, device=self.device)
-                    ready.append((ticket, self.model.embed(ids, feats)))
+                    (long if chunk and len(req.input_ids) > chunk else ready).append((ticket, self.model.embed(ids, feats)))
                     continue
                 ids = torch.tensor([req.input_ids[found.tokens:]], dtype=torch.long, device=self.device)
                 rest = feats[found.images:] if feats is not None and len(feats) > found.images else None
@@ -458,7 +481,76 @@ class ContinuousBatcher:
                         _emit(one[0], e1)
             for ticket, cache, logits in results:
                 self._start(ticket, cache, logits)
+        for ticket, embeds in long:  # a row of its own above the running ones; _advance_prefills fills it
+            row = self.prefix.free_row(len(self._rows), self.static.rows, set())
+            self._prefilling.append(_Prefill(ticket, self.prefix.pin(row), embeds[0]))
         return bool(tickets)
+
+    def _advance_prefills(self) -> bool:
+        """The next chunks of the long prompts being prefilled: the oldest
+        first, ``prefill_chunk_tokens`` prompt tokens in all (every one that
+        is left when chunking was turned off live), each written in its own
+        row; a prompt whose last chunk ran starts like any prefilled one
+        (first token, then a running row). False when there was none."""
+        live = []
+        for p in self._prefilling:
+            if p.ticket.cancelled:
+                self.prefix.unpin(p.entry)
+            else:
+                live.append(p)
+        self._prefilling = live
+        if not live:
+            return False
+        budget = self.options.prefill_chunk_tokens or sum(p.embeds.shape[0] - p.done for p in live)
+        plan = []
+        for p in live:
+            take = min(budget, p.embeds.shape[0] - p.done)
+            if take <= 0:
+                break
+            plan.append((p, take))
+            budget -= take
+        ending = [p for p, take in plan if p.done + take == p.embeds.shape[0]]
+        # the rows the finishing prompts join (t0..t0+f-1) must be clear. A prompt still being prefilled
+        # there trades rows with a finishing prompt above them (there are at least as many of those)
+        t0, f = len(self._rows), len(ending)
+        above = [p for p in ending if p.entry.row >= t0 + f]
+        for p in self._prefilling:
+            if t0 <= p.entry.row < t0 + f and p not in ending and above:
+                q = above.pop()
+                a, b = p.entry.row, q.entry.row
+                self.static.swap(a, b, len(p.entry), len(q.entry))
+                self.prefix.swap_rows(a, b)
+        finishing = {p.entry.row for p in ending}
+        # what else is there moves up (retained rows); the finishing prompts' own rows stay, and each moves
+        # down after the chunks, lowest first
+        for src, dst, length in self.prefix.relocate(len(self._rows) + len(finishing), self.static.rows, set(), set(),
+                                                     stay=frozenset(finishing)):
+            self.static.move(src, dst, length)
+        self._requeue_lost_prefills()
+        started = []
+        for p, take in plan:
+            if p.entry.row < 0:  # requeued
+                continue
+            try:
+                logits = self.static.prefill(p.entry.row, [p.embeds[p.done:p.done + take]], [p.done])
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory: this request fails, the others go on
+                log.warning("prefill of a %d-token prompt's chunk failed: %s", p.embeds.shape[0], e)
+                _emit(p.ticket, e)
+                self._prefilling.remove(p)
+                self.prefix.unpin(p.entry)
+                continue
+            p.done += take
+            p.entry.ids = np.asarray(p.ticket.request.input_ids[:p.done], dtype=np.int64)  # what a move copies
+            self.stats["prompt_tokens"] += take
+            self.stats["prefill_chunks"] += 1
+            if p.done == p.embeds.shape[0]:
+                started.append((p, logits))
+        # lowest row first: each moves to the next running row, at or below its own and above every later one's target
+        for p, logits in sorted(started, key=lambda x: x[0].entry.row):
+            self._prefilling.remove(p)
+            self.prefix.unpin(p.entry)
+            self._start(p.ticket, None, logits, at_row=p.entry.row)
+        return True
 
     def _prefill_groups(self, ready: list) -> list[list]:
         """Requests of similar prompt length together, each group padding to
@@ -487,7 +579,18 @@ class ContinuousBatcher:
         protect = {entry.row for _, _, entry, _ in resumed}
         for src, dst, length in self.prefix.relocate(n + k + fresh, self.static.rows, set(claims.values()), protect):
             self.static.move(src, dst, length)
+        self._requeue_lost_prefills()
         return claims
+
+    def _requeue_lost_prefills(self) -> None:
+        """Long prompts whose rows had nowhere to go (every row above the
+        running ones taken or about to be read) start over, first in line."""
+        lost = [p for p in self._prefilling if p.entry.row < 0]
+        if lost:
+            self.stats["prefill_restarts"] = self.stats.get("prefill_restarts", 0) + len(lost)
+            self._prefilling = [p for p in self._prefilling if p.entry.row >= 0]
+            with self._cond:
+                self._pending.extendleft(reversed([p.ticket for p in lost]))
 
     def _resume(self, resumed: list[tuple], claims: dict[int, int]) -> None:
         """Requests whose prompts start with a retained row's columns: each
@@ -565,7 +668,7 @@ class ContinuousBatcher:
         if at_row is None:
             self._join(row, cache)
             return
-        if at_row != len(self._rows):  # a request before it left at its first token
+        if at_row != len(self._rows):  # a request before it left at its first token, or a chunked prompt's row
             self.static.move(at_row, len(self._rows), row.position)
         self._rows.append(row)
 
@@ -706,9 +809,9 @@ class ContinuousBatcher:
             self.prefix.add(target, row.ticket.request.input_ids + row.tokens[:-1], row.ticket.request.digests())
 
     def _reset(self) -> None:
-        self._rows, self._cache, self._mask = [], None, None
+        self._rows, self._prefilling, self._cache, self._mask = [], [], None, None
         if self.prefix is not None:  # a failed step may have written anywhere
-            self.prefix.clear()
+            self.prefix.clear(pinned=True)
 
 
 def cache_kwarg(llm) -> str:

@@ -242,7 +242,8 @@ class LLM:
 
     def reconfigure(self, config: dict) -> None:
         """Apply the deployment's ``user_config`` (also live, on ``serve deploy``).
-        ``max_batch_size``, ``prefill_batch_tokens``, ``prefix_cache`` and ``continuous_batching`` apply at once; the
+        ``max_batch_size``, ``prefill_batch_tokens``, ``prefix_cache``, ``prefill_chunk_tokens`` and
+        ``continuous_batching`` apply at once; the
         cache options (``kv_cache``, ``max_seq_len``, ``kv_cache_fraction``,
         ``cuda_graphs``, and ``max_batch_size`` with the static cache, whose
         rows it sizes) rebuild the batcher when it is idle, else apply when
@@ -265,7 +266,8 @@ class LLM:
             self.batcher.max_batch_size = self.options.max_batch_size
             self.batcher.options = dataclasses.replace(self.batcher.options,
                                                        prefill_batch_tokens=self.options.prefill_batch_tokens,
-                                                       prefix_cache=self.options.prefix_cache)
+                                                       prefix_cache=self.options.prefix_cache,
+                                                       prefill_chunk_tokens=self.options.prefill_chunk_tokens)
         said = (f"continuous, up to {self.batcher.max_batch_size} rows per step, {self.batcher.describe()}"
                 if self.options.continuous_batching else "off (one generate call per request)")
         if said != self._batching_said:  # once at start, then on each change

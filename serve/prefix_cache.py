@@ -57,6 +57,7 @@ class Retained:
     ids: np.ndarray  # int64: the tokens whose keys and values columns 0..len-1 hold
     images: tuple[bytes, ...]  # digests of the images whose placeholders are among ids, in order
     used: int = 0  # the index's clock at the last use
+    pinned: bool = False  # a long prompt's row being prefilled in chunks: moved when in the way, never forgotten
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -79,10 +80,25 @@ class PrefixIndex:
     clock: int = 0
 
     def __len__(self) -> int:
-        return len(self.entries)
+        """Retained rows (pinned ones apart)."""
+        return sum(not e.pinned for e in self.entries.values())
 
-    def clear(self) -> None:
-        self.entries.clear()
+    def clear(self, pinned: bool = False) -> None:
+        """Forget the retained rows; the pinned ones too with ``pinned``."""
+        for r, e in list(self.entries.items()):
+            if pinned or not e.pinned:
+                del self.entries[r]
+
+    def pin(self, row: int) -> Retained:
+        """Reserve ``row`` (at or above the running rows, not retained) for a
+        prompt prefilled in chunks; ``unpin`` releases it."""
+        assert row not in self.entries, row
+        entry = self.entries[row] = Retained(row, np.zeros(0, dtype=np.int64), (), self.clock, pinned=True)
+        return entry
+
+    def unpin(self, entry: Retained) -> None:
+        if self.entries.get(entry.row) is entry:
+            del self.entries[entry.row]
 
     def match(self, ids: list[int], images: tuple[bytes, ...]) -> Match | None:
         """The retained row sharing the longest usable prefix with a request's
@@ -93,6 +109,8 @@ class PrefixIndex:
         want = np.asarray(ids, dtype=np.int64)
         best: Match | None = None
         for e in self.entries.values():
+            if e.pinned:
+                continue
             n = min(len(e.ids), len(want) - 1)
             if n < MIN_TOKENS or (best is not None and n <= best.tokens):
                 continue
@@ -118,17 +136,22 @@ class PrefixIndex:
             common = int(slots[same * self.image_tokens])
         return common, same
 
-    def relocate(self, floor: int, rows: int, keep: set[int], protect: set[int]) -> list[tuple[int, int, int]]:
+    def relocate(self, floor: int, rows: int, keep: set[int], protect: set[int],
+                 stay: frozenset[int] = frozenset()) -> list[tuple[int, int, int]]:
         """Make rows below ``floor`` free for running requests. Entries at rows
         in ``keep`` leave the index (requests continue them in place); every
         other entry below ``floor`` moves to a free row at or above it, the
         most recently used first, taking the row of a less recently used
         entry there when none is free (never one in ``protect``: rows that
-        requests are about to copy from), or is forgotten. The copies to
-        make, in order: ``(source row, target row, columns)``."""
+        requests are about to copy from), or is forgotten (a pinned one's
+        ``row`` set to -1). Pinned entries move first, taking any unpinned
+        entry's row when none is free. The copies to make, in order:
+        ``(source row, target row, columns)``. Entries at rows in ``stay``
+        (pinned rows about to join the running ones) stay where they are."""
         for r in keep:
             self.entries.pop(r, None)
-        low = sorted((e for e in self.entries.values() if e.row < floor), key=lambda e: e.used, reverse=True)
+        low = sorted((e for e in self.entries.values() if e.row < floor and e.row not in stay),
+                     key=lambda e: (e.pinned, e.used), reverse=True)
         for e in low:
             del self.entries[e.row]
         free = [r for r in range(rows - 1, floor - 1, -1) if r not in self.entries]
@@ -137,15 +160,26 @@ class PrefixIndex:
             if free:
                 target = free.pop(0)
             else:
-                older = [x for x in self.entries.values() if x.used < e.used and x.row not in protect]
-                if not older:
-                    continue  # forgotten: its columns stay readable until a running row takes them
+                older = [x for x in self.entries.values() if not x.pinned and x.row not in protect
+                         and (e.pinned or x.used < e.used)]
+                if not older:  # forgotten: its columns stay readable until a running row takes them
+                    if e.pinned:  # its prompt starts over (the batcher requeues it)
+                        e.row = -1
+                    continue
                 target = min(older, key=lambda x: x.used).row
                 del self.entries[target]
             moves.append((e.row, target, len(e)))
             e.row = target
             self.entries[target] = e
         return moves
+
+    def swap_rows(self, a: int, b: int) -> None:
+        """The entries at rows ``a`` and ``b`` trade places (after their rows' contents did)."""
+        ea, eb = self.entries.pop(a, None), self.entries.pop(b, None)
+        for e, row in ((ea, b), (eb, a)):
+            if e is not None:
+                e.row = row
+                self.entries[row] = e
 
     def free_row(self, floor: int, rows: int, busy: set[int]) -> int | None:
         """A row at or above ``floor`` that neither a running request (``busy``)
@@ -154,7 +188,7 @@ class PrefixIndex:
         for r in range(rows - 1, floor - 1, -1):
             if r not in self.entries and r not in busy:
                 return r
-        mine = [e for e in self.entries.values() if e.row >= floor and e.row not in busy]
+        mine = [e for e in self.entries.values() if e.row >= floor and e.row not in busy and not e.pinned]
         if not mine:
             return None
         oldest = min(mine, key=lambda e: e.used)
@@ -169,7 +203,7 @@ class PrefixIndex:
         n_img = int((a == self.image_id).sum()) // self.image_tokens
         images = tuple(images[:n_img])
         for r, e in list(self.entries.items()):
-            if (r != row and len(e) <= len(a) and e.images == images[:len(e.images)]
+            if (r != row and not e.pinned and len(e) <= len(a) and e.images == images[:len(e.images)]
                     and np.array_equal(e.ids, a[:len(e)])):
                 del self.entries[r]
         self.clock += 1

@@ -194,6 +194,16 @@ class StaticDecoder:
             k[row, :, :n].copy_(layer.keys[0])
             v[row, :, :n].copy_(layer.values[0])
 
+    def swap(self, a: int, b: int, length_a: int, length_b: int) -> None:
+        """Exchange rows ``a`` (its first ``length_a`` columns) and ``b``
+        (``length_b``), one layer at a time through a copy of ``a``'s columns."""
+        self.moves += 2
+        for k, v in zip(self.keys, self.values):
+            for t in (k, v):
+                keep = t[a, :, :length_a].clone()
+                t[a, :, :length_b].copy_(t[b, :, :length_b])
+                t[b, :, :length_a].copy_(keep)
+
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy row ``src``'s first ``length`` columns into row ``dst``."""
         self.moves += 1

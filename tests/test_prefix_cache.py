@@ -313,7 +313,8 @@ def test_feature_digests_tell_pictures_apart(images):
 FOLLOW_UPS = ["Why?", "Are you sure?", "And this one?", "Say it again, in other words.", "What else do you see?"]
 
 
-def _random_chats(model, images, kv, seed: int, chats: int = 7, rows: int = 4, steps: int = 400):
+def _random_chats(model, images, kv, seed: int, chats: int = 7, rows: int = 4, steps: int = 400,
+                  options: dict | None = None):
     """``chats`` conversations of 2 to 4 turns over ``rows`` rows, each next
     turn sent at a random step after the previous answer, with its own
     ``max_new_tokens``; a few turns bring a new picture, a few are cancelled
@@ -324,7 +325,7 @@ def _random_chats(model, images, kv, seed: int, chats: int = 7, rows: int = 4, s
 
     rnd = random.Random(seed)
     stops = list(model.tokenizer.stop_ids)
-    batcher = make(model, kv, rows, stop_ids=stops)
+    batcher = make(model, kv, rows, stop_ids=stops, options=options or {})
     openings = ["What is in the picture?", "Describe the picture in a few words.", "Hi"]
     plan = []
     for _ in range(chats):
