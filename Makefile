@@ -12,7 +12,7 @@ BENCH_ARGS ?=
 BENCH_PY ?= $(PY)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup check-disk ffmpeg demo test manifests bench-serve bench-train bench-decode bench-gpu clean
+.PHONY: help setup check-disk ffmpeg demo test manifests bench-serve bench-train bench-decode bench-chunk bench-gpu clean
 
 help: ## list the commands
 	@echo "mmphi: a multimodal Phi-3 on Ray"
@@ -67,6 +67,9 @@ bench-train: setup ## training throughput: the QLoRA job's step vs plain HF + PE
 
 bench-decode: setup ## image decoding and cropping on one core: whole JPEG decode vs vision.jpeg_draft, per image and crop size
 	$(PY) bench/decode_bench.py $(BENCH_ARGS)
+
+bench-chunk: setup ## long prompts arriving while 8 streams decode: prefilled in one pass vs in chunks (tiny preset, CPU)
+	HF_HUB_OFFLINE=1 $(PY) bench/chunk_bench.py $(BENCH_ARGS)
 
 bench-gpu: $(if $(filter $(PY),$(BENCH_PY)),setup) ## every stage vs its plain baseline in one run (phi3-mini shapes on a GPU; tiny on CPU)
 	HF_HUB_OFFLINE=1 $(BENCH_PY) bench/gpu_bench.py $(BENCH_ARGS)

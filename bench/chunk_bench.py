@@ -1,0 +1,150 @@
+"""Long prompts arriving while streams decode: the LLM's batching loop
+in-process (no Ray), prompts prefilled in one pass against in chunks
+(``prefill_chunk_tokens``), same requests and schedule, one run.
+
+``--streams`` requests decode all the time (short prompts, ``--max-tokens``
+each, a new one as one ends); every ``--every`` steps a long prompt of about
+``--long-tokens`` tokens arrives (text, or ``--images`` pictures and text).
+For each setting it reports the running streams' time between tokens (p50,
+p99 and the longest: what a long prompt's prefill adds to every stream) and
+the long prompts' time to first token. Prints a table and writes JSON.
+
+    python bench/chunk_bench.py                                   # tiny preset, CPU
+    python bench/chunk_bench.py --preset phi3-mini --gpu --long-tokens 3000 --chunks 0,512,1024
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--chunks", default="0,64,256", help="prefill_chunk_tokens settings, comma-separated (0: one pass)")
+    ap.add_argument("--streams", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--long-tokens", type=int, default=900)
+    ap.add_argument("--every", type=int, default=12, help="steps between long prompts")
+    ap.add_argument("--steps", type=int, default=240)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads on the CPU")
+    ap.add_argument("--out", default=None)
+    return ap.parse_args(argv)
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def run(model, chunk: int, args, short: list[int], long_ids: list[int]) -> dict:
+    import torch
+
+    from serve.batching import BatchingOptions, ContinuousBatcher, GenerationRequest
+
+    opts = BatchingOptions(prefill_chunk_tokens=chunk, prefix_cache=False)
+    b = ContinuousBatcher(model, args.streams + 4, suppress_ids=model.suppressed_ids, options=opts,
+                          context_length=model.cfg.tokenizer.max_length)
+    sync = torch.cuda.synchronize if args.gpu else (lambda: None)
+    last_token: dict[int, float] = {}
+    gaps: list[float] = []
+    ttft: list[float] = []
+    live: dict[int, dict] = {}
+
+    def submit(ids, kind):
+        k = len(live) + len(ttft) + sum(1 for _ in gaps[:0]) + time.perf_counter_ns()
+        state = {"kind": kind, "t0": time.perf_counter(), "first": None, "done": False}
+
+        def emit(item, k=k, state=state):
+            now = time.perf_counter()
+            if isinstance(item, list):
+                if state["first"] is None:
+                    state["first"] = now
+                    if kind == "long":
+                        ttft.append(now - state["t0"])
+                elif kind == "short":
+                    gaps.append(now - last_token[k])
+                last_token[k] = now
+            else:
+                state["done"] = True
+        live[k] = state
+        b.submit(GenerationRequest(ids, None, max_new_tokens=args.max_tokens if kind == "short" else 4,
+                                   min_new_tokens=args.max_tokens if kind == "short" else 0), emit)
+
+    for _ in range(args.streams):
+        submit(short, "short")
+    t = time.perf_counter()
+    for step in range(args.steps):
+        if step and step % args.every == 0:
+            submit(long_ids, "long")
+        b.step()
+        sync()
+        for k, st in list(live.items()):
+            if st["done"]:
+                del live[k]
+                if st["kind"] == "short":
+                    submit(short, "short")
+    wall = time.perf_counter() - t
+    ms = [g * 1000 for g in gaps]
+    return {"prefill_chunk_tokens": chunk, "itl_ms_p50": statistics.median(ms), "itl_ms_p99": _pct(ms, 0.99),
+            "itl_ms_max": max(ms), "long_ttft_ms_p50": statistics.median(ttft) * 1000 if ttft else None,
+            "long_prompts_answered": len(ttft), "steps_per_s": args.steps / wall,
+            "prefill_chunks": b.stats.get("prefill_chunks", 0)}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import torch
+
+    from models.config import load_config
+    from models.conversation import encode_conversation
+    from models.multimodal import MultimodalPhi3
+
+    if not args.gpu:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(args.preset, args.overrides)
+    device = "cuda" if args.gpu else "cpu"
+    model = MultimodalPhi3.from_config(cfg, device=device, trainable=False)
+    model.eval()
+    tok = model.tokenizer
+
+    def prompt(text: str) -> list[int]:
+        return encode_conversation(tok, [{"role": "user", "content": [{"type": "text", "text": text}]}],
+                                   model.num_image_tokens, add_generation_prompt=True,
+                                   system_prompt=cfg.tokenizer.system_prompt).input_ids
+
+    short = prompt("Hi")
+    sentence = "The small red circle sits left of the large blue square on a grey table. "
+    text = sentence
+    while len(prompt(text + sentence)) <= args.long_tokens:
+        text += sentence
+    long_ids = prompt(text)
+    limit = cfg.tokenizer.max_length - 8
+    if len(long_ids) > limit:
+        sys.exit(f"--long-tokens {args.long_tokens}: the prompt must leave room in a {cfg.tokenizer.max_length}-token row")
+    chunks = [int(c) for c in args.chunks.split(",")]
+    run(model, chunks[0], argparse.Namespace(**{**vars(args), "steps": 20}), short, long_ids)  # warm-up
+    rows = [run(model, c, args, short, long_ids) for c in chunks]
+    res = {"benchmark": "chunked prefill", "preset": args.preset, "device": device, "streams": args.streams,
+           "long_prompt_tokens": len(long_ids), "every_steps": args.every, "steps": args.steps, "results": rows}
+    print(f"{args.streams} streams decoding, a {len(long_ids)}-token prompt every {args.every} steps ({device}, "
+          f"{args.preset})")
+    print(f"{'chunk':>6} {'ITL p50 ms':>11} {'p99':>8} {'max':>8} {'long TTFT p50 ms':>17} {'chunks':>7}")
+    for r in rows:
+        print(f"{r['prefill_chunk_tokens'] or 'off':>6} {r['itl_ms_p50']:>11.2f} {r['itl_ms_p99']:>8.2f} "
+              f"{r['itl_ms_max']:>8.2f} {r['long_ttft_ms_p50'] or 0:>17.1f} {r['prefill_chunks']:>7}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=2))
+    return res
+
+
+if __name__ == "__main__":
+    main()
