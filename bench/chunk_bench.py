@@ -15,6 +15,7 @@ the long prompts' time to first token. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -58,9 +59,10 @@ def run(model, chunk: int, args, short: list[int], long_ids: list[int]) -> dict:
     gaps: list[float] = []
     ttft: list[float] = []
     live: dict[int, dict] = {}
+    ids_ = itertools.count()
 
     def submit(ids, kind):
-        k = len(live) + len(ttft) + sum(1 for _ in gaps[:0]) + time.perf_counter_ns()
+        k = next(ids_)
         state = {"kind": kind, "t0": time.perf_counter(), "first": None, "done": False}
 
         def emit(item, k=k, state=state):
