@@ -310,8 +310,9 @@ def test_llm_deployment_rebuilds_its_cache_and_routes_long_requests():
     try:
         first = llm.batcher
         assert llm.batching_stats()["kv_cache"] == "static" and first.static.max_len == 1024
-        llm.reconfigure({"prefill_batch_tokens": 100})  # live: same batcher
+        llm.reconfigure({"prefill_batch_tokens": 100, "prefill_chunk_tokens": 64})  # live: same batcher
         assert llm.batcher is first and first.options.prefill_batch_tokens == 100
+        assert first.options.prefill_chunk_tokens == 64
         llm.reconfigure({"max_seq_len": 64})  # the cache's shape: a new batcher, the idle one closed
         assert llm.batcher is not first and not first.alive() and llm.batcher.static.max_len == 64
         llm.reconfigure({"max_seq_len": 64, "kv_cache": "dynamic"})
