@@ -44,7 +44,8 @@ def served(tmp_path_factory, checkpoint):
     conf.write_text(yaml.safe_dump(cfg))
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MMPHI_API_KEY": ""}
-    log = open(tmp_path_factory.mktemp("log") / "serve.log", "w+")
+    log_path = tmp_path_factory.mktemp("log") / "serve.log"
+    log = open(log_path, "w+")
     proc = subprocess.Popen([sys.executable, "-m", "mmphi", "serve", "--checkpoint", str(checkpoint),
                              "--port", str(port), "--config", str(conf)],
                             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -57,7 +58,9 @@ def served(tmp_path_factory, checkpoint):
             log.seek(0)
             pytest.fail(f"mmphi serve exited with {proc.returncode}:\n{log.read()[-4000:]}")
         try:
-            if httpx.get(url + "healthz", timeout=5).status_code == 200:
+            # the ingress answers /healthz as soon as it is up; "chat page at" comes once every replica is
+            # (both LLM replicas: the kill test must not hit one that was still starting and held no request)
+            if httpx.get(url + "healthz", timeout=5).status_code == 200 and "chat page at" in log_path.read_text():
                 break
         except httpx.HTTPError:
             pass
