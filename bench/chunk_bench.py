@@ -131,7 +131,8 @@ def main(argv=None) -> dict:
     long_ids = prompt(text)
     limit = cfg.tokenizer.max_length - 8
     if len(long_ids) > limit:
-        sys.exit(f"--long-tokens {args.long_tokens}: the prompt must leave room in a {cfg.tokenizer.max_length}-token row")
+        sys.exit(f"--long-tokens {args.long_tokens}: the prompt must leave room in a "
+                 f"{cfg.tokenizer.max_length}-token row")
     chunks = [int(c) for c in args.chunks.split(",")]
     run(model, chunks[0], argparse.Namespace(**{**vars(args), "steps": 20}), short, long_ids)  # warm-up
     rows = [run(model, c, args, short, long_ids) for c in chunks]

@@ -455,7 +455,8 @@ class ContinuousBatcher:
                 feats = req.features_tensor()
                 if found is None:
                     ids = torch.tensor([req.input_ids], dtype=torch.long, device=self.device)
-                    (long if chunk and len(req.input_ids) > chunk else ready).append((ticket, self.model.embed(ids, feats)))
+                    queue = long if chunk and len(req.input_ids) > chunk else ready
+                    queue.append((ticket, self.model.embed(ids, feats)))
                     continue
                 ids = torch.tensor([req.input_ids[found.tokens:]], dtype=torch.long, device=self.device)
                 rest = feats[found.images:] if feats is not None and len(feats) > found.images else None

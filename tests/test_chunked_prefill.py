@@ -43,7 +43,8 @@ def long_request(model, images, text: str, max_new_tokens: int = 8) -> Generatio
     return GenerationRequest(chat(model, [(2, text)], []), images[:2], max_new_tokens=max_new_tokens)
 
 
-LONG = "Look at both pictures carefully and then tell me, in a few words, which colours you see and where the shapes are."
+LONG = ("Look at both pictures carefully and then tell me, in a few words, which colours you see and where "
+        "the shapes are.")
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_decode(model, images, kv):
