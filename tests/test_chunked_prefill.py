@@ -14,28 +14,9 @@ import pytest
 
 from serve.batching import BatchingOptions, GenerationRequest
 from tests.test_batching import Collector, make, reference
-from tests.test_prefix_cache import _random_chats, chat
+from tests.test_prefix_cache import _random_chats, chat, images, kv, model  # noqa: F401 - the same fixtures
 
 CHUNK = 16
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model):
-    return tiny_model
-
-
-@pytest.fixture(params=["static", "static-bucketed"])
-def kv(request):
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def images(model):
-    from PIL import Image
-
-    pics = [Image.new("RGB", (64, 64), c) for c in ("red", "blue", "green")]
-    pics[1].paste((250, 250, 0), (8, 8, 40, 30))
-    return model.encode_images(pics).float().numpy()
 
 
 def long_request(model, images, text: str, max_new_tokens: int = 8) -> GenerationRequest:
