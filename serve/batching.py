@@ -227,6 +227,11 @@ class _Prefill:
     embeds: torch.Tensor  # (tokens, hidden): the whole prompt, images spliced in
     done: int = 0  # columns 0..done-1 of the row hold the prompt's first done tokens
 
+    @property
+    def size(self) -> int:
+        """The prompt's tokens."""
+        return self.embeds.shape[0]
+
 
 class _RowCache:
     """Row ``i``'s first ``n`` columns of a batch's KV cache, shaped like a
@@ -502,15 +507,15 @@ class ContinuousBatcher:
         self._prefilling = live
         if not live:
             return False
-        budget = self.options.prefill_chunk_tokens or sum(p.embeds.shape[0] - p.done for p in live)
+        budget = self.options.prefill_chunk_tokens or sum(p.size - p.done for p in live)
         plan = []
         for p in live:
-            take = min(budget, p.embeds.shape[0] - p.done)
+            take = min(budget, p.size - p.done)
             if take <= 0:
                 break
             plan.append((p, take))
             budget -= take
-        ending = [p for p, take in plan if p.done + take == p.embeds.shape[0]]
+        ending = [p for p, take in plan if p.done + take == p.size]
         # the rows the finishing prompts join (t0..t0+f-1) must be clear. A prompt still being prefilled
         # there trades rows with a finishing prompt above them (there are at least as many of those)
         t0, f = len(self._rows), len(ending)
@@ -535,7 +540,7 @@ class ContinuousBatcher:
             try:
                 logits = self.static.prefill(p.entry.row, [p.embeds[p.done:p.done + take]], [p.done])
             except Exception as e:  # noqa: BLE001 - e.g. out of memory: this request fails, the others go on
-                log.warning("prefill of a %d-token prompt's chunk failed: %s", p.embeds.shape[0], e)
+                log.warning("prefill of a %d-token prompt's chunk failed: %s", p.size, e)
                 _emit(p.ticket, e)
                 self._prefilling.remove(p)
                 self.prefix.unpin(p.entry)
@@ -544,7 +549,7 @@ class ContinuousBatcher:
             p.entry.ids = np.asarray(p.ticket.request.input_ids[:p.done], dtype=np.int64)  # what a move copies
             self.stats["prompt_tokens"] += take
             self.stats["prefill_chunks"] += 1
-            if p.done == p.embeds.shape[0]:
+            if p.done == p.size:
                 started.append((p, logits))
         # lowest row first: each moves to the next running row, at or below its own and above every later one's target
         for p, logits in sorted(started, key=lambda x: x[0].entry.row):
