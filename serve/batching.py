@@ -14,8 +14,9 @@ boundaries; every step
    cache, a request whose prompt starts with the tokens and images of a row
    an earlier request left (``serve.prefix_cache``) continues that row
    instead: the requests that do run only their new tokens, together, in
-   their rows (``StaticDecoder.prefill``). A new prompt longer than
-   ``prefill_chunk_tokens`` (static cache) is prefilled in chunks instead,
+   their rows (``StaticDecoder.prefill``). A prompt with more than
+   ``prefill_chunk_tokens`` tokens to prefill (after its retained prefix,
+   if any; static cache) is prefilled in chunks instead,
    in a row of its own above the running ones, at most that many prompt
    tokens per step across such prompts: a long prompt delays each step a
    little instead of stalling every running stream for its whole prefill;
@@ -152,8 +153,9 @@ class BatchingOptions:
     # request needs it, and a later prompt that starts with the same tokens
     # and images (a chat's next turn) prefills only the rest (serve.prefix_cache)
     prefix_cache: bool = True
-    # static cache only: a new prompt longer than this is prefilled in chunks, at most this many prompt
-    # tokens per step across such prompts, between decoding steps (0: in one pass at admission)
+    # static cache only: a prompt with more tokens than this to prefill (after a retained prefix, if any) is
+    # prefilled in chunks, at most this many prompt tokens per step across such prompts, between decoding
+    # steps (0: in one pass at admission)
     prefill_chunk_tokens: int = 1024
 
     @classmethod
@@ -224,13 +226,18 @@ class _Prefill:
     """A long prompt prefilled in chunks, in its own (pinned) row."""
     ticket: Ticket
     entry: Any  # serve.prefix_cache.Retained, pinned: its row moves when running rows need it
-    embeds: torch.Tensor  # (tokens, hidden): the whole prompt, images spliced in
+    embeds: torch.Tensor  # (tokens, hidden): the prompt after its kept prefix (all of it without one), images spliced in
     done: int = 0  # columns 0..done-1 of the row hold the prompt's first done tokens
+    base: int = 0  # the kept prefix's tokens (columns 0..base-1, from a retained row): embeds starts after them
 
     @property
     def size(self) -> int:
         """The prompt's tokens."""
-        return self.embeds.shape[0]
+        return self.base + self.embeds.shape[0]
+
+    def chunk(self, take: int) -> torch.Tensor:
+        """The embeddings of the next ``take`` prompt tokens."""
+        return self.embeds[self.done - self.base:self.done - self.base + take]
 
 
 class _RowCache:
@@ -447,7 +454,7 @@ class ContinuousBatcher:
                 ticket = self._pending.popleft()
                 if not ticket.cancelled:
                     tickets.append(ticket)
-        ready, resumed, long = [], [], []
+        ready, resumed, long, long_resumed = [], [], [], []
         reuse = self._prefix_on()
         chunk = self.options.prefill_chunk_tokens if self.prefix is not None else 0
         for ticket in tickets:
@@ -465,9 +472,12 @@ class ContinuousBatcher:
                     continue
                 ids = torch.tensor([req.input_ids[found.tokens:]], dtype=torch.long, device=self.device)
                 rest = feats[found.images:] if feats is not None and len(feats) > found.images else None
-                resumed.append((ticket, self.model.embed(ids, rest)[0], found.entry, found.tokens))
+                queue = long_resumed if chunk and len(req.input_ids) - found.tokens > chunk else resumed
+                queue.append((ticket, self.model.embed(ids, rest)[0], found.entry, found.tokens))
             except Exception as e:  # bad input: this request fails alone
                 _emit(ticket, e)
+        if long_resumed:  # before _make_room moves or forgets their sources
+            resumed += self._pin_resumed(long_resumed, resumed, len(ready))
         claims = self._make_room(resumed, len(ready)) if self.prefix is not None else {}
         if resumed:
             self._resume(resumed, claims)
@@ -538,7 +548,7 @@ class ContinuousBatcher:
             if p.entry.row < 0:  # requeued
                 continue
             try:
-                logits = self.static.prefill(p.entry.row, [p.embeds[p.done:p.done + take]], [p.done])
+                logits = self.static.prefill(p.entry.row, [p.chunk(take)], [p.done])
             except Exception as e:  # noqa: BLE001 - e.g. out of memory: this request fails, the others go on
                 log.warning("prefill of a %d-token prompt's chunk failed: %s", p.size, e)
                 _emit(p.ticket, e)
@@ -557,6 +567,36 @@ class ContinuousBatcher:
             self.prefix.unpin(p.entry)
             self._start(p.ticket, None, logits, at_row=p.entry.row)
         return True
+
+    def _pin_resumed(self, long_resumed: list[tuple], resumed: list[tuple], fresh: int) -> list[tuple]:
+        """Requests whose suffix after a retained prefix is longer than a
+        chunk: each gets a pinned row above the rows this step's new requests
+        take, holding its prefix, and is prefilled in chunks from there
+        (``_advance_prefills``). The retained row itself when the request
+        continues all of it and nobody else reads it (no copy), else a copy of
+        the prefix in a free row. Returns those that find no row: they are
+        prefilled whole with the other ``resumed`` ones."""
+        everyone = resumed + long_resumed
+        floor = len(self._rows) + len(resumed) + fresh  # the rows this step's new requests take
+        sources = {item[2].row for item in everyone}
+        whole = []
+        for item in long_resumed:
+            ticket, embeds, entry, tokens = item
+            shared = sum(other[2] is entry for other in everyone) > 1
+            if entry.row >= floor and tokens == len(entry) and not shared:
+                row = entry.row
+            else:
+                row = self.prefix.free_row(floor, self.static.rows, sources)
+                if row is None:
+                    whole.append(item)
+                    floor += 1  # a row taken at the old floor moves up (_make_room)
+                    continue
+                self.static.move(entry.row, row, tokens)
+            pinned = self.prefix.pin(row, ticket.request.input_ids[:tokens])
+            self._prefilling.append(_Prefill(ticket, pinned, embeds, done=tokens, base=tokens))
+            self.stats["prefix_hits"] += 1
+            self.stats["prefix_tokens"] += tokens
+        return whole
 
     def _prefill_groups(self, ready: list) -> list[list]:
         """Requests of similar prompt length together, each group padding to

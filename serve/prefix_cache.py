@@ -89,11 +89,14 @@ class PrefixIndex:
             if pinned or not e.pinned:
                 del self.entries[r]
 
-    def pin(self, row: int) -> Retained:
-        """Reserve ``row`` (at or above the running rows, not retained) for a
-        prompt prefilled in chunks; ``unpin`` releases it."""
-        assert row not in self.entries, row
-        entry = self.entries[row] = Retained(row, np.zeros(0, dtype=np.int64), (), self.clock, pinned=True)
+    def pin(self, row: int, ids=()) -> Retained:
+        """Reserve ``row`` (at or above the running rows, not pinned) for a
+        prompt prefilled in chunks, whose first ``ids`` its columns hold
+        already (a kept prefix); a retained entry there is replaced. ``unpin``
+        releases it."""
+        assert not getattr(self.entries.get(row), "pinned", False), row
+        entry = Retained(row, np.asarray(ids, dtype=np.int64), (), self.clock, pinned=True)
+        self.entries[row] = entry
         return entry
 
     def unpin(self, entry: Retained) -> None:

@@ -1,7 +1,8 @@
 """Long prompts prefilled in chunks between decoding steps
 (``BatchingOptions.prefill_chunk_tokens``, static cache).
 
-A new prompt longer than the chunk runs in a row of its own above the
+A prompt with more tokens than the chunk to prefill (after a kept row's
+prefix, for a chat's next turn) runs in a row of its own above the
 running ones, at most ``prefill_chunk_tokens`` prompt tokens per step across
 such prompts, so the running streams get a token every step meanwhile. Every
 greedy answer must still equal ``generate``'s for the request alone.
@@ -14,7 +15,7 @@ import pytest
 
 from serve.batching import BatchingOptions, GenerationRequest
 from tests.test_batching import Collector, make, reference
-from tests.test_prefix_cache import _random_chats, chat, images, kv, model  # noqa: F401 - the same fixtures
+from tests.test_prefix_cache import _random_chats, answer_text, chat, images, kv, model  # noqa: F401 - the same fixtures
 
 CHUNK = 16
 
@@ -124,6 +125,111 @@ def test_a_long_prompt_whose_chunking_is_turned_off_live_finishes_at_once(model,
     while not sink.done.is_set():
         batcher.step()
     assert sink.tokens == reference(model, big, stops)
+
+
+OPENING = "Please describe the weather today in a few short words."
+
+
+def _next_turn(model, images, stops, question: str = LONG):
+    """A chat's first turn (text only) and its next one, which brings two
+    pictures and a long question: a suffix of several chunks after the first
+    turn's row."""
+    first = GenerationRequest(chat(model, [(0, OPENING)], []), None, max_new_tokens=6)
+    a1 = answer_text(model, reference(model, first, stops))
+    second = GenerationRequest(chat(model, [(0, OPENING), (2, question)], [a1]), images[:2], max_new_tokens=8)
+    return first, second
+
+
+def test_a_long_next_turn_is_chunked_from_its_kept_row_in_place(model, images, kv):
+    """The kept row of the first turn becomes the pinned row of the second,
+    without a copy, and only the new tokens are prefilled, a chunk a step,
+    while another stream decodes."""
+    stops = list(model.tokenizer.stop_ids)
+    first, second = _next_turn(model, images, stops)
+    runner = GenerationRequest(chat(model, [(0, "One")], []), None, max_new_tokens=30, min_new_tokens=30)
+    want = reference(model, second, stops)
+    batcher = make(model, kv, 4, stop_ids=stops, options={"prefill_chunk_tokens": CHUNK})
+    sink = Collector()
+    batcher.submit(first, sink)
+    while not sink.done.is_set():
+        batcher.step()
+    kept = len(first.input_ids) + len(sink.tokens) - 1
+    run = Collector()
+    batcher.submit(runner, run)
+    batcher.step()  # the runner takes row 0; the kept row moves up
+    prompt_before, moves = batcher.stats["prompt_tokens"], batcher.static.moves
+    sink = Collector()
+    batcher.submit(second, sink)
+    batcher.step()
+    assert batcher.static.moves == moves  # the kept row itself is the pinned row
+    assert [p.done for p in batcher._prefilling] == [kept + CHUNK]
+    steps = 1
+    while not sink.tokens:
+        before = len(run.tokens)
+        batcher.step()
+        steps += 1
+        assert len(run.tokens) == before + 1  # the running stream gets a token every step
+    assert steps == math.ceil((len(second.input_ids) - kept) / CHUNK)
+    while not sink.done.is_set():
+        batcher.step()
+    assert sink.tokens == want
+    assert batcher.stats["prefix_hits"] == 1 and batcher.stats["prefix_tokens"] == kept
+    assert batcher.stats["prompt_tokens"] - prompt_before == len(second.input_ids) - kept
+
+
+def test_long_turns_continuing_one_kept_row_copy_it_and_leave_it_kept(model, images, kv):
+    """Two next turns of the same first turn arrive together: each gets a copy
+    of the kept prefix in a row of its own, chunked from there, and the kept
+    row stays for later turns."""
+    stops = list(model.tokenizer.stop_ids)
+    first, second = _next_turn(model, images, stops)
+    _, third = _next_turn(model, images[1:], stops, "Which picture has more colours, the first or the second, "
+                                                    "and why do you think so?")
+    want = [reference(model, r, stops) for r in (second, third)]
+    batcher = make(model, kv, 4, stop_ids=stops, options={"prefill_chunk_tokens": CHUNK})
+    sink = Collector()
+    batcher.submit(first, sink)
+    while not sink.done.is_set():
+        batcher.step()
+    (source,) = batcher.prefix.entries.values()
+    sinks = [Collector(), Collector()]
+    for r, s in zip((second, third), sinks):
+        batcher.submit(r, s)
+    batcher.step()
+    rows = sorted(p.entry.row for p in batcher._prefilling)
+    assert len(rows) == 2 and source.row not in rows and batcher.prefix.entries[source.row] is source
+    assert all(p.base == len(source) for p in batcher._prefilling)
+    while not all(s.done.is_set() for s in sinks):
+        batcher.step()
+    assert [s.tokens for s in sinks] == want
+    assert batcher.stats["prefix_hits"] == 2 and batcher.stats["prefix_tokens"] == 2 * len(source)
+
+
+def test_a_long_next_turn_with_no_row_to_spare_is_prefilled_whole(model, images):
+    """Three rows: one decodes, the top one holds the kept row, and two
+    requests continue it in the same step: a short one, which starts in the
+    middle row, and a long next turn, which may neither take the kept row (the
+    short one copies from it) nor find another. It is prefilled after the
+    prefix in one pass instead, and answers the same."""
+    stops = list(model.tokenizer.stop_ids)
+    first, second = _next_turn(model, images, stops)
+    other = GenerationRequest(chat(model, [(0, OPENING)], []), None, max_new_tokens=6)  # first's prompt
+    runner = GenerationRequest(chat(model, [(0, "One")], []), None, max_new_tokens=30, min_new_tokens=30)
+    batcher = make(model, "static", 3, stop_ids=stops, options={"prefill_chunk_tokens": CHUNK})
+    sinks = [Collector() for _ in range(4)]
+    batcher.submit(first, sinks[0])
+    while not sinks[0].done.is_set():
+        batcher.step()
+    batcher.submit(runner, sinks[1])
+    batcher.step()  # the kept row moves to row 2
+    assert [e.row for e in batcher.prefix.entries.values()] == [2]
+    chunks = batcher.stats["prefill_chunks"]  # the first turn's
+    batcher.submit(second, sinks[2])
+    batcher.submit(other, sinks[3])  # matches the kept row too: neither may take it in place
+    while not all(s.done.is_set() for s in sinks[1:]):
+        batcher.step()
+    assert [s.tokens for s in sinks[1:]] == [reference(model, r, stops) for r in (runner, second, other)]
+    assert batcher.stats["prefill_chunks"] == chunks and batcher.stats["prefix_hits"] == 2
 
 
 @pytest.mark.parametrize("seed, rows", [(3, 3), (4, 5)])
