@@ -63,10 +63,13 @@ SERVING_PANELS = [
      "reqps", "Refused or failed API requests; server_overloaded: a full queue (max_queued_requests)."),
     ("Image feature cache hit ratio", [
         (f'sum(rate(ray_mmphi_image_cache_lookups_total{{{APP},outcome="hit"}}[$__rate_interval])) / '
-         f"sum(rate(ray_mmphi_image_cache_lookups_total{{{APP}}}[$__rate_interval]))", "hits")],
-     "percentunit", "Share of images whose CLIP features the ingress had kept (image_cache_mb): a conversation "
-                    "sends its image again with every turn. Low: a cache too small for the images in use, "
-                    "or turns spread over many ingress replicas."),
+         f"sum(rate(ray_mmphi_image_cache_lookups_total{{{APP}}}[$__rate_interval]))", "ingress"),
+        (f'sum(rate(ray_mmphi_encoder_cache_lookups_total{{{APP},outcome="hit"}}[$__rate_interval])) / '
+         f"sum(rate(ray_mmphi_encoder_cache_lookups_total{{{APP}}}[$__rate_interval]))", "ImageEncoder")],
+     "percentunit", "Share of images whose CLIP features the ingress had kept (image_cache_mb) and, of those it "
+                    "sent on, the ImageEncoder replica they were routed to (encoder_cache_mb): a conversation "
+                    "sends its image again with every turn, and its turns spread over the ingress replicas. "
+                    "Low: caches too small for the images in use."),
     ("Prompt tokens from the prefix cache", [
         (f"sum(rate(ray_mmphi_llm_prefix_cache_tokens_total{{{APP}}}[$__rate_interval])) / "
          f"sum(rate(ray_mmphi_llm_prompt_tokens_total{{{APP}}}[$__rate_interval]))", "from the cache")],

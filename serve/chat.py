@@ -162,15 +162,14 @@ class ChatService:
         from .metrics import ImageCacheMetrics
 
         self.image_cache = FeatureCache(int(settings.image_cache_mb * 2**20))
-        self._encoding: dict[bytes, asyncio.Future] = {}  # images being encoded now, by cache key
         self.image_cache_metrics = ImageCacheMetrics()
 
     # ---------------------------------------------------------------- calls
-    async def _call(self, method, *args):
-        """``await method.remote(*args)``, retried when the replica died under it."""
+    async def _call(self, method, *args, **kwargs):
+        """``await method.remote(*args, **kwargs)``, retried when the replica died under it."""
         for attempt in range(self.settings.retries + 1):
             try:
-                return await method.remote(*args)
+                return await method.remote(*args, **kwargs)
             except RETRYABLE as e:
                 if attempt == self.settings.retries:
                     raise
@@ -199,38 +198,21 @@ class ChatService:
         """CLIP features of one image; ``where`` names it in errors ("image 2 (messages[3].content[0])")."""
         from models.images import ImageDecodeError
 
-        cached = self.image_cache.max_bytes > 0  # image_cache_mb: 0 neither hashes nor counts lookups
-        if cached:
-            key = self.image_cache.key(data)
-            feats = self.image_cache.get(key)
-            # an image another request is encoding now is waited for, not encoded twice (a hit)
-            task = self._encoding.get(key) if feats is None else None
-            self.image_cache_metrics.lookup(feats is not None or task is not None)
-            if feats is not None:
-                return feats
-            if task is None:  # its own task: a requester that goes away does not cancel it for the others
-                task = self._encoding[key] = asyncio.ensure_future(self._encode_and_keep(key, data))
-                task.add_done_callback(lambda t, key=key: self._encoded(key, t))
-            pending = asyncio.shield(task)
-        else:
-            pending = self._call(self.image_encoder.encode, data)
+        # the image's hash keys both caches: the encoder's router sends it to the replica that keeps it
+        key = self.image_cache.key(data) if self.image_cache.max_bytes or self.settings.encoder_cache_mb else None
         try:
-            return await pending
+            if not self.image_cache.max_bytes:  # image_cache_mb 0: no lookups, none counted
+                return await self._call(self.image_encoder.encode, data, affinity_key=key and key.hex())
+            # an image another request is encoding now is waited for, not encoded twice (a hit)
+            feats, hit = self.image_cache.fetch(
+                key, lambda: self._call(self.image_encoder.encode, data, affinity_key=key.hex()))
+            self.image_cache_metrics.lookup(hit)
+            return await feats
         except Exception as e:  # noqa: BLE001
             inner = cause_of(e)
             if isinstance(e, ImageDecodeError) or isinstance(inner, ImageDecodeError):
                 raise bad(f"{where}: {image_error_message(str(inner))}", param, "invalid_image") from None
             raise
-
-    async def _encode_and_keep(self, key: bytes, data: bytes) -> np.ndarray:
-        return self.image_cache.put(key, await self._call(self.image_encoder.encode, data))
-
-    def _encoded(self, key: bytes, task: asyncio.Future) -> None:
-        """An image's encoding ended: later requests find it in the cache (or encode it again after a failure)."""
-        if self._encoding.get(key) is task:
-            del self._encoding[key]
-        if not task.cancelled():
-            task.exception()  # retrieved here, so an error nobody waits for any more is not reported as lost
 
     async def fetch_image(self, url: str, param: str) -> bytes:
         import httpx

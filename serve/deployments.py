@@ -9,8 +9,10 @@ ingress composes them through ``DeploymentHandle`` s.
   request's own language or temperature decodes it alone).
 - ``ImageEncoder.encode(bytes) -> float32 (tokens, dim)``: decodes and crops
   per request (pixel limit checked before decoding), then batches the CLIP
-  forward pass. The ASR's and the ImageEncoder's ``user_config`` set their
-  batch size and wait (``BatchWindow``).
+  forward pass; the features of the images it encoded lately are kept
+  (``encoder_cache_mb``), and the router sends each image to one replica
+  (``serve.image_cache``). The ASR's and the ImageEncoder's ``user_config``
+  set their batch size and wait (``BatchWindow``).
 - ``LLM.generate(request)``: a streaming method yielding lists of new token
   ids; concurrent requests share forward passes (continuous batching,
   ``serve.batching``), and a request leaves the batch when its caller goes
@@ -161,15 +163,26 @@ class ASR:
         return [(tok.decode([t for t in r.tokens if t < tok.eot]).strip(), r.language) for r in results]
 
 
+# calls with an affinity_key (a chat's opening, an image's hash) go to the same replica (serve.routing)
+AFFINITY_ROUTER = {"request_router_class": "serve.routing:ChatAffinityRouter",
+                   "request_router_kwargs": {"imbalanced_threshold": 8}}
+
+
 @serve.deployment(name="ImageEncoder", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=16,
-                  autoscaling_config=_autoscaling(2, 4), health_check_period_s=10, user_config=IMAGE_BATCH.to_dict())
+                  autoscaling_config=_autoscaling(2, 4), health_check_period_s=10, user_config=IMAGE_BATCH.to_dict(),
+                  request_router_config=AFFINITY_ROUTER)
 class ImageEncoder:
     def __init__(self, settings: dict):
+        from .image_cache import FeatureCache
+        from .metrics import ImageCacheMetrics
+
         self.settings = ServeSettings.from_dict(settings)
         set_threads(self.settings)
         source = resolve(self.settings)
         self.vision = load_vision(source, self.settings.device)
         self.max_pixels = self.settings.limits.max_image_pixels
+        self.cache = FeatureCache(int(self.settings.encoder_cache_mb * 2**20))
+        self.cache_metrics = ImageCacheMetrics("encoder")
         log.info("ImageEncoder ready: %s, %d tokens x %d per image", source.cfg.vision.model,
                  self.vision.num_tokens, self.vision.feature_dim)
 
@@ -187,8 +200,17 @@ class ImageEncoder:
     def info(self) -> dict:
         return {"num_tokens": self.vision.num_tokens, "feature_dim": self.vision.feature_dim}
 
-    async def encode(self, data: bytes) -> np.ndarray:
-        """Image bytes -> raw CLIP features (tokens, dim), float32."""
+    async def encode(self, data: bytes, affinity_key: str | None = None) -> np.ndarray:
+        """Image bytes -> raw CLIP features (tokens, dim), float32: the kept
+        ones when this replica encoded the same bytes lately (``encoder_cache_mb``).
+        ``affinity_key`` (the image's hash, from the ingress) is for the router."""
+        if not self.cache.max_bytes:
+            return await self._encode(data)
+        feats, hit = self.cache.fetch(await asyncio.to_thread(self.cache.key, data), lambda: self._encode(data))
+        self.cache_metrics.lookup(hit)
+        return await feats
+
+    async def _encode(self, data: bytes) -> np.ndarray:
         crop = await asyncio.to_thread(self.vision.pipeline.crop, data, self.max_pixels)
         return await self._encode_batch(crop)
 
@@ -204,14 +226,9 @@ class ImageEncoder:
         return list(feats)
 
 
-# a chat's turns go to the replica that kept its earlier turns' rows (serve.routing)
-LLM_ROUTER = {"request_router_class": "serve.routing:ChatAffinityRouter",
-              "request_router_kwargs": {"imbalanced_threshold": 8}}
-
-
 @serve.deployment(name="LLM", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=48,
                   autoscaling_config=_autoscaling(2, 16), health_check_period_s=10,
-                  graceful_shutdown_timeout_s=30, request_router_config=LLM_ROUTER,
+                  graceful_shutdown_timeout_s=30, request_router_config=AFFINITY_ROUTER,
                   user_config={"continuous_batching": True, "max_batch_size": 32})
 class LLM:
     """Phi-3 (+ adapter) and the projector. With ``continuous_batching`` (the

@@ -1,17 +1,26 @@
-"""CLIP features of recently seen images, kept by the ingress.
+"""CLIP features of recently seen images, kept by the ingress and by the
+ImageEncoder replicas.
 
 A chat about an image sends that image again with every turn (the API is
 stateless: each request carries the whole history, and the Gradio page does
 the same). Without a cache each turn decodes and encodes it again, a round
 trip to the ImageEncoder deployment and back with features of 2.4 MB
-(ViT-L/14-336). The ingress keeps the features of the images it saw last,
-keyed by a hash of the image's bytes, up to ``image_cache_mb`` of them.
+(ViT-L/14-336). Each ingress replica keeps the features of the images it saw
+last, keyed by a hash of the image's bytes, up to ``image_cache_mb`` of them.
+The HTTP proxy spreads a chat's turns over the ingress replicas, though, so
+the ImageEncoder keeps features too (``encoder_cache_mb``): the ingress sends
+each image with that hash as its ``affinity_key``, and the encoder's request
+router (``serve.routing``) sends every call for one image to the same
+replica, whichever ingress replica makes it. A hit there skips decoding and
+encoding; only the features travel.
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import threading
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 
@@ -27,6 +36,7 @@ class FeatureCache:
         self._lock = threading.Lock()
         self.bytes = 0
         self.hits = self.misses = 0
+        self._making: dict[bytes, asyncio.Future] = {}  # features being made now, by key (``fetch``)
 
     @staticmethod
     def key(data: bytes) -> bytes:
@@ -65,3 +75,41 @@ class FeatureCache:
                 _, dropped = self._items.popitem(last=False)
                 self.bytes -= dropped.nbytes
         return arr
+
+    def fetch(self, key: bytes, make: Callable[[], Awaitable[np.ndarray]]) -> tuple[Awaitable[np.ndarray], bool]:
+        """The features under ``key`` (to await) and whether they are a hit:
+        the kept ones, else those of the ``make()`` another caller started for
+        the same key (a hit: one encoding serves both), else ``make()``'s,
+        kept. The encoding runs in a task of its own, so a caller that goes
+        away does not cancel it for the others; one that fails is not kept,
+        and every caller waiting for it gets its error. Call it from the event
+        loop that runs the encodings."""
+        arr = self.get(key)
+        if arr is not None:
+            done = asyncio.get_running_loop().create_future()
+            done.set_result(arr)
+            return done, True
+        task = self._making.get(key)
+        hit = task is not None
+        if hit:  # get() counted a miss: it is a hit
+            with self._lock:
+                self.misses, self.hits = self.misses - 1, self.hits + 1
+        else:
+            task = self._making[key] = asyncio.ensure_future(self._make_and_keep(key, make))
+            task.add_done_callback(lambda t, key=key: self._made(key, t))
+        return asyncio.shield(task), hit
+
+    async def _make_and_keep(self, key: bytes, make: Callable[[], Awaitable[np.ndarray]]) -> np.ndarray:
+        return self.put(key, await make())
+
+    def _made(self, key: bytes, task: asyncio.Future) -> None:
+        """A ``make`` ended: later callers find its features kept (or make them again after a failure)."""
+        if self._making.get(key) is task:
+            del self._making[key]
+        if not task.cancelled():
+            task.exception()  # retrieved here, so an error nobody waits for any more is not reported as lost
+
+    @property
+    def making(self) -> int:
+        """Encodings in flight."""
+        return len(self._making)

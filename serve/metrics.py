@@ -151,11 +151,14 @@ class APIMetrics:
 
 
 class ImageCacheMetrics:
-    """The ingress's image feature cache: lookups by outcome (hit or miss)."""
+    """An image feature cache's lookups by outcome (hit or miss): the ingress's
+    (``mmphi_image_cache_lookups_total``) or the ImageEncoder's
+    (``mmphi_encoder_cache_lookups_total``)."""
 
-    def __init__(self) -> None:
-        self.lookups = _make("Counter", "mmphi_image_cache_lookups_total",
-                             "image feature cache lookups in the ingress by outcome", tag_keys=("outcome",))
+    def __init__(self, where: str = "ingress") -> None:
+        name = {"ingress": "mmphi_image_cache_lookups_total", "encoder": "mmphi_encoder_cache_lookups_total"}[where]
+        self.lookups = _make("Counter", name, f"image feature cache lookups in the {where} by outcome",
+                             tag_keys=("outcome",))
 
     def lookup(self, hit: bool) -> None:
         self.lookups.inc(1, tags={"outcome": "hit" if hit else "miss"})

@@ -1,4 +1,5 @@
-"""Chat affinity: the turns of one conversation go to the same LLM replica.
+"""Affinity routing: the turns of one conversation go to the same LLM
+replica, and every request for one image to the same ImageEncoder replica.
 
 Each LLM replica keeps the rows of finished requests for prefix reuse
 (``serve.prefix_cache``), so a chat's next turn prefills only its new tokens
@@ -18,6 +19,11 @@ more loses its preference, so that many chats that open the same way ("Hi")
 cannot pile up on one replica. Requests without a key go to the less loaded
 of two random replicas. Adding or removing a replica moves only the chats
 whose first choice it is (rendezvous hashing), about ``1/n`` of them.
+
+The ImageEncoder deployment uses the same router: there the key is a hash of
+the image's bytes (the ``affinity_key`` keyword of ``encode``), so the
+replica that keeps an image's features (``encoder_cache_mb``) gets every
+request for it, from any ingress replica.
 """
 from __future__ import annotations
 
@@ -51,10 +57,13 @@ def affinity_key(messages: list) -> str | None:
 
 
 def request_key(pending: PendingRequest | None) -> str | None:
-    """The ``affinity_key`` of an LLM ``generate`` call (its request dict)."""
-    if pending is None or not pending.args:
+    """The ``affinity_key`` of a call: a keyword argument (``ImageEncoder.encode``),
+    or a key of its first argument when that is a dict (``LLM.generate``'s request)."""
+    if pending is None:
         return None
-    arg: Any = pending.args[0]
+    if pending.kwargs and pending.kwargs.get("affinity_key") is not None:
+        return pending.kwargs["affinity_key"]
+    arg: Any = pending.args[0] if pending.args else None
     return arg.get("affinity_key") if isinstance(arg, dict) else None
 
 

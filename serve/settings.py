@@ -64,6 +64,9 @@ class ServeSettings:
     # CLIP features of the images each ingress replica saw last, in MiB (a conversation sends its
     # image again with every turn; a hit skips decoding and encoding it); 0 turns the cache off
     image_cache_mb: float = 256.0
+    # the same in each ImageEncoder replica, which gets every request for an image it kept from any
+    # ingress replica (routed by the image's hash); 0 turns it off
+    encoder_cache_mb: float = 256.0
     limits: Limits = field(default_factory=Limits)
 
     def to_dict(self) -> dict:
@@ -97,9 +100,10 @@ class ServeSettings:
                 check_device_name(self.device)
             except ValueError as e:
                 raise SettingsError(f"device: {e}") from None
-        if not isinstance(self.image_cache_mb, (int, float)) or isinstance(self.image_cache_mb, bool) \
-                or self.image_cache_mb < 0:
-            raise SettingsError(f"image_cache_mb must be a number of MiB, 0 or more, got {self.image_cache_mb!r}")
+        for name in ("image_cache_mb", "encoder_cache_mb"):
+            mb = getattr(self, name)
+            if not isinstance(mb, (int, float)) or isinstance(mb, bool) or mb < 0:
+                raise SettingsError(f"{name} must be a number of MiB, 0 or more, got {mb!r}")
         if self.retries < 0:
             raise SettingsError(f"retries must not be negative, got {self.retries}")
         if not isinstance(self.overrides, list) or not all(isinstance(o, str) for o in self.overrides):

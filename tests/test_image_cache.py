@@ -1,6 +1,8 @@
-"""The ingress's image feature cache: bounded least-recently-used features
-by image content, and the chat pipeline asking the ImageEncoder only for
-images it has not seen (without Ray; the served path is in test_serve.py)."""
+"""The image feature caches: bounded least-recently-used features by image
+content; the chat pipeline asking the ImageEncoder only for images it has
+not seen, with each image's hash for the encoder's router; and the
+ImageEncoder's own cache (without Ray; the served path is in test_serve.py,
+the routing in test_routing.py)."""
 from __future__ import annotations
 
 import asyncio
@@ -49,10 +51,11 @@ def test_kept_features_are_a_read_only_copy_and_oversize_ones_are_not_kept():
     assert FeatureCache.key(b"a") != FeatureCache.key(b"b") and len(FeatureCache.key(b"a")) == 16
 
 
+@pytest.mark.parametrize("name", ["image_cache_mb", "encoder_cache_mb"])
 @pytest.mark.parametrize("value", [-1, "big", True])
-def test_a_wrong_cache_size_is_refused(value):
-    with pytest.raises(SettingsError, match="image_cache_mb"):
-        ServeSettings.from_dict({"image_cache_mb": value})
+def test_a_wrong_cache_size_is_refused(name, value):
+    with pytest.raises(SettingsError, match=name):
+        ServeSettings.from_dict({name: value})
 
 
 class CountingEncoder:
@@ -60,15 +63,17 @@ class CountingEncoder:
 
     def __init__(self):
         self.calls = 0
+        self.keys = []  # the affinity_key of each call
 
     @property
     def encode(self):
         return self
 
-    async def remote(self, data: bytes):
+    async def remote(self, data: bytes, affinity_key=None):
         from models.images import load_image
 
         self.calls += 1
+        self.keys.append(affinity_key)
         return np.full((4, 8), float(np.asarray(load_image(data)).mean()), np.float32)
 
 
@@ -89,8 +94,8 @@ def conversation(*turns) -> list[dict]:
     return out
 
 
-@pytest.mark.parametrize("cache_mb", [256, 0])
-def test_each_turn_of_a_chat_about_an_image_encodes_it_once(tiny_cfg, cache_mb):
+@pytest.mark.parametrize("cache_mb, encoder_mb", [(256, 256), (0, 256), (0, 0)])
+def test_each_turn_of_a_chat_about_an_image_encodes_it_once(tiny_cfg, cache_mb, encoder_mb):
     from serve.chat import ChatService
     from serve.loading import Source
     from serve.protocol import parse_chat_request
@@ -99,7 +104,7 @@ def test_each_turn_of_a_chat_about_an_image_encodes_it_once(tiny_cfg, cache_mb):
 
     enc = CountingEncoder()
     service = ChatService(None, enc, None, load_tokenizer(tiny_cfg), Source(tiny_cfg, None, None),
-                          ServeSettings.from_dict({"image_cache_mb": cache_mb}))
+                          ServeSettings.from_dict({"image_cache_mb": cache_mb, "encoder_cache_mb": encoder_mb}))
 
     def prepare(messages):
         return asyncio.run(service.prepare(parse_chat_request({"messages": messages}, service.limits)))
@@ -113,14 +118,21 @@ def test_each_turn_of_a_chat_about_an_image_encodes_it_once(tiny_cfg, cache_mb):
     assert enc.calls == (2 if cache_mb else 4)  # red once, green once; without the cache every image every turn
     cache = service.image_cache
     assert (cache.hits, cache.misses, len(cache)) == ((2, 2, 2) if cache_mb else (0, 0, 0))  # off: no lookups
+    # each call names its image by the hash of its bytes, for the encoder's router (unless neither cache is on)
+    data = [base64.b64decode(uri.split(",", 1)[1]) for uri in (red, green)]
+    hashes = [FeatureCache.key(d).hex() for d in data]
+    if cache_mb:
+        assert enc.keys == hashes
+    else:
+        assert enc.keys == ([hashes[0]] * 3 + hashes[1:] if encoder_mb else [None] * 4)
 
 
 class SlowEncoder(CountingEncoder):
     """Takes a while, so that requests overlap; fails on a non-image."""
 
-    async def remote(self, data: bytes):
+    async def remote(self, data: bytes, affinity_key=None):
         await asyncio.sleep(0.05)
-        return await super().remote(data)
+        return await super().remote(data, affinity_key)
 
 
 def test_concurrent_requests_for_a_new_image_encode_it_once(tiny_cfg):
@@ -146,13 +158,53 @@ def test_concurrent_requests_for_a_new_image_encode_it_once(tiny_cfg):
         others = [service.prepare(red) for _ in range(3)]
         first.cancel()  # its client left: the encoding goes on for the others
         got = await asyncio.gather(*others)
-        assert enc.calls == 1 and len(service._encoding) == 0
+        assert enc.calls == 1 and service.image_cache.making == 0
         for p in got[1:]:
             np.testing.assert_array_equal(p.image_features, got[0].image_features)
         results = await asyncio.gather(*[service.prepare(request(broken)) for _ in range(2)], return_exceptions=True)
         assert enc.calls == 2  # one failed encoding, both told
         assert all(isinstance(r, APIError) and r.code == "invalid_image" for r in results), results
         await service.prepare(request(png("blue")))
-        assert enc.calls == 3 and len(service._encoding) == 0
+        assert enc.calls == 3 and service.image_cache.making == 0
 
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("encoder_mb", [16, 0])
+def test_an_image_encoder_replica_encodes_an_image_once(encoder_mb):
+    """The ImageEncoder (tiny preset, no Ray): the same bytes again, or
+    meanwhile, from any caller, get the kept features of one CLIP pass, equal
+    to an uncached pass's; an image that fails to decode is not kept."""
+    from models.images import ImageDecodeError
+    from serve.deployments import ImageEncoder
+
+    enc = ImageEncoder.func_or_class({"preset": "tiny", "device": "cpu", "encoder_cache_mb": encoder_mb})
+    passes, forward = [], enc._forward
+
+    async def one_pass(crop):  # serve.batch needs a replica: one image a pass here
+        passes.append(1)
+        return (await asyncio.to_thread(forward, [crop]))[0]
+
+    enc._encode_batch = one_pass
+    red, green = (base64.b64decode(png(c).split(",", 1)[1]) for c in ("red", "green"))
+
+    async def go():
+        together = await asyncio.gather(enc.encode(red, affinity_key="x"), enc.encode(red))
+        later = await enc.encode(red)
+        other = await enc.encode(green)
+        for _ in range(2):
+            with pytest.raises(ImageDecodeError):
+                await enc.encode(b"\x89PNG\r\n\x1a\nbroken")
+        return together + [later], other
+
+    reds, other = asyncio.run(go())
+    want = forward([enc.vision.pipeline.crop(red, enc.max_pixels)])[0]
+    for got in reds:
+        np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(other, want)
+    cache = enc.cache
+    if encoder_mb:
+        assert sum(passes) == 2 and (cache.hits, cache.misses, len(cache)) == (2, 4, 2)  # broken: a miss each time
+        assert cache.making == 0
+    else:
+        assert sum(passes) == 4 and (cache.hits, cache.misses, len(cache)) == (0, 0, 0)

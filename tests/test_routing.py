@@ -96,15 +96,19 @@ def test_router_prefers_the_keys_replica_unless_its_queue_is_far_longer():
 
 def test_a_serve_deployment_sends_a_keys_calls_to_one_replica():
     """Three replicas of a deployment that answers with its replica id, behind
-    the router as the LLM's config names it."""
+    the router as the LLM's and the ImageEncoder's configs name it: the key in
+    a request dict (``LLM.generate``) or a keyword (``ImageEncoder.encode``)."""
     import ray
     from ray import serve
 
-    from serve.deployments import LLM_ROUTER
+    from serve.deployments import AFFINITY_ROUTER
 
-    @serve.deployment(num_replicas=3, ray_actor_options={"num_cpus": 0.1}, request_router_config=LLM_ROUTER)
+    @serve.deployment(num_replicas=3, ray_actor_options={"num_cpus": 0.1}, request_router_config=AFFINITY_ROUTER)
     class Who:
         def generate(self, request: dict) -> str:
+            return serve.get_replica_context().replica_id.unique_id
+
+        def encode(self, data: bytes, affinity_key: str | None = None) -> str:
             return serve.get_replica_context().replica_id.unique_id
 
     @serve.deployment(ray_actor_options={"num_cpus": 0.1})
@@ -112,7 +116,9 @@ def test_a_serve_deployment_sends_a_keys_calls_to_one_replica():
         def __init__(self, who):
             self.who = who
 
-        async def __call__(self, keys: list[str | None]) -> list[str]:
+        async def __call__(self, keys: list[str | None], kwarg: bool = False) -> list[str]:
+            if kwarg:
+                return [await self.who.encode.remote(b"image", affinity_key=k) for k in keys]
             return [await self.who.generate.remote({"input_ids": [1], "affinity_key": k}) for k in keys]
 
     ray.init(num_cpus=4, include_dashboard=False)
@@ -123,6 +129,7 @@ def test_a_serve_deployment_sends_a_keys_calls_to_one_replica():
         again = handle.remote(keys * 2).result(timeout_s=120)
         assert again == first * 2  # every call of a chat went where its first did
         assert len(set(first)) >= 2  # and chats spread over the replicas
+        assert handle.remote(keys * 2, kwarg=True).result(timeout_s=120) == first * 2  # a keyword key ranks alike
         assert len(set(handle.remote([None] * 30).result(timeout_s=120))) >= 2
     finally:
         serve.shutdown()

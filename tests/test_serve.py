@@ -348,6 +348,26 @@ def test_an_image_sent_again_is_taken_from_the_ingress_cache(client):
     assert miss + hit == 3 and hit >= 1 and miss >= 1, (miss, hit)
 
 
+def test_the_image_encoder_keeps_an_images_features(server):
+    """Calls as the ingress makes them on a miss (the image's hash as the
+    ``affinity_key``): the router sends each to the replica that encoded the
+    image first, whose cache (encoder_cache_mb) answers the others."""
+    from ray import serve
+
+    from serve.image_cache import FeatureCache
+
+    encoder = serve.get_deployment_handle("ImageEncoder", app_name="mmphi")
+    img = png(60, 90, "olive")  # an image no other test sends
+    names = [("mmphi_encoder_cache_lookups_total", {"outcome": o}) for o in ("miss", "hit")]
+    time.sleep(2)  # what earlier tests counted is exported by now
+    before = [scrape(n, **kw) for n, kw in names]
+    got = [encoder.encode.remote(img, affinity_key=FeatureCache.key(img).hex()).result(timeout_s=60)
+           for _ in range(5)]
+    assert got[0].ndim == 2 and all(np.array_equal(g, got[0]) for g in got[1:])
+    miss, hit = counted_since(names, before, lambda got: sum(got) >= 5)
+    assert (miss, hit) == (1, 4)
+
+
 def test_concurrent_requests_for_a_new_image_encode_it_once_per_ingress(client):
     """Four requests with the same new image at once: an ingress replica
     encodes it once and the others wait for that encoding (counted as hits),

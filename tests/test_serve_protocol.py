@@ -526,7 +526,7 @@ class FakeImageEncoder:
     def encode(self):
         return self
 
-    async def remote(self, data: bytes):
+    async def remote(self, data: bytes, affinity_key=None):
         from models.images import load_image
 
         load_image(data)
