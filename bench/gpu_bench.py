@@ -75,9 +75,10 @@ def stage_argv(stage: str, cuda: bool, work: Path) -> list[str]:
                     "--warmup", "2", "--profile", *out]
         return ["--batch", "8", "--max-len", "256", "--steps", "4", "--warmup", "1", "--threads", "1", "--profile", *out]
     if stage == "serve":
-        # the image cache and the LLM's prefix cache off: every request is a first turn (a new image, a
+        # the image caches and the LLM's prefix cache off: every request is a first turn (a new image, a
         # prompt prefilled whole; the timed requests repeat the warm-up's), as in the tries before them
         common = ["--users", "1,32", "--mix", "both", "--no-ui", "--baseline-repeats", "1", "--image-cache-mb", "0",
+                  "--encoder-cache-mb", "0",
                   "--option", "LLM.user_config.prefix_cache=false", *out]
         if cuda:
             sets = [x for o in _module("train_bench").offline_overrides("phi3-mini") for x in ("--set", o)]
@@ -87,6 +88,7 @@ def stage_argv(stage: str, cuda: bool, work: Path) -> list[str]:
         return ["--max-tokens", "8", "--requests-per-user", "2", "--warmup", "2", *common]
     if stage == "serve4bit":  # the preset's 4-bit base (LoRA apart, fused): does decoding keep its graphs, how fast
         common = ["--users", "1", "--mix", "both", "--no-ui", "--baseline-repeats", "1", "--image-cache-mb", "0",
+                  "--encoder-cache-mb", "0",
                   "--option", "LLM.user_config.prefix_cache=false", *out]
         if cuda:
             sets = [x for o in _module("train_bench").offline_overrides("phi3-mini") for x in ("--set", o)]

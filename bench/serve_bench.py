@@ -678,6 +678,8 @@ def parse_args(argv=None):
                          "as the turns of one chat about it do)")
     ap.add_argument("--image-cache-mb", type=float, default=None,
                     help="the ingress's image feature cache (serving setting image_cache_mb; 0: off)")
+    ap.add_argument("--encoder-cache-mb", type=float, default=None,
+                    help="each ImageEncoder replica's image feature cache (serving setting encoder_cache_mb; 0: off)")
     ap.add_argument("--photo", default=None, metavar="WxH",
                     help="image requests carry photo-like JPEGs of this size (e.g. 4032x3024, a phone's) instead of "
                          "128 px synthetic scenes")
@@ -730,6 +732,8 @@ def main(argv=None) -> dict:
         settings["checkpoint"] = str(Path(args.checkpoint).expanduser().resolve())
     if args.image_cache_mb is not None:
         settings["image_cache_mb"] = args.image_cache_mb
+    if args.encoder_cache_mb is not None:
+        settings["encoder_cache_mb"] = args.encoder_cache_mb
     resolved = ServeSettings.from_dict({**app_args, **settings})
     prompts = Prompts(args.mix, photo=tuple(map(int, args.photo.lower().split("x"))) if args.photo else None,
                       n_images=args.images)
@@ -775,7 +779,7 @@ def main(argv=None) -> dict:
         "overrides": args.overrides, "torch": torch.__version__, "ray": ray.__version__,
         "max_tokens": args.max_tokens, "temperature": 0, "mix": args.mix, "turns": args.turns, "photo": args.photo,
         "images": args.images,
-        "image_cache_mb": resolved.image_cache_mb, "users": args.users,
+        "image_cache_mb": resolved.image_cache_mb, "encoder_cache_mb": resolved.encoder_cache_mb, "users": args.users,
         "requests_per_user": None if args.duration else args.requests_per_user, "duration_s": args.duration,
         "llm_replicas": "autoscaled" if args.autoscale else args.llm_replicas, "options": args.option,
         "llm_user_config": deployment_options(args)[1]["LLM"].get("user_config"),

@@ -28,7 +28,7 @@ def test_json_has_the_run_description_and_figures(result):
     for key in ("card", "device", "date", "preset", "max_tokens", "mix", "users", "summary", "inprocess", "levels"):
         assert key in result, key
     assert result["preset"] == "tiny" and result["device"] == "cpu" and result["users"] == [1, 32]
-    assert result["image_cache_mb"] == 0 and result["images"] == 8  # every image request a first turn
+    assert result["image_cache_mb"] == result["encoder_cache_mb"] == 0 and result["images"] == 8  # all first turns
     base = result["inprocess"]
     assert set(base["prefill_ms"]) == {"text", "image"} and all(v > 0 for v in base["prefill_ms"].values())
     assert set(base["tok_s"]) == {"1", "32"} and all(v > 0 for v in base["tok_s"].values())
