@@ -226,7 +226,7 @@ class _Prefill:
     """A long prompt prefilled in chunks, in its own (pinned) row."""
     ticket: Ticket
     entry: Any  # serve.prefix_cache.Retained, pinned: its row moves when running rows need it
-    embeds: torch.Tensor  # (tokens, hidden): the prompt after its kept prefix (all of it without one), images spliced in
+    embeds: torch.Tensor  # (tokens, hidden): the prompt after its kept prefix (all of it without one), images in
     done: int = 0  # columns 0..done-1 of the row hold the prompt's first done tokens
     base: int = 0  # the kept prefix's tokens (columns 0..base-1, from a retained row): embeds starts after them
 

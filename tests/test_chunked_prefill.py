@@ -15,7 +15,8 @@ import pytest
 
 from serve.batching import BatchingOptions, GenerationRequest
 from tests.test_batching import Collector, make, reference
-from tests.test_prefix_cache import _random_chats, answer_text, chat, images, kv, model  # noqa: F401 - the same fixtures
+from tests.test_prefix_cache import (  # noqa: F401 - the same fixtures
+    _random_chats, answer_text, chat, images, kv, model)
 
 CHUNK = 16
 
