@@ -25,6 +25,7 @@ with every stage's own full result under ``details``.
     python bench/gpu_bench.py                      # on a GPU machine (predicted 6-8 minutes; bench/NOTES.md)
     python bench/gpu_bench.py --stages train,serve --budget-s 540   # a subset, in this order, within 9 minutes
     python bench/gpu_bench.py --cpu                # the CPU rehearsal (tiny preset), even where CUDA is present
+    python bench/gpu_bench.py --stages chunk       # an extra stage alone (serve4bit, chunk)
 """
 from __future__ import annotations
 
@@ -44,7 +45,9 @@ from typing import Callable
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 STAGES = ("embed", "train", "serve")
-EXTRA_STAGES = ("serve4bit",)  # on request only (--stages): the 4-bit LLM (the phi3-mini preset's default) at 1 user
+# on request only (--stages): the 4-bit LLM (the phi3-mini preset's default) at 1 user; long prompts
+# prefilled in one pass or in chunks while streams decode (bench/chunk_bench.py)
+EXTRA_STAGES = ("serve4bit", "chunk")
 MIN_STAGE_S = 30.0  # with --budget-s, a stage is skipped when less than this is left
 
 
@@ -99,6 +102,12 @@ def stage_argv(stage: str, cuda: bool, work: Path) -> list[str]:
         shape = json.dumps({**load_config("tiny").llm.random_init, "intermediate_size": 768})
         return ["--set", "llm.load_in_4bit=true", "--set", "llm.compute_dtype=float32", "--set",
                 f"llm.random_init={shape}", "--max-tokens", "8", "--requests-per-user", "2", *common]
+    if stage == "chunk":  # 8 streams decoding, a long prompt every 12 steps: in one pass, in chunks of 512, of 1,024
+        if cuda:
+            sets = [x for o in _module("train_bench").offline_overrides("phi3-mini") for x in ("--set", o)]
+            return ["--preset", "phi3-mini", "--gpu", *sets, "--set", "llm.load_in_4bit=false",
+                    "--set", "llm.dtype=bfloat16", "--long-tokens", "3000", "--chunks", "0,512,1024", *out]
+        return ["--long-tokens", "200", "--chunks", "0,64", "--steps", "40", "--every", "10", "--streams", "3", *out]
     raise ValueError(f"unknown stage {stage!r}")
 
 
@@ -210,11 +219,28 @@ def engine_summary(r: dict) -> dict:
     return out
 
 
+def summarise_chunk(r: dict) -> dict:
+    """One pass against the largest chunk: what a long prompt's prefill adds
+    to the running streams' time between tokens, and to its own first token."""
+    rows = {row["prefill_chunk_tokens"]: row for row in r["results"]}
+    off, chunked = rows.get(0), rows[max(rows)] if max(rows) else None
+    out = {"long_prompt_tokens": r["long_prompt_tokens"], "chunk_tokens": max(rows) or None}
+    for name, row in (("one_pass", off), ("chunked", chunked)):
+        if row:
+            out |= {f"{name}_itl_ms_p99": row["itl_ms_p99"], f"{name}_itl_ms_max": row["itl_ms_max"],
+                    f"{name}_long_ttft_ms_p50": row["long_ttft_ms_p50"]}
+    if off and chunked:
+        out["itl_p99_ratio_one_pass_vs_chunked"] = _ratio(off["itl_ms_p99"], chunked["itl_ms_p99"])
+        out["long_ttft_ratio_chunked_vs_one_pass"] = _ratio(chunked["long_ttft_ms_p50"], off["long_ttft_ms_p50"])
+    return out
+
+
 RUNNERS: dict[str, tuple[str, Callable[[dict], dict]]] = {
     "embed": ("embed_bench", summarise_embed),
     "train": ("train_bench", summarise_train),
     "serve": ("serve_bench", summarise_serve),
     "serve4bit": ("serve_bench", summarise_serve),
+    "chunk": ("chunk_bench", summarise_chunk),
 }
 
 
@@ -309,6 +335,11 @@ TABLE = [  # (key, what, format)
     ("serve4bit.hf_decode_tok_s_batch1", "4-bit LLM: in-process generate tokens/s, batch 1", "{:,.1f}"),
     ("serve4bit.engine_static_decode_tok_s_batch1", "4-bit LLM: static-cache loop tokens/s, batch 1", "{:,.1f}"),
     ("serve4bit.ttft_ms_p50", "4-bit LLM: time to first token p50, image + text (ms)", "{:,.0f}"),
+    ("chunk.itl_p99_ratio_one_pass_vs_chunked", "long prompts: streams' p99 between tokens, one pass / chunked",
+     "{:.2f}"),
+    ("chunk.one_pass_itl_ms_p99", "long prompts in one pass: streams' p99 between tokens (ms)", "{:,.1f}"),
+    ("chunk.chunked_itl_ms_p99", "long prompts chunked: streams' p99 between tokens (ms)", "{:,.1f}"),
+    ("chunk.long_ttft_ratio_chunked_vs_one_pass", "long prompts: first token p50, chunked / one pass", "{:.2f}"),
 ]
 
 

@@ -163,6 +163,13 @@ def test_stage_flags_fit_each_device(tmp_path):
         argv = gb.stage_argv("serve4bit", cuda, tmp_path)
         assert sb.parse_args(argv).users == [1] and "llm.load_in_4bit=false" not in argv
     assert "llm.load_in_4bit=true" in gb.stage_argv("serve4bit", False, tmp_path)
+    # on request: long prompts in one pass against chunks, 3,000 tokens of Phi-3-mini in bf16 on a GPU
+    assert "chunk" not in gb.STAGES and "chunk" in gb.EXTRA_STAGES
+    cb = gb._module("chunk_bench")
+    chunk_gpu = cb.parse_args(gb.stage_argv("chunk", True, tmp_path))
+    assert chunk_gpu.gpu and chunk_gpu.preset == "phi3-mini" and chunk_gpu.long_tokens == 3000
+    assert chunk_gpu.chunks == "0,512,1024" and "llm.dtype=bfloat16" in chunk_gpu.overrides
+    assert not cb.parse_args(gb.stage_argv("chunk", False, tmp_path)).gpu
     with pytest.raises(SystemExit):
         gb.main(["--stages", "embed,nope"])
 
@@ -211,3 +218,14 @@ def test_cpu_rehearsal_end_to_end(cpu_bench):
     for key in ("ratio_packed_vs_hf_peft", "ratio_whole_last_layer_vs_hf_peft", "ratio_peft_lora_vs_hf_peft",
                 "ratio_hf_norm_vs_hf_peft", "ratio_fp32_frozen_vs_hf_peft"):
         assert res["train"][key] > 0, key
+
+
+def test_the_chunk_stage_compares_one_pass_with_the_largest_chunk():
+    gb = _load()
+    rows = [{"prefill_chunk_tokens": c, "itl_ms_p99": p99, "itl_ms_max": p99 + 5, "long_ttft_ms_p50": ttft}
+            for c, p99, ttft in ((0, 90.0, 100.0), (512, 20.0, 140.0), (1024, 30.0, 120.0))]
+    s = gb.summarise_chunk({"long_prompt_tokens": 3001, "results": rows})
+    assert s["chunk_tokens"] == 1024 and s["one_pass_itl_ms_p99"] == 90.0 and s["chunked_itl_ms_p99"] == 30.0
+    assert s["itl_p99_ratio_one_pass_vs_chunked"] == 3.0 and s["long_ttft_ratio_chunked_vs_one_pass"] == 1.2
+    alone = gb.summarise_chunk({"long_prompt_tokens": 3001, "results": rows[:1]})  # one pass only: no ratio
+    assert alone["chunk_tokens"] is None and "itl_p99_ratio_one_pass_vs_chunked" not in alone
