@@ -97,6 +97,28 @@ class ChatAffinityRouter(RequestRouter):
             return [candidate_replicas]  # the least loaded of all
         return [order[:1], order[1:]]
 
+    def _fulfill_next_pending_request(self, replica: RunningReplica, request_metadata=None) -> None:
+        """Give ``replica`` to the pending call being routed. Serve's base
+        router finds that call by its ``internal_request_id``, which every call
+        a replica makes while serving one request shares (Serve copies it from
+        the request's context: the ingress encodes a request's images at once,
+        and asks for its ``n`` answers at once). Its index keeps the first
+        such call only, so the others would never be given a replica and their
+        routing tasks would spin, blocking the handle's event loop. Each call
+        has metadata of its own, though (the routing task passes the very
+        object): the call is found by it, so each goes where its own key sent
+        it."""
+        pending = self._get_pending_request_matching_internal_request_id(request_metadata)
+        if pending is None or pending.metadata is not request_metadata:  # not indexed, or a sibling call's
+            pending = next((pr for pr in self._pending_requests_to_fulfill
+                            if pr.metadata is request_metadata and not pr.future.done()), None)
+        if pending is None:
+            return
+        self._cancel_routing_task_for_pending_request(pending)
+        self._record_queue_wait_time(pending)
+        pending.future.set_result(replica)
+        self._remove_pending_request_from_indices(pending)
+
     def _imbalanced(self, first: RunningReplica, replicas: list[RunningReplica]) -> bool:
         """Whether ``first``'s known queue is ``imbalanced_threshold`` longer than the shortest known one."""
         cache = self.replica_queue_len_cache

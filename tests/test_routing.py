@@ -97,7 +97,8 @@ def test_router_prefers_the_keys_replica_unless_its_queue_is_far_longer():
 def test_a_serve_deployment_sends_a_keys_calls_to_one_replica():
     """Three replicas of a deployment that answers with its replica id, behind
     the router as the LLM's and the ImageEncoder's configs name it: the key in
-    a request dict (``LLM.generate``) or a keyword (``ImageEncoder.encode``)."""
+    a request dict (``LLM.generate``) or a keyword (``ImageEncoder.encode``),
+    one call after another or all at once."""
     import ray
     from ray import serve
 
@@ -116,7 +117,11 @@ def test_a_serve_deployment_sends_a_keys_calls_to_one_replica():
         def __init__(self, who):
             self.who = who
 
-        async def __call__(self, keys: list[str | None], kwarg: bool = False) -> list[str]:
+        async def __call__(self, keys: list[str | None], kwarg: bool = False, together: bool = False) -> list[str]:
+            if together:  # at once, as the ingress encodes a request's images and asks for its n answers
+                import asyncio
+
+                return list(await asyncio.gather(*[self.who.encode.remote(b"image", affinity_key=k) for k in keys]))
             if kwarg:
                 return [await self.who.encode.remote(b"image", affinity_key=k) for k in keys]
             return [await self.who.generate.remote({"input_ids": [1], "affinity_key": k}) for k in keys]
@@ -130,6 +135,8 @@ def test_a_serve_deployment_sends_a_keys_calls_to_one_replica():
         assert again == first * 2  # every call of a chat went where its first did
         assert len(set(first)) >= 2  # and chats spread over the replicas
         assert handle.remote(keys * 2, kwarg=True).result(timeout_s=120) == first * 2  # a keyword key ranks alike
+        # calls made at once while serving one request share Serve's internal request id: each is routed
+        assert handle.remote(keys, together=True).result(timeout_s=60) == first
         assert len(set(handle.remote([None] * 30).result(timeout_s=120))) >= 2
     finally:
         serve.shutdown()
