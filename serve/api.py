@@ -167,41 +167,51 @@ def build_api(service: ChatService, *, api_key: str | None, mount_ui: bool = Tru
             raise unknown_model(req.model)
         prep = await service.prepare(req)
         cid = completion_id()
-        if not req.stream:
-            res = await service.complete(req, prep)
-            return completion(cid, model_name, res.text, res.finish_reason, res.prompt_tokens, res.completion_tokens,
-                              fingerprint)
+        if not req.stream:  # n answers side by side (one LLM replica batches them: the same affinity key)
+            try:
+                async with asyncio.TaskGroup() as group:  # one failing cancels the others
+                    tasks = [group.create_task(service.complete(req, prep, i)) for i in range(req.n)]
+            except ExceptionGroup as eg:  # the first error is the response (a 503 for a full queue ...)
+                raise eg.exceptions[0] from None
+            results = [t.result() for t in tasks]
+            return completion(cid, model_name, [(r.text, r.finish_reason) for r in results], prep.prompt_tokens,
+                              sum(r.completion_tokens for r in results), fingerprint)
 
-        # the first piece before any header: a refusal until then (a full queue: 503) is an HTTP error
-        result: dict = {}
-        answer = service.answer(prep, req, result)
-        try:
-            first = [await answer.__anext__()]
-        except StopAsyncIteration:
-            first = []
-        except BaseException:
-            await answer.aclose()
-            raise
+        # the first piece of each answer before any header: a refusal until then (a full queue: 503) is an
+        # HTTP error
+        results: list[dict] = [{} for _ in range(req.n)]
+        answers = [service.answer(prep, req, results[i], i) for i in range(req.n)]
+        firsts = await asyncio.gather(*[_first(a) for a in answers], return_exceptions=True)
+        failed = next((f for f in firsts if isinstance(f, BaseException)), None)
+        if failed is not None:
+            for a in answers:
+                await a.aclose()
+            raise failed
 
         async def events():
             created = int(time.time())
-            yield sse(chunk(cid, model_name, created, {"role": "assistant", "content": ""}, fingerprint=fingerprint))
+
+            def event(delta, finish=None, index=0, usage_=None):
+                return sse(chunk(cid, model_name, created, delta, finish, usage_, fingerprint, index))
+
+            for i in range(req.n):
+                yield event({"role": "assistant", "content": ""}, index=i)
+            merged = interleave(answers, firsts)
             try:
-                for delta in first:
-                    yield sse(chunk(cid, model_name, created, {"content": delta}, fingerprint=fingerprint))
-                async for delta in answer:
-                    yield sse(chunk(cid, model_name, created, {"content": delta}, fingerprint=fingerprint))
-                yield sse(chunk(cid, model_name, created, {}, result["finish_reason"], fingerprint=fingerprint))
+                async for i, delta in merged:
+                    yield event({"content": delta}, index=i) if delta is not None else \
+                        event({}, results[i]["finish_reason"], index=i)
                 if req.include_usage:
-                    yield sse(chunk(cid, model_name, created, None, fingerprint=fingerprint,
-                                    usage_=usage(prep.prompt_tokens, result["completion_tokens"])))
+                    yield event(None, usage_=usage(prep.prompt_tokens, sum(r["completion_tokens"] for r in results)))
             except Exception as e:  # noqa: BLE001 - headers are sent: report in the stream
                 log.exception("error while streaming %s", cid)
                 err = e if isinstance(e, APIError) else internal_error("generation failed", e)
                 count_error(err)
                 yield sse(err.body())
-            finally:
-                await answer.aclose()
+            finally:  # also when the client went away: the LLM calls end with their answers
+                await merged.aclose()
+                for a in answers:
+                    await a.aclose()
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream",
@@ -274,6 +284,52 @@ def build_api(service: ChatService, *, api_key: str | None, mount_ui: bool = Tru
                                                 "(any user name).") if api_key else None)
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
     return app
+
+
+async def _first(answer) -> list[str]:
+    """An answer's first text delta (none when it has none)."""
+    try:
+        return [await answer.__anext__()]
+    except StopAsyncIteration:
+        return []
+
+
+async def interleave(answers: list, firsts: list[list[str]]):
+    """``(choice, delta)`` from every answer as it comes (``firsts``: what each
+    yielded already), and ``(choice, None)`` when one ends. Closing it stops
+    reading the answers; the caller closes them."""
+    if len(answers) == 1:  # no tasks for the usual single answer
+        for delta in firsts[0]:
+            yield 0, delta
+        async for delta in answers[0]:
+            yield 0, delta
+        yield 0, None
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int) -> None:
+        try:
+            for delta in firsts[i]:
+                queue.put_nowait((i, delta))
+            async for delta in answers[i]:
+                queue.put_nowait((i, delta))
+            queue.put_nowait((i, None))
+        except Exception as e:  # noqa: BLE001 - raised where the deltas are read
+            queue.put_nowait((i, e))
+
+    tasks = [asyncio.create_task(pump(i)) for i in range(len(answers))]
+    try:
+        left = len(answers)
+        while left:
+            i, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            left -= item is None
+            yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def sse(obj: dict) -> str:

@@ -308,9 +308,10 @@ class ChatService:
             del kept[first:end]
 
     # --------------------------------------------------------------- stream
-    async def answer(self, prep: Prepared, req: ChatRequest, result: dict) -> AsyncIterator[str]:
+    async def answer(self, prep: Prepared, req: ChatRequest, result: dict, choice: int = 0) -> AsyncIterator[str]:
         """Yield text deltas from the LLM; fills ``result`` with
-        ``finish_reason`` and ``completion_tokens`` when done."""
+        ``finish_reason`` and ``completion_tokens`` when done. ``choice``
+        (of ``req.n``) samples with the request's seed + ``choice``."""
         text = TextStream(self.tok, req.stop)
         generated: list[int] = []
         failures = 0
@@ -318,7 +319,8 @@ class ChatService:
         stop_string = False
         sampling = {"temperature": req.temperature, "top_p": req.top_p}
         if req.seed is not None and req.temperature > 0:
-            sampling["seed"] = req.seed
+            seed = req.seed + choice
+            sampling["seed"] = seed if seed < 2**64 else seed - 2**64
         while finish is None:
             remaining = prep.max_new_tokens - len(generated)
             if remaining <= 0:
@@ -368,8 +370,8 @@ class ChatService:
                 yield delta
         result.update(finish_reason=finish, completion_tokens=len(generated))
 
-    async def complete(self, req: ChatRequest, prep: Prepared | None = None) -> Result:
+    async def complete(self, req: ChatRequest, prep: Prepared | None = None, choice: int = 0) -> Result:
         prep = prep or await self.prepare(req)
         result: dict = {}
-        parts = [d async for d in self.answer(prep, req, result)]
+        parts = [d async for d in self.answer(prep, req, result, choice)]
         return Result("".join(parts), result["finish_reason"], prep.prompt_tokens, result["completion_tokens"])

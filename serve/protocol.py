@@ -79,6 +79,7 @@ class ChatRequest:
     # extension (vLLM's name): stop ids are suppressed until this many tokens are generated
     min_tokens: int = 0
     seed: int | None = None  # sampling with the request's own generator: the same seed, the same answer
+    n: int = 1  # answers (choices) to the same prompt; choice i samples with seed + i
     extra: dict = field(default_factory=dict)
 
     @property
@@ -245,8 +246,13 @@ def parse_chat_request(body: Any, limits: Limits, allow_remote: bool = False) ->
         if body.get(key) not in (None, False, [], "none"):
             raise bad(f"'{key}': {why}", key, "unsupported_parameter")
     n = body.get("n")
-    if n not in (None, 1):
-        raise bad("'n' must be 1 (one choice per request)", "n", "unsupported_parameter")
+    if n is None:
+        n = 1
+    elif isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise bad(f"'n' (the number of answers) must be a positive integer, got {n!r}", "n")
+    elif n > limits.max_choices:
+        raise bad(f"'n' is {n}; this server gives at most {limits.max_choices} answers (choices) per request", "n",
+                  "too_many_choices")
     for name in ("frequency_penalty", "presence_penalty"):  # clients send 0 by default: accepted
         if _number(body, name, 0.0, -2.0, 2.0) != 0.0:
             raise bad(f"'{name}' is not supported (only 0); sampling uses temperature, top_p and stop", name,
@@ -319,6 +325,7 @@ def parse_chat_request(body: Any, limits: Limits, allow_remote: bool = False) ->
         model=model,
         min_tokens=min_tokens,
         seed=seed,
+        n=n,
     )
 
 
@@ -379,22 +386,24 @@ def usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def completion(cid: str, model: str, text: str, finish: str, prompt: int, completion_tokens: int,
+def completion(cid: str, model: str, answers: list[tuple[str, str]], prompt: int, completion_tokens: int,
                fingerprint: str | None = None) -> dict:
+    """A whole response: ``answers`` are (text, finish_reason), one per choice;
+    ``completion_tokens`` counts all of them, ``prompt`` the prompt once."""
     return {
         "id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
         "system_fingerprint": fingerprint,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                     "logprobs": None}],
+        "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                     "logprobs": None} for i, (text, finish) in enumerate(answers)],
         "usage": usage(prompt, completion_tokens),
     }
 
 
 def chunk(cid: str, model: str, created: int, delta: dict | None, finish: str | None = None,
-          usage_: dict | None = None, fingerprint: str | None = None) -> dict:
+          usage_: dict | None = None, fingerprint: str | None = None, index: int = 0) -> dict:
     out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
            "system_fingerprint": fingerprint,
-           "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish,
+           "choices": [] if delta is None else [{"index": index, "delta": delta, "finish_reason": finish,
                                                   "logprobs": None}]}
     if usage_ is not None:
         out["usage"] = usage_

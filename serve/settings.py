@@ -36,6 +36,8 @@ class Limits:
     context_length: int | None = None
     # stop strings per request (OpenAI allows 4)
     max_stop: int = 4
+    # answers (choices, "n") one request may ask for: each is a sequence of its own in the LLM's batch
+    max_choices: int = 8
 
 
 @dataclass
@@ -83,7 +85,8 @@ class ServeSettings:
 
     def validate(self) -> "ServeSettings":
         lim = self.limits
-        for name in ("max_body_bytes", "max_image_pixels", "max_new_tokens", "default_max_tokens", "max_messages"):
+        for name in ("max_body_bytes", "max_image_pixels", "max_new_tokens", "default_max_tokens", "max_messages",
+                     "max_choices"):
             if getattr(lim, name) < 1:
                 raise SettingsError(f"limits.{name} must be at least 1, got {getattr(lim, name)}")
         for name in ("max_images", "max_audio_parts", "max_stop"):

@@ -152,6 +152,17 @@ def test_chat_with_image_audio_and_text(client, tokenizer):
     assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
 
 
+def test_two_new_images_in_one_request_are_encoded_at_once(client):
+    """The ingress sends a request's images to the ImageEncoder together;
+    each call is routed by its image's hash (serve.routing), though all of
+    them carry the request's one internal id."""
+    for stream, colours in ((False, ("maroon", "coral")), (True, ("khaki", "plum"))):  # images no other test sends
+        two = [image_part(png(50, 40, c)) for c in colours]
+        r = chat(client, [{"role": "user", "content": two + [{"type": "text", "text": "Which is redder?"}]}],
+                 max_tokens=4, temperature=0, stream=stream)
+        assert r.status_code == 200, r.text
+
+
 def test_stream_yields_chunks_ending_with_done_and_matches_non_stream(client):
     msgs = [{"role": "user", "content": "Tell me about shapes"}]
     whole = chat(client, msgs, max_tokens=12, temperature=0).json()
@@ -277,6 +288,15 @@ def test_official_openai_client(server):
     again = c.chat.completions.create(model="mmphi", max_tokens=6, temperature=0,
                                       messages=[{"role": "user", "content": "What is this?"}])
     assert text == again.choices[0].message.content
+    # n answers, sampled with seeds seed, seed + 1, ...: the first is the request's own with n = 1
+    three = c.chat.completions.create(model="mmphi", max_tokens=6, temperature=1.0, seed=7, n=3,
+                                      messages=[{"role": "user", "content": "What is this?"}])
+    alone = c.chat.completions.create(model="mmphi", max_tokens=6, temperature=1.0, seed=7,
+                                      messages=[{"role": "user", "content": "What is this?"}])
+    assert [ch.index for ch in three.choices] == [0, 1, 2]
+    assert three.choices[0].message.content == alone.choices[0].message.content
+    assert three.usage.prompt_tokens == alone.usage.prompt_tokens
+    assert 3 <= three.usage.completion_tokens <= 3 * 6
     assert again.system_fingerprint == res.system_fingerprint == chunks[0].system_fingerprint
     assert res.system_fingerprint.startswith("fp_")
     tr = c.audio.transcriptions.create(model="whisper-1", file=("clip.wav", wav(), "audio/wav"))
@@ -488,7 +508,8 @@ HOSTILE = {
                               "at most 48"),
     "unknown model": (dict(json={"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}), 404,
                       "does not exist"),
-    "n above 1": (dict(json={"messages": [{"role": "user", "content": "x"}], "n": 3}), 400, "must be 1"),
+    "n above the limit": (dict(json={"messages": [{"role": "user", "content": "x"}], "n": 9}), 400,
+                          "at most 8 answers"),
     "whitespace prompt": (dict(json={"messages": [{"role": "user", "content": "   \n\t "}]}), 400, "is empty"),
     "empty prompt, streamed": (dict(json={"messages": [{"role": "user", "content": [{"type": "text", "text": ""}]}],
                                          "stream": True}), 400, "is empty"),

@@ -93,7 +93,9 @@ def test_developer_role_is_a_system_message():
     ({"top_p": "high"}, "top_p", "must be a number"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
     ({"stop": [""]}, "stop", "non-empty"),
-    ({"n": 2}, "n", "must be 1"),
+    ({"n": 9}, "n", "'n' is 9; this server gives at most 8 answers (choices) per request"),
+    ({"n": 0}, "n", "'n' (the number of answers) must be a positive integer, got 0"),
+    ({"n": True}, "n", "must be a positive integer"),
     ({"tools": [{"type": "function"}]}, "tools", "not supported"),
     ({"stream": "yes"}, "stream", "true or false"),
     ({"frequency_penalty": 0.5}, "frequency_penalty", "'frequency_penalty' is not supported (only 0)"),
@@ -708,3 +710,103 @@ def test_system_fingerprint_follows_the_weights_config_and_device(tiny_model, ti
     weights.write_bytes(bytes(data))
     assert of(copy) != first
 
+
+
+class SeededLLM:
+    """A stand-in LLM handle whose answer depends on the call's seed: token
+    ``40 + seed % 20`` (or 40 without a seed), ``max_new_tokens`` times;
+    ``fail_seed``'s call fails after one token."""
+
+    def __init__(self, fail_seed: int | None = None):
+        self.calls, self.fail_seed, self.cancelled = [], fail_seed, 0
+
+    def options(self, **_):
+        return self
+
+    @property
+    def generate(self):
+        return self
+
+    def remote(self, call: dict):
+        import asyncio
+
+        self.calls.append(dict(call))
+        seed, llm = call.get("seed"), self
+
+        class Stream:
+            def __aiter__(s):
+                return s.gen()
+
+            async def gen(s):
+                for k in range(call["max_new_tokens"]):
+                    await asyncio.sleep(0.001 * (1 + (seed or 0) % 3))  # the choices' tokens interleave
+                    if seed is not None and seed == llm.fail_seed and k == 1:
+                        raise RuntimeError("the replica broke")
+                    yield [40 + (seed or 0) % 20]
+
+            def cancel(s):
+                llm.cancelled += 1
+
+        return Stream()
+
+
+def sse_chunks(text: str) -> list[dict]:
+    import json
+
+    lines = [ln[len("data: "):] for ln in text.split("\n") if ln.startswith("data: ")]
+    assert lines[-1] == "[DONE]", lines[-3:]
+    return [json.loads(ln) for ln in lines[:-1]]
+
+
+def test_n_answers_each_sample_with_their_own_seed(api):
+    api.service.llm = llm = SeededLLM()
+    body = {"messages": [{"role": "user", "content": "hi"}], "n": 3, "temperature": 0.7, "seed": 10,
+            "max_tokens": 4}
+    r = api.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    res = r.json()
+    assert [c["index"] for c in res["choices"]] == [0, 1, 2]
+    assert sorted(c["seed"] for c in llm.calls) == [10, 11, 12]
+    texts = [c["message"]["content"] for c in res["choices"]]
+    assert texts == [api.service.tok.decode([40 + s % 20] * 4) for s in (10, 11, 12)] and len(set(texts)) == 3
+    assert all(c["finish_reason"] == "length" for c in res["choices"])
+    one = api.post("/v1/chat/completions", json={**body, "n": 1}).json()  # choice 0 is the request alone
+    assert res["usage"]["prompt_tokens"] == one["usage"]["prompt_tokens"]  # the prompt counted once
+    assert res["usage"]["completion_tokens"] == 12 and one["choices"][0]["message"]["content"] == texts[0]
+    # the same, streamed: each choice's role, text and finish by index, the usage of all
+    r = api.post("/v1/chat/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}})
+    assert r.status_code == 200, r.text
+    chunks = sse_chunks(r.text)
+    by_index: dict[int, list] = {}
+    for ch in chunks:
+        for c in ch["choices"]:
+            by_index.setdefault(c["index"], []).append(c)
+    assert sorted(by_index) == [0, 1, 2]
+    for i, cs in by_index.items():
+        assert cs[0]["delta"] == {"role": "assistant", "content": ""}
+        assert "".join(c["delta"].get("content", "") for c in cs) == texts[i]
+        assert [c["finish_reason"] for c in cs if c["finish_reason"]] == ["length"] and cs[-1]["finish_reason"]
+    order = [c["index"] for ch in chunks for c in ch["choices"] if c["delta"].get("content")]
+    assert order != sorted(order)  # streamed as they come, not one choice after the other
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 12
+    # greedy: no seed reaches the LLM, n equal answers
+    llm.calls.clear()
+    greedy = api.post("/v1/chat/completions", json={**body, "temperature": 0}).json()
+    assert len({c["message"]["content"] for c in greedy["choices"]}) == 1
+    assert len(llm.calls) == 3 and all("seed" not in c for c in llm.calls)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_one_failing_answer_of_n_fails_the_request_and_stops_the_others(api, stream):
+    api.service.llm = llm = SeededLLM(fail_seed=11)
+    body = {"messages": [{"role": "user", "content": "hi"}], "n": 3, "temperature": 0.7, "seed": 10,
+            "max_tokens": 40, "stream": stream}
+    r = api.post("/v1/chat/completions", json=body)
+    if stream:  # headers were sent: the error is in the stream
+        assert r.status_code == 200
+        assert "the replica broke" in sse_chunks(r.text)[-1]["error"]["message"]
+    else:
+        assert r.status_code == 500 and "the replica broke" in r.json()["error"]["message"], r.text
+    assert llm.cancelled == 3  # every LLM call ended with the request (the failed one too)
+    r = api.post("/v1/chat/completions", json={**body, "n": 1, "max_tokens": 3})
+    assert r.status_code == 200  # the service answers next
