@@ -327,12 +327,12 @@ def test_serve_config_passes_ray_schema():
     assert build_app(app.args) is not None  # the builder accepts the file's args
 
 
-class FakeLLM:
-    """A stand-in LLM handle: records each generate call; the first call
-    yields ``die_after`` tokens, then its replica 'dies'."""
+class StubLLM:
+    """A stand-in LLM handle: records each generate call, streams what
+    ``tokens(call, k)`` yields for the ``k``-th call, counts cancels."""
 
-    def __init__(self, die_after: int):
-        self.calls, self.die_after = [], die_after
+    def __init__(self):
+        self.calls, self.cancelled = [], 0
 
     def options(self, **_):
         return self
@@ -342,26 +342,33 @@ class FakeLLM:
         return self
 
     def remote(self, call: dict):
-        import ray
-
         self.calls.append(dict(call))
-        first = len(self.calls) == 1
-        n = self.die_after if first else call["max_new_tokens"]
+        ids, llm = self.tokens(call, len(self.calls)), self
 
         class Stream:
             def __aiter__(s):
-                return s.gen()
-
-            async def gen(s):
-                for _ in range(n):
-                    yield [5]
-                if first:
-                    raise ray.exceptions.ActorUnavailableError("replica died", None)
+                return ids
 
             def cancel(s):
-                pass
+                llm.cancelled += 1
 
         return Stream()
+
+
+class FakeLLM(StubLLM):
+    """The first call yields ``die_after`` tokens, then its replica 'dies'."""
+
+    def __init__(self, die_after: int):
+        super().__init__()
+        self.die_after = die_after
+
+    async def tokens(self, call: dict, k: int):
+        import ray
+
+        for _ in range(self.die_after if k == 1 else call["max_new_tokens"]):
+            yield [5]
+        if k == 1:
+            raise ray.exceptions.ActorUnavailableError("replica died", None)
 
 
 def test_min_tokens_reaches_the_llm_and_shrinks_when_an_answer_is_continued(tiny_cfg):
@@ -712,42 +719,24 @@ def test_system_fingerprint_follows_the_weights_config_and_device(tiny_model, ti
 
 
 
-class SeededLLM:
-    """A stand-in LLM handle whose answer depends on the call's seed: token
-    ``40 + seed % 20`` (or 40 without a seed), ``max_new_tokens`` times;
-    ``fail_seed``'s call fails after one token."""
+class SeededLLM(StubLLM):
+    """An answer that depends on the call's seed: token ``40 + seed % 20``
+    (or 40 without a seed), ``max_new_tokens`` times; ``fail_seed``'s call
+    fails after one token."""
 
     def __init__(self, fail_seed: int | None = None):
-        self.calls, self.fail_seed, self.cancelled = [], fail_seed, 0
+        super().__init__()
+        self.fail_seed = fail_seed
 
-    def options(self, **_):
-        return self
-
-    @property
-    def generate(self):
-        return self
-
-    def remote(self, call: dict):
+    async def tokens(self, call: dict, k: int):
         import asyncio
 
-        self.calls.append(dict(call))
-        seed, llm = call.get("seed"), self
-
-        class Stream:
-            def __aiter__(s):
-                return s.gen()
-
-            async def gen(s):
-                for k in range(call["max_new_tokens"]):
-                    await asyncio.sleep(0.001 * (1 + (seed or 0) % 3))  # the choices' tokens interleave
-                    if seed is not None and seed == llm.fail_seed and k == 1:
-                        raise RuntimeError("the replica broke")
-                    yield [40 + (seed or 0) % 20]
-
-            def cancel(s):
-                llm.cancelled += 1
-
-        return Stream()
+        seed = call.get("seed")
+        for i in range(call["max_new_tokens"]):
+            await asyncio.sleep(0.001 * (1 + (seed or 0) % 3))  # the choices' tokens interleave
+            if seed is not None and seed == self.fail_seed and i == 1:
+                raise RuntimeError("the replica broke")
+            yield [40 + (seed or 0) % 20]
 
 
 def sse_chunks(text: str) -> list[dict]:
