@@ -25,7 +25,7 @@ with every stage's own full result under ``details``.
     python bench/gpu_bench.py                      # on a GPU machine (predicted 6-8 minutes; bench/NOTES.md)
     python bench/gpu_bench.py --stages train,serve --budget-s 540   # a subset, in this order, within 9 minutes
     python bench/gpu_bench.py --cpu                # the CPU rehearsal (tiny preset), even where CUDA is present
-    python bench/gpu_bench.py --stages chunk       # an extra stage alone (serve4bit, chunk)
+    python bench/gpu_bench.py --stages chunk       # an extra stage alone (serve4bit, chunk, turns, turns_nocache)
 """
 from __future__ import annotations
 
@@ -46,8 +46,9 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 STAGES = ("embed", "train", "serve")
 # on request only (--stages): the 4-bit LLM (the phi3-mini preset's default) at 1 user; long prompts
-# prefilled in one pass or in chunks while streams decode (bench/chunk_bench.py)
-EXTRA_STAGES = ("serve4bit", "chunk")
+# prefilled in one pass or in chunks while streams decode (bench/chunk_bench.py); 4-turn chats about an
+# image through Serve with the LLM's prefix cache on (turns) and off (turns_nocache)
+EXTRA_STAGES = ("serve4bit", "chunk", "turns", "turns_nocache")
 MIN_STAGE_S = 30.0  # with --budget-s, a stage is skipped when less than this is left
 
 
@@ -102,6 +103,16 @@ def stage_argv(stage: str, cuda: bool, work: Path) -> list[str]:
         shape = json.dumps({**load_config("tiny").llm.random_init, "intermediate_size": 768})
         return ["--set", "llm.load_in_4bit=true", "--set", "llm.compute_dtype=float32", "--set",
                 f"llm.random_init={shape}", "--max-tokens", "8", "--requests-per-user", "2", *common]
+    if stage in ("turns", "turns_nocache"):  # every user's requests are the 4 turns of chats about an image
+        common = ["--turns", "4", "--mix", "image", "--no-ui", "--no-baseline", *out]
+        if stage == "turns_nocache":
+            common += ["--option", "LLM.user_config.prefix_cache=false"]
+        if cuda:
+            sets = [x for o in _module("train_bench").offline_overrides("phi3-mini") for x in ("--set", o)]
+            return ["--preset", "phi3-mini", "--gpu", *sets, "--set", "llm.load_in_4bit=false",
+                    "--set", "llm.dtype=bfloat16", "--users", "1,8", "--requests-per-user", "8",
+                    "--max-tokens", "64", *common]
+        return ["--users", "1,2", "--requests-per-user", "4", "--max-tokens", "8", *common]
     if stage == "chunk":  # 8 streams decoding, a long prompt every 12 steps: in one pass, in chunks of 512, of 1,024
         if cuda:
             sets = [x for o in _module("train_bench").offline_overrides("phi3-mini") for x in ("--set", o)]
@@ -235,12 +246,40 @@ def summarise_chunk(r: dict) -> dict:
     return out
 
 
+def summarise_turns(r: dict) -> dict:
+    """Time to first token by turn at each user count, and the share of
+    prompt tokens the LLM took from its prefix cache."""
+    out: dict = {"turns": r.get("turns")}
+    for lv in r["levels"]:
+        u = lv["users"]
+        by_turn = {int(t): v for t, v in (lv.get("ttft_ms_p50_by_turn") or {}).items()}
+        out[f"ttft_ms_p50_by_turn_{u}u"] = by_turn
+        out[f"ttft_ms_p50_last_turn_{u}u"] = by_turn[max(by_turn)] if by_turn else None
+        p = lv.get("llm_prefix") or {}
+        total = (p.get("prompt_tokens") or 0) + (p.get("prefix_tokens") or 0)
+        out[f"prefix_share_{u}u"] = round(p["prefix_tokens"] / total, 3) if total else None
+        out[f"errors_{u}u"] = lv["errors"]
+    return out
+
+
+def compare_turns(res: dict) -> None:
+    """With both turns stages: the last turn's first token without the prefix
+    cache over with it, per user count (in ``res["turns"]``)."""
+    on, off = res.get("turns") or {}, res.get("turns_nocache") or {}
+    for key in [k for k in on if k.startswith("ttft_ms_p50_last_turn_")]:
+        ratio = _ratio(off.get(key), on.get(key))
+        if ratio is not None:
+            on[key.replace("ttft_ms_p50_last_turn_", "last_turn_ttft_ratio_nocache_vs_cache_")] = ratio
+
+
 RUNNERS: dict[str, tuple[str, Callable[[dict], dict]]] = {
     "embed": ("embed_bench", summarise_embed),
     "train": ("train_bench", summarise_train),
     "serve": ("serve_bench", summarise_serve),
     "serve4bit": ("serve_bench", summarise_serve),
     "chunk": ("chunk_bench", summarise_chunk),
+    "turns": ("serve_bench", summarise_turns),
+    "turns_nocache": ("serve_bench", summarise_turns),
 }
 
 
@@ -340,6 +379,13 @@ TABLE = [  # (key, what, format)
     ("chunk.one_pass_itl_ms_p99", "long prompts in one pass: streams' p99 between tokens (ms)", "{:,.1f}"),
     ("chunk.chunked_itl_ms_p99", "long prompts chunked: streams' p99 between tokens (ms)", "{:,.1f}"),
     ("chunk.long_ttft_ratio_chunked_vs_one_pass", "long prompts: first token p50, chunked / one pass", "{:.2f}"),
+    ("turns.ttft_ms_p50_last_turn_1u", "4-turn chats, prefix cache: last turn's first token p50, 1 user (ms)",
+     "{:,.0f}"),
+    ("turns_nocache.ttft_ms_p50_last_turn_1u", "4-turn chats, no prefix cache: the same (ms)", "{:,.0f}"),
+    ("turns.last_turn_ttft_ratio_nocache_vs_cache_1u", "4-turn chats: last turn's first token, no cache / cache, "
+     "1 user", "{:.2f}"),
+    ("turns.last_turn_ttft_ratio_nocache_vs_cache_8u", "the same at 8 users", "{:.2f}"),
+    ("turns.prefix_share_8u", "4-turn chats, 8 users: prompt tokens from the prefix cache", "{:.1%}"),
 ]
 
 
@@ -468,6 +514,7 @@ def main(argv: list[str] | None = None) -> dict:
         if "details" in entry:
             res["details"][stage] = entry.pop("details")
         res[stage] = entry
+        compare_turns(res)
         res["seconds"] = time.perf_counter() - t
         add_utilisation(res, cuda)
         out.write_text(json.dumps(res, indent=2, default=str))  # after every stage: a run cut short keeps the rest

@@ -229,3 +229,31 @@ def test_the_chunk_stage_compares_one_pass_with_the_largest_chunk():
     assert s["itl_p99_ratio_one_pass_vs_chunked"] == 3.0 and s["long_ttft_ratio_chunked_vs_one_pass"] == 1.2
     alone = gb.summarise_chunk({"long_prompt_tokens": 3001, "results": rows[:1]})  # one pass only: no ratio
     assert alone["chunk_tokens"] is None and "itl_p99_ratio_one_pass_vs_chunked" not in alone
+
+
+def test_the_turns_stages_compare_the_last_turn_with_and_without_the_prefix_cache(tmp_path):
+    gb = _load()
+    sb = gb._module("serve_bench")
+    for cuda in (False, True):
+        on = sb.parse_args(gb.stage_argv("turns", cuda, tmp_path))
+        off_argv = gb.stage_argv("turns_nocache", cuda, tmp_path)
+        off = sb.parse_args(off_argv)
+        assert on.turns == off.turns == 4 and on.mix == "image" and on.users == off.users
+        assert "LLM.user_config.prefix_cache=false" in off_argv and not on.option
+    assert sb.parse_args(gb.stage_argv("turns", True, tmp_path)).users == [1, 8]
+
+    def level(users, ttft, prompt, cached):
+        return {"users": users, "errors": 0, "ttft_ms_p50_by_turn": {1: 80.0, 2: ttft / 2, 4: ttft},
+                "llm_prefix": {"prompt_tokens": prompt, "prefix_tokens": cached, "prefix_hits": 3}}
+
+    cached = {"turns": 4, "levels": [level(1, 30.0, 300, 900), level(8, 60.0, 400, 800)]}
+    whole = {"turns": 4, "levels": [level(1, 90.0, 1200, 0), level(8, 120.0, 1200, 0)]}
+    res = {"turns": gb.summarise_turns(cached), "turns_nocache": gb.summarise_turns(whole)}
+    assert res["turns"]["ttft_ms_p50_last_turn_1u"] == 30.0 and res["turns"]["prefix_share_1u"] == 0.75
+    assert res["turns_nocache"]["prefix_share_8u"] == 0.0
+    gb.compare_turns(res)
+    assert res["turns"]["last_turn_ttft_ratio_nocache_vs_cache_1u"] == 3.0
+    assert res["turns"]["last_turn_ttft_ratio_nocache_vs_cache_8u"] == 2.0
+    alone = {"turns": dict(res["turns_nocache"])}  # one stage only: no ratio
+    gb.compare_turns(alone)
+    assert not any(k.startswith("last_turn_ttft_ratio") for k in alone["turns"])
