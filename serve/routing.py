@@ -107,7 +107,9 @@ class ChatAffinityRouter(RequestRouter):
         routing tasks would spin, blocking the handle's event loop. Each call
         has metadata of its own, though (the routing task passes the very
         object): the call is found by it, so each goes where its own key sent
-        it."""
+        it. This overrides a private method of Serve's router (Ray 2.60) and
+        reads its pending queue: ``tests/test_routing.py`` sends such calls
+        at once, and fails (a time-out) if an upgrade changes them."""
         pending = self._get_pending_request_matching_internal_request_id(request_metadata)
         if pending is None or pending.metadata is not request_metadata:  # not indexed, or a sibling call's
             pending = next((pr for pr in self._pending_requests_to_fulfill
