@@ -63,6 +63,15 @@ def _module(name: str):
     return mod
 
 
+def _phi3_mini(bf16: bool) -> list[str]:
+    """The LLM stages' model on CUDA: phi3-mini with random weights of its
+    shapes (no downloads); with ``bf16`` unquantised in bfloat16, else the
+    preset's own 4-bit base."""
+    sets = [x for o in _module("train_bench").offline_overrides("phi3-mini") for x in ("--set", o)]
+    dtype = ["--set", "llm.load_in_4bit=false", "--set", "llm.dtype=bfloat16"] if bf16 else []
+    return ["--preset", "phi3-mini", "--gpu", *sets, *dtype]
+
+
 def stage_argv(stage: str, cuda: bool, work: Path) -> list[str]:
     """Each stage script's flags: phi3-mini shapes on CUDA, toy sizes on the CPU."""
     out = ["--out", str(work / f"{stage}.json")]
@@ -85,9 +94,7 @@ def stage_argv(stage: str, cuda: bool, work: Path) -> list[str]:
                   "--encoder-cache-mb", "0",
                   "--option", "LLM.user_config.prefix_cache=false", *out]
         if cuda:
-            sets = [x for o in _module("train_bench").offline_overrides("phi3-mini") for x in ("--set", o)]
-            return ["--preset", "phi3-mini", "--gpu", *sets, "--set", "llm.load_in_4bit=false",
-                    "--set", "llm.dtype=bfloat16", "--max-tokens", "64", "--requests-per-user", "2", *common]
+            return [*_phi3_mini(bf16=True), "--max-tokens", "64", "--requests-per-user", "2", *common]
         # two requests per user: the lone user's second request is the image + text one (TTFT)
         return ["--max-tokens", "8", "--requests-per-user", "2", "--warmup", "2", *common]
     if stage == "serve4bit":  # the preset's 4-bit base (LoRA apart, fused): does decoding keep its graphs, how fast
@@ -95,8 +102,7 @@ def stage_argv(stage: str, cuda: bool, work: Path) -> list[str]:
                   "--encoder-cache-mb", "0",
                   "--option", "LLM.user_config.prefix_cache=false", *out]
         if cuda:
-            sets = [x for o in _module("train_bench").offline_overrides("phi3-mini") for x in ("--set", o)]
-            return ["--preset", "phi3-mini", "--gpu", *sets, "--max-tokens", "64", "--requests-per-user", "2", *common]
+            return [*_phi3_mini(bf16=False), "--max-tokens", "64", "--requests-per-user", "2", *common]
         from models.config import load_config
 
         # bitsandbytes' CPU kernel wants whole 64-value blocks per row: the tiny shape with a 768-wide MLP (688)
@@ -108,16 +114,12 @@ def stage_argv(stage: str, cuda: bool, work: Path) -> list[str]:
         if stage == "turns_nocache":
             common += ["--option", "LLM.user_config.prefix_cache=false"]
         if cuda:
-            sets = [x for o in _module("train_bench").offline_overrides("phi3-mini") for x in ("--set", o)]
-            return ["--preset", "phi3-mini", "--gpu", *sets, "--set", "llm.load_in_4bit=false",
-                    "--set", "llm.dtype=bfloat16", "--users", "1,8", "--requests-per-user", "8",
+            return [*_phi3_mini(bf16=True), "--users", "1,8", "--requests-per-user", "8",
                     "--max-tokens", "64", *common]
         return ["--users", "1,2", "--requests-per-user", "4", "--max-tokens", "8", *common]
     if stage == "chunk":  # 8 streams decoding, a long prompt every 12 steps: in one pass, in chunks of 512, of 1,024
         if cuda:
-            sets = [x for o in _module("train_bench").offline_overrides("phi3-mini") for x in ("--set", o)]
-            return ["--preset", "phi3-mini", "--gpu", *sets, "--set", "llm.load_in_4bit=false",
-                    "--set", "llm.dtype=bfloat16", "--long-tokens", "3000", "--chunks", "0,512,1024", *out]
+            return [*_phi3_mini(bf16=True), "--long-tokens", "3000", "--chunks", "0,512,1024", *out]
         return ["--long-tokens", "200", "--chunks", "0,64", "--steps", "40", "--every", "10", "--streams", "3", *out]
     raise ValueError(f"unknown stage {stage!r}")
 
