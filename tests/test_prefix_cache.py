@@ -367,21 +367,27 @@ def _random_chats(model, images, kv, seed: int, chats: int = 7, rows: int = 4, s
     return done, batcher
 
 
-@pytest.mark.parametrize("seed, rows", [(0, 4), (1, 6)])
-def test_random_chats_answer_as_alone(model, images, kv, seed, rows):
-    """Seven chats over four or six rows, arriving, continuing, bringing pictures and
-    being cancelled at random: every answer is ``generate``'s for its request
-    alone (a cancelled one a prefix of it), though rows were continued,
-    copied, moved up and forgotten along the way."""
+def assert_answered_as_alone(model, done: list) -> None:
+    """Each of ``_random_chats``' requests got ``generate``'s answer for it
+    alone; a cancelled one a prefix of it."""
     stops = list(model.tokenizer.stop_ids)
-    done, batcher = _random_chats(model, images, kv, seed, rows=rows)
-    assert len(done) >= 14
     for k, (req, tokens, cancel) in enumerate(done):
         want = reference(model, req, stops)
         if cancel is None:
             assert tokens == want, f"request {k}: batched {tokens} != alone {want}"
         else:
             assert tokens[:cancel] == want[:len(tokens[:cancel])], f"request {k} (cancelled): {tokens} vs {want}"
+
+
+@pytest.mark.parametrize("seed, rows", [(0, 4), (1, 6)])
+def test_random_chats_answer_as_alone(model, images, kv, seed, rows):
+    """Seven chats over four or six rows, arriving, continuing, bringing pictures and
+    being cancelled at random: every answer is ``generate``'s for its request
+    alone (a cancelled one a prefix of it), though rows were continued,
+    copied, moved up and forgotten along the way."""
+    done, batcher = _random_chats(model, images, kv, seed, rows=rows)
+    assert len(done) >= 14
+    assert_answered_as_alone(model, done)
     # the schedule did what it is for: rows continued, and rows copied or moved
     assert batcher.stats["prefix_hits"] >= 2, batcher.stats
     assert batcher.static.moves > 0 and batcher.stats["largest_batch"] >= 4
