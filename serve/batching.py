@@ -81,6 +81,8 @@ class GenerationRequest:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     seed: int | None = None  # sampling with this request's own generator: the same seed, the same answer
+    # structured output (serve.grammar.Constraint): only the tokens it allows are chosen; set by the LLM replica
+    constraint: Any = field(default=None, repr=False, compare=False)
     # one digest per image (serve.prefix_cache.feature_digests); computed when first needed
     image_digests: tuple[bytes, ...] | None = field(default=None, repr=False, compare=False)
     _rng: torch.Generator | None = field(default=None, init=False, repr=False, compare=False)
@@ -294,6 +296,8 @@ class ContinuousBatcher:
         self._thread: threading.Thread | None = None
         self._closed = False
         self.error: BaseException | None = None  # why the loop stopped, if it did
+        self._format_words: torch.Tensor | None = None  # the response formats' bitmask buffer (serve.grammar)
+        self._format_vocab = 0
         self.stats = {"steps": 0, "prefills": 0, "tokens": 0, "largest_batch": 0,
                       "prompt_tokens": 0, "prefix_hits": 0, "prefix_tokens": 0, "prefill_chunks": 0}
         self.static = None  # serve.static_cache.StaticDecoder when kv_cache is static
@@ -736,6 +740,12 @@ class ContinuousBatcher:
 
     def _deliver(self, row: _Row, token: int) -> None:
         req = row.ticket.request
+        if req.constraint is not None and req.constraint.error is not None:  # the masks prevent it; said if not
+            from .grammar import FormatError
+
+            row.done = True
+            _emit(row.ticket, FormatError(req.constraint.error))
+            return
         self.stats["tokens"] += 1
         row.tokens.append(token)
         _emit(row.ticket, [token])
@@ -753,10 +763,14 @@ class ContinuousBatcher:
         scores = logits.to(torch.float32, copy=True)
         if len(self.suppress_ids):
             scores[:, self._suppress_tensor] = -float("inf")
-        early = [i for i, (q, n) in enumerate(zip(reqs, generated)) if n < q.min_new_tokens]
+        early = [i for i, (q, n) in enumerate(zip(reqs, generated))
+                 if n < q.min_new_tokens and q.constraint is None]  # a format decides where its answer ends
         if early and len(self.stop_ids):
             rows = torch.tensor(early, device=scores.device)
             scores[rows.unsqueeze(1), self._stop_tensor.unsqueeze(0)] = -float("inf")
+        constrained = [i for i, q in enumerate(reqs) if q.constraint is not None]
+        if constrained:
+            self._mask_to_formats(scores, reqs, constrained)
         tokens = scores.argmax(dim=-1)
         sampled = [i for i, q in enumerate(reqs) if q.temperature > 0]
         if sampled:
@@ -769,7 +783,23 @@ class ContinuousBatcher:
                 tokens[idx] = torch.multinomial(probs, num_samples=1).squeeze(1)
             for j in seeded:
                 tokens[sampled[j]] = torch.multinomial(probs[j], 1, generator=reqs[sampled[j]].rng(probs.device))[0]
-        return tokens.tolist()
+        out = tokens.tolist()
+        for i in constrained:  # the grammar moves on (an error, if any, ends that answer in _deliver)
+            reqs[i].constraint.accept(out[i])
+        return out
+
+    def _mask_to_formats(self, scores: torch.Tensor, reqs: list[GenerationRequest], rows: list[int]) -> None:
+        """Rows with a response format: every token their grammar does not allow next gets minus infinity."""
+        from .grammar import bitmask, mask_scores
+
+        vocab = reqs[rows[0]].constraint.vocab_size
+        words = self._format_words
+        if words is None or words.shape[0] < len(reqs) or self._format_vocab != vocab:
+            words = self._format_words = bitmask(max(len(reqs), self.max_batch_size), vocab)
+            self._format_vocab = vocab
+        for i in rows:
+            reqs[i].constraint.fill(words, i)
+        mask_scores(scores, words, rows)
 
     # ---------------------------------------------------------------- cache
     def _join(self, row: _Row, cache) -> None:

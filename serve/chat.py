@@ -234,6 +234,8 @@ class ChatService:
 
     # -------------------------------------------------------------- prepare
     async def prepare(self, req: ChatRequest) -> Prepared:
+        if req.response_format is not None:
+            await self.check_format(req.response_format)
         messages = await self._resolve_media(req.messages)
         max_new = req.max_tokens or self.limits.default_max_tokens
         if max_new >= self.context_length:
@@ -252,6 +254,17 @@ class ChatService:
         from .routing import affinity_key
 
         return Prepared(enc.input_ids, feats, max_new, len(messages) - len(kept), affinity_key(kept))
+
+    @staticmethod
+    async def check_format(spec: dict) -> None:
+        """A 400 naming the problem when the response format's schema cannot be compiled."""
+        from .grammar import FormatError, check_spec
+
+        try:
+            await asyncio.to_thread(check_spec, spec)
+        except FormatError as e:
+            raise bad(f"'response_format.json_schema.schema' is not supported: {e}",
+                      "response_format.json_schema.schema", "invalid_schema") from None
 
     @staticmethod
     def _image_parts(messages: list[Message]) -> list[tuple[tuple[int, int], Part]]:
@@ -328,6 +341,8 @@ class ChatService:
                 break
             call = {"input_ids": prep.input_ids + generated, "image_features": prep.image_features,
                     "max_new_tokens": remaining, "affinity_key": prep.affinity, **sampling}
+            if req.response_format is not None:  # the answer so far (after a replica died) is already in the format
+                call.update(response_format=req.response_format, format_start=len(prep.input_ids))
             if req.min_tokens > len(generated):
                 call["min_new_tokens"] = req.min_tokens - len(generated)
             gen = self.llm.options(stream=True).generate.remote(call)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import random
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -250,6 +251,8 @@ class LLM:
         self._batching_said = None  # the last "LLM batching" log line's text
         self.metrics = LLMMetrics()
         self._unbatched = 0  # requests in generate threads (batching off, or too long for the cache)
+        self._grammars = None  # serve.grammar.Grammars, built at the first structured-output request
+        self._grammars_lock = threading.Lock()
         # the queue gauges, set every second (Ray drops a gauge not set within a report interval)
         self._stopped = threading.Event()
         threading.Thread(target=_queue_gauges, args=(weakref.ref(self), self._stopped), name="llm-gauges",
@@ -334,6 +337,11 @@ class LLM:
         from .batching import DONE, GenerationRequest
 
         req = GenerationRequest.from_dict(request)
+        if request.get("response_format") is not None:  # compiled (or found compiled) outside the event loop
+            start = int(request.get("format_start", len(req.input_ids)))
+            req.constraint = await asyncio.to_thread(self._constraint, request["response_format"],
+                                                     req.input_ids[start:])
+            req.min_new_tokens = 0  # the format decides where the answer ends
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -401,6 +409,17 @@ class LLM:
         if b is not None:
             self.metrics.prefix_reused(b.stats["prefix_tokens"])
 
+    def _constraint(self, spec: dict, accepted: list[int]):
+        """A structured-output constraint (serve.grammar) for one answer; the
+        compiler is built at the first request that asks for one."""
+        from .grammar import Grammars
+
+        with self._grammars_lock:
+            if self._grammars is None:
+                rows = self.model.llm.get_output_embeddings().weight.shape[0]
+                self._grammars = Grammars(self.model.tokenizer.hf, rows, self.stop_ids)
+        return self._grammars.constraint(spec, accepted)
+
     def _shared(self) -> bool:
         """Whether the batching loop decodes more than one request."""
         b = self.batcher
@@ -436,14 +455,23 @@ class LLM:
                "stopping_criteria": StoppingCriteriaList([Cancel()])}
         if req.min_new_tokens > 0:
             gen["min_new_tokens"] = req.min_new_tokens
-        if req.temperature > 0 and req.seed is not None:  # drawn with the request's own generator, greedy picks it
-            from transformers import LogitsProcessorList
+        processors = []
+        if req.constraint is not None:  # masked before anything picks a token
+            from .grammar import GrammarMask
 
+            processors.append(GrammarMask(req.constraint))
+            if req.temperature > 0 and req.seed is None:  # sampled after the mask, so by SeededSampler
+                req.seed = random.getrandbits(63)
+        if req.temperature > 0 and req.seed is not None:  # drawn with the request's own generator, greedy picks it
             from .batching import SeededSampler
 
-            gen["logits_processor"] = LogitsProcessorList([SeededSampler(req)])
+            processors.append(SeededSampler(req))
         elif req.temperature > 0:
             gen.update(do_sample=True, temperature=req.temperature, top_p=req.top_p, top_k=0)
+        if processors:
+            from transformers import LogitsProcessorList
+
+            gen["logits_processor"] = LogitsProcessorList(processors)
 
         def run():
             try:

@@ -80,6 +80,9 @@ class ChatRequest:
     min_tokens: int = 0
     seed: int | None = None  # sampling with the request's own generator: the same seed, the same answer
     n: int = 1  # answers (choices) to the same prompt; choice i samples with seed + i
+    # structured output (serve.grammar's format spec): {"type": "json_object"} or
+    # {"type": "json_schema", "schema": "<JSON text>"}; None: free text
+    response_format: dict | None = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -269,9 +272,7 @@ def parse_chat_request(body: Any, limits: Limits, allow_remote: bool = False) ->
         if not isinstance(user, str):
             raise bad(f"'user' must be a string, got {type(user).__name__}", "user")
         check_text(user, "user")
-    fmt = body.get("response_format")
-    if fmt not in (None, {"type": "text"}):
-        raise bad("'response_format': only {'type': 'text'} is supported", "response_format", "unsupported_parameter")
+    response_format = parse_response_format(body.get("response_format"), limits)
     model = body.get("model")
     if model is not None:
         if not isinstance(model, str):
@@ -292,6 +293,9 @@ def parse_chat_request(body: Any, limits: Limits, allow_remote: bool = False) ->
     elif min_tokens > (max_tokens or limits.default_max_tokens):
         raise bad(f"'min_tokens' ({min_tokens}) must not exceed 'max_tokens' ({max_tokens or limits.default_max_tokens})",
                   "min_tokens")
+    if min_tokens and response_format is not None:
+        raise bad("'min_tokens' cannot be combined with a JSON 'response_format': the format decides where the "
+                  "answer ends", "min_tokens")
     stop = body.get("stop")
     if stop is None:
         stop = []
@@ -326,7 +330,50 @@ def parse_chat_request(body: Any, limits: Limits, allow_remote: bool = False) ->
         min_tokens=min_tokens,
         seed=seed,
         n=n,
+        response_format=response_format,
     )
+
+
+_SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def parse_response_format(fmt: Any, limits: Limits) -> dict | None:
+    """``response_format`` -> a format spec (``serve.grammar``), or None for
+    free text. Checks the shape; whether xgrammar supports the schema is the
+    ingress's check (``serve.grammar.check_spec``)."""
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
+        raise bad("'response_format' must be an object with a 'type': 'text', 'json_object' or 'json_schema'",
+                  "response_format")
+    kind = fmt["type"]
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind != "json_schema":
+        raise bad(f"'response_format.type' {kind!r} is not supported; use 'text', 'json_object' or 'json_schema'",
+                  "response_format.type", "unsupported_parameter")
+    js = fmt.get("json_schema")
+    if not isinstance(js, dict):
+        raise bad("'response_format.json_schema' must be an object with a 'name' and a 'schema'",
+                  "response_format.json_schema")
+    name = js.get("name")
+    if name is not None and (not isinstance(name, str) or not _SCHEMA_NAME.match(name)):
+        raise bad(f"'response_format.json_schema.name' must be 1 to 64 letters, digits, '_' or '-', got {name!r}",
+                  "response_format.json_schema.name")
+    if js.get("strict") is not None and not isinstance(js["strict"], bool):
+        raise bad("'response_format.json_schema.strict' must be true or false", "response_format.json_schema.strict")
+    schema = js.get("schema")
+    if not isinstance(schema, dict):
+        raise bad("'response_format.json_schema.schema' must be a JSON schema (an object), got "
+                  f"{'nothing' if schema is None else type(schema).__name__}", "response_format.json_schema.schema")
+    text = json.dumps(schema, ensure_ascii=False)
+    check_text(text, "response_format.json_schema.schema")
+    if len(text.encode("utf-8")) > limits.max_schema_bytes:
+        raise bad(f"'response_format.json_schema.schema' is {len(text.encode('utf-8'))} bytes as JSON; this server "
+                  f"allows at most {limits.max_schema_bytes}", "response_format.json_schema.schema", "schema_too_large")
+    return {"type": "json_schema", "schema": text}
 
 
 # ------------------------------------------------------------ transcriptions

@@ -38,6 +38,8 @@ class Limits:
     max_stop: int = 4
     # answers (choices, "n") one request may ask for: each is a sequence of its own in the LLM's batch
     max_choices: int = 8
+    # a response_format's JSON schema, as JSON text
+    max_schema_bytes: int = 65536
 
 
 @dataclass
@@ -86,7 +88,7 @@ class ServeSettings:
     def validate(self) -> "ServeSettings":
         lim = self.limits
         for name in ("max_body_bytes", "max_image_pixels", "max_new_tokens", "default_max_tokens", "max_messages",
-                     "max_choices"):
+                     "max_choices", "max_schema_bytes"):
             if getattr(lim, name) < 1:
                 raise SettingsError(f"limits.{name} must be at least 1, got {getattr(lim, name)}")
         for name in ("max_images", "max_audio_parts", "max_stop"):

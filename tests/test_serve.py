@@ -310,6 +310,44 @@ def test_official_openai_client(server):
         openai.OpenAI(base_url=server + "v1", api_key="wrong", max_retries=0).models.list()
 
 
+def test_structured_output_through_the_api(server):
+    """``response_format`` through HTTP: the ``openai`` client's ``parse``
+    with a pydantic model gets an object of that model back; a streamed
+    ``json_object`` answer is a JSON object; each of ``n`` answers follows
+    the schema. (A random model's answers: only the format is checked.)"""
+    openai = pytest.importorskip("openai")
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    class Scene(BaseModel):
+        colour: Literal["red", "blue"]
+        big: bool
+
+    c = openai.OpenAI(base_url=server + "v1", api_key=API_KEY, max_retries=0)
+    question = [{"role": "user", "content": [{"type": "text", "text": "Describe the picture as JSON."},
+                                             {"type": "image_url", "image_url": {"url": "data:image/png;base64,"
+                                                                                        + b64(png())}}]}]
+    res = c.chat.completions.parse(model="mmphi", max_tokens=48, temperature=0, messages=question,
+                                   response_format=Scene)
+    assert res.choices[0].finish_reason == "stop", res.choices[0].message.content
+    assert isinstance(res.choices[0].message.parsed, Scene)
+    stream = c.chat.completions.create(model="mmphi", max_tokens=48, temperature=0, stream=True, messages=question,
+                                       response_format={"type": "json_object"})
+    chunks = [ch for ch in stream if ch.choices]
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks)
+    if chunks[-1].choices[0].finish_reason == "stop":  # else max_tokens cut it: no JSON promised
+        assert isinstance(json.loads(text), dict), text
+    schema = {"type": "object", "properties": {"yes": {"type": "boolean"}}, "required": ["yes"],
+              "additionalProperties": False}
+    many = c.chat.completions.create(model="mmphi", max_tokens=48, temperature=1.0, seed=3, n=3, messages=question,
+                                     response_format={"type": "json_schema",
+                                                      "json_schema": {"name": "yes_no", "schema": schema}})
+    assert len(many.choices) == 3
+    for ch in many.choices:
+        assert ch.finish_reason == "stop" and type(json.loads(ch.message.content)["yes"]) is bool, ch
+
+
 def counted_since(names: list[tuple[str, dict]], before: list[float], done, timeout: float = 60) -> list[float]:
     """How much each scraped counter ``(name, labels)`` rose since ``before``,
     once ``done`` of those rises holds, or after ``timeout`` seconds
@@ -517,6 +555,11 @@ HOSTILE = {
                        "messages[0].content is not valid Unicode"),
     "deeply nested JSON": (dict(content=b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"), 400,
                            "nested too deeply"),
+    "unsupported schema": (dict(json={"messages": [{"role": "user", "content": "x"}], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}}), 400,
+        "schema' is not supported: Unsupported type \"objekt\""),
+    "unknown response_format": (dict(json={"messages": [{"role": "user", "content": "x"}],
+                                           "response_format": {"type": "xml"}}), 400, "'xml' is not supported"),
     "include_usage not a boolean": (dict(json={"messages": [{"role": "user", "content": "x"}], "stream": True,
                                                "stream_options": {"include_usage": "no"}}), 400, "true or false"),
 }

@@ -1,0 +1,218 @@
+"""Structured output (``response_format``): parsing, schema checks, and
+answers held to a JSON schema token by token in the batching loop and the
+``generate`` path (tiny preset, random weights, CPU, no Ray).
+
+A random model left alone writes no JSON; held to a schema, every answer
+that stops is a JSON document the schema accepts.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from serve.batching import GenerationRequest
+from serve.protocol import APIError, parse_chat_request
+from serve.settings import Limits
+
+from test_batching import make, prompt, reference, run_schedule
+
+LIMITS = Limits(max_schema_bytes=2000)
+SCENE = {"type": "object", "additionalProperties": False, "required": ["colour", "count", "big"],
+         "properties": {"colour": {"enum": ["red", "green", "blue"]},
+                        "count": {"type": "integer", "minimum": 1, "maximum": 6},
+                        "big": {"type": "boolean"}}}
+SCENE_SPEC = {"type": "json_schema", "schema": json.dumps(SCENE)}
+
+
+def follows_scene(text: str) -> bool:
+    """Whether ``text`` is a JSON object with exactly SCENE's keys and values in range."""
+    doc = json.loads(text)
+    return (isinstance(doc, dict) and set(doc) == {"colour", "count", "big"} and doc["colour"] in ("red", "green", "blue")
+            and type(doc["count"]) is int and 1 <= doc["count"] <= 6 and type(doc["big"]) is bool)
+
+
+def parse(**body):
+    body.setdefault("messages", [{"role": "user", "content": "hi"}])
+    return parse_chat_request(body, LIMITS)
+
+
+# ------------------------------------------------------------------ parsing
+
+def test_response_formats_become_format_specs():
+    assert parse().response_format is None
+    assert parse(response_format={"type": "text"}).response_format is None
+    assert parse(response_format={"type": "json_object"}).response_format == {"type": "json_object"}
+    spec = parse(response_format={"type": "json_schema",
+                                  "json_schema": {"name": "scene", "strict": True, "schema": SCENE}}).response_format
+    assert spec["type"] == "json_schema" and json.loads(spec["schema"]) == SCENE
+    assert parse(response_format={"type": "json_schema", "json_schema": {"schema": SCENE}}).response_format == spec
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"response_format": "json"}, "response_format", "must be an object with a 'type'"),
+    ({"response_format": {"type": "yaml"}}, "response_format.type", "'yaml' is not supported"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", "with a 'name' and a 'schema'"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+     "response_format.json_schema.schema", "must be a JSON schema (an object), got nothing"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": "{}"}}},
+     "response_format.json_schema.schema", "got str"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}},
+     "response_format.json_schema.name", "letters, digits"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "strict": "yes", "schema": {}}}},
+     "response_format.json_schema.strict", "true or false"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"enum": ["y" * 3000]}}}},
+     "response_format.json_schema.schema", "at most 2000"),
+    ({"response_format": {"type": "json_object"}, "min_tokens": 3}, "min_tokens", "cannot be combined"),
+])
+def test_bad_response_formats_name_the_problem(body, param, words):
+    with pytest.raises(APIError) as e:
+        parse(**body)
+    assert (e.value.status, e.value.param) == (400, param)
+    assert words in e.value.message, e.value.message
+
+
+def test_schemas_xgrammar_cannot_compile_are_refused_in_words():
+    from serve.grammar import FormatError, check_spec
+
+    check_spec(SCENE_SPEC)
+    check_spec({"type": "json_object"})
+    for schema, words in (({"type": "objekt"}, 'Unsupported type "objekt"'),
+                          ({"type": "string", "pattern": "[a-"}, "Unclosed '['"),
+                          ({"$ref": "#/defs/x"}, "defs")):
+        with pytest.raises(FormatError) as e:
+            check_spec({"type": "json_schema", "schema": json.dumps(schema)})
+        assert words in str(e.value) and "/project/" not in str(e.value) and not str(e.value).startswith("[")
+
+
+# ------------------------------------------------------------ the LLM side
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    return tiny_model
+
+
+@pytest.fixture(scope="module")
+def grammars(model):
+    from serve.grammar import Grammars
+
+    rows = model.llm.get_output_embeddings().weight.shape[0]
+    return Grammars(model.tokenizer.hf, rows, model.tokenizer.stop_ids)
+
+
+def requests(model, n: int = 6) -> list[GenerationRequest]:
+    """Free requests of 40 tokens (a held answer is 35-45 one-character tokens of the tiny tokenizer: more room)."""
+    return [GenerationRequest(prompt(model, i, 0), max_new_tokens=40) for i in range(n)]
+
+
+def text_of(model, ids: list[int]) -> str:
+    return model.tokenizer.decode([t for t in ids if t not in model.tokenizer.stop_ids])
+
+
+@pytest.mark.parametrize("kv", ["static", "static-bucketed", "dynamic"])
+def test_batched_answers_follow_their_schema_and_leave_free_rows_alone(model, grammars, kv):
+    """Six requests in one batch, joining at different steps: the even ones
+    held to SCENE (greedy and sampled), the odd ones free. Each held answer
+    stops and follows the schema; each free one equals ``generate`` alone;
+    without the schema the held prompts' answers are not JSON."""
+    stops = list(model.tokenizer.stop_ids)
+    free = requests(model)
+    held = [replace(r, constraint=grammars.constraint(SCENE_SPEC), temperature=1.0 if i % 4 == 2 else 0.0, seed=i,
+                    max_new_tokens=100) if i % 2 == 0 else r for i, r in enumerate(free)]
+    sinks = run_schedule(make(model, kv, stop_ids=stops), {0: [0, 1, 2], 2: [3, 4], 5: [5]}, held)
+    for i, (sink, req) in enumerate(zip(sinks, held)):
+        assert sink.error is None and sink.done.is_set(), (i, sink.error)
+        if i % 2:
+            assert sink.tokens == reference(model, req, stops), i
+            continue
+        assert sink.tokens[-1] in stops and req.constraint.finished, (i, text_of(model, sink.tokens))
+        assert follows_scene(text_of(model, sink.tokens)), text_of(model, sink.tokens)
+    for i in (0, 4):  # the same prompts, free: a random model's greedy answer is not JSON
+        with pytest.raises(ValueError):
+            json.loads(text_of(model, reference(model, free[i], stops)))
+
+
+def test_json_object_answers_are_objects(model, grammars):
+    """``json_object``: any JSON object; sampled answers that stop parse as one."""
+    stops = list(model.tokenizer.stop_ids)
+    reqs = [replace(r, constraint=grammars.constraint({"type": "json_object"}), temperature=1.0, seed=i,
+                    max_new_tokens=100) for i, r in enumerate(requests(model, 8))]
+    sinks = run_schedule(make(model, "static", stop_ids=stops), {0: list(range(8))}, reqs)
+    stopped = [s for s in sinks if s.tokens[-1] in stops]
+    assert stopped, "no answer finished"
+    for s in stopped:
+        assert isinstance(json.loads(text_of(model, s.tokens)), dict)
+
+
+def test_a_broken_constraint_fails_its_answer_alone(model, grammars):
+    """A token the grammar refuses (which the masks prevent) ends that answer
+    with an error naming it; the request beside it finishes as alone."""
+    stops = list(model.tokenizer.stop_ids)
+    held, other = requests(model, 2)
+    c = grammars.constraint(SCENE_SPEC)
+    real_fill = c.fill
+    c.fill = lambda words, row: (real_fill(words, row), words[row].fill_(-1))  # allows every token
+    sinks = run_schedule(make(model, "static", stop_ids=stops), {0: [0, 1]}, [replace(held, constraint=c), other])
+    assert "does not continue the answer's response_format" in str(sinks[0].error)
+    assert sinks[1].error is None and sinks[1].tokens == reference(model, other, stops)
+
+
+def test_the_llm_replica_holds_answers_to_a_format_with_batching_on_and_off(model):
+    """The LLM deployment's ``generate`` fed the ingress's dict: the same
+    schema-following answer through the batching loop and through the
+    one-``generate``-per-request path (greedy, and seeded sampling); an answer
+    continued from its first tokens (``format_start``, as after a replica
+    died) ends as the whole one; the second identical request reuses the
+    first one's kept row (prefix cache) and answers the same."""
+    from serve.deployments import LLM
+
+    llm = LLM.func_or_class({"preset": "tiny", "device": "cpu", "torch_threads": 0})
+    ids = prompt(model, 2, 0)
+    call = {"input_ids": ids, "image_features": None, "max_new_tokens": 100, "response_format": SCENE_SPEC}
+
+    async def answer(**extra) -> list[int]:
+        return [t async for chunk in llm.generate({**call, **extra}) for t in chunk]
+
+    try:
+        seen = {}
+        for batching in (True, False):
+            llm.reconfigure({"continuous_batching": batching})
+            for kw in ({}, {"temperature": 1.0, "seed": 11}):
+                out = asyncio.run(answer(**kw))
+                assert follows_scene(text_of(model, out)), (batching, kw, text_of(model, out))
+                seen.setdefault(str(kw), set()).add(tuple(out))
+            whole = asyncio.run(answer())
+            rest = asyncio.run(answer(input_ids=ids + whole[:5], format_start=len(ids), max_new_tokens=95))
+            assert whole[:5] + rest == whole, batching
+        assert all(len(v) == 1 for v in seen.values()), seen  # batching on and off agree
+        llm.reconfigure({"continuous_batching": True})
+        hits = llm.batcher.stats["prefix_hits"]
+        assert asyncio.run(answer()) == whole and llm.batcher.stats["prefix_hits"] > hits
+        with pytest.raises(ValueError, match="does not follow its response_format"):
+            asyncio.run(answer(input_ids=ids + [model.tokenizer.ids.user], format_start=len(ids)))
+    finally:
+        llm.shutdown()
+
+
+def test_the_mask_leaves_exactly_the_allowed_tokens(grammars):
+    from serve.grammar import bitmask, mask_scores
+
+    c = grammars.constraint(SCENE_SPEC)
+    words = bitmask(3, grammars.vocab_size)
+    c.fill(words, 1)
+    scores = torch.zeros(3, grammars.vocab_size + 5)  # logits wider than the grammar's vocabulary
+    mask_scores(scores, words, [1])
+    allowed = torch.isfinite(scores[1]).nonzero().flatten().tolist()
+    assert allowed and all(grammars_token_starts_object(grammars, t) for t in allowed)
+    assert torch.isfinite(scores[[0, 2]]).all()  # other rows untouched
+    assert not torch.isfinite(scores[1, grammars.vocab_size:]).any()
+
+
+def grammars_token_starts_object(grammars, token: int) -> bool:
+    """Whether a fresh SCENE matcher accepts ``token`` first."""
+    return grammars.constraint(SCENE_SPEC).accept(token)
+
+
