@@ -12,7 +12,7 @@ BENCH_ARGS ?=
 BENCH_PY ?= $(PY)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup check-disk ffmpeg demo test manifests bench-serve bench-train bench-decode bench-chunk bench-gpu clean
+.PHONY: help setup check-disk ffmpeg demo test manifests bench-serve bench-train bench-decode bench-chunk bench-format bench-gpu clean
 
 help: ## list the commands
 	@echo "mmphi: a multimodal Phi-3 on Ray"
@@ -70,6 +70,9 @@ bench-decode: setup ## image decoding and cropping on one core: whole JPEG decod
 
 bench-chunk: setup ## long prompts arriving while 8 streams decode: prefilled in one pass vs in chunks (tiny preset, CPU)
 	HF_HUB_OFFLINE=1 $(PY) bench/chunk_bench.py $(BENCH_ARGS)
+
+bench-format: setup ## structured output's cost: streams held to a JSON schema vs free, and xgrammar's mask per token (tiny preset, CPU)
+	HF_HUB_OFFLINE=1 $(PY) bench/format_bench.py $(BENCH_ARGS)
 
 bench-gpu: $(if $(filter $(PY),$(BENCH_PY)),setup) ## every stage vs its plain baseline in one run (phi3-mini shapes on a GPU; tiny on CPU)
 	HF_HUB_OFFLINE=1 $(BENCH_PY) bench/gpu_bench.py $(BENCH_ARGS)

@@ -216,3 +216,24 @@ def grammars_token_starts_object(grammars, token: int) -> bool:
     return grammars.constraint(SCENE_SPEC).accept(token)
 
 
+
+def test_format_bench_times_held_and_free_streams(tmp_path):
+    """``bench/format_bench.py`` on a short run: both settings decode the
+    same number of steps, the held one spends measurable time on its format
+    (none for the free one), and xgrammar's part ran answers to their end on
+    a vocabulary of real size."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import format_bench
+
+    out = tmp_path / "format.json"
+    res = format_bench.main(["--rows", "1,4", "--steps", "12", "--vocab-answers", "3", "--out", str(out)])
+    assert json.loads(out.read_text()) == res
+    free1, held1, free4, held4 = res["loop"]
+    assert [r["rows"] for r in res["loop"]] == [1, 1, 4, 4] and free1["format"] is None
+    assert free1["format_ms_mean"] == 0 < held1["format_ms_mean"] < held1["step_ms_mean"]
+    assert held4["step_ratio_vs_free"] == pytest.approx(held4["step_ms_mean"] / free4["step_ms_mean"])
+    v = res["xgrammar_gpt2_vocab"]
+    assert v["vocab_size"] > 50_000 and v["tokens"] >= 3 and v["fill_us_p99"] >= v["fill_us_p50"] > 0
