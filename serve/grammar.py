@@ -117,8 +117,7 @@ class Grammars:
         self._lock = threading.Lock()
 
     def compile(self, spec: dict):
-        import xgrammar as xgr  # noqa: F401 - the compiler's module
-
+        """The spec's compiled grammar (from the compiler's cache after the first time)."""
         try:
             with self._lock:  # one compilation at a time; a repeated spec is a cache lookup
                 return self._compiler.compile_json_schema(schema_text(spec), **_compile_kwargs())
