@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import re
-import threading
 import torch
 
 OBJECT_SCHEMA = '{"type": "object"}'  # json_object: any JSON object
@@ -114,13 +113,11 @@ class Grammars:
                                                   stop_token_ids=sorted(set(stop_ids)))
         self._compiler = xgr.GrammarCompiler(info, max_threads=threads, cache_enabled=True,
                                              cache_limit_bytes=cache_mb * 2**20)
-        self._lock = threading.Lock()
 
     def compile(self, spec: dict):
         """The spec's compiled grammar (from the compiler's cache after the first time)."""
-        try:
-            with self._lock:  # one compilation at a time; a repeated spec is a cache lookup
-                return self._compiler.compile_json_schema(schema_text(spec), **_compile_kwargs())
+        try:  # thread-safe: requests with different schemas compile side by side, a repeated one is a lookup
+            return self._compiler.compile_json_schema(schema_text(spec), **_compile_kwargs())
         except FormatError:
             raise
         except Exception as e:  # noqa: BLE001
