@@ -83,6 +83,11 @@ class GenerationRequest:
     seed: int | None = None  # sampling with this request's own generator: the same seed, the same answer
     # structured output (serve.grammar.Constraint): only the tokens it allows are chosen; set by the LLM replica
     constraint: Any = field(default=None, repr=False, compare=False)
+    # OpenAI's penalties: a token's logit loses frequency_penalty x its count in the answer so far, and
+    # presence_penalty once it occurs; ``prior`` is the answer before this call (continued after a replica died)
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    prior: list[int] = field(default_factory=list)
     # one digest per image (serve.prefix_cache.feature_digests); computed when first needed
     image_digests: tuple[bytes, ...] | None = field(default=None, repr=False, compare=False)
     _rng: torch.Generator | None = field(default=None, init=False, repr=False, compare=False)
@@ -110,10 +115,20 @@ class GenerationRequest:
         feats = d.get("image_features")
         if feats is not None and not len(feats):
             feats = None
-        return cls(input_ids=[int(t) for t in d["input_ids"]], image_features=feats, max_new_tokens=max_new,
+        ids = [int(t) for t in d["input_ids"]]
+        start = int(d.get("answer_start", len(ids)))
+        if not 0 <= start <= len(ids):
+            raise ValueError(f"answer_start {start} is outside the {len(ids)} input ids")
+        return cls(input_ids=ids, image_features=feats, max_new_tokens=max_new,
                    min_new_tokens=min(int(d.get("min_new_tokens") or 0), max_new),
                    temperature=float(d.get("temperature") or 0.0), top_p=float(d.get("top_p") or 1.0),
-                   seed=None if d.get("seed") is None else int(d["seed"]))
+                   seed=None if d.get("seed") is None else int(d["seed"]),
+                   frequency_penalty=float(d.get("frequency_penalty") or 0.0),
+                   presence_penalty=float(d.get("presence_penalty") or 0.0), prior=ids[start:])
+
+    @property
+    def penalised(self) -> bool:
+        return bool(self.frequency_penalty or self.presence_penalty)
 
     def features_tensor(self) -> torch.Tensor | None:
         f = self.image_features
@@ -706,7 +721,7 @@ class ContinuousBatcher:
         ``at_row``: its keys and values are in that static cache row already
         (``cache`` is None), at or after the next free one."""
         try:
-            token = self._sample(logits, [ticket.request], [0])[0]
+            token = self._sample(logits, [ticket.request], [0], [[]])[0]
         except Exception as e:  # noqa: BLE001
             _emit(ticket, e)
             return
@@ -736,7 +751,8 @@ class ContinuousBatcher:
             logits = out.logits[:, -1]
         self.stats["steps"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
-        return self._sample(logits, [r.ticket.request for r in rows], [r.generated for r in rows])
+        return self._sample(logits, [r.ticket.request for r in rows], [r.generated for r in rows],
+                            [r.tokens for r in rows])
 
     def _deliver(self, row: _Row, token: int) -> None:
         req = row.ticket.request
@@ -754,15 +770,20 @@ class ContinuousBatcher:
             _emit(row.ticket, DONE)
 
     # ------------------------------------------------------------- sampling
-    def _sample(self, logits: torch.Tensor, reqs: list[GenerationRequest], generated: list[int]) -> list[int]:
+    def _sample(self, logits: torch.Tensor, reqs: list[GenerationRequest], generated: list[int],
+                answers: list[list[int]]) -> list[int]:
         """Next token per row with the processors ``generate`` applies:
-        image slots suppressed, stop ids suppressed before ``min_new_tokens``,
-        then greedy, or temperature + top-p sampling: with the global
-        generator in one draw, and a row with a ``seed`` with its own
+        image slots suppressed, the penalties (``answers``: each row's tokens
+        so far), stop ids suppressed before ``min_new_tokens``, a response
+        format's mask, then greedy, or temperature + top-p sampling: with the
+        global generator in one draw, and a row with a ``seed`` with its own
         generator, so its draws do not depend on the other rows."""
         scores = logits.to(torch.float32, copy=True)
         if len(self.suppress_ids):
             scores[:, self._suppress_tensor] = -float("inf")
+        penalised = [i for i, q in enumerate(reqs) if q.penalised]
+        if penalised:
+            penalise(scores, penalised, [reqs[i] for i in penalised], [reqs[i].prior + answers[i] for i in penalised])
         early = [i for i, (q, n) in enumerate(zip(reqs, generated))
                  if n < q.min_new_tokens and q.constraint is None]  # a format decides where its answer ends
         if early and len(self.stop_ids):
@@ -900,6 +921,41 @@ def cache_kwarg(llm) -> str:
 
     params = inspect.signature(type(base_causal_lm(llm)).forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+def penalise(scores: torch.Tensor, rows: list[int], reqs: list[GenerationRequest], answers: list[list[int]]) -> None:
+    """OpenAI's frequency and presence penalties, in place: row ``rows[j]``'s
+    score of token ``t`` loses ``frequency_penalty x c + presence_penalty x
+    (c > 0)``, ``c`` the count of ``t`` in ``answers[j]`` (the answer so far,
+    never the prompt)."""
+    counts = scores.new_zeros(len(rows), scores.shape[1])
+    lengths = [len(a) for a in answers]
+    if sum(lengths):
+        which = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(lengths)).to(scores.device)
+        tokens = torch.tensor([t for a in answers for t in a], dtype=torch.long, device=scores.device)
+        counts.index_put_((which, tokens), torch.ones_like(tokens, dtype=counts.dtype), accumulate=True)
+    freq = torch.tensor([q.frequency_penalty for q in reqs], device=scores.device).unsqueeze(1)
+    pres = torch.tensor([q.presence_penalty for q in reqs], device=scores.device).unsqueeze(1)
+    idx = torch.tensor(rows, device=scores.device)
+    scores[idx] -= freq * counts + pres * (counts > 0).to(counts.dtype)
+
+
+class Penalties:
+    """A logits processor for ``generate`` (the LLM's per-request path) that
+    applies a request's penalties as the batching loop does. The answer so
+    far is the request's ``prior`` and then ``input_ids`` after its first
+    ``prompt_ids`` columns: 0 for ``MultimodalPhi3.generate``, which passes
+    the prompt as embeddings, so ``generate`` hands its processors the new
+    tokens only."""
+
+    def __init__(self, request: GenerationRequest, prompt_ids: int = 0):
+        self.request = request
+        self.start = prompt_ids
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float().clone()
+        penalise(scores, [0], [self.request], [self.request.prior + input_ids[0, self.start:].tolist()])
+        return scores
 
 
 def _top_p(scores: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

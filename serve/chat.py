@@ -341,8 +341,12 @@ class ChatService:
                 break
             call = {"input_ids": prep.input_ids + generated, "image_features": prep.image_features,
                     "max_new_tokens": remaining, "affinity_key": prep.affinity, **sampling}
-            if req.response_format is not None:  # the answer so far (after a replica died) is already in the format
-                call.update(response_format=req.response_format, format_start=len(prep.input_ids))
+            if req.response_format is not None:
+                call["response_format"] = req.response_format
+            if req.frequency_penalty or req.presence_penalty:
+                call.update(frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty)
+            if generated:  # after a replica died: the answer so far is in the format and counts for penalties
+                call["answer_start"] = len(prep.input_ids)
             if req.min_tokens > len(generated):
                 call["min_new_tokens"] = req.min_tokens - len(generated)
             gen = self.llm.options(stream=True).generate.remote(call)

@@ -324,8 +324,12 @@ class LLM:
         ``input_ids`` (list of ints, image placeholders included),
         ``image_features`` (float32 array (images, tokens, dim) or None),
         ``max_new_tokens``, ``temperature`` (0: greedy), ``top_p``, optional
-        ``min_new_tokens`` (stop ids are suppressed until then) and ``seed``
-        (sampling with the request's own generator).
+        ``min_new_tokens`` (stop ids are suppressed until then), ``seed``
+        (sampling with the request's own generator), ``response_format`` (a
+        ``serve.grammar`` format spec), ``frequency_penalty`` and
+        ``presence_penalty``, and ``answer_start``: where the answer so far
+        begins in ``input_ids`` when an answer is continued here after
+        another replica failed (it counts for the penalties and the format).
         Each message is a list of the ids decoded since the last one: one id
         per step while the reader keeps up and the request decodes alone,
         more when it falls behind or while other requests decode with it
@@ -338,9 +342,7 @@ class LLM:
 
         req = GenerationRequest.from_dict(request)
         if request.get("response_format") is not None:  # compiled (or found compiled) outside the event loop
-            start = int(request.get("format_start", len(req.input_ids)))
-            req.constraint = await asyncio.to_thread(self._constraint, request["response_format"],
-                                                     req.input_ids[start:])
+            req.constraint = await asyncio.to_thread(self._constraint, request["response_format"], req.prior)
             req.min_new_tokens = 0  # the format decides where the answer ends
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -456,12 +458,16 @@ class LLM:
         if req.min_new_tokens > 0:
             gen["min_new_tokens"] = req.min_new_tokens
         processors = []
+        if req.penalised:
+            from .batching import Penalties
+
+            processors.append(Penalties(req))
         if req.constraint is not None:  # masked before anything picks a token
             from .grammar import GrammarMask
 
             processors.append(GrammarMask(req.constraint))
-            if req.temperature > 0 and req.seed is None:  # sampled after the mask, so by SeededSampler
-                req.seed = random.getrandbits(63)
+        if processors and req.temperature > 0 and req.seed is None:
+            req.seed = random.getrandbits(63)  # sampled after them (generate's own sampling would come first)
         if req.temperature > 0 and req.seed is not None:  # drawn with the request's own generator, greedy picks it
             from .batching import SeededSampler
 

@@ -83,6 +83,9 @@ class ChatRequest:
     # structured output (serve.grammar's format spec): {"type": "json_object"} or
     # {"type": "json_schema", "schema": "<JSON text>"}; None: free text
     response_format: dict | None = None
+    # subtracted from a token's logit: frequency x its count in the answer so far, presence once it occurs
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     extra: dict = field(default_factory=dict)
 
     @property
@@ -256,10 +259,8 @@ def parse_chat_request(body: Any, limits: Limits, allow_remote: bool = False) ->
     elif n > limits.max_choices:
         raise bad(f"'n' is {n}; this server gives at most {limits.max_choices} answers (choices) per request", "n",
                   "too_many_choices")
-    for name in ("frequency_penalty", "presence_penalty"):  # clients send 0 by default: accepted
-        if _number(body, name, 0.0, -2.0, 2.0) != 0.0:
-            raise bad(f"'{name}' is not supported (only 0); sampling uses temperature, top_p and stop", name,
-                      "unsupported_parameter")
+    frequency_penalty = _number(body, "frequency_penalty", 0.0, -2.0, 2.0)
+    presence_penalty = _number(body, "presence_penalty", 0.0, -2.0, 2.0)
     if body.get("logit_bias") not in (None, {}):
         raise bad("'logit_bias' is not supported", "logit_bias", "unsupported_parameter")
     seed = body.get("seed")  # a sampled answer's own generator (greedy ones need none)
@@ -331,6 +332,8 @@ def parse_chat_request(body: Any, limits: Limits, allow_remote: bool = False) ->
         seed=seed,
         n=n,
         response_format=response_format,
+        frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
     )
 
 

@@ -424,3 +424,95 @@ def test_the_asr_and_image_encoder_batch_windows():
     _, opts = read_serve_config()
     assert opts["ImageEncoder"]["user_config"] == IMAGE_BATCH.to_dict()
     assert opts["ASR"]["user_config"] == ASR_BATCH.to_dict()
+
+
+# ------------------------------------------------------------- penalties
+
+def test_penalties_follow_openais_formula():
+    from serve.batching import penalise
+
+    scores = torch.zeros(3, 5)
+    reqs = [GenerationRequest([1], frequency_penalty=0.5, presence_penalty=1.0),
+            GenerationRequest([1], frequency_penalty=-1.0)]
+    penalise(scores, [0, 2], reqs, [[1, 1, 3], [4]])
+    assert scores.tolist() == [[0, -2.0, 0, -1.5, 0], [0] * 5, [0, 0, 0, 0, 1.0]]
+    empty = torch.zeros(1, 5)
+    penalise(empty, [0], reqs[:1], [[]])  # nothing said yet: nothing to penalise
+    assert not empty.any()
+
+
+def reference_penalised(model, req: GenerationRequest, stop_ids: list[int]) -> list[int]:
+    """``reference`` with the deployment's ``Penalties`` processor (greedy)."""
+    from transformers import LogitsProcessorList
+
+    from serve.batching import Penalties
+
+    gen = {"max_new_tokens": req.max_new_tokens, "suppress_tokens": model.suppressed_ids, "eos_token_id": stop_ids,
+           "min_new_tokens": req.min_new_tokens, "logits_processor": LogitsProcessorList([Penalties(req)])}
+    ids = model.generate(torch.tensor([req.input_ids]), None, req.features_tensor(), **gen)[0].tolist()
+    return next((ids[:k + 1] for k, t in enumerate(ids) if t in stop_ids), ids)
+
+
+def test_penalised_rows_repeat_less_and_equal_the_generate_path(model, images, kv):
+    """Greedy rows with a frequency or presence penalty, joining a batch beside
+    rows without: each penalised answer equals ``generate`` alone with the
+    deployment's ``Penalties`` processor and repeats its most frequent token
+    less often than the same request unpenalised; the other rows are as alone."""
+    from dataclasses import replace
+
+    stops = list(model.tokenizer.stop_ids)
+    base = [replace(r, max_new_tokens=20, min_new_tokens=20) for r in make_requests(model, images)[:4]]
+    reqs = [replace(base[0], frequency_penalty=1.5), base[1], replace(base[2], presence_penalty=2.0), base[3]]
+    sinks = run_schedule(make(model, kv, stop_ids=stops), {0: [0, 1], 2: [2, 3]}, reqs)
+    for i in (1, 3):
+        assert sinks[i].tokens == reference(model, reqs[i], stops), i
+    for i in (0, 2):
+        assert sinks[i].tokens == reference_penalised(model, reqs[i], stops), i
+        free = reference(model, base[i], stops)
+        assert max(sinks[i].tokens.count(t) for t in sinks[i].tokens) < max(free.count(t) for t in free), i
+
+
+def test_the_llm_deployment_penalises_the_answer_so_far_with_batching_on_and_off(model):
+    """Through the deployment's ``generate``: a penalised answer is the same
+    with batching on and off (greedy, and seeded sampling); continued from
+    its first tokens (``answer_start``: the earlier tokens count) it ends as
+    the whole one, and not when they are taken for prompt."""
+    import asyncio
+
+    from serve.deployments import LLM
+
+    llm = LLM.func_or_class({"preset": "tiny", "device": "cpu", "torch_threads": 0})
+    ids = prompt(model, 2, 0)
+    call = {"input_ids": ids, "image_features": None, "max_new_tokens": 16, "min_new_tokens": 16,
+            "frequency_penalty": 1.0, "presence_penalty": 0.5}
+
+    async def answer(**extra) -> list[int]:
+        return [t async for chunk in llm.generate({**call, **extra}) for t in chunk]
+
+    try:
+        seen = {}
+        for batching in (False, True):
+            llm.reconfigure({"continuous_batching": batching})
+            for kw in ({}, {"temperature": 1.0, "seed": 4}):
+                seen.setdefault(str(kw), set()).add(tuple(asyncio.run(answer(**kw))))
+            whole = asyncio.run(answer())
+            rest = dict(input_ids=ids + whole[:6], max_new_tokens=10, min_new_tokens=10)
+            assert whole[:6] + asyncio.run(answer(**rest, answer_start=len(ids))) == whole, batching
+            assert whole[:6] + asyncio.run(answer(**rest)) != whole, batching  # the first 6 tokens not counted
+        assert all(len(v) == 1 for v in seen.values()), seen
+        with pytest.raises(ValueError, match="answer_start 99 is outside"):
+            asyncio.run(answer(answer_start=99))
+    finally:
+        llm.shutdown()
+
+
+def test_the_generate_paths_penalties_count_the_answer_before_the_call():
+    """``Penalties`` (the per-request path): the request's ``prior`` (an
+    answer continued after a replica died) and the tokens generated since
+    count; the prompt does not."""
+    from serve.batching import Penalties
+
+    req = GenerationRequest([5, 6, 1, 2], frequency_penalty=1.0, prior=[1, 2])
+    expected = [[0, -1.0, -2.0, -1.0, 0, 0, 0, 0]]
+    assert Penalties(req)(torch.tensor([[2, 3]]), torch.zeros(1, 8)).tolist() == expected  # embeddings in
+    assert Penalties(req, prompt_ids=4)(torch.tensor([[5, 6, 1, 2, 2, 3]]), torch.zeros(1, 8)).tolist() == expected

@@ -297,6 +297,11 @@ def test_official_openai_client(server):
     assert three.choices[0].message.content == alone.choices[0].message.content
     assert three.usage.prompt_tokens == alone.usage.prompt_tokens
     assert 3 <= three.usage.completion_tokens <= 3 * 6
+    # OpenAI's penalties: the same greedy question, its repeated tokens penalised, is answered otherwise
+    plain, penalised = (c.chat.completions.create(model="mmphi", max_tokens=16, temperature=0, extra_body={
+        "min_tokens": 16}, messages=[{"role": "user", "content": "What is this?"}], **kw).choices[0].message.content
+        for kw in ({}, {"frequency_penalty": 1.5, "presence_penalty": 0.5}))
+    assert plain != penalised
     assert again.system_fingerprint == res.system_fingerprint == chunks[0].system_fingerprint
     assert res.system_fingerprint.startswith("fp_")
     tr = c.audio.transcriptions.create(model="whisper-1", file=("clip.wav", wav(), "audio/wav"))

@@ -98,7 +98,7 @@ def test_developer_role_is_a_system_message():
     ({"n": True}, "n", "must be a positive integer"),
     ({"tools": [{"type": "function"}]}, "tools", "not supported"),
     ({"stream": "yes"}, "stream", "true or false"),
-    ({"frequency_penalty": 0.5}, "frequency_penalty", "'frequency_penalty' is not supported (only 0)"),
+    ({"frequency_penalty": -2.5}, "frequency_penalty", "between -2 and 2, got -2.5"),
     ({"presence_penalty": "some"}, "presence_penalty", "must be a number, got str"),
     ({"presence_penalty": 3}, "presence_penalty", "between -2 and 2"),
     ({"logit_bias": {"50256": -100}}, "logit_bias", "not supported"),
@@ -123,6 +123,12 @@ def test_what_clients_send_by_default_is_accepted():
     plain = parse()
     sent = parse(frequency_penalty=0, presence_penalty=0.0, logit_bias={}, seed=1234, user="alice")
     assert sent == replace(plain, seed=1234) and plain.seed is None
+
+
+def test_penalties_are_kept_for_the_sampler():
+    req = parse(frequency_penalty=0.5, presence_penalty=-1)
+    assert (req.frequency_penalty, req.presence_penalty) == (0.5, -1.0)
+    assert (parse().frequency_penalty, parse().presence_penalty) == (0.0, 0.0)
 
 
 def test_body_must_be_an_object():

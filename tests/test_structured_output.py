@@ -164,7 +164,7 @@ def test_the_llm_replica_holds_answers_to_a_format_with_batching_on_and_off(mode
     """The LLM deployment's ``generate`` fed the ingress's dict: the same
     schema-following answer through the batching loop and through the
     one-``generate``-per-request path (greedy, and seeded sampling); an answer
-    continued from its first tokens (``format_start``, as after a replica
+    continued from its first tokens (``answer_start``, as after a replica
     died) ends as the whole one; the second identical request reuses the
     first one's kept row (prefix cache) and answers the same."""
     from serve.deployments import LLM
@@ -185,14 +185,14 @@ def test_the_llm_replica_holds_answers_to_a_format_with_batching_on_and_off(mode
                 assert follows_scene(text_of(model, out)), (batching, kw, text_of(model, out))
                 seen.setdefault(str(kw), set()).add(tuple(out))
             whole = asyncio.run(answer())
-            rest = asyncio.run(answer(input_ids=ids + whole[:5], format_start=len(ids), max_new_tokens=95))
+            rest = asyncio.run(answer(input_ids=ids + whole[:5], answer_start=len(ids), max_new_tokens=95))
             assert whole[:5] + rest == whole, batching
         assert all(len(v) == 1 for v in seen.values()), seen  # batching on and off agree
         llm.reconfigure({"continuous_batching": True})
         hits = llm.batcher.stats["prefix_hits"]
         assert asyncio.run(answer()) == whole and llm.batcher.stats["prefix_hits"] > hits
         with pytest.raises(ValueError, match="does not follow its response_format"):
-            asyncio.run(answer(input_ids=ids + [model.tokenizer.ids.user], format_start=len(ids)))
+            asyncio.run(answer(input_ids=ids + [model.tokenizer.ids.user], answer_start=len(ids)))
     finally:
         llm.shutdown()
 
