@@ -174,8 +174,8 @@ def build_api(service: ChatService, *, api_key: str | None, mount_ui: bool = Tru
             except ExceptionGroup as eg:  # the first error is the response (a 503 for a full queue ...)
                 raise eg.exceptions[0] from None
             results = [t.result() for t in tasks]
-            return completion(cid, model_name, [(r.text, r.finish_reason) for r in results], prep.prompt_tokens,
-                              sum(r.completion_tokens for r in results), fingerprint)
+            return completion(cid, model_name, [(r.text, r.finish_reason, r.logprobs) for r in results],
+                              prep.prompt_tokens, sum(r.completion_tokens for r in results), fingerprint)
 
         # the first piece of each answer before any header: a refusal until then (a full queue: 503) is an
         # HTTP error
@@ -191,8 +191,15 @@ def build_api(service: ChatService, *, api_key: str | None, mount_ui: bool = Tru
         async def events():
             created = int(time.time())
 
+            sent = [0] * req.n  # logprobs entries sent per choice
+
             def event(delta, finish=None, index=0, usage_=None):
-                return sse(chunk(cid, model_name, created, delta, finish, usage_, fingerprint, index))
+                rated = results[index].get("logprobs") if delta is not None else None
+                if rated is not None and "role" in delta:  # the opening event: none yet, the list when asked
+                    rated = []
+                elif rated is not None:  # the entries that arrived since the last event (with its text, or the finish)
+                    rated, sent[index] = rated[sent[index]:], len(rated)
+                return sse(chunk(cid, model_name, created, delta, finish, usage_, fingerprint, index, rated))
 
             for i in range(req.n):
                 yield event({"role": "assistant", "content": ""}, index=i)

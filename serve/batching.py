@@ -88,6 +88,8 @@ class GenerationRequest:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     prior: list[int] = field(default_factory=list)
+    # the chat API's logprobs: None, or how many most likely tokens to report beside each chosen one (0-20)
+    logprobs: int | None = None
     # one digest per image (serve.prefix_cache.feature_digests); computed when first needed
     image_digests: tuple[bytes, ...] | None = field(default=None, repr=False, compare=False)
     _rng: torch.Generator | None = field(default=None, init=False, repr=False, compare=False)
@@ -124,7 +126,8 @@ class GenerationRequest:
                    temperature=float(d.get("temperature") or 0.0), top_p=float(d.get("top_p") or 1.0),
                    seed=None if d.get("seed") is None else int(d["seed"]),
                    frequency_penalty=float(d.get("frequency_penalty") or 0.0),
-                   presence_penalty=float(d.get("presence_penalty") or 0.0), prior=ids[start:])
+                   presence_penalty=float(d.get("presence_penalty") or 0.0), prior=ids[start:],
+                   logprobs=None if d.get("logprobs") is None else int(d["logprobs"]))
 
     @property
     def penalised(self) -> bool:
@@ -215,6 +218,16 @@ class BatchingOptions:
         static = self.kv_cache == "static"
         return (self.kv_cache, self.max_seq_len, self.kv_cache_fraction, self.cuda_graphs,
                 self.max_batch_size if static else None)
+
+
+@dataclass
+class TokenLogprob:
+    """What a request that asked for logprobs receives in place of a bare
+    token id: the id, its log-probability (``serve.logprobs`` says of what)
+    and the ``logprobs`` most likely tokens' as ``[id, logprob]``, most likely first."""
+    token: int
+    logprob: float
+    top: list
 
 
 class Ticket:
@@ -449,16 +462,16 @@ class ContinuousBatcher:
         if not self._rows:
             return admitted or chunked
         try:
-            tokens = self._decode()
+            tokens, infos = self._decode()
         except Exception as e:  # e.g. out of memory: these rows fail, the replica goes on
             log.exception("decode step failed for %d request(s)", len(self._rows))
             for t in [r.ticket for r in self._rows] + [p.ticket for p in self._prefilling]:
                 _emit(t, e)
             self._reset()
             return True
-        for r, t in zip(self._rows, tokens):
+        for r, t, info in zip(self._rows, tokens, infos):
             r.last, r.position, r.generated = t, r.position + 1, r.generated + 1
-            self._deliver(r, t)
+            self._deliver(r, t, info)
         self._drop([r for r in self._rows if r.done or r.ticket.cancelled])
         return True
 
@@ -721,13 +734,14 @@ class ContinuousBatcher:
         ``at_row``: its keys and values are in that static cache row already
         (``cache`` is None), at or after the next free one."""
         try:
-            token = self._sample(logits, [ticket.request], [0], [[]])[0]
+            tokens, infos = self._sample(logits, [ticket.request], [0], [[]])
         except Exception as e:  # noqa: BLE001
             _emit(ticket, e)
             return
+        token = tokens[0]
         self.stats["prefills"] += 1
         row = _Row(ticket, position=len(ticket.request.input_ids), last=token)
-        self._deliver(row, token)
+        self._deliver(row, token, infos[0])
         if row.done or ticket.cancelled:
             return
         if at_row is None:
@@ -737,7 +751,7 @@ class ContinuousBatcher:
             self.static.move(at_row, len(self._rows), row.position)
         self._rows.append(row)
 
-    def _decode(self) -> list[int]:
+    def _decode(self) -> tuple[list[int], list]:
         rows = self._rows
         if self.static is not None:
             logits = self.static.decode([r.last for r in rows], [r.position for r in rows])
@@ -754,7 +768,7 @@ class ContinuousBatcher:
         return self._sample(logits, [r.ticket.request for r in rows], [r.generated for r in rows],
                             [r.tokens for r in rows])
 
-    def _deliver(self, row: _Row, token: int) -> None:
+    def _deliver(self, row: _Row, token: int, info: TokenLogprob | None = None) -> None:
         req = row.ticket.request
         if req.constraint is not None and req.constraint.error is not None:  # the masks prevent it; said if not
             from .grammar import FormatError
@@ -764,31 +778,35 @@ class ContinuousBatcher:
             return
         self.stats["tokens"] += 1
         row.tokens.append(token)
-        _emit(row.ticket, [token])
+        _emit(row.ticket, [token if info is None else info])
         if token in self.stop_ids or row.generated >= req.max_new_tokens:
             row.done = True
             _emit(row.ticket, DONE)
 
     # ------------------------------------------------------------- sampling
     def _sample(self, logits: torch.Tensor, reqs: list[GenerationRequest], generated: list[int],
-                answers: list[list[int]]) -> list[int]:
+                answers: list[list[int]]) -> tuple[list[int], list[TokenLogprob | None]]:
         """Next token per row with the processors ``generate`` applies:
-        image slots suppressed, the penalties (``answers``: each row's tokens
-        so far), stop ids suppressed before ``min_new_tokens``, a response
+        image slots suppressed, stop ids suppressed before ``min_new_tokens``,
+        (the log-probabilities of the rows that asked, taken here), the
+        penalties (``answers``: each row's tokens so far), a response
         format's mask, then greedy, or temperature + top-p sampling: with the
         global generator in one draw, and a row with a ``seed`` with its own
-        generator, so its draws do not depend on the other rows."""
+        generator, so its draws do not depend on the other rows. Returns the
+        tokens, and per row its :class:`TokenLogprob` or None."""
         scores = logits.to(torch.float32, copy=True)
         if len(self.suppress_ids):
             scores[:, self._suppress_tensor] = -float("inf")
-        penalised = [i for i, q in enumerate(reqs) if q.penalised]
-        if penalised:
-            penalise(scores, penalised, [reqs[i] for i in penalised], [reqs[i].prior + answers[i] for i in penalised])
         early = [i for i, (q, n) in enumerate(zip(reqs, generated))
                  if n < q.min_new_tokens and q.constraint is None]  # a format decides where its answer ends
         if early and len(self.stop_ids):
             rows = torch.tensor(early, device=scores.device)
             scores[rows.unsqueeze(1), self._stop_tensor.unsqueeze(0)] = -float("inf")
+        rated = [i for i, q in enumerate(reqs) if q.logprobs is not None]
+        logprobs = torch.log_softmax(scores[rated], dim=-1) if rated else None
+        penalised = [i for i, q in enumerate(reqs) if q.penalised]
+        if penalised:
+            penalise(scores, penalised, [reqs[i] for i in penalised], [reqs[i].prior + answers[i] for i in penalised])
         constrained = [i for i, q in enumerate(reqs) if q.constraint is not None]
         if constrained:
             self._mask_to_formats(scores, reqs, constrained)
@@ -807,7 +825,12 @@ class ContinuousBatcher:
         out = tokens.tolist()
         for i in constrained:  # the grammar moves on (an error, if any, ends that answer in _deliver)
             reqs[i].constraint.accept(out[i])
-        return out
+        infos: list[TokenLogprob | None] = [None] * len(reqs)
+        if rated:
+            infos_for = rate(logprobs, [out[i] for i in rated], [reqs[i].logprobs for i in rated])
+            for i, info in zip(rated, infos_for):
+                infos[i] = info
+        return out, infos
 
     def _mask_to_formats(self, scores: torch.Tensor, reqs: list[GenerationRequest], rows: list[int]) -> None:
         """Rows with a response format: every token their grammar does not allow next gets minus infinity."""
@@ -921,6 +944,38 @@ def cache_kwarg(llm) -> str:
 
     params = inspect.signature(type(base_causal_lm(llm)).forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+def rate(logprobs: torch.Tensor, tokens: list[int], tops: list[int]) -> list[TokenLogprob]:
+    """Each row's chosen token's log-probability and its ``tops[j]`` most
+    likely tokens' (one top-k for all rows, then cut per row)."""
+    picked = torch.tensor(tokens, device=logprobs.device).unsqueeze(1)
+    chosen = logprobs.gather(1, picked).squeeze(1).tolist()
+    k = min(max(tops), logprobs.shape[1])
+    top_v, top_i = logprobs.topk(k, dim=-1) if k else (None, None)
+    top_v = top_v.tolist() if k else None
+    top_i = top_i.tolist() if k else None
+    return [TokenLogprob(t, lp, [[i, v] for i, v in zip(top_i[j][:n], top_v[j][:n])] if n else [])
+            for j, (t, lp, n) in enumerate(zip(tokens, chosen, tops))]
+
+
+class LogprobRecorder:
+    """A logits processor for ``generate`` (the LLM's per-request path),
+    first of the deployment's own: keeps the step's log-probabilities (the
+    scores as ``generate``'s suppression and ``min_new_tokens`` left them,
+    as the batching loop takes them) for the streamer to pair with the
+    token chosen, and changes nothing."""
+
+    def __init__(self, top: int):
+        self.top = top
+        self.logprobs: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.logprobs = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def rate(self, token: int) -> TokenLogprob:
+        return rate(self.logprobs, [token], [self.top])[0]
 
 
 def penalise(scores: torch.Tensor, rows: list[int], reqs: list[GenerationRequest], answers: list[list[int]]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import AsyncIterator
 import numpy as np
 import ray
 
+from .logprobs import entry
 from .protocol import APIError, ChatRequest, Message, Part, bad
 
 log = logging.getLogger("ray.serve")  # Serve writes it to the replica logs
@@ -83,6 +85,7 @@ class Result:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list | None = None  # OpenAI's logprobs.content entries, when asked for
 
 
 class TextStream:
@@ -323,8 +326,10 @@ class ChatService:
     # --------------------------------------------------------------- stream
     async def answer(self, prep: Prepared, req: ChatRequest, result: dict, choice: int = 0) -> AsyncIterator[str]:
         """Yield text deltas from the LLM; fills ``result`` with
-        ``finish_reason`` and ``completion_tokens`` when done. ``choice``
-        (of ``req.n``) samples with the request's seed + ``choice``."""
+        ``finish_reason`` and ``completion_tokens`` when done, and, when the
+        request asks for logprobs, ``result["logprobs"]`` with each token's
+        entry as its ids arrive (before the delta with its text, or the
+        finish). ``choice`` (of ``req.n``) samples with the request's seed + ``choice``."""
         text = TextStream(self.tok, req.stop)
         generated: list[int] = []
         failures = 0
@@ -334,6 +339,9 @@ class ChatService:
         if req.seed is not None and req.temperature > 0:
             seed = req.seed + choice
             sampling["seed"] = seed if seed < 2**64 else seed - 2**64
+        if req.logprobs is not None:
+            sampling["logprobs"] = req.logprobs
+            rated = result["logprobs"] = []
         while finish is None:
             remaining = prep.max_new_tokens - len(generated)
             if remaining <= 0:
@@ -353,10 +361,16 @@ class ChatService:
             exhausted = False
             try:
                 async for ids in gen:
+                    rates = None
+                    if isinstance(ids, dict):  # with logprobs
+                        ids, rates = ids["ids"], ids["logprobs"]
                     stop_at = next((k for k, t in enumerate(ids) if t in self.stop_ids), None)
                     if stop_at is not None:
                         ids = ids[:stop_at + 1]
                     generated.extend(ids)
+                    if rates is not None:  # a stop id has no entry (OpenAI lists the answer's tokens)
+                        rated.extend(entry(self.token_bytes, t, lp, top) for t, (lp, top) in zip(ids, rates)
+                                     if t not in self.stop_ids)
                     delta, hit = text.push([t for t in ids if t not in self.stop_ids])
                     if delta:
                         yield delta
@@ -393,4 +407,12 @@ class ChatService:
         prep = prep or await self.prepare(req)
         result: dict = {}
         parts = [d async for d in self.answer(prep, req, result, choice)]
-        return Result("".join(parts), result["finish_reason"], prep.prompt_tokens, result["completion_tokens"])
+        return Result("".join(parts), result["finish_reason"], prep.prompt_tokens, result["completion_tokens"],
+                      result.get("logprobs"))
+
+    @functools.cached_property
+    def token_bytes(self):
+        """Token id -> its bytes, for logprobs entries (``serve.logprobs``)."""
+        from .logprobs import TokenBytes
+
+        return TokenBytes(self.tok.hf)

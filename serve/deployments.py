@@ -318,7 +318,7 @@ class LLM:
                 "max_batch_size": self.options.max_batch_size,
                 **({"active": b.active, "waiting": b.waiting, **b.stats, **b.describe()} if b is not None else {})}
 
-    async def generate(self, request: dict) -> AsyncIterator[list[int]]:
+    async def generate(self, request: dict) -> AsyncIterator[list[int] | dict]:
         """Stream new token ids for ``request``:
 
         ``input_ids`` (list of ints, image placeholders included),
@@ -329,7 +329,10 @@ class LLM:
         ``serve.grammar`` format spec), ``frequency_penalty`` and
         ``presence_penalty``, and ``answer_start``: where the answer so far
         begins in ``input_ids`` when an answer is continued here after
-        another replica failed (it counts for the penalties and the format).
+        another replica failed (it counts for the penalties and the format);
+        ``logprobs`` (how many most likely tokens to rate beside each chosen
+        one: the messages are then ``{"ids": [...], "logprobs": [[logprob,
+        [[id, logprob], ...]], ...]}``, one entry per id, see ``serve.logprobs``).
         Each message is a list of the ids decoded since the last one: one id
         per step while the reader keeps up and the request decodes alone,
         more when it falls behind or while other requests decode with it
@@ -373,13 +376,18 @@ class LLM:
                     wait = last + interval - loop.time()
                     if wait > 0:  # let more of this stream's ids gather, then send them together
                         await asyncio.sleep(wait)
-                ids: list[int] = []
+                ids: list = []
                 while isinstance(item, list):  # everything already waiting goes in one message
                     ids.extend(item)
                     item = queue.get_nowait() if not queue.empty() else None
                 if ids:
-                    track.tokens_out(ids)
-                    yield ids
+                    if req.logprobs is None:
+                        track.tokens_out(ids)
+                        yield ids
+                    else:  # TokenLogprob items
+                        toks = [x.token for x in ids]
+                        track.tokens_out(toks)
+                        yield {"ids": toks, "logprobs": [[x.logprob, x.top] for x in ids]}
                     last = loop.time()
                 if item is DONE:
                     return
@@ -437,11 +445,17 @@ class LLM:
 
         cancelled = threading.Event()
 
+        recorder = None
+        if req.logprobs is not None:
+            from .batching import LogprobRecorder
+
+            recorder = LogprobRecorder(req.logprobs)
+
         class Streamer(BaseStreamer):
             def put(self, value):
                 ids = value.reshape(-1).tolist()
                 if ids:  # the first call carries the (empty) prompt ids
-                    emit(ids)
+                    emit(ids if recorder is None else [recorder.rate(t) for t in ids])
 
             def end(self):
                 pass
@@ -457,7 +471,7 @@ class LLM:
                "stopping_criteria": StoppingCriteriaList([Cancel()])}
         if req.min_new_tokens > 0:
             gen["min_new_tokens"] = req.min_new_tokens
-        processors = []
+        processors = [recorder] if recorder is not None else []
         if req.penalised:
             from .batching import Penalties
 

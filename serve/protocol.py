@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 from .settings import Limits
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg", "opus", "m4a", "mp4", "webm", "aac", "aiff")
 ROLE_ALIASES = {"developer": "system"}
 UNSUPPORTED = {
@@ -27,7 +28,6 @@ UNSUPPORTED = {
     "tool_choice": "tool calling is not supported",
     "functions": "function calling is not supported",
     "function_call": "function calling is not supported",
-    "logprobs": "logprobs are not supported",
     "audio": "audio output is not supported",
 }
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[^;,]*)*)(?P<b64>;base64)?,", re.I)
@@ -86,6 +86,8 @@ class ChatRequest:
     # subtracted from a token's logit: frequency x its count in the answer so far, presence once it occurs
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    # log-probabilities of the answer's tokens: None (off), or how many most likely tokens to list beside each
+    logprobs: int | None = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -274,6 +276,15 @@ def parse_chat_request(body: Any, limits: Limits, allow_remote: bool = False) ->
             raise bad(f"'user' must be a string, got {type(user).__name__}", "user")
         check_text(user, "user")
     response_format = parse_response_format(body.get("response_format"), limits)
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise bad(f"'logprobs' must be true or false, got {logprobs!r}", "logprobs")
+    top = body.get("top_logprobs")
+    if top is not None:
+        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise bad(f"'top_logprobs' must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {top!r}", "top_logprobs")
+        if top and not logprobs:
+            raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     model = body.get("model")
     if model is not None:
         if not isinstance(model, str):
@@ -334,6 +345,7 @@ def parse_chat_request(body: Any, limits: Limits, allow_remote: bool = False) ->
         response_format=response_format,
         frequency_penalty=frequency_penalty,
         presence_penalty=presence_penalty,
+        logprobs=(top or 0) if logprobs else None,
     )
 
 
@@ -436,25 +448,32 @@ def usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def completion(cid: str, model: str, answers: list[tuple[str, str]], prompt: int, completion_tokens: int,
+def logprobs_field(content: list | None) -> dict | None:
+    """A choice's ``logprobs``: None when not asked for, else its token entries (``serve.logprobs.entry``)."""
+    return None if content is None else {"content": content, "refusal": None}
+
+
+def completion(cid: str, model: str, answers: list[tuple], prompt: int, completion_tokens: int,
                fingerprint: str | None = None) -> dict:
-    """A whole response: ``answers`` are (text, finish_reason), one per choice;
+    """A whole response: ``answers`` are (text, finish_reason) or (text,
+    finish_reason, logprob entries or None), one per choice;
     ``completion_tokens`` counts all of them, ``prompt`` the prompt once."""
     return {
         "id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
         "system_fingerprint": fingerprint,
-        "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                     "logprobs": None} for i, (text, finish) in enumerate(answers)],
+        "choices": [{"index": i, "message": {"role": "assistant", "content": a[0]}, "finish_reason": a[1],
+                     "logprobs": logprobs_field(a[2] if len(a) > 2 else None)} for i, a in enumerate(answers)],
         "usage": usage(prompt, completion_tokens),
     }
 
 
 def chunk(cid: str, model: str, created: int, delta: dict | None, finish: str | None = None,
-          usage_: dict | None = None, fingerprint: str | None = None, index: int = 0) -> dict:
+          usage_: dict | None = None, fingerprint: str | None = None, index: int = 0,
+          logprobs: list | None = None) -> dict:
     out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
            "system_fingerprint": fingerprint,
            "choices": [] if delta is None else [{"index": index, "delta": delta, "finish_reason": finish,
-                                                  "logprobs": None}]}
+                                                  "logprobs": logprobs_field(logprobs)}]}
     if usage_ is not None:
         out["usage"] = usage_
     return out

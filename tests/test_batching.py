@@ -516,3 +516,88 @@ def test_the_generate_paths_penalties_count_the_answer_before_the_call():
     expected = [[0, -1.0, -2.0, -1.0, 0, 0, 0, 0]]
     assert Penalties(req)(torch.tensor([[2, 3]]), torch.zeros(1, 8)).tolist() == expected  # embeddings in
     assert Penalties(req, prompt_ids=4)(torch.tensor([[5, 6, 1, 2, 2, 3]]), torch.zeros(1, 8)).tolist() == expected
+
+
+# ------------------------------------------------------------- logprobs
+
+def rated_tokens(sink) -> tuple[list[int], list]:
+    """A logprobs request's tokens and TokenLogprob items, as a Collector recorded them."""
+    return [x.token for x in sink.tokens], sink.tokens
+
+
+def model_logprobs(model, req: GenerationRequest, answer: list[int], stop_ids: list[int]) -> torch.Tensor:
+    """The log-probabilities the model gives each answer token's position,
+    from one forward pass over prompt + answer, with the deployment's
+    suppression (and stop ids ruled out before ``min_new_tokens``)."""
+    ids = torch.tensor([req.input_ids + answer[:-1]])
+    with torch.no_grad():
+        logits = model.llm(inputs_embeds=model.embed(ids, req.features_tensor())).logits[0, len(req.input_ids) - 1:]
+    scores = logits.float().clone()
+    scores[:, model.suppressed_ids] = -float("inf")
+    scores[:req.min_new_tokens, stop_ids] = -float("inf")
+    return torch.log_softmax(scores, dim=-1)
+
+
+def test_logprobs_are_the_models_own_ratings(model, images, kv):
+    """Requests with logprobs (0 and 3 alternatives, greedy, one sampled and
+    penalised) beside ones without, joining at different steps: each emitted
+    rating equals the model's log-softmax at that position from one forward
+    pass over the whole answer (before penalties and temperature), the top
+    list is sorted and as long as asked, greedy's token is its first; the
+    requests without are as alone."""
+    from dataclasses import replace
+
+    stops = list(model.tokenizer.stop_ids)
+    base = [replace(r, max_new_tokens=10) for r in make_requests(model, images)[:4]]
+    reqs = [replace(base[0], logprobs=3), base[1],
+            replace(base[2], logprobs=0, min_new_tokens=10),
+            replace(base[3], logprobs=5, temperature=1.0, seed=2, frequency_penalty=1.0)]
+    sinks = run_schedule(make(model, kv, stop_ids=stops), {0: [0, 1], 2: [2, 3]}, reqs)
+    assert sinks[1].tokens == reference(model, reqs[1], stops)
+    for i, k in ((0, 3), (2, 0), (3, 5)):
+        tokens, items = rated_tokens(sinks[i])
+        if reqs[i].temperature == 0:
+            assert tokens == reference(model, reqs[i], stops), i
+        want = model_logprobs(model, reqs[i], tokens, stops)
+        for pos, item in enumerate(items):
+            assert item.logprob == pytest.approx(float(want[pos, item.token]), abs=1e-4), (i, pos)
+            assert len(item.top) == k and [v for _, v in item.top] == sorted((v for _, v in item.top), reverse=True)
+            for t, v in item.top:
+                assert v == pytest.approx(float(want[pos, t]), abs=1e-4)
+            if k and reqs[i].temperature == 0:
+                assert item.top[0][0] == item.token
+
+
+def test_the_llm_deployment_rates_tokens_alike_with_batching_on_and_off(model):
+    """The deployment's ``generate`` with ``logprobs``: messages carry one
+    rating per id; the batching loop and the per-request ``generate`` path
+    give the same tokens and ratings (greedy, and seeded sampling)."""
+    import asyncio
+
+    from serve.deployments import LLM
+
+    llm = LLM.func_or_class({"preset": "tiny", "device": "cpu", "torch_threads": 0})
+    call = {"input_ids": prompt(model, 0, 0), "image_features": None, "max_new_tokens": 8, "min_new_tokens": 8,
+            "logprobs": 4}
+
+    async def messages(**extra) -> list:
+        return [m async for m in llm.generate({**call, **extra})]
+
+    try:
+        got = {}
+        for batching in (True, False):
+            llm.reconfigure({"continuous_batching": batching})
+            for kw in ({}, {"temperature": 1.0, "seed": 9}):
+                msgs = asyncio.run(messages(**kw))
+                assert all(len(m["ids"]) == len(m["logprobs"]) for m in msgs)
+                got.setdefault(str(kw), []).append(([t for m in msgs for t in m["ids"]],
+                                                    [r for m in msgs for r in m["logprobs"]]))
+        for (ids_on, rates_on), (ids_off, rates_off) in got.values():
+            assert ids_on == ids_off and len(ids_on) == 8
+            for (lp_on, top_on), (lp_off, top_off) in zip(rates_on, rates_off):
+                assert lp_on == pytest.approx(lp_off, abs=1e-4) and len(top_on) == 4
+                assert [t for t, _ in top_on] == [t for t, _ in top_off]
+        assert [m for m in asyncio.run(messages(logprobs=None))] and \
+            all(isinstance(m, list) for m in asyncio.run(messages(logprobs=None)))
+    finally:
+        llm.shutdown()

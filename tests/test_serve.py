@@ -353,6 +353,34 @@ def test_structured_output_through_the_api(server):
         assert ch.finish_reason == "stop" and type(json.loads(ch.message.content)["yes"]) is bool, ch
 
 
+def test_logprobs_through_the_api(server, tokenizer):
+    """``logprobs`` and ``top_logprobs`` through HTTP with the ``openai``
+    client: one entry per answer token, whose bytes join into the answer's
+    text (control tokens, which the text leaves out, aside); greedy's token
+    is the first of its alternatives; streamed, the entries are the same."""
+    openai = pytest.importorskip("openai")
+    c = openai.OpenAI(base_url=server + "v1", api_key=API_KEY, max_retries=0)
+    ask_ = dict(model="mmphi", max_tokens=12, temperature=0, logprobs=True, top_logprobs=2,
+                messages=[{"role": "user", "content": "Name three colours."}], extra_body={"min_tokens": 12})
+    res = c.chat.completions.create(**ask_)
+    choice = res.choices[0]
+    content = choice.logprobs.content
+    assert len(content) == res.usage.completion_tokens == 12
+    joined = b"".join(bytes(e.bytes) for e in content).decode("utf-8", errors="replace")
+    for control in tokenizer.control_tokens:
+        joined = joined.replace(control, "")
+    assert joined == choice.message.content
+    for e in content:
+        assert len(e.top_logprobs) == 2 and e.logprob <= 0 and e.top_logprobs[0].token == e.token
+        assert e.top_logprobs[0].logprob == pytest.approx(e.logprob)
+        assert e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob
+    streamed = [ch for ch in c.chat.completions.create(**ask_, stream=True) if ch.choices]
+    entries = [e for ch in streamed if ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 4)) for e in entries] == [(e.token, round(e.logprob, 4)) for e in content]
+    plain = c.chat.completions.create(**{**ask_, "logprobs": None, "top_logprobs": None})
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == choice.message.content
+
+
 def counted_since(names: list[tuple[str, dict]], before: list[float], done, timeout: float = 60) -> list[float]:
     """How much each scraped counter ``(name, labels)`` rose since ``before``,
     once ``done`` of those rises holds, or after ``timeout`` seconds

@@ -97,6 +97,10 @@ def test_developer_role_is_a_system_message():
     ({"n": 0}, "n", "'n' (the number of answers) must be a positive integer, got 0"),
     ({"n": True}, "n", "must be a positive integer"),
     ({"tools": [{"type": "function"}]}, "tools", "not supported"),
+    ({"logprobs": "yes"}, "logprobs", "'logprobs' must be true or false"),
+    ({"top_logprobs": 2}, "top_logprobs", "needs 'logprobs': true"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "from 0 to 20, got 21"),
+    ({"logprobs": True, "top_logprobs": 1.5}, "top_logprobs", "must be an integer"),
     ({"stream": "yes"}, "stream", "true or false"),
     ({"frequency_penalty": -2.5}, "frequency_penalty", "between -2 and 2, got -2.5"),
     ({"presence_penalty": "some"}, "presence_penalty", "must be a number, got str"),
@@ -123,6 +127,44 @@ def test_what_clients_send_by_default_is_accepted():
     plain = parse()
     sent = parse(frequency_penalty=0, presence_penalty=0.0, logit_bias={}, seed=1234, user="alice")
     assert sent == replace(plain, seed=1234) and plain.seed is None
+
+
+def test_logprobs_ask_for_ratings_and_their_alternatives():
+    assert parse().logprobs is None and parse(logprobs=False).logprobs is None
+    assert parse(logprobs=True).logprobs == 0 and parse(logprobs=True, top_logprobs=20).logprobs == 20
+    assert parse(logprobs=False, top_logprobs=0).logprobs is None  # what some clients send by default
+
+
+def test_token_bytes_join_into_the_text_for_both_kinds_of_tokenizer(tok):
+    """Byte-level BPE (the tiny preset's) and SentencePiece with byte
+    fallback (Phi-3's kind, built here from a small vocabulary): the bytes of
+    a text's tokens, one by one, join into the text, also where a token holds
+    part of a character."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from serve.logprobs import TokenBytes, entry
+
+    text = "the héllo wörld ✓ 的 <|user|> 😀 end"
+    ids = tok.encode_text(text)
+    tb = TokenBytes(tok.hf)
+    assert tb.byte_level and b"".join(tb(i) for i in ids) == text.encode()
+    assert any(tb(i).decode("utf-8", errors="replace") != tb(i).decode("utf-8", errors="ignore") for i in ids)
+
+    vocab = {"<unk>": 0, **{f"<0x{b:02X}>": 1 + b for b in range(256)}}
+    for piece in ["\u2581the", "\u2581", "h", "l", "o", "w", "r", "d", "e", "n", "\u2581end"]:
+        vocab[piece] = len(vocab)
+    sp = Tokenizer(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    sp.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=sp, unk_token="<unk>")
+    sp_ids = hf(text.replace(" <|user|>", ""), add_special_tokens=False)["input_ids"]
+    sb = TokenBytes(hf)
+    assert not sb.byte_level and any(1 <= i <= 256 for i in sp_ids)
+    assert b"".join(sb(i) for i in sp_ids) == (" " + text.replace(" <|user|>", "")).encode()
+    e = entry(tb, ids[0], float("-inf"), [[ids[0], -0.5]])
+    assert e["logprob"] == -9999.0 and e["bytes"] == list(tb(ids[0])) and e["top_logprobs"][0]["logprob"] == -0.5
 
 
 def test_penalties_are_kept_for_the_sampler():
