@@ -24,26 +24,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.inprocess import chat_prompt, load_model, parser, percentile  # noqa: E402
+
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--gpu", action="store_true")
+    ap = parser(__doc__)
     ap.add_argument("--chunks", default="0,64,256", help="prefill_chunk_tokens settings, comma-separated (0: one pass)")
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--long-tokens", type=int, default=900)
     ap.add_argument("--every", type=int, default=12, help="steps between long prompts")
     ap.add_argument("--steps", type=int, default=240)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads on the CPU")
-    ap.add_argument("--out", default=None)
     return ap.parse_args(argv)
-
-
-def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
 def run(model, chunk: int, args, short: list[int], long_ids: list[int]) -> dict:
@@ -96,7 +88,7 @@ def run(model, chunk: int, args, short: list[int], long_ids: list[int]) -> dict:
                     submit(short, "short")
     wall = time.perf_counter() - t
     ms = [g * 1000 for g in gaps]
-    return {"prefill_chunk_tokens": chunk, "itl_ms_p50": statistics.median(ms), "itl_ms_p99": _pct(ms, 0.99),
+    return {"prefill_chunk_tokens": chunk, "itl_ms_p50": statistics.median(ms), "itl_ms_p99": percentile(ms, 0.99),
             "itl_ms_max": max(ms), "long_ttft_ms_p50": statistics.median(ttft) * 1000 if ttft else None,
             "long_prompts_answered": len(ttft), "steps_per_s": args.steps / wall,
             "prefill_chunks": b.stats.get("prefill_chunks", 0)}
@@ -104,31 +96,15 @@ def run(model, chunk: int, args, short: list[int], long_ids: list[int]) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    import torch
+    model, device = load_model(args)
+    cfg = model.cfg
 
-    from models.config import load_config
-    from models.conversation import encode_conversation
-    from models.multimodal import MultimodalPhi3
-
-    if not args.gpu:
-        torch.set_num_threads(args.threads)
-    cfg = load_config(args.preset, args.overrides)
-    device = "cuda" if args.gpu else "cpu"
-    model = MultimodalPhi3.from_config(cfg, device=device, trainable=False)
-    model.eval()
-    tok = model.tokenizer
-
-    def prompt(text: str) -> list[int]:
-        return encode_conversation(tok, [{"role": "user", "content": [{"type": "text", "text": text}]}],
-                                   model.num_image_tokens, add_generation_prompt=True,
-                                   system_prompt=cfg.tokenizer.system_prompt).input_ids
-
-    short = prompt("Hi")
+    short = chat_prompt(model, "Hi")
     sentence = "The small red circle sits left of the large blue square on a grey table. "
     text = sentence
-    while len(prompt(text + sentence)) <= args.long_tokens:
+    while len(chat_prompt(model, text + sentence)) <= args.long_tokens:
         text += sentence
-    long_ids = prompt(text)
+    long_ids = chat_prompt(model, text)
     limit = cfg.tokenizer.max_length - 8
     if len(long_ids) > limit:
         sys.exit(f"--long-tokens {args.long_tokens}: the prompt must leave room in a "

@@ -30,6 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.inprocess import chat_prompt, load_model, parser, percentile  # noqa: E402
+
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["colour", "notes"],
           "properties": {"colour": {"enum": ["red", "green", "blue"]},
                          "notes": {"type": "array", "items": {"type": "string"}}}}
@@ -37,22 +39,12 @@ SPEC = {"type": "json_schema", "schema": json.dumps(SCHEMA)}
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--gpu", action="store_true")
+    ap = parser(__doc__)
     ap.add_argument("--rows", default="1,8,32", help="streams decoding at once, comma-separated")
     ap.add_argument("--steps", type=int, default=60, help="decoding steps timed per setting")
     ap.add_argument("--max-tokens", type=int, default=96, help="each answer's max_tokens")
     ap.add_argument("--vocab-answers", type=int, default=20, help="random answers for part 2")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads on the CPU")
-    ap.add_argument("--out", default=None)
     return ap.parse_args(argv)
-
-
-def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
 def loop_run(model, grammars, prompt: list[int], rows: int, held: bool, args) -> dict:
@@ -169,29 +161,17 @@ def vocab_run(args) -> dict:
     return {"vocab": "gpt2 (whisper)", "vocab_size": len(vocab), "tokenizer_info_s": info_s,
             "compile_ms": compile_ms, "compile_cached_ms": cached_ms, "tokens": len(fill_us),
             "answer_tokens_p50": statistics.median(lengths), "fill_us_p50": statistics.median(fill_us),
-            "fill_us_p99": _pct(fill_us, 0.99), "accept_us_p50": statistics.median(accept_us)}
+            "fill_us_p99": percentile(fill_us, 0.99), "accept_us_p50": statistics.median(accept_us)}
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    import torch
-
-    from models.config import load_config
-    from models.conversation import encode_conversation
-    from models.multimodal import MultimodalPhi3
     from serve.grammar import Grammars
 
-    if not args.gpu:
-        torch.set_num_threads(args.threads)
-    cfg = load_config(args.preset, args.overrides)
-    device = "cuda" if args.gpu else "cpu"
-    model = MultimodalPhi3.from_config(cfg, device=device, trainable=False)
-    model.eval()
+    model, device = load_model(args)
     tok = model.tokenizer
     grammars = Grammars(tok.hf, model.llm.get_output_embeddings().weight.shape[0], tok.stop_ids)
-    prompt = encode_conversation(tok, [{"role": "user", "content": [
-        {"type": "text", "text": "List what you see as JSON: the main colour and a few notes."}]}],
-        model.num_image_tokens, add_generation_prompt=True, system_prompt=cfg.tokenizer.system_prompt).input_ids
+    prompt = chat_prompt(model, "List what you see as JSON: the main colour and a few notes.")
     sizes = [int(r) for r in args.rows.split(",")]
     loop_run(model, grammars, prompt, sizes[0], True, argparse.Namespace(**{**vars(args), "steps": 5}))  # warm-up
     rows = []

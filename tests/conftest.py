@@ -13,6 +13,31 @@ if "MMPHI_CACHE" not in os.environ:
 import pytest  # noqa: E402
 
 
+@pytest.fixture
+def replica():
+    """The LLM deployment's class without Ray (tiny preset, CPU), shut down after the test."""
+    from serve.deployments import LLM
+
+    llm = LLM.func_or_class({"preset": "tiny", "device": "cpu", "torch_threads": 0})
+    yield llm
+    llm.shutdown()
+
+
+def streamed(llm, call: dict, **extra) -> list:
+    """The messages the deployment's ``generate`` streams for ``call`` (with ``extra`` on top)."""
+    import asyncio
+
+    async def run() -> list:
+        return [m async for m in llm.generate({**call, **extra})]
+
+    return asyncio.run(run())
+
+
+def answer_ids(llm, call: dict, **extra) -> list[int]:
+    """The token ids of those messages, in order."""
+    return [t for m in streamed(llm, call, **extra) for t in m]
+
+
 @pytest.fixture(scope="session")
 def tiny_cfg():
     from models.config import load_config

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import answer_ids, streamed
 from serve.batching import DONE, BatchingOptions, ContinuousBatcher, GenerationRequest
 
 QUESTIONS = ["What is seven plus five?", "Hi", "Count from one to ten, slowly, and then say the colours of the sky.",
@@ -368,31 +369,19 @@ def test_request_from_the_ingress_dict():
         GenerationRequest.from_dict({"input_ids": [1], "max_new_tokens": 0})
 
 
-def test_the_llm_deployment_repeats_a_seeded_answer_with_batching_on_and_off(model):
+def test_the_llm_deployment_repeats_a_seeded_answer_with_batching_on_and_off(model, replica):
     """The LLM deployment's own ``generate`` (no Ray: the class behind the
     deployment), fed the ingress's dict: a seeded sampled request gives the
     same ids twice through the batching loop and twice through the
     one-``generate``-per-request path."""
-    import asyncio
-
-    from serve.deployments import LLM
-
-    llm = LLM.func_or_class({"preset": "tiny", "device": "cpu", "torch_threads": 0})
     call = {"input_ids": prompt(model, 0, 0), "image_features": None, "max_new_tokens": 10, "min_new_tokens": 10,
             "temperature": 1.5, "top_p": 0.95}
-
-    async def ids(**extra) -> list[int]:
-        return [t async for chunk in llm.generate({**call, **extra}) for t in chunk]
-
-    try:
-        for batching in (True, False):
-            llm.reconfigure({"continuous_batching": batching})
-            first = asyncio.run(ids(seed=5))
-            assert len(first) == 10 and asyncio.run(ids(seed=5)) == first, batching
-            assert asyncio.run(ids(seed=6)) != first, batching
-            assert asyncio.run(ids()) != first and asyncio.run(ids()) != asyncio.run(ids()), batching
-    finally:
-        llm.shutdown()
+    for batching in (True, False):
+        replica.reconfigure({"continuous_batching": batching})
+        first = answer_ids(replica, call, seed=5)
+        assert len(first) == 10 and answer_ids(replica, call, seed=5) == first, batching
+        assert answer_ids(replica, call, seed=6) != first, batching
+        assert answer_ids(replica, call) != first and answer_ids(replica, call) != answer_ids(replica, call), batching
 
 
 def test_the_asr_and_image_encoder_batch_windows():
@@ -472,38 +461,26 @@ def test_penalised_rows_repeat_less_and_equal_the_generate_path(model, images, k
         assert max(sinks[i].tokens.count(t) for t in sinks[i].tokens) < max(free.count(t) for t in free), i
 
 
-def test_the_llm_deployment_penalises_the_answer_so_far_with_batching_on_and_off(model):
+def test_the_llm_deployment_penalises_the_answer_so_far_with_batching_on_and_off(model, replica):
     """Through the deployment's ``generate``: a penalised answer is the same
     with batching on and off (greedy, and seeded sampling); continued from
     its first tokens (``answer_start``: the earlier tokens count) it ends as
     the whole one, and not when they are taken for prompt."""
-    import asyncio
-
-    from serve.deployments import LLM
-
-    llm = LLM.func_or_class({"preset": "tiny", "device": "cpu", "torch_threads": 0})
     ids = prompt(model, 2, 0)
     call = {"input_ids": ids, "image_features": None, "max_new_tokens": 16, "min_new_tokens": 16,
             "frequency_penalty": 1.0, "presence_penalty": 0.5}
-
-    async def answer(**extra) -> list[int]:
-        return [t async for chunk in llm.generate({**call, **extra}) for t in chunk]
-
-    try:
-        seen = {}
-        for batching in (False, True):
-            llm.reconfigure({"continuous_batching": batching})
-            for kw in ({}, {"temperature": 1.0, "seed": 4}):
-                seen.setdefault(str(kw), set()).add(tuple(asyncio.run(answer(**kw))))
-            whole = asyncio.run(answer())
-            rest = dict(input_ids=ids + whole[:6], max_new_tokens=10, min_new_tokens=10)
-            assert whole[:6] + asyncio.run(answer(**rest, answer_start=len(ids))) == whole, batching
-            assert whole[:6] + asyncio.run(answer(**rest)) != whole, batching  # the first 6 tokens not counted
-        assert all(len(v) == 1 for v in seen.values()), seen
-        with pytest.raises(ValueError, match="answer_start 99 is outside"):
-            asyncio.run(answer(answer_start=99))
-    finally:
-        llm.shutdown()
+    seen = {}
+    for batching in (False, True):
+        replica.reconfigure({"continuous_batching": batching})
+        for kw in ({}, {"temperature": 1.0, "seed": 4}):
+            seen.setdefault(str(kw), set()).add(tuple(answer_ids(replica, call, **kw)))
+        whole = answer_ids(replica, call)
+        rest = dict(input_ids=ids + whole[:6], max_new_tokens=10, min_new_tokens=10)
+        assert whole[:6] + answer_ids(replica, call, **rest, answer_start=len(ids)) == whole, batching
+        assert whole[:6] + answer_ids(replica, call, **rest) != whole, batching  # the first 6 tokens not counted
+    assert all(len(v) == 1 for v in seen.values()), seen
+    with pytest.raises(ValueError, match="answer_start 99 is outside"):
+        answer_ids(replica, call, answer_start=99)
 
 
 def test_the_generate_paths_penalties_count_the_answer_before_the_call():
@@ -568,36 +545,24 @@ def test_logprobs_are_the_models_own_ratings(model, images, kv):
                 assert item.top[0][0] == item.token
 
 
-def test_the_llm_deployment_rates_tokens_alike_with_batching_on_and_off(model):
+def test_the_llm_deployment_rates_tokens_alike_with_batching_on_and_off(model, replica):
     """The deployment's ``generate`` with ``logprobs``: messages carry one
     rating per id; the batching loop and the per-request ``generate`` path
     give the same tokens and ratings (greedy, and seeded sampling)."""
-    import asyncio
-
-    from serve.deployments import LLM
-
-    llm = LLM.func_or_class({"preset": "tiny", "device": "cpu", "torch_threads": 0})
     call = {"input_ids": prompt(model, 0, 0), "image_features": None, "max_new_tokens": 8, "min_new_tokens": 8,
             "logprobs": 4}
-
-    async def messages(**extra) -> list:
-        return [m async for m in llm.generate({**call, **extra})]
-
-    try:
-        got = {}
-        for batching in (True, False):
-            llm.reconfigure({"continuous_batching": batching})
-            for kw in ({}, {"temperature": 1.0, "seed": 9}):
-                msgs = asyncio.run(messages(**kw))
-                assert all(len(m["ids"]) == len(m["logprobs"]) for m in msgs)
-                got.setdefault(str(kw), []).append(([t for m in msgs for t in m["ids"]],
-                                                    [r for m in msgs for r in m["logprobs"]]))
-        for (ids_on, rates_on), (ids_off, rates_off) in got.values():
-            assert ids_on == ids_off and len(ids_on) == 8
-            for (lp_on, top_on), (lp_off, top_off) in zip(rates_on, rates_off):
-                assert lp_on == pytest.approx(lp_off, abs=1e-4) and len(top_on) == 4
-                assert [t for t, _ in top_on] == [t for t, _ in top_off]
-        assert [m for m in asyncio.run(messages(logprobs=None))] and \
-            all(isinstance(m, list) for m in asyncio.run(messages(logprobs=None)))
-    finally:
-        llm.shutdown()
+    got = {}
+    for batching in (True, False):
+        replica.reconfigure({"continuous_batching": batching})
+        for kw in ({}, {"temperature": 1.0, "seed": 9}):
+            msgs = streamed(replica, call, **kw)
+            assert all(len(m["ids"]) == len(m["logprobs"]) for m in msgs)
+            got.setdefault(str(kw), []).append(([t for m in msgs for t in m["ids"]],
+                                                [r for m in msgs for r in m["logprobs"]]))
+    for (ids_on, rates_on), (ids_off, rates_off) in got.values():
+        assert ids_on == ids_off and len(ids_on) == 8
+        for (lp_on, top_on), (lp_off, top_off) in zip(rates_on, rates_off):
+            assert lp_on == pytest.approx(lp_off, abs=1e-4) and len(top_on) == 4
+            assert [t for t, _ in top_on] == [t for t, _ in top_off]
+    plain = streamed(replica, call, logprobs=None)
+    assert plain and all(isinstance(m, list) for m in plain)

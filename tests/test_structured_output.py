@@ -7,7 +7,6 @@ that stops is a JSON document the schema accepts.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 from dataclasses import replace
 
@@ -18,6 +17,7 @@ from serve.batching import GenerationRequest
 from serve.protocol import APIError, parse_chat_request
 from serve.settings import Limits
 
+from conftest import answer_ids
 from test_batching import make, prompt, reference, run_schedule
 
 LIMITS = Limits(max_schema_bytes=2000)
@@ -160,41 +160,31 @@ def test_a_broken_constraint_fails_its_answer_alone(model, grammars):
     assert sinks[1].error is None and sinks[1].tokens == reference(model, other, stops)
 
 
-def test_the_llm_replica_holds_answers_to_a_format_with_batching_on_and_off(model):
+def test_the_llm_replica_holds_answers_to_a_format_with_batching_on_and_off(model, replica):
     """The LLM deployment's ``generate`` fed the ingress's dict: the same
     schema-following answer through the batching loop and through the
     one-``generate``-per-request path (greedy, and seeded sampling); an answer
     continued from its first tokens (``answer_start``, as after a replica
     died) ends as the whole one; the second identical request reuses the
     first one's kept row (prefix cache) and answers the same."""
-    from serve.deployments import LLM
-
-    llm = LLM.func_or_class({"preset": "tiny", "device": "cpu", "torch_threads": 0})
     ids = prompt(model, 2, 0)
     call = {"input_ids": ids, "image_features": None, "max_new_tokens": 100, "response_format": SCENE_SPEC}
-
-    async def answer(**extra) -> list[int]:
-        return [t async for chunk in llm.generate({**call, **extra}) for t in chunk]
-
-    try:
-        seen = {}
-        for batching in (True, False):
-            llm.reconfigure({"continuous_batching": batching})
-            for kw in ({}, {"temperature": 1.0, "seed": 11}):
-                out = asyncio.run(answer(**kw))
-                assert follows_scene(text_of(model, out)), (batching, kw, text_of(model, out))
-                seen.setdefault(str(kw), set()).add(tuple(out))
-            whole = asyncio.run(answer())
-            rest = asyncio.run(answer(input_ids=ids + whole[:5], answer_start=len(ids), max_new_tokens=95))
-            assert whole[:5] + rest == whole, batching
-        assert all(len(v) == 1 for v in seen.values()), seen  # batching on and off agree
-        llm.reconfigure({"continuous_batching": True})
-        hits = llm.batcher.stats["prefix_hits"]
-        assert asyncio.run(answer()) == whole and llm.batcher.stats["prefix_hits"] > hits
-        with pytest.raises(ValueError, match="does not follow its response_format"):
-            asyncio.run(answer(input_ids=ids + [model.tokenizer.ids.user], answer_start=len(ids)))
-    finally:
-        llm.shutdown()
+    seen = {}
+    for batching in (True, False):
+        replica.reconfigure({"continuous_batching": batching})
+        for kw in ({}, {"temperature": 1.0, "seed": 11}):
+            out = answer_ids(replica, call, **kw)
+            assert follows_scene(text_of(model, out)), (batching, kw, text_of(model, out))
+            seen.setdefault(str(kw), set()).add(tuple(out))
+        whole = answer_ids(replica, call)
+        rest = answer_ids(replica, call, input_ids=ids + whole[:5], answer_start=len(ids), max_new_tokens=95)
+        assert whole[:5] + rest == whole, batching
+    assert all(len(v) == 1 for v in seen.values()), seen  # batching on and off agree
+    replica.reconfigure({"continuous_batching": True})
+    hits = replica.batcher.stats["prefix_hits"]
+    assert answer_ids(replica, call) == whole and replica.batcher.stats["prefix_hits"] > hits
+    with pytest.raises(ValueError, match="does not follow its response_format"):
+        answer_ids(replica, call, input_ids=ids + [model.tokenizer.ids.user], answer_start=len(ids))
 
 
 def test_the_mask_leaves_exactly_the_allowed_tokens(grammars):
