@@ -90,6 +90,8 @@ class GenerationRequest:
     prior: list[int] = field(default_factory=list)
     # the chat API's logprobs: None, or how many most likely tokens to report beside each chosen one (0-20)
     logprobs: int | None = None
+    # token id -> added to its logit (the chat API's logit_bias, -100 to 100)
+    logit_bias: dict[int, float] | None = None
     # one digest per image (serve.prefix_cache.feature_digests); computed when first needed
     image_digests: tuple[bytes, ...] | None = field(default=None, repr=False, compare=False)
     _rng: torch.Generator | None = field(default=None, init=False, repr=False, compare=False)
@@ -127,11 +129,13 @@ class GenerationRequest:
                    seed=None if d.get("seed") is None else int(d["seed"]),
                    frequency_penalty=float(d.get("frequency_penalty") or 0.0),
                    presence_penalty=float(d.get("presence_penalty") or 0.0), prior=ids[start:],
-                   logprobs=None if d.get("logprobs") is None else int(d["logprobs"]))
+                   logprobs=None if d.get("logprobs") is None else int(d["logprobs"]),
+                   logit_bias={int(t): float(b) for t, b in d["logit_bias"].items()} if d.get("logit_bias") else None)
 
     @property
     def penalised(self) -> bool:
-        return bool(self.frequency_penalty or self.presence_penalty)
+        """Whether penalties or a logit bias change this request's scores."""
+        return bool(self.frequency_penalty or self.presence_penalty or self.logit_bias)
 
     def features_tensor(self) -> torch.Tensor | None:
         f = self.image_features
@@ -979,10 +983,18 @@ class LogprobRecorder:
 
 
 def penalise(scores: torch.Tensor, rows: list[int], reqs: list[GenerationRequest], answers: list[list[int]]) -> None:
-    """OpenAI's frequency and presence penalties, in place: row ``rows[j]``'s
-    score of token ``t`` loses ``frequency_penalty x c + presence_penalty x
-    (c > 0)``, ``c`` the count of ``t`` in ``answers[j]`` (the answer so far,
-    never the prompt)."""
+    """OpenAI's frequency and presence penalties and logit bias, in place:
+    row ``rows[j]``'s score of token ``t`` loses ``frequency_penalty x c +
+    presence_penalty x (c > 0)``, ``c`` the count of ``t`` in ``answers[j]``
+    (the answer so far, never the prompt), and gains ``logit_bias[t]``."""
+    biased = [(j, q.logit_bias) for j, q in enumerate(reqs) if q.logit_bias]
+    if biased:
+        which = torch.tensor([rows[j] for j, b in biased for _ in b], device=scores.device)
+        tokens = torch.tensor([t for _, b in biased for t in b], dtype=torch.long, device=scores.device)
+        values = torch.tensor([v for _, b in biased for v in b.values()], device=scores.device)
+        scores.index_put_((which, tokens), values, accumulate=True)
+    if not any(q.frequency_penalty or q.presence_penalty for q in reqs):
+        return
     counts = scores.new_zeros(len(rows), scores.shape[1])
     lengths = [len(a) for a in answers]
     if sum(lengths):
@@ -997,7 +1009,7 @@ def penalise(scores: torch.Tensor, rows: list[int], reqs: list[GenerationRequest
 
 class Penalties:
     """A logits processor for ``generate`` (the LLM's per-request path) that
-    applies a request's penalties as the batching loop does. The answer so
+    applies a request's penalties and logit bias as the batching loop does. The answer so
     far is the request's ``prior`` and then ``input_ids`` after its first
     ``prompt_ids`` columns: 0 for ``MultimodalPhi3.generate``, which passes
     the prompt as embeddings, so ``generate`` hands its processors the new

@@ -239,6 +239,11 @@ class ChatService:
     async def prepare(self, req: ChatRequest) -> Prepared:
         if req.response_format is not None:
             await self.check_format(req.response_format)
+        if req.logit_bias:
+            outside = sorted(t for t in req.logit_bias if t >= len(self.tok))
+            if outside:
+                raise bad(f"'logit_bias' names token id {outside[0]}, outside the vocabulary of {len(self.tok)} "
+                          "tokens", "logit_bias", "invalid_token_id")
         messages = await self._resolve_media(req.messages)
         max_new = req.max_tokens or self.limits.default_max_tokens
         if max_new >= self.context_length:
@@ -351,6 +356,8 @@ class ChatService:
                     "max_new_tokens": remaining, "affinity_key": prep.affinity, **sampling}
             if req.response_format is not None:
                 call["response_format"] = req.response_format
+            if req.logit_bias:
+                call["logit_bias"] = req.logit_bias
             if req.frequency_penalty or req.presence_penalty:
                 call.update(frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty)
             if generated:  # after a replica died: the answer so far is in the format and counts for penalties

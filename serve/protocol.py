@@ -88,6 +88,8 @@ class ChatRequest:
     presence_penalty: float = 0.0
     # log-probabilities of the answer's tokens: None (off), or how many most likely tokens to list beside each
     logprobs: int | None = None
+    # token id -> a number from -100 to 100 added to its logit (-100 bans it, 100 all but forces it)
+    logit_bias: dict[int, float] | None = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -263,8 +265,7 @@ def parse_chat_request(body: Any, limits: Limits, allow_remote: bool = False) ->
                   "too_many_choices")
     frequency_penalty = _number(body, "frequency_penalty", 0.0, -2.0, 2.0)
     presence_penalty = _number(body, "presence_penalty", 0.0, -2.0, 2.0)
-    if body.get("logit_bias") not in (None, {}):
-        raise bad("'logit_bias' is not supported", "logit_bias", "unsupported_parameter")
+    logit_bias = parse_logit_bias(body.get("logit_bias"), limits)
     seed = body.get("seed")  # a sampled answer's own generator (greedy ones need none)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise bad(f"'seed' must be an integer, got {type(seed).__name__}", "seed")
@@ -346,7 +347,27 @@ def parse_chat_request(body: Any, limits: Limits, allow_remote: bool = False) ->
         frequency_penalty=frequency_penalty,
         presence_penalty=presence_penalty,
         logprobs=(top or 0) if logprobs else None,
+        logit_bias=logit_bias,
     )
+
+
+def parse_logit_bias(bias: Any, limits: Limits) -> dict[int, float] | None:
+    """``logit_bias`` -> {token id: bias}, or None when absent or empty.
+    Whether the ids are in the vocabulary is the ingress's check (it has the tokenizer)."""
+    if bias is None or bias == {}:
+        return None
+    if not isinstance(bias, dict):
+        raise bad("'logit_bias' must be an object mapping token ids to numbers from -100 to 100", "logit_bias")
+    if len(bias) > limits.max_logit_bias:
+        raise bad(f"'logit_bias' has {len(bias)} tokens; at most {limits.max_logit_bias} are allowed", "logit_bias")
+    out = {}
+    for key, value in bias.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+            raise bad(f"'logit_bias' key {key!r} is not a token id (a non-negative integer)", "logit_bias")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+            raise bad(f"'logit_bias' of token {key} must be a number from -100 to 100, got {value!r}", "logit_bias")
+        out[int(key)] = float(value)
+    return out
 
 
 _SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")

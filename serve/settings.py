@@ -40,6 +40,8 @@ class Limits:
     max_choices: int = 8
     # a response_format's JSON schema, as JSON text
     max_schema_bytes: int = 65536
+    # tokens one request's logit_bias may name
+    max_logit_bias: int = 300
 
 
 @dataclass
@@ -88,7 +90,8 @@ class ServeSettings:
     def validate(self) -> "ServeSettings":
         lim = self.limits
         for name in ("max_body_bytes", "max_image_pixels", "max_new_tokens", "default_max_tokens", "max_messages",
-                     "max_choices", "max_schema_bytes"):
+                     "max_choices", "max_schema_bytes",
+                     "max_logit_bias"):
             if getattr(lim, name) < 1:
                 raise SettingsError(f"limits.{name} must be at least 1, got {getattr(lim, name)}")
         for name in ("max_images", "max_audio_parts", "max_stop"):

@@ -566,3 +566,24 @@ def test_the_llm_deployment_rates_tokens_alike_with_batching_on_and_off(model, r
             assert [t for t, _ in top_on] == [t for t, _ in top_off]
     plain = streamed(replica, call, logprobs=None)
     assert plain and all(isinstance(m, list) for m in plain)
+
+
+def test_logit_bias_bans_and_forces_tokens_alike_in_both_paths(model, replica):
+    """``logit_bias``: -100 on every token greedy's answer used keeps them
+    all out of the new answer, +100 on one token makes it the whole answer;
+    the batching loop and the per-request ``generate`` path agree; the
+    ratings (logprobs) are the model's own, before the bias."""
+    stops = list(model.tokenizer.stop_ids)
+    req = GenerationRequest(prompt(model, 1, 0), max_new_tokens=8, min_new_tokens=8)
+    free = reference(model, req, stops)
+    call = {"input_ids": req.input_ids, "image_features": None, "max_new_tokens": 8, "min_new_tokens": 8}
+    for batching in (True, False):
+        replica.reconfigure({"continuous_batching": batching})
+        assert answer_ids(replica, call) == free, batching
+        away = answer_ids(replica, call, logit_bias={t: -100.0 for t in free})
+        assert len(away) == 8 and not set(away) & set(free), (batching, away)
+        forced = answer_ids(replica, call, logit_bias={300: 100.0})
+        assert forced == [300] * 8, batching
+        rated = streamed(replica, call, logit_bias={300: 100.0}, logprobs=1)
+        first = rated[0]["logprobs"][0]
+        assert rated[0]["ids"][0] == 300 and first[1][0][0] == free[0] and first[0] < first[1][0][1], batching

@@ -591,6 +591,9 @@ HOSTILE = {
     "unsupported schema": (dict(json={"messages": [{"role": "user", "content": "x"}], "response_format": {
         "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}}), 400,
         "schema' is not supported: Unsupported type \"objekt\""),
+    "logit_bias outside the vocabulary": (dict(json={"messages": [{"role": "user", "content": "x"}],
+                                                     "logit_bias": {"99999": 5}}), 400,
+                                          "token id 99999, outside the vocabulary of"),
     "unknown response_format": (dict(json={"messages": [{"role": "user", "content": "x"}],
                                            "response_format": {"type": "xml"}}), 400, "'xml' is not supported"),
     "include_usage not a boolean": (dict(json={"messages": [{"role": "user", "content": "x"}], "stream": True,

@@ -105,7 +105,12 @@ def test_developer_role_is_a_system_message():
     ({"frequency_penalty": -2.5}, "frequency_penalty", "between -2 and 2, got -2.5"),
     ({"presence_penalty": "some"}, "presence_penalty", "must be a number, got str"),
     ({"presence_penalty": 3}, "presence_penalty", "between -2 and 2"),
-    ({"logit_bias": {"50256": -100}}, "logit_bias", "not supported"),
+    ({"logit_bias": [1, 2]}, "logit_bias", "must be an object mapping token ids"),
+    ({"logit_bias": {"hello": 5}}, "logit_bias", "key 'hello' is not a token id"),
+    ({"logit_bias": {"-3": 5}}, "logit_bias", "key '-3' is not a token id"),
+    ({"logit_bias": {"7": 101}}, "logit_bias", "of token 7 must be a number from -100 to 100, got 101"),
+    ({"logit_bias": {"7": True}}, "logit_bias", "got True"),
+    ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias", "has 301 tokens; at most 300"),
     ({"seed": "42"}, "seed", "'seed' must be an integer, got str"),
     ({"seed": 1.5}, "seed", "must be an integer"),
     ({"seed": 2**64}, "seed", "'seed' must fit in 64 bits, got 18446744073709551616"),
@@ -165,6 +170,11 @@ def test_token_bytes_join_into_the_text_for_both_kinds_of_tokenizer(tok):
     assert b"".join(sb(i) for i in sp_ids) == (" " + text.replace(" <|user|>", "")).encode()
     e = entry(tb, ids[0], float("-inf"), [[ids[0], -0.5]])
     assert e["logprob"] == -9999.0 and e["bytes"] == list(tb(ids[0])) and e["top_logprobs"][0]["logprob"] == -0.5
+
+
+def test_logit_bias_maps_token_ids_to_numbers():
+    assert parse(logit_bias={"7": -100, "12": 2.5}).logit_bias == {7: -100.0, 12: 2.5}
+    assert parse(logit_bias={}).logit_bias is None and parse().logit_bias is None
 
 
 def test_penalties_are_kept_for_the_sampler():
