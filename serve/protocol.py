@@ -474,16 +474,16 @@ def logprobs_field(content: list | None) -> dict | None:
     return None if content is None else {"content": content, "refusal": None}
 
 
-def completion(cid: str, model: str, answers: list[tuple], prompt: int, completion_tokens: int,
-               fingerprint: str | None = None) -> dict:
-    """A whole response: ``answers`` are (text, finish_reason) or (text,
-    finish_reason, logprob entries or None), one per choice;
-    ``completion_tokens`` counts all of them, ``prompt`` the prompt once."""
+def completion(cid: str, model: str, answers: list[tuple[str, str, list | None]], prompt: int,
+               completion_tokens: int, fingerprint: str | None = None) -> dict:
+    """A whole response: ``answers`` are (text, finish_reason, logprob
+    entries or None), one per choice; ``completion_tokens`` counts all of
+    them, ``prompt`` the prompt once."""
     return {
         "id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
         "system_fingerprint": fingerprint,
-        "choices": [{"index": i, "message": {"role": "assistant", "content": a[0]}, "finish_reason": a[1],
-                     "logprobs": logprobs_field(a[2] if len(a) > 2 else None)} for i, a in enumerate(answers)],
+        "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                     "logprobs": logprobs_field(rated)} for i, (text, finish, rated) in enumerate(answers)],
         "usage": usage(prompt, completion_tokens),
     }
 

@@ -90,8 +90,7 @@ class ServeSettings:
     def validate(self) -> "ServeSettings":
         lim = self.limits
         for name in ("max_body_bytes", "max_image_pixels", "max_new_tokens", "default_max_tokens", "max_messages",
-                     "max_choices", "max_schema_bytes",
-                     "max_logit_bias"):
+                     "max_choices", "max_schema_bytes", "max_logit_bias"):
             if getattr(lim, name) < 1:
                 raise SettingsError(f"limits.{name} must be at least 1, got {getattr(lim, name)}")
         for name in ("max_images", "max_audio_parts", "max_stop"):
