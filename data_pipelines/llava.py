@@ -9,7 +9,12 @@ A data set is a JSON list (or a ``.jsonl`` file, one record a line) of::
 
 ``image`` is relative to an image folder (COCO ``train2017/...`` style) and
 is absent for text-only records; ``<image>`` marks where the image goes in
-the first human turn. :func:`read_llava` turns each record into a
+the first human turn. Tool use follows the ShareGPT convention: a record's
+``"tools"`` (a list of function definitions, OpenAI-shaped or bare, or that
+list as JSON text), ``function_call`` turns (the assistant's call, a JSON
+``{"name", "arguments"}`` or a list of them) and ``observation`` turns (a
+call's result); they become ``Record.tools``, assistant messages with
+``tool_calls`` and ``tool`` messages (rendered by ``models.tools``). :func:`read_llava` turns each record into a
 :class:`Record` whose ``messages`` are in ``models.conversation``'s format
 (``human`` -> ``user``, ``gpt`` -> ``assistant``, a leading ``system`` turn
 -> ``system``; the marker becomes an ``{"type": "image"}`` part). A bad
@@ -25,9 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Iterator
 
+from models.tools import NAME
+
 IMAGE_MARKER = "<image>"
-FROM_TO_ROLE = {"human": "user", "gpt": "assistant", "system": "system"}
-ROLE_TO_FROM = {v: k for k, v in FROM_TO_ROLE.items()}
+FROM_TO_ROLE = {"human": "user", "gpt": "assistant", "system": "system", "function_call": "assistant",
+                "observation": "tool"}
+ROLE_TO_FROM = {"user": "human", "assistant": "gpt", "system": "system", "tool": "observation"}
 
 # error kind -> short human label (used by ReadReport.summary)
 ERROR_KINDS = {
@@ -44,6 +52,7 @@ ERROR_KINDS = {
     "path_escape": "image path escapes the image folder",
     "missing_image": "image file missing",
     "bad_meta": "invalid meta",
+    "bad_tools": "invalid tools",
 }
 
 
@@ -59,6 +68,7 @@ class Record:
     image: str | None
     messages: list[dict]
     meta: dict = field(default_factory=dict)
+    tools: list[dict] | None = None  # functions offered: {"name", "description"?, "parameters"?} each
 
 
 @dataclass
@@ -135,7 +145,8 @@ def _convert(raw: Any, image_root: Path | None, check_images: bool, exists: dict
             raise _Skip("bad_turn", f"turn {t} is a {type(turn).__name__}, not an object")
         frm, value = turn.get("from"), turn.get("value")
         if frm not in FROM_TO_ROLE:
-            raise _Skip("bad_turn", f"turn {t}: unknown 'from' {frm!r} (expected human, gpt or a leading system)")
+            raise _Skip("bad_turn", f"turn {t}: unknown 'from' {frm!r} (expected human, gpt, function_call, "
+                        "observation or a leading system)")
         if frm == "system" and t != 0:
             raise _Skip("bad_turn", f"turn {t}: a system turn is only allowed first")
         if not isinstance(value, str):
@@ -146,8 +157,9 @@ def _convert(raw: Any, image_root: Path | None, check_images: bool, exists: dict
         markers += n
     if markers > 1:
         raise _Skip("multiple_markers", f"{markers} <image> markers; one image per record is supported")
-    if not any(turn["from"] == "gpt" for turn in convs):
-        raise _Skip("no_assistant", "no 'gpt' turn: nothing to learn from")
+    if not any(turn["from"] in ("gpt", "function_call") for turn in convs):
+        raise _Skip("no_assistant", "no 'gpt' or 'function_call' turn: nothing to learn from")
+    tools = _tools(raw.get("tools"))
 
     image = raw.get("image")
     if image is not None:
@@ -169,9 +181,11 @@ def _convert(raw: Any, image_root: Path | None, check_images: bool, exists: dict
 
     messages: list[dict] = []
     placed = False
-    for turn in convs:
+    for t, turn in enumerate(convs):
         role, value = FROM_TO_ROLE[turn["from"]], turn["value"]
-        if IMAGE_MARKER in value:
+        if turn["from"] == "function_call":
+            messages.append({"role": "assistant", "content": "", "tool_calls": _calls(value, t)})
+        elif IMAGE_MARKER in value:
             messages.append({"role": role, "content": _split_marker(value)})
             placed = True
         else:
@@ -184,7 +198,52 @@ def _convert(raw: Any, image_root: Path | None, check_images: bool, exists: dict
                 break
         else:
             raise _Skip("marker_without_image", "the record has an image but no human turn to attach it to")
-    return Record(id=str(rid), image=image, messages=messages, meta=dict(meta))
+    return Record(id=str(rid), image=image, messages=messages, meta=dict(meta), tools=tools)
+
+
+def _tools(raw: Any) -> list[dict] | None:
+    """A record's ``tools`` -> ``[{"name", "description"?, "parameters"?}]`` (None when absent or empty)."""
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw) if raw.strip() else None
+        except json.JSONDecodeError as e:
+            raise _Skip("bad_tools", f"'tools' is a string but not JSON: {e.msg}") from None
+    if raw is None or raw == []:
+        return None
+    if not isinstance(raw, list):
+        raise _Skip("bad_tools", f"'tools' must be a list of functions, got {type(raw).__name__}")
+    out = []
+    for i, tool in enumerate(raw):
+        f = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not NAME.match(f["name"]):
+            raise _Skip("bad_tools", f"tools[{i}] is not a function with a name of 1 to 64 letters, digits, '_' "
+                        "or '-'")
+        if not isinstance(f.get("parameters", {}), dict) or not isinstance(f.get("description", ""), str):
+            raise _Skip("bad_tools", f"tools[{i}] ({f['name']}): 'parameters' must be an object (a JSON schema) "
+                        "and 'description' a string")
+        out.append({k: f[k] for k in ("name", "description", "parameters") if k in f})
+    return out
+
+
+def _calls(value: str, t: int) -> list[dict]:
+    """A ``function_call`` turn's value -> ``[{"name", "arguments"}]``."""
+    try:
+        doc = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise _Skip("bad_turn", f"turn {t}: a function_call's value is not JSON: {e.msg}") from None
+    calls = doc if isinstance(doc, list) else [doc]
+    for call in calls:
+        args = call.get("arguments") if isinstance(call, dict) else None
+        if isinstance(args, str):
+            try:
+                args = call["arguments"] = json.loads(args)
+            except json.JSONDecodeError:
+                args = None
+        if not (calls and isinstance(call.get("name") if isinstance(call, dict) else None, str)
+                and NAME.match(call["name"]) and isinstance(args, dict)):
+            raise _Skip("bad_turn", f"turn {t}: a function_call's value must be {{\"name\": ..., \"arguments\": "
+                        "{...}} or a list of them")
+    return [{"name": c["name"], "arguments": c["arguments"]} for c in calls]
 
 
 def _iter_raw(path: Path) -> Iterator[tuple[Any, dict | None, dict]]:
@@ -312,6 +371,15 @@ def to_llava(record: Record) -> dict:
         role = m.get("role") if isinstance(m, dict) else None
         if role not in ROLE_TO_FROM:
             raise ValueError(f"record {record.id}: unknown role {role!r}")
+        if m.get("tool_calls"):
+            if m.get("content"):
+                raise ValueError(f"record {record.id}: an assistant message with both text and tool_calls; the "
+                                 "format holds them as two turns (gpt, then function_call)")
+            calls = [{"name": c["name"], "arguments": json.loads(c["arguments"]) if isinstance(c["arguments"], str)
+                      else c["arguments"]} for c in m["tool_calls"]]
+            conversations.append({"from": "function_call",
+                                  "value": json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)})
+            continue
         value, n = _content_to_value(m.get("content"), role, record.id)
         n_images += n
         conversations.append({"from": ROLE_TO_FROM[role], "value": value})
@@ -321,6 +389,8 @@ def to_llava(record: Record) -> dict:
     if record.image is not None:
         out["image"] = record.image
     out["conversations"] = conversations
+    if record.tools:
+        out["tools"] = record.tools
     if record.meta:
         out["meta"] = record.meta
     return out

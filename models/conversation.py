@@ -1,8 +1,13 @@
 """Phi-3 chat template, image placeholders and label masking.
 
-A conversation is a list of messages ``{"role": "system"|"user"|"assistant",
+A conversation is a list of messages ``{"role": "system"|"user"|"assistant"|"tool",
 "content": str | [parts]}`` where a part is ``{"type": "text", "text": ...}``
-or ``{"type": "image"}``. It renders as Phi-3's template::
+or ``{"type": "image"}``. An assistant message may carry ``"tool_calls"``
+(``[{"name", "arguments"}]``, arguments an object or its JSON text) and a
+conversation may offer ``tools`` (``[{"name", "description"?,
+"parameters"?}]``); both, and ``tool`` messages (a call's result), render
+as text in ``models.tools``'s form: the tools in the system message, a
+result as a user turn. It renders as Phi-3's template::
 
     <s><|system|>\\n{system}<|end|>\\n<|user|>\\n{user}<|end|>\\n<|assistant|>\\n{answer}<|end|>\\n ... <|endoftext|>
 
@@ -23,9 +28,10 @@ from typing import Any, Iterable
 import torch
 
 from .tokenizer import ChatTokenizer
+from .tools import calls_text, response_text, tools_prompt
 
 IGNORE_INDEX = -100
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 class ConversationError(ValueError):
@@ -74,9 +80,11 @@ def validate_messages(messages: Any) -> list[dict]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise ConversationError(f"message {i}: role must be one of {', '.join(ROLES)}")
-        if "content" not in m:
+        if "content" not in m and not m.get("tool_calls"):
             raise ConversationError(f"message {i}: missing 'content'")
-        if m["role"] != "user" and any(p["type"] == "image" for p in content_parts(m["content"])):
+        if m.get("tool_calls") and m["role"] != "assistant":
+            raise ConversationError(f"message {i}: only assistant messages may carry tool_calls")
+        if m["role"] != "user" and any(p["type"] == "image" for p in content_parts(m.get("content") or "")):
             raise ConversationError(f"message {i}: only user messages may carry images")
     return messages
 
@@ -88,11 +96,22 @@ def encode_conversation(
     *,
     add_generation_prompt: bool = False,
     system_prompt: str | None = None,
+    tools: list[dict] | None = None,
 ) -> Encoded:
-    """Token ids and labels for a whole conversation (no truncation)."""
+    """Token ids and labels for a whole conversation (no truncation);
+    ``tools`` are offered in the system message (after its own text)."""
     validate_messages(messages)
     if system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}] + list(messages)
+    if tools:
+        block = tools_prompt(tools)
+        if messages[0]["role"] == "system":
+            head = messages[0]
+            parts = content_parts(head.get("content") or "")
+            messages = [{**head, "content": parts + [{"type": "text", "text": ("\n\n" if parts else "") + block}]}] \
+                + list(messages[1:])
+        else:
+            messages = [{"role": "system", "content": block}] + list(messages)
     ids = tok.ids
     newline = tok.encode_text("\n")
     input_ids: list[int] = []
@@ -106,12 +125,19 @@ def encode_conversation(
 
     if ids.bos is not None:
         add([ids.bos], False)
-    role_id = {"system": ids.system, "user": ids.user, "assistant": ids.assistant}
+    role_id = {"system": ids.system, "user": ids.user, "assistant": ids.assistant, "tool": ids.user}
     for m in messages:
         starts.append(len(input_ids))
         train = m["role"] == "assistant"
         add([role_id[m["role"]]] + newline, False)
-        for part in content_parts(m["content"]):
+        parts = content_parts(m.get("content") or "")
+        if m["role"] == "tool":  # a call's result, back as a user turn
+            parts = [{"type": "text", "text": response_text("".join(p["text"] for p in parts))}]
+        if m.get("tool_calls"):
+            text = calls_text(m["tool_calls"])
+            said = [p for p in parts if p["text"]]  # the answer's text, then its calls
+            parts = said + [{"type": "text", "text": ("\n" if said else "") + text}]
+        for part in parts:
             if part["type"] == "image":
                 add([ids.image] * num_image_tokens, False)
                 n_images += 1
@@ -133,10 +159,11 @@ def encode_for_training(
     num_image_tokens: int,
     max_length: int,
     system_prompt: str | None = None,
+    tools: list[dict] | None = None,
 ) -> Encoded:
     """Encode and fit into ``max_length`` by dropping whole trailing turns;
     refuses (ConversationError) when even the first exchange does not fit."""
-    enc = encode_conversation(tok, messages, num_image_tokens, system_prompt=system_prompt)
+    enc = encode_conversation(tok, messages, num_image_tokens, system_prompt=system_prompt, tools=tools)
     msgs = list(messages)
     while len(enc) > max_length:
         # drop the last user/assistant exchange, keep at least one answer
@@ -147,7 +174,7 @@ def encode_for_training(
                 f"limit of {max_length} (images count {num_image_tokens} tokens each)"
             )
         msgs = msgs[:last_user]
-        enc = encode_conversation(tok, msgs, num_image_tokens, system_prompt=system_prompt)
+        enc = encode_conversation(tok, msgs, num_image_tokens, system_prompt=system_prompt, tools=tools)
     if all(label == IGNORE_INDEX for label in enc.labels):
         raise ConversationError("conversation has no assistant answer to learn from")
     return enc

@@ -22,6 +22,7 @@ class Sample:
     image: str | None
     messages: list[dict]
     qtypes: list[str]
+    tools: list[dict] | None = None  # functions the conversation offers (models.tools)
 
 
 def load_samples(data: str, split: str, stage: str) -> list[Sample]:
@@ -37,7 +38,7 @@ def load_samples(data: str, split: str, stage: str) -> list[Sample]:
             start = 1 if msgs[0]["role"] == "system" else 0
             msgs = msgs[: start + 2]
             qtypes = qtypes[:1]
-        out.append(Sample(str(r.id), r.image, msgs, qtypes))
+        out.append(Sample(str(r.id), r.image, msgs, qtypes, r.tools))
     return out
 
 
@@ -48,7 +49,7 @@ def first_exchanges(samples: list[Sample]) -> list[Sample]:
         if not s.image:
             continue
         start = 1 if s.messages[0]["role"] == "system" else 0
-        out.append(Sample(s.id, s.image, s.messages[: start + 2], s.qtypes[:1] or ["?"]))
+        out.append(Sample(s.id, s.image, s.messages[: start + 2], s.qtypes[:1] or ["?"], s.tools))
     return out
 
 
@@ -86,7 +87,7 @@ class Features:
 
 
 def encode_all(tok, samples: list[Sample], num_image_tokens: int, max_length: int) -> list[Encoded]:
-    return [encode_for_training(tok, s.messages, num_image_tokens, max_length) for s in samples]
+    return [encode_for_training(tok, s.messages, num_image_tokens, max_length, tools=s.tools) for s in samples]
 
 
 def length_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:

@@ -315,8 +315,8 @@ def evaluate(model, tok, val_enc, val_samples, feats, answer_samples, world: int
         ans = answer_samples[rank::world]
         for i in range(0, len(ans), batch_size):
             chunk = ans[i:i + batch_size]
-            enc = [encode_conversation(tok, s.messages[:-1], model.num_image_tokens, add_generation_prompt=True)
-                   for s in chunk]
+            enc = [encode_conversation(tok, s.messages[:-1], model.num_image_tokens, add_generation_prompt=True,
+                                       tools=s.tools) for s in chunk]
             batch = collate(enc, tok.ids.pad, padding_side="left")
             gen = model.generate(batch["input_ids"], batch["attention_mask"], image_feats([s.image for s in chunk]),
                                  max_new_tokens=8)

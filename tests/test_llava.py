@@ -110,7 +110,61 @@ BAD = [
     ("bad_id", good(None)),
     ("bad_meta", good("b15") | {"meta": [1]}),
     ("bad_image_path", good("b16", image=["train2017/a.jpg"])),
+    ("bad_tools", good("b17", image=None, question="Hi") | {"tools": "[{oops"}),
+    ("bad_tools", good("b18", image=None, question="Hi") | {"tools": [{"name": "two words"}]}),
+    ("bad_turn", {"id": "b19", "conversations": [{"from": "human", "value": "Q"},
+                                                {"from": "function_call", "value": '{"name": "f"}'}]}),
 ]
+
+
+WEATHER = {"name": "weather", "description": "Today's weather.",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+
+
+def test_tool_use_in_sharegpt_form_becomes_calls_and_results_and_round_trips(tmp_path, root):
+    """``tools`` (OpenAI-shaped, bare or as JSON text), ``function_call``
+    turns (one call or a list; arguments an object or JSON text) and
+    ``observation`` turns read as ``Record.tools``, assistant ``tool_calls``
+    and ``tool`` messages, and write back to records that read the same."""
+    convs = [{"from": "human", "value": "Weather in Paris and Rome?"},
+             {"from": "function_call", "value": json.dumps([{"name": "weather", "arguments": {"city": "Paris"}},
+                                                            {"name": "weather", "arguments": '{"city": "Rome"}'}])},
+             {"from": "observation", "value": "sun"}, {"from": "observation", "value": "rain"},
+             {"from": "gpt", "value": "Sun in Paris, rain in Rome."}]
+    data = [{"id": "t1", "tools": [{"type": "function", "function": WEATHER}], "conversations": convs},
+            {"id": "t2", "tools": json.dumps([WEATHER]), "conversations": convs},
+            {"id": "t3", "conversations": convs[:2] + [{"from": "observation", "value": "sun"}]}]
+    report = read_llava(dump(tmp_path, data), root)
+    assert report.errors == []
+    t1, t2, t3 = report.records
+    assert t1.tools == t2.tools == [WEATHER] and t3.tools is None
+    assert [m["role"] for m in t1.messages] == ["user", "assistant", "tool", "tool", "assistant"]
+    assert t1.messages[1] == {"role": "assistant", "content": "", "tool_calls": [
+        {"name": "weather", "arguments": {"city": "Paris"}}, {"name": "weather", "arguments": {"city": "Rome"}}]}
+    assert t1.messages[2] == {"role": "tool", "content": "sun"} and t1.messages == t2.messages
+    write_llava(report.records, tmp_path / "w.json")
+    assert read_llava(tmp_path / "w.json", root).records == report.records
+    assert json.loads(to_llava(t3)["conversations"][1]["value"]) == \
+        [{"name": "weather", "arguments": {"city": "Paris"}}, {"name": "weather", "arguments": {"city": "Rome"}}]
+
+
+def test_tool_conversations_train_on_their_calls_and_answers(tmp_path, root, tok):
+    """Encoded for training, a tool conversation offers its tools in the
+    system message and learns the calls and the answer, not the results."""
+    from models.conversation import IGNORE_INDEX, encode_for_training
+    from models.tools import call_text
+
+    data = [{"id": "t", "tools": [WEATHER], "conversations": [
+        {"from": "human", "value": "Paris?"},
+        {"from": "function_call", "value": json.dumps({"name": "weather", "arguments": {"city": "Paris"}})},
+        {"from": "observation", "value": "sun"}, {"from": "gpt", "value": "Sunny."}]}]
+    rec = read_llava(dump(tmp_path, data), root).records[0]
+    enc = encode_for_training(tok, rec.messages, 4, 2048, tools=rec.tools)
+    text = tok.decode(enc.input_ids, skip_special_tokens=False)
+    assert '<tools>\n{"type": "function", "function": {"name": "weather"' in text
+    learned = tok.decode([t for t, lab in zip(enc.input_ids, enc.labels) if lab != IGNORE_INDEX],
+                         skip_special_tokens=False)
+    assert learned == call_text("weather", {"city": "Paris"}) + "<|end|>Sunny.<|end|>"
 
 
 def test_bad_records_skipped_counted_and_listed(tmp_path, root):
@@ -170,6 +224,9 @@ def test_to_llava_refuses_what_the_format_cannot_hold():
     with pytest.raises(ValueError, match="image"):
         to_llava(Record("x", "a.jpg", [{"role": "user", "content": "no image part"},
                                        {"role": "assistant", "content": "ok"}]))
+    with pytest.raises(ValueError, match="two turns"):
+        to_llava(Record("x", None, [{"role": "user", "content": "Paris?"}, {
+            "role": "assistant", "content": "Let me look.", "tool_calls": [{"name": "weather", "arguments": {}}]}]))
 
 
 def test_dataset_paths(tmp_path):
