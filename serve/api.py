@@ -174,7 +174,7 @@ def build_api(service: ChatService, *, api_key: str | None, mount_ui: bool = Tru
             except ExceptionGroup as eg:  # the first error is the response (a 503 for a full queue ...)
                 raise eg.exceptions[0] from None
             results = [t.result() for t in tasks]
-            return completion(cid, model_name, [(r.text, r.finish_reason, r.logprobs) for r in results],
+            return completion(cid, model_name, [(r.text, r.finish_reason, r.logprobs, r.tool_calls) for r in results],
                               prep.prompt_tokens, sum(r.completion_tokens for r in results), fingerprint)
 
         # the first piece of each answer before any header: a refusal until then (a full queue: 503) is an
@@ -192,6 +192,7 @@ def build_api(service: ChatService, *, api_key: str | None, mount_ui: bool = Tru
             created = int(time.time())
 
             sent = [0] * req.n  # logprobs entries sent per choice
+            calls = [0] * req.n  # tool calls sent per choice
 
             def event(delta, finish=None, index=0, usage_=None):
                 rated = results[index].get("logprobs") if delta is not None else None
@@ -206,6 +207,10 @@ def build_api(service: ChatService, *, api_key: str | None, mount_ui: bool = Tru
             merged = interleave(answers, firsts)
             try:
                 async for i, delta in merged:
+                    if isinstance(delta, dict):  # a call, whole: its index among the choice's calls, id, name, args
+                        calls[i] += 1
+                        yield event({"tool_calls": [{"index": calls[i] - 1, **delta}]}, index=i)
+                        continue
                     yield event({"content": delta}, index=i) if delta is not None else \
                         event({}, results[i]["finish_reason"], index=i)
                 if req.include_usage:

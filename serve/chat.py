@@ -22,7 +22,7 @@ import numpy as np
 import ray
 
 from .logprobs import entry
-from .protocol import APIError, ChatRequest, Message, Part, bad
+from .protocol import APIError, ChatRequest, Message, Part, bad, tool_call
 
 log = logging.getLogger("ray.serve")  # Serve writes it to the replica logs
 
@@ -73,6 +73,7 @@ class Prepared:
     max_new_tokens: int
     dropped_messages: int
     affinity: str | None = None  # the conversation's routing key (serve.routing)
+    format: dict | None = None  # the grammar answers are held to (serve.grammar's spec): a response_format or tools
 
     @property
     def prompt_tokens(self) -> int:
@@ -86,6 +87,7 @@ class Result:
     prompt_tokens: int
     completion_tokens: int
     logprobs: list | None = None  # OpenAI's logprobs.content entries, when asked for
+    tool_calls: list | None = None  # the calls the answer makes (serve.protocol.tool_call's), when it makes any
 
 
 class TextStream:
@@ -237,8 +239,11 @@ class ChatService:
 
     # -------------------------------------------------------------- prepare
     async def prepare(self, req: ChatRequest) -> Prepared:
-        if req.response_format is not None:
-            await self.check_format(req.response_format)
+        fmt = req.response_format
+        if fmt is not None:
+            await self.check_format(fmt)
+        elif req.calls_tools:
+            fmt = await self.tools_format(req)
         if req.logit_bias:
             outside = sorted(t for t in req.logit_bias if t >= len(self.tok))
             if outside:
@@ -249,7 +254,7 @@ class ChatService:
         if max_new >= self.context_length:
             raise bad(f"'max_tokens' is {max_new} but the model's context is {self.context_length} tokens",
                       "max_tokens", "context_length_exceeded")
-        kept, enc = self._fit(messages, max_new)
+        kept, enc = self._fit(messages, max_new, req.tools if req.calls_tools else None)
         images = [(n, at, p) for n, (at, p) in enumerate(self._image_parts(messages))
                   if any(p is q for m in kept for q in m.parts)]
         feats = None
@@ -261,7 +266,7 @@ class ChatService:
             feats = np.stack(arrays).astype(np.float32, copy=False)
         from .routing import affinity_key
 
-        return Prepared(enc.input_ids, feats, max_new, len(messages) - len(kept), affinity_key(kept))
+        return Prepared(enc.input_ids, feats, max_new, len(messages) - len(kept), affinity_key(kept), fmt)
 
     @staticmethod
     async def check_format(spec: dict) -> None:
@@ -273,6 +278,26 @@ class ChatService:
         except FormatError as e:
             raise bad(f"'response_format.json_schema.schema' is not supported: {e}",
                       "response_format.json_schema.schema", "invalid_schema") from None
+
+    @staticmethod
+    async def tools_format(req: ChatRequest) -> dict:
+        """The grammar spec that holds answers to the request's tool calls;
+        a 400 naming the problem when a function's parameter schema cannot be compiled."""
+        import json
+
+        from models.tools import structural_tag
+
+        from .grammar import FormatError, check_spec
+
+        spec = {"type": "structural_tag",
+                "tag": json.dumps(structural_tag(req.tools, req.tool_choice, req.parallel_tool_calls),
+                                  ensure_ascii=False)}
+        try:
+            await asyncio.to_thread(check_spec, spec)
+        except FormatError as e:
+            raise bad(f"'tools' has a parameter schema that is not supported: {e}", "tools",
+                      "invalid_schema") from None
+        return spec
 
     @staticmethod
     def _image_parts(messages: list[Message]) -> list[tuple[tuple[int, int], Part]]:
@@ -300,24 +325,27 @@ class ChatService:
             out[mi].parts[pi] = Part("text", text=value) if kind == "audio" else Part("image", data=value)
         return out
 
-    def _encode(self, messages: list[Message]):
+    def _encode(self, messages: list[Message], tools: list[dict] | None = None):
         from models.conversation import encode_conversation
 
         msgs = [{"role": m.role, "content": [{"type": "image"} if p.kind == "image" else {"type": "text", "text": p.text}
-                                             for p in m.parts]} for m in messages]
+                                             for p in m.parts],
+                 **({"tool_calls": m.tool_calls} if m.tool_calls else {})} for m in messages]
         return encode_conversation(self.tok, msgs, self.num_image_tokens, add_generation_prompt=True,
-                                   system_prompt=self.source.cfg.tokenizer.system_prompt)
+                                   system_prompt=self.source.cfg.tokenizer.system_prompt, tools=tools)
 
-    def _fit(self, messages: list[Message], max_new: int):
+    def _fit(self, messages: list[Message], max_new: int, tools: list[dict] | None = None):
         """Drop the oldest exchanges (after any leading system messages) until
-        prompt + max_new fits the context; refuse when the last turn alone does not."""
+        prompt + max_new fits the context; refuse when the last turn alone does
+        not. ``tools`` (offered in the system message) are never dropped."""
         kept = list(messages)
         while True:
-            enc = self._encode(kept)
+            enc = self._encode(kept, tools)
             if len(enc) + max_new <= self.context_length:
                 return kept, enc
             first = next(i for i, m in enumerate(kept) if m.role != "system")
-            last_user = max(i for i, m in enumerate(kept) if m.role == "user")
+            # a conversation of tool results without a user message has no turn to drop
+            last_user = max((i for i, m in enumerate(kept) if m.role == "user"), default=first)
             if first >= last_user:
                 raise bad(
                     f"the prompt needs {len(enc)} tokens (images count {self.num_image_tokens} each) and "
@@ -329,13 +357,32 @@ class ChatService:
             del kept[first:end]
 
     # --------------------------------------------------------------- stream
-    async def answer(self, prep: Prepared, req: ChatRequest, result: dict, choice: int = 0) -> AsyncIterator[str]:
-        """Yield text deltas from the LLM; fills ``result`` with
-        ``finish_reason`` and ``completion_tokens`` when done, and, when the
+    async def answer(self, prep: Prepared, req: ChatRequest, result: dict,
+                     choice: int = 0) -> AsyncIterator[str | dict]:
+        """Yield text deltas from the LLM, and, when the request offers tools,
+        each call the answer makes (a ``serve.protocol.tool_call`` dict) once
+        its closing tag arrives; fills ``result`` with ``finish_reason``
+        ("tool_calls" when an answer that stopped made calls),
+        ``completion_tokens`` and ``tool_calls`` when done, and, when the
         request asks for logprobs, ``result["logprobs"]`` with each token's
         entry as its ids arrive (before the delta with its text, or the
         finish). ``choice`` (of ``req.n``) samples with the request's seed + ``choice``."""
         text = TextStream(self.tok, req.stop)
+        splitter = None
+        if req.calls_tools:
+            from models.tools import CallStream
+
+            splitter = CallStream()
+        made: list[dict] = []
+
+        def pieces(delta: str, final: bool = False) -> list:
+            """Text and calls to send for a text delta (the text itself without tools)."""
+            if splitter is None:
+                return [delta] if delta else []
+            out = [p if isinstance(p, str) else tool_call(p.name, p.arguments) for p in splitter.push(delta, final)]
+            made.extend(p for p in out if isinstance(p, dict))
+            return out
+
         generated: list[int] = []
         failures = 0
         finish = None
@@ -354,8 +401,8 @@ class ChatService:
                 break
             call = {"input_ids": prep.input_ids + generated, "image_features": prep.image_features,
                     "max_new_tokens": remaining, "affinity_key": prep.affinity, **sampling}
-            if req.response_format is not None:
-                call["response_format"] = req.response_format
+            if prep.format is not None:
+                call["response_format"] = prep.format
             if req.logit_bias:
                 call["logit_bias"] = req.logit_bias
             if req.frequency_penalty or req.presence_penalty:
@@ -379,8 +426,8 @@ class ChatService:
                         rated.extend(entry(self.token_bytes, t, lp, top) for t, (lp, top) in zip(ids, rates)
                                      if t not in self.stop_ids)
                     delta, hit = text.push([t for t in ids if t not in self.stop_ids])
-                    if delta:
-                        yield delta
+                    for piece in pieces(delta):
+                        yield piece
                     if hit or stop_at is not None:
                         finish, stop_string = "stop", hit
                         break
@@ -404,18 +451,23 @@ class ChatService:
                 if not exhausted:  # stopped early, failed, or the client went away
                     with contextlib.suppress(Exception):  # a refused call's cancel raises its refusal again
                         gen.cancel()
+        delta = ""
         if not stop_string:  # flush text held back for a stop string that never came
             delta, _ = text.push([], final=True)
-            if delta:
-                yield delta
+        for piece in pieces(delta, final=True):
+            yield piece
+        if made and finish == "stop":
+            finish = "tool_calls"
         result.update(finish_reason=finish, completion_tokens=len(generated))
+        if made:
+            result["tool_calls"] = made
 
     async def complete(self, req: ChatRequest, prep: Prepared | None = None, choice: int = 0) -> Result:
         prep = prep or await self.prepare(req)
         result: dict = {}
         parts = [d async for d in self.answer(prep, req, result, choice)]
-        return Result("".join(parts), result["finish_reason"], prep.prompt_tokens, result["completion_tokens"],
-                      result.get("logprobs"))
+        return Result("".join(p for p in parts if isinstance(p, str)), result["finish_reason"], prep.prompt_tokens,
+                      result["completion_tokens"], result.get("logprobs"), result.get("tool_calls"))
 
     @functools.cached_property
     def token_bytes(self):

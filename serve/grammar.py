@@ -19,6 +19,13 @@ Answers are compact: no whitespace beyond one space after ``:`` and ``,``,
 so a weak model cannot pad an answer with blank lines until ``max_tokens``.
 ``json_object`` is any JSON object.
 
+Tool calls use the same machinery: a request that offers ``tools`` the
+model may call gets the spec ``{"type": "structural_tag", "tag": "<JSON
+text>"}``, an xgrammar structural tag (``models.tools.structural_tag``)
+that holds each call to ``models.tools``'s form and its arguments to the
+function's parameter schema, and leaves any other text free (``auto``) or
+allows calls only (``required``, or a named function).
+
 The ingress checks a schema with :func:`check_spec` before anything runs, so
 an unsupported or malformed schema is a 400 naming the problem.
 """
@@ -46,6 +53,13 @@ def schema_text(spec: dict) -> str:
     raise FormatError(f"not a response format spec: {spec!r}")
 
 
+def _source(spec: dict) -> tuple[str, str]:
+    """(kind, JSON text): ("tag", a structural tag) or ("schema", a JSON schema)."""
+    if isinstance(spec, dict) and spec.get("type") == "structural_tag" and isinstance(spec.get("tag"), str):
+        return "tag", spec["tag"]
+    return "schema", schema_text(spec)
+
+
 def _message(e: Exception) -> str:
     return _XGR_PREFIX.sub("", str(e).strip()).strip() or type(e).__name__
 
@@ -58,18 +72,21 @@ def check_spec(spec: dict) -> None:
     """Raise :class:`FormatError` if xgrammar cannot turn the spec's schema
     into a grammar (unknown types, bad ``$ref``, a bad ``pattern`` ...).
     Needs no tokenizer: the ingress calls it. The last 256 schemas' verdicts are kept."""
-    problem = _schema_problem(schema_text(spec))
+    problem = _problem(*_source(spec))
     if problem is not None:
         raise FormatError(problem)
 
 
 @functools.lru_cache(maxsize=256)
-def _schema_problem(schema: str) -> str | None:
+def _problem(kind: str, text: str) -> str | None:
     import xgrammar as xgr
 
     try:
-        xgr.Grammar.from_json_schema(schema, **_compile_kwargs())
-    except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError with the converter's message
+        if kind == "tag":
+            xgr.Grammar.from_structural_tag(text)
+        else:
+            xgr.Grammar.from_json_schema(text, **_compile_kwargs())
+    except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError (or a ValueError) with the message
         return _message(e)
     return None
 
@@ -117,7 +134,10 @@ class Grammars:
     def compile(self, spec: dict):
         """The spec's compiled grammar (from the compiler's cache after the first time)."""
         try:  # thread-safe: requests with different schemas compile side by side, a repeated one is a lookup
-            return self._compiler.compile_json_schema(schema_text(spec), **_compile_kwargs())
+            kind, text = _source(spec)
+            if kind == "tag":
+                return self._compiler.compile_structural_tag(text)
+            return self._compiler.compile_json_schema(text, **_compile_kwargs())
         except FormatError:
             raise
         except Exception as e:  # noqa: BLE001

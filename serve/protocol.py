@@ -18,16 +18,16 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from models.tools import CHOICES, NAME
+
 from .settings import Limits
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg", "opus", "m4a", "mp4", "webm", "aac", "aiff")
 ROLE_ALIASES = {"developer": "system"}
 UNSUPPORTED = {
-    "tools": "tool calling is not supported",
-    "tool_choice": "tool calling is not supported",
-    "functions": "function calling is not supported",
-    "function_call": "function calling is not supported",
+    "functions": "the legacy 'functions' are not supported; offer them as 'tools'",
+    "function_call": "the legacy 'function_call' is not supported; use 'tool_choice'",
     "audio": "audio output is not supported",
 }
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[^;,]*)*)(?P<b64>;base64)?,", re.I)
@@ -62,8 +62,11 @@ class Part:
 
 @dataclass
 class Message:
-    role: str  # system, user, assistant
+    role: str  # system, user, assistant, tool
     parts: list[Part]
+    # an assistant's calls: {"id", "name", "arguments" (JSON text of an object)} each
+    tool_calls: list[dict] | None = None
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
 
 @dataclass
@@ -90,7 +93,17 @@ class ChatRequest:
     logprobs: int | None = None
     # token id -> a number from -100 to 100 added to its logit (-100 bans it, 100 all but forces it)
     logit_bias: dict[int, float] | None = None
+    # functions the model may call: {"name", "description"?, "parameters"?} each (models.tools)
+    tools: list[dict] | None = None
+    # "none", "auto", "required", or a function's name (that function is called)
+    tool_choice: str = "none"
+    parallel_tool_calls: bool = True  # False: at most one call per answer
     extra: dict = field(default_factory=dict)
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether answers may (or must) call tools."""
+        return bool(self.tools) and self.tool_choice != "none"
 
     @property
     def num_images(self) -> int:
@@ -211,32 +224,159 @@ def parse_messages(raw: Any, limits: Limits, allow_remote: bool = False) -> list
         raise bad("'messages' must be a non-empty list", "messages")
     if len(raw) > limits.max_messages:
         raise bad(f"{len(raw)} messages given; the limit is {limits.max_messages}", "messages", "too_many_messages")
-    out = []
+    out: list[Message] = []
     for i, m in enumerate(raw):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
             raise bad(f"{where} must be an object, got {type(m).__name__}", where)
         role = ROLE_ALIASES.get(m.get("role"), m.get("role"))
-        if role not in ("system", "user", "assistant"):
-            raise bad(f"{where}.role must be 'system', 'user' or 'assistant' (got {m.get('role')!r})", f"{where}.role")
+        if role not in ("system", "user", "assistant", "tool"):
+            raise bad(f"{where}.role must be 'system', 'user', 'assistant' or 'tool' (got {m.get('role')!r})",
+                      f"{where}.role")
+        calls = parse_tool_calls(m.get("tool_calls"), where) if role == "assistant" else None
+        if role != "assistant" and m.get("tool_calls") is not None:
+            raise bad(f"{where}: only assistant messages may carry tool_calls (this one is {role!r})",
+                      f"{where}.tool_calls")
         content = m.get("content")
-        if content is None:
+        if content is None and not calls:
             raise bad(f"{where}.content is missing", f"{where}.content")
-        if isinstance(content, str):
+        if content is None:
+            parts = []
+        elif isinstance(content, str):
             parts = [Part("text", text=check_text(content, f"{where}.content"))]
         elif isinstance(content, list):
             parts = [_parse_part(p, role, f"{where}.content[{j}]", allow_remote) for j, p in enumerate(content)]
         else:
             raise bad(f"{where}.content must be a string or a list of parts, got {type(content).__name__}",
                       f"{where}.content")
-        out.append(Message(role, parts))
-    if out[-1].role != "user":
-        raise bad("the last message must come from the user", f"messages[{len(out) - 1}].role")
-    if not has_prompt(out[-1]):
+        out.append(Message(role, parts, calls, answered_call(m, out, where) if role == "tool" else None))
+    if out[-1].role not in ("user", "tool"):
+        raise bad("the last message must come from the user (or be a tool's result)",
+                  f"messages[{len(out) - 1}].role")
+    if out[-1].role == "user" and not has_prompt(out[-1]):
         raise bad(f"messages[{len(out) - 1}].content is empty: the last user message needs text (not only "
                   "whitespace), an image or audio", f"messages[{len(out) - 1}].content", "empty_prompt")
     check_media_counts(out, limits)
     return out
+
+
+def parse_tool_calls(raw: Any, where: str) -> list[dict] | None:
+    """An assistant message's ``tool_calls`` -> ``[{"id", "name", "arguments"}]`` (None when absent or empty)."""
+    if raw is None or raw == []:
+        return None
+    if not isinstance(raw, list):
+        raise bad(f"{where}.tool_calls must be a list of calls", f"{where}.tool_calls")
+    calls = []
+    for j, call in enumerate(raw):
+        at = f"{where}.tool_calls[{j}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or call.get("type", "function") != "function":
+            raise bad(f"{at} must be {{'id', 'type': 'function', 'function': {{'name', 'arguments'}}}}", at)
+        cid, name, arguments = call.get("id"), function.get("name"), function.get("arguments")
+        if not isinstance(cid, str) or not cid:
+            raise bad(f"{at}.id must be a non-empty string", f"{at}.id")
+        if not isinstance(name, str) or not NAME.match(name):
+            raise bad(f"{at}.function.name must be 1 to 64 letters, digits, '_' or '-', got {name!r}",
+                      f"{at}.function.name")
+        if not isinstance(arguments, str):
+            raise bad(f"{at}.function.arguments must be a string (the arguments as JSON)", f"{at}.function.arguments")
+        try:
+            args = json.loads(check_text(arguments, f"{at}.function.arguments"))
+        except json.JSONDecodeError as e:
+            raise bad(f"{at}.function.arguments is not valid JSON: {e}", f"{at}.function.arguments") from None
+        if not isinstance(args, dict):
+            raise bad(f"{at}.function.arguments must be a JSON object, got {type(args).__name__}",
+                      f"{at}.function.arguments")
+        calls.append({"id": check_text(cid, f"{at}.id"), "name": name, "arguments": arguments})
+    return calls
+
+
+def answered_call(m: dict, before: list[Message], where: str) -> str:
+    """A tool message's ``tool_call_id``, which must name a call of the
+    assistant message it follows (only tool messages between them)."""
+    cid = m.get("tool_call_id")
+    if not isinstance(cid, str) or not cid:
+        raise bad(f"{where}.tool_call_id must be a non-empty string: the id of the call this is the result of",
+                  f"{where}.tool_call_id")
+    k = len(before) - 1
+    while k >= 0 and before[k].role == "tool":
+        k -= 1
+    if k < 0 or not before[k].tool_calls:
+        raise bad(f"{where}: a tool message must follow an assistant message with tool_calls", f"{where}.role")
+    if cid not in {c["id"] for c in before[k].tool_calls}:
+        raise bad(f"{where}.tool_call_id {cid!r} names no call of messages[{k}]", f"{where}.tool_call_id")
+    return cid
+
+
+def parse_tools(body: dict, limits: Limits) -> tuple[list[dict] | None, str, bool]:
+    """``tools``, ``tool_choice`` and ``parallel_tool_calls`` -> (functions
+    ``[{"name", "description"?, "parameters"}]`` or None, the choice:
+    "none", "auto", "required" or a function's name, parallel calls allowed).
+    Whether xgrammar takes the parameter schemas is the ingress's check."""
+    raw, choice, parallel = body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise bad("'parallel_tool_calls' must be true or false", "parallel_tool_calls")
+    if raw is not None and not isinstance(raw, list):
+        raise bad("'tools' must be a list of {'type': 'function', 'function': {...}} objects", "tools")
+    if raw and len(raw) > limits.max_tools:
+        raise bad(f"'tools' offers {len(raw)} functions; at most {limits.max_tools} are allowed", "tools",
+                  "too_many_tools")
+    tools = []
+    for i, tool in enumerate(raw or []):
+        at = f"tools[{i}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            raise bad(f"{at} must be {{'type': 'function', 'function': {{'name', 'description', 'parameters'}}}}"
+                      + (f"; type {kind!r} is not supported" if kind not in (None, "function") else ""), at)
+        f = tool["function"]
+        name = f.get("name")
+        if not isinstance(name, str) or not NAME.match(name):
+            raise bad(f"{at}.function.name must be 1 to 64 letters, digits, '_' or '-', got {name!r}",
+                      f"{at}.function.name")
+        if any(t["name"] == name for t in tools):
+            raise bad(f"{at}.function.name {name!r} is offered twice", f"{at}.function.name")
+        spec = {"name": name}
+        description = f.get("description")
+        if description is not None:
+            if not isinstance(description, str):
+                raise bad(f"{at}.function.description must be a string", f"{at}.function.description")
+            spec["description"] = check_text(description, f"{at}.function.description")
+        params = f.get("parameters")
+        if params is None:
+            params = {"type": "object", "properties": {}}
+        if not isinstance(params, dict):
+            raise bad(f"{at}.function.parameters must be a JSON schema (an object), got {type(params).__name__}",
+                      f"{at}.function.parameters")
+        if params.get("type", "object") != "object":
+            raise bad(f"{at}.function.parameters must describe an object (the arguments), got type "
+                      f"{params.get('type')!r}", f"{at}.function.parameters")
+        if f.get("strict") is not None and not isinstance(f["strict"], bool):
+            raise bad(f"{at}.function.strict must be true or false", f"{at}.function.strict")
+        spec["parameters"] = params
+        tools.append(spec)
+    size = len(json.dumps(tools, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+    if size > limits.max_schema_bytes:
+        raise bad(f"'tools' is {size} bytes as JSON; this server allows at most {limits.max_schema_bytes}", "tools",
+                  "schema_too_large")
+    if tools:
+        check_text(json.dumps(tools, ensure_ascii=False), "tools")
+    if choice is None:
+        choice = "auto" if tools else "none"
+    elif isinstance(choice, dict):
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if choice.get("type") != "function" or not isinstance(name, str):
+            raise bad("'tool_choice' must be 'none', 'auto', 'required' or {'type': 'function', 'function': "
+                      "{'name': ...}}", "tool_choice")
+        if not any(t["name"] == name for t in tools):
+            raise bad(f"'tool_choice' names the function {name!r}, which 'tools' does not offer", "tool_choice")
+        choice = name
+    elif choice not in CHOICES:
+        raise bad(f"'tool_choice' must be 'none', 'auto', 'required' or {{'type': 'function', 'function': "
+                  f"{{'name': ...}}}}, got {choice!r}", "tool_choice")
+    elif choice != "none" and not tools:
+        raise bad(f"'tool_choice' is {choice!r} but the request offers no 'tools'", "tool_choice")
+    return tools or None, choice, parallel is not False
 
 
 def check_media_counts(messages: list[Message], limits: Limits) -> None:
@@ -277,6 +417,10 @@ def parse_chat_request(body: Any, limits: Limits, allow_remote: bool = False) ->
             raise bad(f"'user' must be a string, got {type(user).__name__}", "user")
         check_text(user, "user")
     response_format = parse_response_format(body.get("response_format"), limits)
+    tools, tool_choice, parallel_tool_calls = parse_tools(body, limits)
+    if tools and tool_choice != "none" and response_format is not None:
+        raise bad("a JSON 'response_format' cannot be combined with 'tools' the model may call; send "
+                  "'tool_choice': 'none' or no 'response_format'", "response_format")
     logprobs = body.get("logprobs")
     if logprobs is not None and not isinstance(logprobs, bool):
         raise bad(f"'logprobs' must be true or false, got {logprobs!r}", "logprobs")
@@ -309,6 +453,9 @@ def parse_chat_request(body: Any, limits: Limits, allow_remote: bool = False) ->
     if min_tokens and response_format is not None:
         raise bad("'min_tokens' cannot be combined with a JSON 'response_format': the format decides where the "
                   "answer ends", "min_tokens")
+    if min_tokens and tools and tool_choice != "none":
+        raise bad("'min_tokens' cannot be combined with 'tools' the model may call: the calls' form decides where "
+                  "the answer ends", "min_tokens")
     stop = body.get("stop")
     if stop is None:
         stop = []
@@ -348,6 +495,9 @@ def parse_chat_request(body: Any, limits: Limits, allow_remote: bool = False) ->
         presence_penalty=presence_penalty,
         logprobs=(top or 0) if logprobs else None,
         logit_bias=logit_bias,
+        tools=tools,
+        tool_choice=tool_choice,
+        parallel_tool_calls=parallel_tool_calls,
     )
 
 
@@ -474,18 +624,31 @@ def logprobs_field(content: list | None) -> dict | None:
     return None if content is None else {"content": content, "refusal": None}
 
 
-def completion(cid: str, model: str, answers: list[tuple[str, str, list | None]], prompt: int,
+def tool_call(name: str, arguments: str) -> dict:
+    """One call of an answer in OpenAI's shape, with a fresh id."""
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": name, "arguments": arguments}}
+
+
+def completion(cid: str, model: str, answers: list[tuple[str | None, str, list | None, list | None]], prompt: int,
                completion_tokens: int, fingerprint: str | None = None) -> dict:
     """A whole response: ``answers`` are (text, finish_reason, logprob
-    entries or None), one per choice; ``completion_tokens`` counts all of
-    them, ``prompt`` the prompt once."""
+    entries or None, tool calls (``tool_call``'s) or None), one per choice;
+    ``completion_tokens`` counts all of them, ``prompt`` the prompt once."""
     return {
         "id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
         "system_fingerprint": fingerprint,
-        "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                     "logprobs": logprobs_field(rated)} for i, (text, finish, rated) in enumerate(answers)],
+        "choices": [{"index": i, "message": assistant_message(text, calls), "finish_reason": finish,
+                     "logprobs": logprobs_field(rated)} for i, (text, finish, rated, calls) in enumerate(answers)],
         "usage": usage(prompt, completion_tokens),
     }
+
+
+def assistant_message(text: str | None, calls: list | None) -> dict:
+    """A choice's message: its text (null when it only calls tools) and its calls when it makes any."""
+    if not calls:
+        return {"role": "assistant", "content": text or ""}
+    return {"role": "assistant", "content": text or None, "tool_calls": calls}
 
 
 def chunk(cid: str, model: str, created: int, delta: dict | None, finish: str | None = None,

@@ -38,8 +38,10 @@ class Limits:
     max_stop: int = 4
     # answers (choices, "n") one request may ask for: each is a sequence of its own in the LLM's batch
     max_choices: int = 8
-    # a response_format's JSON schema, as JSON text
+    # a response_format's JSON schema, or a request's tool definitions together, as JSON text
     max_schema_bytes: int = 65536
+    # functions one request may offer (tools)
+    max_tools: int = 128
     # tokens one request's logit_bias may name
     max_logit_bias: int = 300
 
@@ -90,7 +92,7 @@ class ServeSettings:
     def validate(self) -> "ServeSettings":
         lim = self.limits
         for name in ("max_body_bytes", "max_image_pixels", "max_new_tokens", "default_max_tokens", "max_messages",
-                     "max_choices", "max_schema_bytes", "max_logit_bias"):
+                     "max_choices", "max_schema_bytes", "max_tools", "max_logit_bias"):
             if getattr(lim, name) < 1:
                 raise SettingsError(f"limits.{name} must be at least 1, got {getattr(lim, name)}")
         for name in ("max_images", "max_audio_parts", "max_stop"):

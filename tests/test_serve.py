@@ -25,7 +25,7 @@ from conftest import scrape  # noqa: E402
 
 API_KEY = "test-key-123"
 LIMITS = {"max_body_bytes": 2_000_000, "max_image_pixels": 1_000_000, "max_images": 2, "max_audio_parts": 2,
-          "max_audio_seconds": 5, "max_new_tokens": 48, "default_max_tokens": 16, "context_length": 320}
+          "max_audio_seconds": 5, "max_new_tokens": 64, "default_max_tokens": 16, "context_length": 320}
 
 
 def free_port() -> int:
@@ -353,6 +353,40 @@ def test_structured_output_through_the_api(server):
         assert ch.finish_reason == "stop" and type(json.loads(ch.message.content)["yes"]) is bool, ch
 
 
+def test_tool_calls_through_the_api(server):
+    """Tools through HTTP with the ``openai`` client: a required call comes
+    back as ``tool_calls`` (finish reason ``tool_calls``, no content), the
+    same streamed; the call and its result sent back are answered. (A random
+    model, and the test server's 320-token context: one tool without
+    parameters.)"""
+    openai = pytest.importorskip("openai")
+    c = openai.OpenAI(base_url=server + "v1", api_key=API_KEY, max_retries=0)
+    tools = [{"type": "function", "function": {"name": "now"}}]
+    ask = [{"role": "user", "content": "What time is it?"}]
+    kw = dict(model="mmphi", max_tokens=64, temperature=0, messages=ask, tools=tools, tool_choice="required",
+              parallel_tool_calls=False)
+    res = c.chat.completions.create(**kw)
+    choice = res.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    assert choice.message.content is None and len(choice.message.tool_calls) == 1
+    call = choice.message.tool_calls[0]
+    assert (call.type, call.function.name, json.loads(call.function.arguments)) == ("function", "now", {})
+    stream = list(c.chat.completions.create(**kw, stream=True))
+    deltas = [ch.choices[0] for ch in stream if ch.choices]
+    streamed = [tc for d in deltas for tc in d.delta.tool_calls or []]
+    assert [(tc.index, tc.function.name, tc.function.arguments) for tc in streamed] == \
+        [(0, "now", call.function.arguments)]
+    assert deltas[-1].finish_reason == "tool_calls"
+    back = ask + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                  {"role": "tool", "tool_call_id": call.id, "content": "10:30"}]
+    res = c.chat.completions.create(model="mmphi", max_tokens=4, temperature=0, messages=back, tools=tools,
+                                    tool_choice="none")
+    assert res.choices[0].message.tool_calls is None and res.usage.completion_tokens >= 1
+    with pytest.raises(openai.BadRequestError, match="names no call of messages"):
+        c.chat.completions.create(model="mmphi", max_tokens=4, messages=back[:-1] + [
+            {"role": "tool", "tool_call_id": "call_unknown", "content": "10:30"}])
+
+
 def test_logprobs_through_the_api(server, tokenizer):
     """``logprobs`` and ``top_logprobs`` through HTTP with the ``openai``
     client: one entry per answer token, whose bytes join into the answer's
@@ -575,8 +609,8 @@ HOSTILE = {
                              "3 audio parts given; the limit is 2"),
     "prompt over context": (dict(json={"messages": [{"role": "user", "content": "circle " * 400}]}), 400,
                             "over the model's context of 320 tokens"),
-    "max_tokens over limit": (dict(json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 49}), 400,
-                              "at most 48"),
+    "max_tokens over limit": (dict(json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 65}), 400,
+                              "at most 64"),
     "unknown model": (dict(json={"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}), 404,
                       "does not exist"),
     "n above the limit": (dict(json={"messages": [{"role": "user", "content": "x"}], "n": 9}), 400,

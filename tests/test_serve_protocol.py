@@ -59,7 +59,7 @@ def test_developer_role_is_a_system_message():
 @pytest.mark.parametrize("body, param, words", [
     ({"messages": []}, "messages", "non-empty list"),
     ({"messages": "hi"}, "messages", "non-empty list"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", "must be"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", "must be"),
     ({"messages": [{"role": "user"}]}, "messages[0].content", "missing"),
     ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "string or a list"),
     ({"messages": [{"role": "user", "content": [{"type": "video"}]}]}, "messages[0].content[0].type", "not supported"),
@@ -96,7 +96,7 @@ def test_developer_role_is_a_system_message():
     ({"n": 9}, "n", "'n' is 9; this server gives at most 8 answers (choices) per request"),
     ({"n": 0}, "n", "'n' (the number of answers) must be a positive integer, got 0"),
     ({"n": True}, "n", "must be a positive integer"),
-    ({"tools": [{"type": "function"}]}, "tools", "not supported"),
+    ({"tools": [{"type": "function"}]}, "tools[0]", "must be {'type': 'function', 'function'"),
     ({"logprobs": "yes"}, "logprobs", "'logprobs' must be true or false"),
     ({"top_logprobs": 2}, "top_logprobs", "needs 'logprobs': true"),
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "from 0 to 20, got 21"),
