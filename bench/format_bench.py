@@ -131,14 +131,14 @@ def vocab_run(args) -> dict:
     t = time.perf_counter()
     info = xgr.TokenizerInfo(vocab, vocab_type=xgr.VocabType.RAW, vocab_size=len(vocab), stop_token_ids=[eos])
     info_s = time.perf_counter() - t
-    from serve.grammar import _compile_kwargs
+    from serve.schema_check import compile_kwargs
 
     comp = xgr.GrammarCompiler(info, max_threads=2)
     t = time.perf_counter()
-    grammar = comp.compile_json_schema(SPEC["schema"], **_compile_kwargs())
+    grammar = comp.compile_json_schema(SPEC["schema"], **compile_kwargs())
     compile_ms = (time.perf_counter() - t) * 1000
     t = time.perf_counter()
-    comp.compile_json_schema(SPEC["schema"], **_compile_kwargs())
+    comp.compile_json_schema(SPEC["schema"], **compile_kwargs())
     cached_ms = (time.perf_counter() - t) * 1000
     words = xgr.allocate_token_bitmask(1, len(vocab))
     rng = random.Random(0)

@@ -268,19 +268,18 @@ class ChatService:
 
         return Prepared(enc.input_ids, feats, max_new, len(messages) - len(kept), affinity_key(kept), fmt)
 
-    @staticmethod
-    async def check_format(spec: dict) -> None:
-        """A 400 naming the problem when the response format's schema cannot be compiled."""
+    async def check_format(self, spec: dict) -> None:
+        """A 400 naming the problem when the response format's schema cannot be
+        compiled (within ``limits.max_schema_seconds``)."""
         from .grammar import FormatError, check_spec
 
         try:
-            await asyncio.to_thread(check_spec, spec)
+            await asyncio.to_thread(check_spec, spec, self.limits.max_schema_seconds)
         except FormatError as e:
             raise bad(f"'response_format.json_schema.schema' is not supported: {e}",
                       "response_format.json_schema.schema", "invalid_schema") from None
 
-    @staticmethod
-    async def tools_format(req: ChatRequest) -> dict:
+    async def tools_format(self, req: ChatRequest) -> dict:
         """The grammar spec that holds answers to the request's tool calls;
         a 400 naming the problem when a function's parameter schema cannot be compiled."""
         import json
@@ -293,7 +292,7 @@ class ChatService:
                 "tag": json.dumps(structural_tag(req.tools, req.tool_choice, req.parallel_tool_calls),
                                   ensure_ascii=False)}
         try:
-            await asyncio.to_thread(check_spec, spec)
+            await asyncio.to_thread(check_spec, spec, self.limits.max_schema_seconds)
         except FormatError as e:
             raise bad(f"'tools' has a parameter schema that is not supported: {e}", "tools",
                       "invalid_schema") from None

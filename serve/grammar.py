@@ -32,11 +32,12 @@ an unsupported or malformed schema is a 400 naming the problem.
 from __future__ import annotations
 
 import functools
-import re
+
 import torch
 
+from .schema_check import compile_kwargs, message, problem
+
 OBJECT_SCHEMA = '{"type": "object"}'  # json_object: any JSON object
-_XGR_PREFIX = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")  # "[10:15:45] /project/cpp/x.cc:94: " before the message
 
 
 class FormatError(ValueError):
@@ -60,35 +61,20 @@ def _source(spec: dict) -> tuple[str, str]:
     return "schema", schema_text(spec)
 
 
-def _message(e: Exception) -> str:
-    return _XGR_PREFIX.sub("", str(e).strip()).strip() or type(e).__name__
-
-
-def _compile_kwargs() -> dict:
-    return {"any_whitespace": False, "strict_mode": True}
-
-
-def check_spec(spec: dict) -> None:
+def check_spec(spec: dict, timeout_s: float | None = None) -> None:
     """Raise :class:`FormatError` if xgrammar cannot turn the spec's schema
-    into a grammar (unknown types, bad ``$ref``, a bad ``pattern`` ...).
-    Needs no tokenizer: the ingress calls it. The last 256 schemas' verdicts are kept."""
-    problem = _problem(*_source(spec))
-    if problem is not None:
-        raise FormatError(problem)
+    into a grammar (unknown types, bad ``$ref``, a bad ``pattern`` ...) or,
+    given ``timeout_s``, cannot within that time (``serve.schema_check``
+    compiles it in a child process it stops then). Needs no tokenizer: the
+    ingress calls it. The last 256 verdicts are kept."""
+    found = _problem(*_source(spec), timeout_s)
+    if found is not None:
+        raise FormatError(found)
 
 
 @functools.lru_cache(maxsize=256)
-def _problem(kind: str, text: str) -> str | None:
-    import xgrammar as xgr
-
-    try:
-        if kind == "tag":
-            xgr.Grammar.from_structural_tag(text)
-        else:
-            xgr.Grammar.from_json_schema(text, **_compile_kwargs())
-    except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError (or a ValueError) with the message
-        return _message(e)
-    return None
+def _problem(kind: str, text: str, timeout_s: float | None) -> str | None:
+    return problem(kind, text, timeout_s)
 
 
 class Constraint:
@@ -137,11 +123,11 @@ class Grammars:
             kind, text = _source(spec)
             if kind == "tag":
                 return self._compiler.compile_structural_tag(text)
-            return self._compiler.compile_json_schema(text, **_compile_kwargs())
+            return self._compiler.compile_json_schema(text, **compile_kwargs())
         except FormatError:
             raise
         except Exception as e:  # noqa: BLE001
-            raise FormatError(_message(e)) from None
+            raise FormatError(message(e)) from None
 
     def constraint(self, spec: dict, accepted=()) -> Constraint:
         """A fresh constraint for ``spec``, advanced past ``accepted`` (the

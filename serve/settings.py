@@ -42,6 +42,8 @@ class Limits:
     max_schema_bytes: int = 65536
     # functions one request may offer (tools)
     max_tools: int = 128
+    # seconds the ingress may spend compiling one new schema (or tools); a slower one is a 400
+    max_schema_seconds: float = 5.0
     # tokens one request's logit_bias may name
     max_logit_bias: int = 300
 
@@ -98,8 +100,9 @@ class ServeSettings:
         for name in ("max_images", "max_audio_parts", "max_stop"):
             if getattr(lim, name) < 0:
                 raise SettingsError(f"limits.{name} must not be negative, got {getattr(lim, name)}")
-        if lim.max_audio_seconds <= 0:
-            raise SettingsError(f"limits.max_audio_seconds must be positive, got {lim.max_audio_seconds}")
+        for name in ("max_audio_seconds", "max_schema_seconds"):
+            if getattr(lim, name) <= 0:
+                raise SettingsError(f"limits.{name} must be positive, got {getattr(lim, name)}")
         if lim.default_max_tokens > lim.max_new_tokens:
             raise SettingsError("limits.default_max_tokens must not exceed limits.max_new_tokens")
         if self.device is not None:

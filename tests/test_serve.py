@@ -25,7 +25,8 @@ from conftest import scrape  # noqa: E402
 
 API_KEY = "test-key-123"
 LIMITS = {"max_body_bytes": 2_000_000, "max_image_pixels": 1_000_000, "max_images": 2, "max_audio_parts": 2,
-          "max_audio_seconds": 5, "max_new_tokens": 64, "default_max_tokens": 16, "context_length": 320}
+          "max_audio_seconds": 5, "max_new_tokens": 64, "default_max_tokens": 16, "context_length": 320,
+          "max_schema_seconds": 1}
 
 
 def free_port() -> int:
@@ -625,6 +626,12 @@ HOSTILE = {
     "unsupported schema": (dict(json={"messages": [{"role": "user", "content": "x"}], "response_format": {
         "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}}), 400,
         "schema' is not supported: Unsupported type \"objekt\""),
+    "schema that compiles too slowly": (dict(json={"messages": [{"role": "user", "content": "x"}], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {
+            "type": "string", "pattern": "(a|b|c|d|e|f|g|h){1,5000}"}}}}), 400, "takes over 1 s, this server's limit"),
+    "tool whose schema compiles too slowly": (dict(json={"messages": [{"role": "user", "content": "x"}], "tools": [{
+        "type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"s": {
+            "type": "string", "pattern": "(a|b|c|d|e|f|g|h){1,5001}"}}}}}]}), 400, "takes over 1 s"),
     "logit_bias outside the vocabulary": (dict(json={"messages": [{"role": "user", "content": "x"}],
                                                      "logit_bias": {"99999": 5}}), 400,
                                           "token id 99999, outside the vocabulary of"),

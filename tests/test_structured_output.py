@@ -88,6 +88,32 @@ def test_schemas_xgrammar_cannot_compile_are_refused_in_words():
         assert words in str(e.value) and "/project/" not in str(e.value) and not str(e.value).startswith("[")
 
 
+SLOW = {"type": "string", "pattern": "(a|b|c|d|e|f|g|h){1,5000}"}  # 58 bytes, seconds to compile
+
+
+def test_a_schema_that_compiles_too_slowly_is_refused_and_the_checker_goes_on():
+    """The ingress's check compiles in a child process within the time
+    limit: a schema over it is refused in words (and the child stopped); the
+    next schemas are checked by a fresh child, with the same verdicts as in
+    this process."""
+    import time
+
+    from serve import schema_check
+    from serve.grammar import FormatError, check_spec
+
+    check_spec(SCENE_SPEC, timeout_s=2.0)  # starts the child
+    child = schema_check._checker._proc
+    start = time.monotonic()
+    with pytest.raises(FormatError, match=r"compiling it takes over 0\.5 s, this server's limit"):
+        check_spec({"type": "json_schema", "schema": json.dumps(SLOW)}, timeout_s=0.5)
+    assert time.monotonic() - start < 3 and child.poll() is not None  # stopped, not waited for
+    with pytest.raises(FormatError, match="Unsupported type"):
+        check_spec({"type": "json_schema", "schema": json.dumps({"type": "objekt"})}, timeout_s=30.0)
+    assert schema_check._checker._proc.poll() is None  # a new child answered
+    tag = json.dumps({"type": "structural_tag", "format": {"type": "const_string", "value": "x"}})
+    assert schema_check.problem("tag", tag, 30.0) is None is schema_check.problem_here("tag", tag)
+
+
 # ------------------------------------------------------------ the LLM side
 
 @pytest.fixture(scope="module")
