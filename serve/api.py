@@ -1,6 +1,7 @@
 """The FastAPI app of the ingress: OpenAI-compatible API, health, Gradio page.
 
 Routes: ``POST /v1/chat/completions`` (JSON or server-sent events),
+``POST /v1/completions`` (raw prompts, ``echo`` scores them),
 ``POST /v1/audio/transcriptions`` (multipart), ``GET /v1/models``,
 ``GET /v1/models/{id}``, ``GET /healthz``; the Gradio chat page is mounted
 at ``/``. Every error is JSON in OpenAI's shape, ``{"error": {"message",
@@ -22,8 +23,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from .chat import ChatService, cause_of
 from .loading import system_fingerprint
 from .metrics import APIMetrics
-from .protocol import (APIError, bad, chunk, completion, completion_id, parse_chat_request, parse_json_body,
-                       parse_transcription_form, usage)
+from .protocol import (APIError, bad, chunk, completion, completion_id, legacy_logprobs, parse_chat_request,
+                       parse_completion_request, parse_json_body, parse_transcription_form, text_chunk,
+                       text_completion, text_completion_id, usage)
 
 log = logging.getLogger("ray.serve")  # Serve writes it to the replica logs
 
@@ -215,6 +217,107 @@ def build_api(service: ChatService, *, api_key: str | None, mount_ui: bool = Tru
                         event({}, results[i]["finish_reason"], index=i)
                 if req.include_usage:
                     yield event(None, usage_=usage(prep.prompt_tokens, sum(r["completion_tokens"] for r in results)))
+            except Exception as e:  # noqa: BLE001 - headers are sent: report in the stream
+                log.exception("error while streaming %s", cid)
+                err = e if isinstance(e, APIError) else internal_error("generation failed", e)
+                count_error(err)
+                yield sse(err.body())
+            finally:  # also when the client went away: the LLM calls end with their answers
+                await merged.aclose()
+                for a in answers:
+                    await a.aclose()
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        """OpenAI's (legacy) text completions: raw prompts continued without
+        the chat template, ``echo`` (the prompt in the answer, and its own
+        logprobs: evaluation harnesses score a text with ``max_tokens`` 0),
+        ``logprobs`` (the most likely tokens beside each), several prompts
+        per request (choices prompt by prompt, ``n`` each)."""
+        from .chat import Prepared
+
+        creq = parse_completion_request(await read_json(request), limits)
+        req = creq.req
+        if req.model not in (None, model_name):
+            raise unknown_model(req.model)
+        service.check_logit_bias(req)
+        many = len(creq.prompts) > 1
+        encoded = [service.prompt_ids(p, req.max_tokens, f"prompt {k}" if many else "the prompt")
+                   for k, p in enumerate(creq.prompts)]
+        preps = [Prepared(ids, None, req.max_tokens, 0) for ids, _ in encoded]
+        jobs = [(p, i) for p in range(len(preps)) for i in range(req.n)]  # choice k = prompt p's answer i
+        rated = req.logprobs is not None
+        heads = [""] * len(preps)  # each prompt's echoed text, and its tokens' logprobs with their end offset
+        head_rates: list = [None] * len(preps)
+        if creq.echo:
+            heads = [p if isinstance(p, str) else service.tok.decode(ids, skip_special_tokens=False)
+                     for p, (ids, _) in zip(creq.prompts, encoded)]
+            if rated:
+                entries = await asyncio.gather(*[service.prompt_entries(ids, req.logprobs) for ids, _ in encoded])
+                head_rates = [legacy_logprobs(e, 0, [0 if added else None] + [None] * (len(e) - 1))
+                              for e, (_, added) in zip(entries, encoded)]
+        prompt_tokens = sum(len(ids) for ids, _ in encoded)
+        cid = text_completion_id()
+
+        def start(p: int) -> int:
+            """Where the first answer token's text starts: after the echoed prompt's."""
+            return head_rates[p][1] if head_rates[p] else 0
+
+        if not req.stream:
+            try:
+                async with asyncio.TaskGroup() as group:
+                    tasks = [group.create_task(service.complete(req, preps[p], i)) for p, i in jobs]
+            except ExceptionGroup as eg:
+                raise eg.exceptions[0] from None
+            results = [t.result() for t in tasks]
+            choices = []
+            for (p, _), r in zip(jobs, results):
+                lp = None
+                if rated:
+                    lp, _ = legacy_logprobs(r.logprobs, start(p))
+                    if head_rates[p] is not None:
+                        lp = {key: head_rates[p][0][key] + lp[key] for key in lp}
+                choices.append((heads[p] + r.text, r.finish_reason, lp))
+            return text_completion(cid, model_name, choices, prompt_tokens, sum(r.completion_tokens for r in results),
+                                   fingerprint)
+
+        results: list[dict] = [{} for _ in jobs]
+        answers = [service.answer(preps[p], req, results[k], i) for k, (p, i) in enumerate(jobs)]
+        firsts = await asyncio.gather(*[_first(a) for a in answers], return_exceptions=True)
+        failed = next((f for f in firsts if isinstance(f, BaseException)), None)
+        if failed is not None:
+            for a in answers:
+                await a.aclose()
+            raise failed
+
+        async def events():
+            created = int(time.time())
+            sent = [0] * len(jobs)  # logprobs entries sent per choice
+            offset = [start(p) for p, _ in jobs]  # where the next entry's text starts
+
+            def event(k: int, text: str, finish: str | None = None) -> str:
+                lp = None
+                if rated:
+                    got = results[k].get("logprobs") or []
+                    lp, offset[k] = legacy_logprobs(got[sent[k]:], offset[k])
+                    sent[k] = len(got)
+                return sse(text_chunk(cid, model_name, created, k, text, finish, lp, fingerprint=fingerprint))
+
+            if creq.echo:
+                for k, (p, _) in enumerate(jobs):
+                    yield sse(text_chunk(cid, model_name, created, k, heads[p], None,
+                                         head_rates[p][0] if head_rates[p] else None, fingerprint=fingerprint))
+            merged = interleave(answers, firsts)
+            try:
+                async for k, delta in merged:
+                    yield event(k, delta) if delta is not None else event(k, "", results[k]["finish_reason"])
+                if req.include_usage:
+                    yield sse(text_chunk(cid, model_name, created, None, fingerprint=fingerprint, usage_=usage(
+                        prompt_tokens, sum(r["completion_tokens"] for r in results))))
             except Exception as e:  # noqa: BLE001 - headers are sent: report in the stream
                 log.exception("error while streaming %s", cid)
                 err = e if isinstance(e, APIError) else internal_error("generation failed", e)

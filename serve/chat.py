@@ -244,11 +244,7 @@ class ChatService:
             await self.check_format(fmt)
         elif req.calls_tools:
             fmt = await self.tools_format(req)
-        if req.logit_bias:
-            outside = sorted(t for t in req.logit_bias if t >= len(self.tok))
-            if outside:
-                raise bad(f"'logit_bias' names token id {outside[0]}, outside the vocabulary of {len(self.tok)} "
-                          "tokens", "logit_bias", "invalid_token_id")
+        self.check_logit_bias(req)
         messages = await self._resolve_media(req.messages)
         max_new = req.max_tokens or self.limits.default_max_tokens
         if max_new >= self.context_length:
@@ -267,6 +263,43 @@ class ChatService:
         from .routing import affinity_key
 
         return Prepared(enc.input_ids, feats, max_new, len(messages) - len(kept), affinity_key(kept), fmt)
+
+    def check_logit_bias(self, req: ChatRequest) -> None:
+        if req.logit_bias:
+            outside = sorted(t for t in req.logit_bias if t >= len(self.tok))
+            if outside:
+                raise bad(f"'logit_bias' names token id {outside[0]}, outside the vocabulary of {len(self.tok)} "
+                          "tokens", "logit_bias", "invalid_token_id")
+
+    # ------------------------------------------------ /v1/completions prompts
+    def prompt_ids(self, prompt: str | list[int], max_new: int, where: str = "prompt") -> tuple[list[int], bool]:
+        """A completions prompt's token ids, and whether the server added a
+        BOS: text is encoded as text (never control tokens) after the BOS;
+        token ids are taken as they are, but for the image placeholder (no
+        image comes with a raw prompt). Refused when prompt + ``max_new``
+        exceeds the context."""
+        if isinstance(prompt, str):
+            bos = self.tok.ids.bos
+            ids, added = ([bos] if bos is not None else []) + self.tok.encode_text(prompt), bos is not None
+        else:
+            ids, added = list(prompt), False
+            wrong = next((t for t in ids if t >= len(self.tok) or t == self.tok.ids.image), None)
+            if wrong is not None:
+                raise bad(f"{where} holds token id {wrong}, " + ("the image placeholder, which needs an image"
+                                                               if wrong == self.tok.ids.image else
+                                                               f"outside the vocabulary of {len(self.tok)} tokens"),
+                          "prompt", "invalid_token_id")
+        if len(ids) + max_new > self.context_length:
+            raise bad(f"{where} has {len(ids)} tokens and max_tokens asks for {max_new}, over the model's context "
+                      f"of {self.context_length} tokens", "prompt", "context_length_exceeded")
+        return ids, added
+
+    async def prompt_entries(self, ids: list[int], top: int) -> list[dict]:
+        """Each prompt token's logprobs entry (``serve.logprobs.entry``); the
+        first has none (nothing comes before it): logprob and top_logprobs None."""
+        rates = await self._call(self.llm.prompt_logprobs, {"input_ids": ids, "top": top})
+        first = {**entry(self.token_bytes, ids[0], 0.0, []), "logprob": None, "top_logprobs": None}
+        return [first] + [entry(self.token_bytes, t, lp, alt) for t, (lp, alt) in zip(ids[1:], rates)]
 
     async def check_format(self, spec: dict) -> None:
         """A 400 naming the problem when the response format's schema cannot be

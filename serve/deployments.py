@@ -400,6 +400,38 @@ class LLM:
             if not batched:
                 self._unbatched -= 1
 
+    async def prompt_logprobs(self, request: dict) -> list:
+        """The prompt's own ratings, for ``/v1/completions`` with ``echo``:
+        for each token of ``input_ids`` after the first, ``[logprob, [[id,
+        logprob], ...]]`` (its ``top`` most likely alternatives), from one
+        forward pass, as the answers' tokens are rated (the ids an answer
+        never holds ruled out)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._prompt_logprobs, list(request["input_ids"]),
+                                          int(request.get("top", 0)))
+
+    def _prompt_logprobs(self, ids: list[int], top: int, rows_at_once: int = 512) -> list:
+        import torch
+
+        from .batching import rate
+
+        if len(ids) < 2:
+            return []
+        if len(ids) > self.context_length:
+            raise ValueError(f"the prompt has {len(ids)} tokens, over the model's context of {self.context_length}")
+        suppressed = torch.tensor(self.model.suppressed_ids, dtype=torch.long)
+        with torch.inference_mode():
+            x = torch.tensor([ids], dtype=torch.long, device=self.model.device)
+            logits = self.model(x, torch.ones_like(x)).logits[0, :-1]
+            out = []
+            for at in range(0, logits.shape[0], rows_at_once):  # a few rows' float32 log-softmax at a time
+                scores = logits[at:at + rows_at_once].float()
+                scores[:, suppressed.to(scores.device)] = -float("inf")
+                lp = torch.log_softmax(scores, dim=-1)
+                nxt = ids[at + 1:at + 1 + lp.shape[0]]
+                out += [[r.logprob, r.top] for r in rate(lp, nxt, [top] * len(nxt))]
+        return out
+
     def shutdown(self) -> None:
         """Stop the gauge thread and the batching loop and shut the generate
         pool down. Serve calls it (through ``__del__``) when it stops the

@@ -395,27 +395,7 @@ def parse_chat_request(body: Any, limits: Limits, allow_remote: bool = False) ->
     for key, why in UNSUPPORTED.items():
         if body.get(key) not in (None, False, [], "none"):
             raise bad(f"'{key}': {why}", key, "unsupported_parameter")
-    n = body.get("n")
-    if n is None:
-        n = 1
-    elif isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise bad(f"'n' (the number of answers) must be a positive integer, got {n!r}", "n")
-    elif n > limits.max_choices:
-        raise bad(f"'n' is {n}; this server gives at most {limits.max_choices} answers (choices) per request", "n",
-                  "too_many_choices")
-    frequency_penalty = _number(body, "frequency_penalty", 0.0, -2.0, 2.0)
-    presence_penalty = _number(body, "presence_penalty", 0.0, -2.0, 2.0)
-    logit_bias = parse_logit_bias(body.get("logit_bias"), limits)
-    seed = body.get("seed")  # a sampled answer's own generator (greedy ones need none)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise bad(f"'seed' must be an integer, got {type(seed).__name__}", "seed")
-    if seed is not None and not -2**63 <= seed < 2**64:
-        raise bad(f"'seed' must fit in 64 bits, got {seed}", "seed")
-    user = body.get("user")
-    if user is not None:
-        if not isinstance(user, str):
-            raise bad(f"'user' must be a string, got {type(user).__name__}", "user")
-        check_text(user, "user")
+    common = _sampling(body, limits)
     response_format = parse_response_format(body.get("response_format"), limits)
     tools, tool_choice, parallel_tool_calls = parse_tools(body, limits)
     if tools and tool_choice != "none" and response_format is not None:
@@ -430,32 +410,54 @@ def parse_chat_request(body: Any, limits: Limits, allow_remote: bool = False) ->
             raise bad(f"'top_logprobs' must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {top!r}", "top_logprobs")
         if top and not logprobs:
             raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
-    model = body.get("model")
-    if model is not None:
-        if not isinstance(model, str):
-            raise bad("'model' must be a string", "model")
-        check_text(model, "model")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None:
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise bad(f"'max_tokens' must be a positive integer, got {max_tokens!r}", "max_tokens")
-        if max_tokens > limits.max_new_tokens:
-            raise bad(f"'max_tokens' is {max_tokens}; this server allows at most {limits.max_new_tokens}",
-                      "max_tokens", "max_tokens_too_large")
-    min_tokens = body.get("min_tokens")
-    if min_tokens is None:
-        min_tokens = 0
-    elif isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
-        raise bad(f"'min_tokens' must be a non-negative integer, got {min_tokens!r}", "min_tokens")
-    elif min_tokens > (max_tokens or limits.default_max_tokens):
-        raise bad(f"'min_tokens' ({min_tokens}) must not exceed 'max_tokens' ({max_tokens or limits.default_max_tokens})",
-                  "min_tokens")
+    max_tokens = _max_tokens(body.get("max_completion_tokens", body.get("max_tokens")), limits)
+    min_tokens = _min_tokens(body, max_tokens or limits.default_max_tokens)
     if min_tokens and response_format is not None:
         raise bad("'min_tokens' cannot be combined with a JSON 'response_format': the format decides where the "
                   "answer ends", "min_tokens")
     if min_tokens and tools and tool_choice != "none":
         raise bad("'min_tokens' cannot be combined with 'tools' the model may call: the calls' form decides where "
                   "the answer ends", "min_tokens")
+    return ChatRequest(
+        messages=parse_messages(body.get("messages"), limits, allow_remote),
+        max_tokens=max_tokens,
+        min_tokens=min_tokens,
+        response_format=response_format,
+        logprobs=(top or 0) if logprobs else None,
+        tools=tools,
+        tool_choice=tool_choice,
+        parallel_tool_calls=parallel_tool_calls,
+        **common,
+    )
+
+
+def _sampling(body: dict, limits: Limits) -> dict:
+    """The fields the chat and completions APIs share: ``ChatRequest``'s
+    n, penalties, logit_bias, seed, model, stop, stream, include_usage,
+    temperature and top_p (``user`` is only checked)."""
+    n = body.get("n")
+    if n is None:
+        n = 1
+    elif isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise bad(f"'n' (the number of answers) must be a positive integer, got {n!r}", "n")
+    elif n > limits.max_choices:
+        raise bad(f"'n' is {n}; this server gives at most {limits.max_choices} answers (choices) per request", "n",
+                  "too_many_choices")
+    seed = body.get("seed")  # a sampled answer's own generator (greedy ones need none)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise bad(f"'seed' must be an integer, got {type(seed).__name__}", "seed")
+    if seed is not None and not -2**63 <= seed < 2**64:
+        raise bad(f"'seed' must fit in 64 bits, got {seed}", "seed")
+    user = body.get("user")
+    if user is not None:
+        if not isinstance(user, str):
+            raise bad(f"'user' must be a string, got {type(user).__name__}", "user")
+        check_text(user, "user")
+    model = body.get("model")
+    if model is not None:
+        if not isinstance(model, str):
+            raise bad("'model' must be a string", "model")
+        check_text(model, "model")
     stop = body.get("stop")
     if stop is None:
         stop = []
@@ -478,27 +480,98 @@ def parse_chat_request(body: Any, limits: Limits, allow_remote: bool = False) ->
     include_usage = opts.get("include_usage")
     if include_usage is not None and not isinstance(include_usage, bool):
         raise bad("'stream_options.include_usage' must be true or false", "stream_options.include_usage")
-    return ChatRequest(
-        messages=parse_messages(body.get("messages"), limits, allow_remote),
-        max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0) or 1.0,
-        stop=stop,
-        stream=stream,
-        include_usage=bool(include_usage),
-        model=model,
-        min_tokens=min_tokens,
-        seed=seed,
-        n=n,
-        response_format=response_format,
-        frequency_penalty=frequency_penalty,
-        presence_penalty=presence_penalty,
-        logprobs=(top or 0) if logprobs else None,
-        logit_bias=logit_bias,
-        tools=tools,
-        tool_choice=tool_choice,
-        parallel_tool_calls=parallel_tool_calls,
-    )
+    return {"n": n, "frequency_penalty": _number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+            "presence_penalty": _number(body, "presence_penalty", 0.0, -2.0, 2.0),
+            "logit_bias": parse_logit_bias(body.get("logit_bias"), limits), "seed": seed, "model": model,
+            "stop": stop, "stream": stream, "include_usage": bool(include_usage),
+            "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
+            "top_p": _number(body, "top_p", 1.0, 0.0, 1.0) or 1.0}
+
+
+def _max_tokens(max_tokens: Any, limits: Limits, lowest: int = 1) -> int | None:
+    if max_tokens is not None:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < lowest:
+            kind = "a positive integer" if lowest else "a non-negative integer"
+            raise bad(f"'max_tokens' must be {kind}, got {max_tokens!r}", "max_tokens")
+        if max_tokens > limits.max_new_tokens:
+            raise bad(f"'max_tokens' is {max_tokens}; this server allows at most {limits.max_new_tokens}",
+                      "max_tokens", "max_tokens_too_large")
+    return max_tokens
+
+
+def _min_tokens(body: dict, max_tokens: int) -> int:
+    min_tokens = body.get("min_tokens")
+    if min_tokens is None:
+        return 0
+    if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
+        raise bad(f"'min_tokens' must be a non-negative integer, got {min_tokens!r}", "min_tokens")
+    if min_tokens > max_tokens:
+        raise bad(f"'min_tokens' ({min_tokens}) must not exceed 'max_tokens' ({max_tokens})", "min_tokens")
+    return min_tokens
+
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MAX_COMPLETION_LOGPROBS = MAX_TOP_LOGPROBS
+
+
+@dataclass
+class CompletionRequest:
+    """A ``/v1/completions`` request: raw prompts (text, or token ids) to
+    continue, with the sampling fields of a chat request (``req``, whose
+    messages are empty)."""
+    prompts: list[str | list[int]]
+    req: ChatRequest
+    echo: bool = False  # the prompt is part of each answer's text (and logprobs)
+
+
+def parse_completion_request(body: Any, limits: Limits) -> CompletionRequest:
+    """A ``/v1/completions`` body. ``prompt`` is a string, a list of
+    strings, a list of token ids or a list of such lists; ``max_tokens`` may
+    be 0 with ``echo`` (the prompt's own log-probabilities, as evaluation
+    harnesses ask); ``logprobs`` is how many most likely tokens to list beside each."""
+    if not isinstance(body, dict):
+        raise bad(f"the request body must be a JSON object, got {type(body).__name__}")
+    if body.get("suffix") not in (None, ""):
+        raise bad("'suffix' (insertion) is not supported", "suffix", "unsupported_parameter")
+    common = _sampling(body, limits)
+    best_of = body.get("best_of")
+    if best_of not in (None, common["n"]):
+        raise bad(f"'best_of' ({best_of!r}) is not supported unless it equals 'n'", "best_of", "unsupported_parameter")
+    raw = body.get("prompt")
+    if isinstance(raw, str) or (isinstance(raw, list) and raw and all(_is_id(t) for t in raw)):
+        prompts = [raw]
+    elif isinstance(raw, list) and raw and all(isinstance(p, str) or (isinstance(p, list) and p and
+                                                                      all(_is_id(t) for t in p)) for p in raw):
+        prompts = list(raw)
+    else:
+        raise bad("'prompt' must be a string, a list of strings, a list of token ids or a list of such lists "
+                  "(none empty)", "prompt")
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if not p:
+                raise bad(f"prompt {i} is empty", "prompt", "empty_prompt")
+            check_text(p, "prompt")
+    if len(prompts) * common["n"] > limits.max_choices:
+        raise bad(f"{len(prompts)} prompts x n {common['n']} = {len(prompts) * common['n']} answers; this server "
+                  f"gives at most {limits.max_choices} per request", "prompt", "too_many_choices")
+    echo = body.get("echo")
+    if echo is not None and not isinstance(echo, bool):
+        raise bad("'echo' must be true or false", "echo")
+    logprobs = body.get("logprobs")
+    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                 or not 0 <= logprobs <= MAX_COMPLETION_LOGPROBS):
+        raise bad(f"'logprobs' must be an integer from 0 to {MAX_COMPLETION_LOGPROBS} (the most likely tokens to "
+                  f"list beside each), got {logprobs!r}", "logprobs")
+    max_tokens = _max_tokens(body.get("max_tokens"), limits, lowest=0 if echo else 1)
+    if max_tokens is None:
+        max_tokens = min(COMPLETION_DEFAULT_MAX_TOKENS, limits.max_new_tokens)
+    req = ChatRequest(messages=[], max_tokens=max_tokens, min_tokens=_min_tokens(body, max_tokens),
+                      logprobs=logprobs, **common)
+    return CompletionRequest(prompts, req, bool(echo))
+
+
+def _is_id(t: Any) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool) and t >= 0
 
 
 def parse_logit_bias(bias: Any, limits: Limits) -> dict[int, float] | None:
@@ -658,6 +731,52 @@ def chunk(cid: str, model: str, created: int, delta: dict | None, finish: str | 
            "system_fingerprint": fingerprint,
            "choices": [] if delta is None else [{"index": index, "delta": delta, "finish_reason": finish,
                                                   "logprobs": logprobs_field(logprobs)}]}
+    if usage_ is not None:
+        out["usage"] = usage_
+    return out
+
+
+# ------------------------------------------------------ /v1/completions shapes
+
+def text_completion_id() -> str:
+    return f"cmpl-{uuid.uuid4().hex[:24]}"
+
+
+def legacy_logprobs(entries: list[dict], offset: int, widths: list[int | None] | None = None) -> tuple[dict, int]:
+    """Chat logprobs entries (``serve.logprobs.entry``) in the completions
+    API's shape: ``tokens``, ``token_logprobs``, ``top_logprobs`` (token text
+    -> logprob) and ``text_offset`` (each token's start in the choice's
+    text, from ``offset``; ``widths`` gives a token's length in the text
+    where it differs from its own, e.g. 0 for a BOS the server added), and
+    the offset after the last token."""
+    out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for k, e in enumerate(entries):
+        out["tokens"].append(e["token"])
+        out["token_logprobs"].append(e["logprob"])
+        top = e.get("top_logprobs")
+        out["top_logprobs"].append(None if top is None else {t["token"]: t["logprob"] for t in top})
+        out["text_offset"].append(offset)
+        offset += len(e["token"]) if widths is None or widths[k] is None else widths[k]
+    return out, offset
+
+
+def text_completion(cid: str, model: str, choices: list[tuple[str, str, dict | None]], prompt: int,
+                    completion_tokens: int, fingerprint: str | None = None) -> dict:
+    """A whole ``text_completion``: ``choices`` are (text, finish_reason, logprobs or None)."""
+    return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "system_fingerprint": fingerprint,
+            "choices": [{"index": i, "text": text, "logprobs": rated, "finish_reason": finish}
+                        for i, (text, finish, rated) in enumerate(choices)],
+            "usage": usage(prompt, completion_tokens)}
+
+
+def text_chunk(cid: str, model: str, created: int, index: int | None, text: str = "", finish: str | None = None,
+               logprobs: dict | None = None, usage_: dict | None = None, fingerprint: str | None = None) -> dict:
+    """One streamed ``text_completion`` event (``index`` None: the usage alone, no choice)."""
+    out = {"id": cid, "object": "text_completion", "created": created, "model": model,
+           "system_fingerprint": fingerprint,
+           "choices": [] if index is None else [{"index": index, "text": text, "logprobs": logprobs,
+                                                  "finish_reason": finish}]}
     if usage_ is not None:
         out["usage"] = usage_
     return out

@@ -388,6 +388,25 @@ def test_tool_calls_through_the_api(server):
             {"role": "tool", "tool_call_id": "call_unknown", "content": "10:30"}])
 
 
+def test_text_completions_through_the_api(server, tokenizer):
+    """``/v1/completions`` with the ``openai`` client: a raw prompt
+    continued (streamed the same), and scored with ``echo`` and
+    ``max_tokens`` 0 as evaluation harnesses do (the prompt's tokens, the
+    first unrated)."""
+    openai = pytest.importorskip("openai")
+    c = openai.OpenAI(base_url=server + "v1", api_key=API_KEY, max_retries=0)
+    res = c.completions.create(model="mmphi", prompt="The red circle", max_tokens=6, temperature=0)
+    assert res.object == "text_completion" and 1 <= res.usage.completion_tokens <= 6
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+        model="mmphi", prompt="The red circle", max_tokens=6, temperature=0, stream=True) if ch.choices)
+    assert streamed == res.choices[0].text
+    scored = c.completions.create(model="mmphi", prompt="The red circle", max_tokens=0, echo=True, logprobs=2)
+    lp = scored.choices[0].logprobs
+    assert scored.choices[0].text == "The red circle" and scored.usage.completion_tokens == 0
+    assert len(lp.tokens) == 1 + len(tokenizer.encode_text("The red circle")) and lp.token_logprobs[0] is None
+    assert all(v < 0 for v in lp.token_logprobs[1:]) and all(len(t) <= 2 for t in lp.top_logprobs[1:])
+
+
 def test_logprobs_through_the_api(server, tokenizer):
     """``logprobs`` and ``top_logprobs`` through HTTP with the ``openai``
     client: one entry per answer token, whose bytes join into the answer's

@@ -721,12 +721,13 @@ def test_unknown_routes_and_methods_are_errors_in_openai_shape(api):
     """Any /v1/ path the API lacks is a 404 naming the routes it has, a known
     path with another method a 405 with Allow; both in OpenAI's error shape,
     and the API answers next. ``GET /v1/models/{id}`` retrieves the model."""
-    r = api.get("/v1/completions")
+    r = api.get("/v1/embeddings")
     assert r.status_code == 404, r.text
     err = r.json()["error"]
     assert err["code"] == "not_found" and err["type"] == "invalid_request_error"
-    assert err["message"].startswith("no route GET /v1/completions; the API's routes are ")
+    assert err["message"].startswith("no route GET /v1/embeddings; the API's routes are ")
     assert "/v1/chat/completions" in err["message"] and "/v1/models/{model_id}" in err["message"]
+    assert "/v1/completions" in err["message"]
     r = api.get("/v1/chat/completions")
     assert r.status_code == 405 and r.headers["allow"] == "POST", r.text
     assert r.json()["error"] == {"message": "GET is not allowed on /v1/chat/completions; use POST", "type":
