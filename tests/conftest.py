@@ -38,6 +38,26 @@ def answer_ids(llm, call: dict, **extra) -> list[int]:
     return [t for m in streamed(llm, call, **extra) for t in m]
 
 
+def sentencepiece_tokenizer(pieces: list[str], specials: tuple[str, ...] = ()):
+    """A tokenizer of Phi-3's kind (SentencePiece BPE with byte fallback:
+    ``<0x0A>`` tokens, ``\u2581`` for a space) from a few ``pieces``, built
+    offline; ``specials`` are added as special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, **{f"<0x{b:02X}>": 1 + b for b in range(256)}}
+    for piece in pieces:
+        vocab[piece] = len(vocab)
+    sp = Tokenizer(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    sp.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=sp, unk_token="<unk>")
+    if specials:
+        hf.add_special_tokens({"additional_special_tokens": list(specials)})
+    return hf
+
+
 @pytest.fixture(scope="session")
 def tiny_cfg():
     from models.config import load_config

@@ -145,10 +145,9 @@ def test_token_bytes_join_into_the_text_for_both_kinds_of_tokenizer(tok):
     fallback (Phi-3's kind, built here from a small vocabulary): the bytes of
     a text's tokens, one by one, join into the text, also where a token holds
     part of a character."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     from serve.logprobs import TokenBytes, entry
+
+    from conftest import sentencepiece_tokenizer
 
     text = "the héllo wörld ✓ 的 <|user|> 😀 end"
     ids = tok.encode_text(text)
@@ -156,14 +155,7 @@ def test_token_bytes_join_into_the_text_for_both_kinds_of_tokenizer(tok):
     assert tb.byte_level and b"".join(tb(i) for i in ids) == text.encode()
     assert any(tb(i).decode("utf-8", errors="replace") != tb(i).decode("utf-8", errors="ignore") for i in ids)
 
-    vocab = {"<unk>": 0, **{f"<0x{b:02X}>": 1 + b for b in range(256)}}
-    for piece in ["\u2581the", "\u2581", "h", "l", "o", "w", "r", "d", "e", "n", "\u2581end"]:
-        vocab[piece] = len(vocab)
-    sp = Tokenizer(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True))
-    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
-    sp.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                    decoders.Strip(" ", 1, 0)])
-    hf = PreTrainedTokenizerFast(tokenizer_object=sp, unk_token="<unk>")
+    hf = sentencepiece_tokenizer(["\u2581the", "\u2581", "h", "l", "o", "w", "r", "d", "e", "n", "\u2581end"])
     sp_ids = hf(text.replace(" <|user|>", ""), add_special_tokens=False)["input_ids"]
     sb = TokenBytes(hf)
     assert not sb.byte_level and any(1 <= i <= 256 for i in sp_ids)

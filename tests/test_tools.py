@@ -274,6 +274,33 @@ def test_auto_leaves_text_free_until_a_call_opens(tiny_model):
         structural_tag([ADD], "paint")
 
 
+def test_calls_are_held_with_a_tokenizer_of_phi3s_kind():
+    """With SentencePiece byte fallback (Phi-3's tokenizer kind: a newline
+    is the ``<0x0A>`` token, a space ``\u2581``), a call as that tokenizer
+    encodes it is accepted and may end; a call of an unoffered function, or
+    text before a required call, is not."""
+    from serve.grammar import Grammars
+
+    from conftest import sentencepiece_tokenizer
+
+    hf = sentencepiece_tokenizer(["\u2581", "tool", "_call", "name", "arguments", "paint", "colour", "red", "add"],
+                                 specials=("<|end|>",))
+    stop = hf.convert_tokens_to_ids("<|end|>")
+    grammars = Grammars(hf, len(hf), [stop])
+
+    def takes(choice: str, text: str) -> bool:
+        c = grammars.constraint(spec(choice))
+        ids = hf(text, add_special_tokens=False)["input_ids"]
+        assert any(1 <= i <= 256 for i in ids)  # byte tokens among them
+        return all(c.accept(t) for t in ids) and c.accept(stop) and c.finished
+
+    call = call_text("paint", {"colour": "red"})  # encoded "\u2581", "<0x3C>" ...: the space the tokenizer adds
+    assert takes("required", call) and takes("paint", call) and takes("auto", "Sure. " + call)
+    assert takes("required", call + "\n" + call_text("add", {"a": 1, "b": 2}))
+    assert not takes("add", call) and not takes("required", "Sure. " + call)
+    assert not takes("required", call_text("mul", {"a": 1}))
+
+
 # ---------------------------------------------------------------- the API
 
 class ScriptedLLM:
