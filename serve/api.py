@@ -170,29 +170,16 @@ def build_api(service: ChatService, *, api_key: str | None, mount_ui: bool = Tru
         prep = await service.prepare(req)
         cid = completion_id()
         if not req.stream:  # n answers side by side (one LLM replica batches them: the same affinity key)
-            try:
-                async with asyncio.TaskGroup() as group:  # one failing cancels the others
-                    tasks = [group.create_task(service.complete(req, prep, i)) for i in range(req.n)]
-            except ExceptionGroup as eg:  # the first error is the response (a 503 for a full queue ...)
-                raise eg.exceptions[0] from None
-            results = [t.result() for t in tasks]
+            results = await side_by_side([service.complete(req, prep, i) for i in range(req.n)])
             return completion(cid, model_name, [(r.text, r.finish_reason, r.logprobs, r.tool_calls) for r in results],
                               prep.prompt_tokens, sum(r.completion_tokens for r in results), fingerprint)
 
-        # the first piece of each answer before any header: a refusal until then (a full queue: 503) is an
-        # HTTP error
         results: list[dict] = [{} for _ in range(req.n)]
         answers = [service.answer(prep, req, results[i], i) for i in range(req.n)]
-        firsts = await asyncio.gather(*[_first(a) for a in answers], return_exceptions=True)
-        failed = next((f for f in firsts if isinstance(f, BaseException)), None)
-        if failed is not None:
-            for a in answers:
-                await a.aclose()
-            raise failed
+        firsts = await opened(answers)
 
-        async def events():
+        async def events(merged):
             created = int(time.time())
-
             sent = [0] * req.n  # logprobs entries sent per choice
             calls = [0] * req.n  # tool calls sent per choice
 
@@ -206,30 +193,17 @@ def build_api(service: ChatService, *, api_key: str | None, mount_ui: bool = Tru
 
             for i in range(req.n):
                 yield event({"role": "assistant", "content": ""}, index=i)
-            merged = interleave(answers, firsts)
-            try:
-                async for i, delta in merged:
-                    if isinstance(delta, dict):  # a call, whole: its index among the choice's calls, id, name, args
-                        calls[i] += 1
-                        yield event({"tool_calls": [{"index": calls[i] - 1, **delta}]}, index=i)
-                        continue
-                    yield event({"content": delta}, index=i) if delta is not None else \
-                        event({}, results[i]["finish_reason"], index=i)
-                if req.include_usage:
-                    yield event(None, usage_=usage(prep.prompt_tokens, sum(r["completion_tokens"] for r in results)))
-            except Exception as e:  # noqa: BLE001 - headers are sent: report in the stream
-                log.exception("error while streaming %s", cid)
-                err = e if isinstance(e, APIError) else internal_error("generation failed", e)
-                count_error(err)
-                yield sse(err.body())
-            finally:  # also when the client went away: the LLM calls end with their answers
-                await merged.aclose()
-                for a in answers:
-                    await a.aclose()
-            yield "data: [DONE]\n\n"
+            async for i, delta in merged:
+                if isinstance(delta, dict):  # a call, whole: its index among the choice's calls, id, name, args
+                    calls[i] += 1
+                    yield event({"tool_calls": [{"index": calls[i] - 1, **delta}]}, index=i)
+                    continue
+                yield event({"content": delta}, index=i) if delta is not None else \
+                    event({}, results[i]["finish_reason"], index=i)
+            if req.include_usage:
+                yield event(None, usage_=usage(prep.prompt_tokens, sum(r["completion_tokens"] for r in results)))
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return event_stream(cid, answers, firsts, events)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -268,12 +242,7 @@ def build_api(service: ChatService, *, api_key: str | None, mount_ui: bool = Tru
             return head_rates[p][1] if head_rates[p] else 0
 
         if not req.stream:
-            try:
-                async with asyncio.TaskGroup() as group:
-                    tasks = [group.create_task(service.complete(req, preps[p], i)) for p, i in jobs]
-            except ExceptionGroup as eg:
-                raise eg.exceptions[0] from None
-            results = [t.result() for t in tasks]
+            results = await side_by_side([service.complete(req, preps[p], i) for p, i in jobs])
             choices = []
             for (p, _), r in zip(jobs, results):
                 lp = None
@@ -287,14 +256,9 @@ def build_api(service: ChatService, *, api_key: str | None, mount_ui: bool = Tru
 
         results: list[dict] = [{} for _ in jobs]
         answers = [service.answer(preps[p], req, results[k], i) for k, (p, i) in enumerate(jobs)]
-        firsts = await asyncio.gather(*[_first(a) for a in answers], return_exceptions=True)
-        failed = next((f for f in firsts if isinstance(f, BaseException)), None)
-        if failed is not None:
-            for a in answers:
-                await a.aclose()
-            raise failed
+        firsts = await opened(answers)
 
-        async def events():
+        async def events(merged):
             created = int(time.time())
             sent = [0] * len(jobs)  # logprobs entries sent per choice
             offset = [start(p) for p, _ in jobs]  # where the next entry's text starts
@@ -311,26 +275,13 @@ def build_api(service: ChatService, *, api_key: str | None, mount_ui: bool = Tru
                 for k, (p, _) in enumerate(jobs):
                     yield sse(text_chunk(cid, model_name, created, k, heads[p], None,
                                          head_rates[p][0] if head_rates[p] else None, fingerprint=fingerprint))
-            merged = interleave(answers, firsts)
-            try:
-                async for k, delta in merged:
-                    yield event(k, delta) if delta is not None else event(k, "", results[k]["finish_reason"])
-                if req.include_usage:
-                    yield sse(text_chunk(cid, model_name, created, None, fingerprint=fingerprint, usage_=usage(
-                        prompt_tokens, sum(r["completion_tokens"] for r in results))))
-            except Exception as e:  # noqa: BLE001 - headers are sent: report in the stream
-                log.exception("error while streaming %s", cid)
-                err = e if isinstance(e, APIError) else internal_error("generation failed", e)
-                count_error(err)
-                yield sse(err.body())
-            finally:  # also when the client went away: the LLM calls end with their answers
-                await merged.aclose()
-                for a in answers:
-                    await a.aclose()
-            yield "data: [DONE]\n\n"
+            async for k, delta in merged:
+                yield event(k, delta) if delta is not None else event(k, "", results[k]["finish_reason"])
+            if req.include_usage:
+                yield sse(text_chunk(cid, model_name, created, None, fingerprint=fingerprint, usage_=usage(
+                    prompt_tokens, sum(r["completion_tokens"] for r in results))))
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return event_stream(cid, answers, firsts, events)
 
     # OpenAI's name for its Whisper model (clients send it), this server's name, the Whisper size
     asr_models = {"whisper-1", model_name, str(service.source.cfg.speech.model)}
@@ -399,6 +350,54 @@ def build_api(service: ChatService, *, api_key: str | None, mount_ui: bool = Tru
                                                 "(any user name).") if api_key else None)
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
     return app
+
+
+async def side_by_side(calls: list) -> list:
+    """Await ``calls`` together; one failing cancels the others, and its
+    error is the response (a 503 for a full queue ...)."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(c) for c in calls]
+    except ExceptionGroup as eg:
+        raise eg.exceptions[0] from None
+    return [t.result() for t in tasks]
+
+
+async def opened(answers: list) -> list[list]:
+    """Each streamed answer's first piece, read before any header is sent,
+    so a refusal until then (a full queue: 503) is an HTTP error; on one,
+    every answer is closed and it is raised."""
+    firsts = await asyncio.gather(*[_first(a) for a in answers], return_exceptions=True)
+    failed = next((f for f in firsts if isinstance(f, BaseException)), None)
+    if failed is not None:
+        for a in answers:
+            await a.aclose()
+        raise failed
+    return firsts
+
+
+def event_stream(cid: str, answers: list, firsts: list, events) -> StreamingResponse:
+    """Server-sent events: ``events(merged)`` turns the answers' pieces, as
+    they come (``interleave``), into events; an error once the headers are
+    sent is reported in the stream; ``data: [DONE]`` ends it."""
+    async def stream():
+        merged = interleave(answers, firsts)
+        try:
+            async for item in events(merged):
+                yield item
+        except Exception as e:  # noqa: BLE001 - headers are sent: report in the stream
+            log.exception("error while streaming %s", cid)
+            err = e if isinstance(e, APIError) else internal_error("generation failed", e)
+            count_error(err)
+            yield sse(err.body())
+        finally:  # also when the client went away: the LLM calls end with their answers
+            await merged.aclose()
+            for a in answers:
+                await a.aclose()
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 async def _first(answer) -> list[str]:

@@ -21,7 +21,7 @@ from serve.protocol import APIError, parse_chat_request
 from serve.settings import Limits
 
 from conftest import answer_ids
-from test_batching import prompt
+from test_serve_protocol import api  # noqa: F401 - the API with a stand-in service (a fixture)
 
 LIMITS = Limits(max_schema_bytes=3000, max_tools=3)
 ADD = {"name": "add", "description": "Adds two small numbers.",
@@ -330,19 +330,6 @@ class ScriptedLLM:
                 pass
 
         return Stream()
-
-
-@pytest.fixture
-def api(tok, tiny_cfg):
-    from starlette.testclient import TestClient
-
-    from serve.api import build_api
-    from test_serve_protocol import fake_service
-
-    service = fake_service(tok, tiny_cfg)
-    with TestClient(build_api(service, api_key=None, mount_ui=False), raise_server_exceptions=False) as c:
-        c.service = service
-        yield c
 
 
 def test_calls_come_back_in_openai_shape_streamed_or_not(api, tok):
