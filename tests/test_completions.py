@@ -5,7 +5,6 @@ several prompts per request; through the API with the LLM replica class
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 
