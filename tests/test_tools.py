@@ -21,7 +21,7 @@ from serve.protocol import APIError, parse_chat_request
 from serve.settings import Limits
 
 from conftest import answer_ids
-from test_serve_protocol import api  # noqa: F401 - the API with a stand-in service (a fixture)
+from test_serve_protocol import StubLLM, api  # noqa: F401 - api: the API with a stand-in service (a fixture)
 
 LIMITS = Limits(max_schema_bytes=3000, max_tools=3)
 ADD = {"name": "add", "description": "Adds two small numbers.",
@@ -303,33 +303,17 @@ def test_calls_are_held_with_a_tokenizer_of_phi3s_kind():
 
 # ---------------------------------------------------------------- the API
 
-class ScriptedLLM:
+class ScriptedLLM(StubLLM):
     """An LLM handle that answers every call with the tokens of ``text``, a few at a time, and records the calls."""
 
     def __init__(self, tok, text: str):
-        self.ids, self.calls = tok.encode_text(text) + [tok.ids.end], []
+        super().__init__()
+        self.ids = tok.encode_text(text) + [tok.ids.end]
 
-    def options(self, **_):
-        return self
-
-    @property
-    def generate(self):
-        return self
-
-    def remote(self, call: dict):
-        self.calls.append(dict(call))
-        ids = self.ids
-
-        class Stream:
-            async def __aiter__(s):
-                for k in range(0, len(ids), 3):
-                    await asyncio.sleep(0)
-                    yield ids[k:k + 3]
-
-            def cancel(s):
-                pass
-
-        return Stream()
+    async def tokens(self, call: dict, k: int):
+        for at in range(0, len(self.ids), 3):
+            await asyncio.sleep(0)
+            yield self.ids[at:at + 3]
 
 
 def test_calls_come_back_in_openai_shape_streamed_or_not(api, tok):
