@@ -12,6 +12,7 @@ from serve.protocol import APIError, parse_completion_request
 from serve.settings import Limits
 
 from conftest import answer_ids
+from test_serve_protocol import StubLLM
 
 LIMITS = Limits(max_choices=4, max_new_tokens=32)
 
@@ -186,7 +187,6 @@ def test_echo_with_an_answer_streamed_or_not_and_several_prompts(api, tok):
     from test_serve_protocol import sse_chunks
 
     chunks = sse_chunks(r.text)
-    split_up = 0  # answers whose entries came in more than one chunk (their offsets carry on)
     for k, c in enumerate(choices):
         mine = [ch["choices"][0] for ch in chunks if ch["choices"] and ch["choices"][0]["index"] == k]
         assert "".join(m["text"] for m in mine) == c["text"]
@@ -197,8 +197,7 @@ def test_echo_with_an_answer_streamed_or_not_and_several_prompts(api, tok):
         assert [None if t is None else sorted(t) for t in joined["top_logprobs"]] == \
             [None if t is None else sorted(t) for t in c["logprobs"]["top_logprobs"]]
         assert mine[-1]["finish_reason"] == c["finish_reason"]
-        split_up += sum(bool(m["logprobs"] and m["logprobs"]["tokens"]) for m in mine[1:]) > 1
-    assert split_up and chunks[-1]["choices"] == [] and chunks[-1]["usage"] == used
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == used
 
 
 @pytest.mark.parametrize("body, status, words", [
@@ -212,3 +211,43 @@ def test_bad_prompts_are_refused_in_words(api, tok, body, status, words):
     assert r.status_code == status and words in r.json()["error"]["message"], r.text
     image = api.post("/v1/completions", json={"prompt": [tok.ids.image, 5]})
     assert image.status_code == 400 and "the image placeholder" in image.json()["error"]["message"]
+
+
+class RatedLLM(StubLLM):
+    """An LLM handle that streams ``text``'s tokens one message each, rated
+    -1, -2, ... with one alternative, as the replica does for logprobs."""
+
+    def __init__(self, tok, text: str):
+        super().__init__()
+        self.ids = tok.encode_text(text)
+
+    async def tokens(self, call: dict, k: int):
+        for j, t in enumerate(self.ids):
+            yield {"ids": [t], "logprobs": [[-1.0 - j, [[t, -0.5]]]]}
+
+
+def test_streamed_logprobs_carry_their_offsets_on_from_chunk_to_chunk(tok, tiny_cfg):
+    """Each token in its own chunk: the offsets run on through the answer's
+    text, streamed as whole (the first chunks' entries start where the text so far ends)."""
+    from starlette.testclient import TestClient
+
+    from serve.api import build_api
+    from test_serve_protocol import fake_service, sse_chunks
+
+    text = "the red circle"
+    service = fake_service(tok, tiny_cfg)
+    service.llm = RatedLLM(tok, text)
+    with TestClient(build_api(service, api_key=None, mount_ui=False), raise_server_exceptions=False) as api:
+        body = {"prompt": "x", "max_tokens": 30, "logprobs": 1}
+        whole = api.post("/v1/completions", json=body).json()["choices"][0]
+        chunks = [c["choices"][0] for c in sse_chunks(api.post("/v1/completions", json={**body, "stream": True}).text)
+                  if c["choices"]]
+    lp = whole["logprobs"]
+    n = len(tok.encode_text(text))
+    assert whole["text"] == text and lp["token_logprobs"] == [-1.0 - j for j in range(n)]
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:k]) for k in range(n)]
+    assert [text[o:o + len(t)] for o, t in zip(lp["text_offset"], lp["tokens"])] == lp["tokens"]
+    rated = [c["logprobs"] for c in chunks if c["logprobs"] and c["logprobs"]["tokens"]]
+    assert len(rated) > 1  # in several chunks
+    assert [o for r in rated for o in r["text_offset"]] == lp["text_offset"]
+    assert "".join(c["text"] for c in chunks) == text
