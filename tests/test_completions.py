@@ -200,6 +200,33 @@ def test_echo_with_an_answer_streamed_or_not_and_several_prompts(api, tok):
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == used
 
 
+def test_the_log_likelihood_request_of_evaluation_harnesses(api, llm, tok):
+    """lm-evaluation-harness' ``local-completions`` scores a continuation
+    with prompts of token ids, ``echo``, ``logprobs`` 1, ``max_tokens`` 1
+    and temperature 0, then sums ``token_logprobs[ctxlen:-1]`` and calls it
+    greedy when each equals the best of its ``top_logprobs``: here, for the
+    model's own greedy continuation (greedy) and another one (not), both
+    summing to the model's log-probabilities."""
+    context = [tok.ids.bos] + tok.encode_text("the red circle")
+    greedy = answer_ids(llm, {"input_ids": context, "image_features": None, "max_new_tokens": 4,
+                              "min_new_tokens": 4})
+    other = [t + 1 if t + 1 < len(tok) - 10 else t - 1 for t in greedy]
+    r = api.post("/v1/completions", json={"model": "mmphi", "prompt": [context + greedy, context + other],
+                                          "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234,
+                                          "echo": True})
+    assert r.status_code == 200, r.text
+    found = []
+    for choice, cont in zip(sorted(r.json()["choices"], key=lambda c: c["index"]), (greedy, other)):
+        lp = choice["logprobs"]
+        assert len(lp["token_logprobs"]) == len(context) + len(cont) + 1  # the prompt, then the one new token
+        scored, tops = lp["token_logprobs"][len(context):-1], lp["top_logprobs"][len(context):-1]
+        ref = reference_logprobs(llm.model, context + cont)
+        assert sum(scored) == pytest.approx(sum(float(ref[len(context) - 1 + j, t]) for j, t in enumerate(cont)),
+                                            abs=1e-3)
+        found.append(all(v == max(top.values()) for v, top in zip(scored, tops)))
+    assert found == [True, False]
+
+
 @pytest.mark.parametrize("body, status, words", [
     ({"prompt": [5, 999999]}, 400, "token id 999999, outside the vocabulary"),
     ({"prompt": "x " * 1100}, 400, "over the model's context of 1024 tokens"),
