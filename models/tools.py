@@ -31,6 +31,7 @@ CALL_CLOSE = "</tool_call>"
 _CALL_BEGIN = CALL_OPEN + '\n{"name": "'  # + name + _ARGS, then the arguments object, then _CALL_END
 _ARGS = '", "arguments": '
 _CALL_END = "}\n" + CALL_CLOSE
+_CLOSE = "\n" + CALL_CLOSE  # a call ends at a newline and the closing tag: JSON strings hold no raw newline
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
 CHOICES = ("none", "auto", "required")  # or a function's name: that function must be called
 
@@ -123,8 +124,9 @@ class CallStream:
 
     ``push`` takes the next piece of text and returns what is settled, in
     order: strings of content and :class:`ToolCall` items. Text that may be
-    the start of ``<tool_call>``, and a call until its closing tag, are held
-    back. Whitespace waits until other text follows it, and whitespace
+    the start of ``<tool_call>``, and a call until its closing tag (on a
+    line of its own: an argument may hold the tag's text, never a raw
+    newline), are held back. Whitespace waits until other text follows it, and whitespace
     around calls is dropped, so the content neither ends with nor (after a
     call) starts with blank lines. A call that does not parse, or that the
     answer's end cuts off, is content as written."""
@@ -138,16 +140,17 @@ class CallStream:
     def push(self, text: str, final: bool = False) -> list:
         self.buf += text
         out: list = []
-        while (start := self.buf.find(CALL_OPEN)) >= 0 and (end := self.buf.find(CALL_CLOSE, start)) >= 0:
+        while (start := self.buf.find(CALL_OPEN)) >= 0 and (end := self.buf.find(_CLOSE, start)) >= 0:
             call = parse_call(self.buf[start + len(CALL_OPEN):end])
+            end += len(_CLOSE)
             if call is None:  # not a call: text as written
-                self._text(self.buf[:end + len(CALL_CLOSE)], out)
+                self._text(self.buf[:end], out)
             else:
                 self._text(self.buf[:start], out)
                 self.space, self.after_call = "", True
                 self.calls += 1
                 out.append(call)
-            self.buf = self.buf[end + len(CALL_CLOSE):]
+            self.buf = self.buf[end:]
         if final:
             cut = len(self.buf)
         else:

@@ -149,8 +149,8 @@ def test_calls_turn_into_text_and_back():
     assert json.loads(listed[0])["function"]["parameters"] == ADD["parameters"]
 
 
-ANSWER = ("Let me add them.\n\n" + call_text("add", {"a": 2, "b": 3}) + "\n" + call_text("paint", {"colour": "red"})
-          + "\n\n<tool_call>not json</tool_call> Done.  ")
+ANSWER = ("Let me add them.\n\n" + call_text("add", {"a": 2, "b": 3}) + "\n"
+          + call_text("say", {"text": "<tool_call>x</tool_call>"}) + "\n\n<tool_call>\nnot json\n</tool_call> Done.  ")
 
 
 def split(pieces: list[str]) -> list:
@@ -165,8 +165,9 @@ def test_an_answer_splits_into_content_and_calls_wherever_it_is_cut():
     whole: the blank lines around calls dropped, a tag that does not hold a
     call kept as text, trailing whitespace dropped."""
     whole = split([ANSWER])
-    assert whole == ["Let me add them.", ToolCall("add", '{"a": 2, "b": 3}'), ToolCall("paint", '{"colour": "red"}'),
-                     "<tool_call>not json</tool_call>", " Done."]
+    assert whole == ["Let me add them.", ToolCall("add", '{"a": 2, "b": 3}'),
+                     ToolCall("say", '{"text": "<tool_call>x</tool_call>"}'), "<tool_call>\nnot json\n</tool_call>",
+                     " Done."]
     rng = random.Random(0)
     for _ in range(300):
         cuts = sorted(rng.sample(range(1, len(ANSWER)), rng.randint(1, 30)))
@@ -326,10 +327,10 @@ def test_calls_come_back_in_openai_shape_streamed_or_not(api, tok):
     choice = r.json()["choices"][0]
     assert choice["finish_reason"] == "tool_calls"
     message = choice["message"]
-    assert message["content"] == "Let me add them.<tool_call>not json</tool_call>"  # no blank lines around calls
+    assert message["content"] == "Let me add them.<tool_call>\nnot json\n</tool_call>"  # no blank lines around calls
     calls = message["tool_calls"]
     assert [(c["type"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
-        [("function", "add", {"a": 2, "b": 3}), ("function", "paint", {"colour": "red"})]
+        [("function", "add", {"a": 2, "b": 3}), ("function", "say", {"text": "<tool_call>x</tool_call>"})]
     assert all(c["id"].startswith("call_") for c in calls) and calls[0]["id"] != calls[1]["id"]
     sent = llm.calls[0]
     assert json.loads(sent["response_format"]["tag"]) == structural_tag(parse(tools=TOOLS).tools, "auto")
