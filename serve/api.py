@@ -2,6 +2,8 @@
 
 Routes: ``POST /v1/chat/completions`` (JSON or server-sent events),
 ``POST /v1/completions`` (raw prompts, ``echo`` scores them),
+``POST /tokenize``, ``POST /detokenize`` and ``GET /tokenizer_info`` (the
+served tokenizer, in vLLM's shape, which evaluation harnesses use),
 ``POST /v1/audio/transcriptions`` (multipart), ``GET /v1/models``,
 ``GET /v1/models/{id}``, ``GET /healthz``; the Gradio chat page is mounted
 at ``/``. Every error is JSON in OpenAI's shape, ``{"error": {"message",
@@ -23,7 +25,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from .chat import ChatService, cause_of
 from .loading import system_fingerprint
 from .metrics import APIMetrics
-from .protocol import (APIError, bad, chunk, completion, completion_id, legacy_logprobs, parse_chat_request,
+from .protocol import (APIError, bad, check_text, chunk, completion, completion_id, legacy_logprobs, parse_chat_request,
                        parse_completion_request, parse_json_body, parse_transcription_form, text_chunk,
                        text_completion, text_completion_id, usage)
 
@@ -54,15 +56,24 @@ def internal_error(prefix: str, exc: BaseException) -> APIError:
     return APIError(500, f"{prefix}: {type(inner).__name__}" + (f": {lines[0]}" if lines else ""))
 
 
+TOKENIZER_ROUTES = ("/tokenize", "/detokenize", "/tokenizer_info")
+
+
+def guarded(path: str) -> bool:
+    """Whether a path is the API's (an API key guards it, its bodies are limited)."""
+    return path.startswith("/v1/") or path in TOKENIZER_ROUTES
+
+
 class BodyLimit:
     """ASGI middleware: refuse request bodies over ``limit`` bytes with 413,
-    from the Content-Length header or while reading a body sent without one."""
+    from the Content-Length header or while reading a body sent without one
+    (on the API's paths)."""
 
-    def __init__(self, app, limit: int, prefix: str = "/v1/"):
-        self.app, self.limit, self.prefix = app, limit, prefix
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope["path"].startswith(self.prefix):
+        if scope["type"] != "http" or not guarded(scope["path"]):
             return await self.app(scope, receive, send)
         too_big = APIError(413, f"request body is over the limit of {self.limit} bytes",
                            code="request_too_large")
@@ -114,7 +125,7 @@ def build_api(service: ChatService, *, api_key: str | None, mount_ui: bool = Tru
 
     @app.middleware("http")
     async def _guard(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
+        if api_key and guarded(request.url.path):
             header = request.headers.get("authorization", "")
             given = header[7:].strip() if header.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(given.encode(), api_key.encode()):
@@ -282,6 +293,58 @@ def build_api(service: ChatService, *, api_key: str | None, mount_ui: bool = Tru
                     prompt_tokens, sum(r["completion_tokens"] for r in results))))
 
         return event_stream(cid, answers, firsts, events)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        """The served tokenizer's special tokens and context, as vLLM's server gives them."""
+        hf = service.tok.hf
+        return {"tokenizer_class": type(hf).__name__, "bos_token": hf.bos_token, "eos_token": hf.eos_token,
+                "pad_token": hf.pad_token, "unk_token": hf.unk_token, "model_max_length": service.context_length,
+                "vocab_size": len(service.tok)}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        """``{"prompt": text, "add_special_tokens": true}`` -> the ids
+        ``/v1/completions`` would feed for that prompt (the BOS first unless
+        ``add_special_tokens`` is false; text stays text), or ``{"messages":
+        [...]}`` -> the ids of that chat's prompt, with the template, the
+        system prompt and each image's placeholder tokens (audio must be
+        transcribed first: refused)."""
+        body = parse_json_body(await request.body())
+        if not isinstance(body, dict):
+            raise bad("the request body must be a JSON object with a 'prompt' or 'messages'")
+        special = body.get("add_special_tokens", True)
+        if not isinstance(special, bool):
+            raise bad("'add_special_tokens' must be true or false", "add_special_tokens")
+        if body.get("messages") is not None:
+            from .protocol import parse_messages
+
+            messages = parse_messages(body["messages"], limits, allow_remote=True)
+            if any(p.kind == "audio" for m in messages for p in m.parts):
+                raise bad("audio parts are transcribed before they count as tokens; send their text",
+                          "messages", "unsupported_parameter")
+            ids = service.chat_prompt_ids(messages)
+        else:
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str):
+                raise bad("'prompt' must be a string (or send 'messages')", "prompt")
+            ids = service.tok.encode_text(check_text(prompt, "prompt"))
+            if special and service.tok.ids.bos is not None:
+                ids = [service.tok.ids.bos] + ids
+        return {"tokens": ids, "count": len(ids), "max_model_len": service.context_length}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        """``{"tokens": [ids]}`` -> ``{"prompt": their text}`` (control tokens written out)."""
+        body = parse_json_body(await request.body())
+        tokens = body.get("tokens") if isinstance(body, dict) else None
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise bad("'tokens' must be a list of token ids", "tokens")
+        outside = next((t for t in tokens if not 0 <= t < len(service.tok)), None)
+        if outside is not None:
+            raise bad(f"token id {outside} is outside the vocabulary of {len(service.tok)} tokens", "tokens",
+                      "invalid_token_id")
+        return {"prompt": service.tok.decode(tokens, skip_special_tokens=False)}
 
     # OpenAI's name for its Whisper model (clients send it), this server's name, the Whisper size
     asr_models = {"whisper-1", model_name, str(service.source.cfg.speech.model)}

@@ -271,6 +271,10 @@ class ChatService:
                 raise bad(f"'logit_bias' names token id {outside[0]}, outside the vocabulary of {len(self.tok)} "
                           "tokens", "logit_bias", "invalid_token_id")
 
+    def chat_prompt_ids(self, messages: list[Message]) -> list[int]:
+        """A chat's prompt ids as ``prepare`` builds them (before any trimming to the context)."""
+        return self._encode(messages).input_ids
+
     # ------------------------------------------------ /v1/completions prompts
     def prompt_ids(self, prompt: str | list[int], max_new: int, where: str = "prompt") -> tuple[list[int], bool]:
         """A completions prompt's token ids, and whether the server added a

@@ -278,3 +278,44 @@ def test_streamed_logprobs_carry_their_offsets_on_from_chunk_to_chunk(tok, tiny_
     assert len(rated) > 1  # in several chunks
     assert [o for r in rated for o in r["text_offset"]] == lp["text_offset"]
     assert "".join(c["text"] for c in chunks) == text
+
+
+def test_the_tokenizer_routes_answer_in_vllms_shape(tok, tiny_cfg):
+    """``/tokenizer_info``, ``/tokenize`` and ``/detokenize``, as the remote
+    tokenizer of evaluation harnesses asks for them (and guarded by the API
+    key): a prompt's ids are the ones ``/v1/completions`` feeds, a chat's the
+    ones the chat API feeds."""
+    import base64
+
+    from starlette.testclient import TestClient
+
+    from models.conversation import encode_conversation
+    from serve.api import build_api
+    from test_serve_protocol import fake_service
+
+    service = fake_service(tok, tiny_cfg)
+    with TestClient(build_api(service, api_key="k", mount_ui=False), raise_server_exceptions=False) as api:
+        assert api.post("/tokenize", json={"prompt": "x"}).status_code == 401
+        api.headers["Authorization"] = "Bearer k"
+        info = api.get("/tokenizer_info").json()
+        assert info["eos_token"] == "<|endoftext|>" and info["model_max_length"] == 1024
+        text = "the <|user|> red circle"
+        r = api.post("/tokenize", json={"prompt": text, "add_special_tokens": False}).json()
+        assert r["tokens"] == tok.encode_text(text) and r["count"] == len(r["tokens"])
+        assert api.post("/tokenize", json={"prompt": text}).json()["tokens"] == [tok.ids.bos] + r["tokens"]
+        assert api.post("/detokenize", json={"tokens": r["tokens"]}).json() == {"prompt": text}
+        png = "data:image/png;base64," + base64.b64encode(b"\x89PNG not decoded").decode()
+        chat = [{"role": "user", "content": [{"type": "text", "text": "What?"},
+                                             {"type": "image_url", "image_url": {"url": png}}]}]
+        ids = api.post("/tokenize", json={"messages": chat}).json()["tokens"]
+        assert ids == encode_conversation(tok, [{"role": "user", "content": [{"type": "text", "text": "What?"},
+                                                                             {"type": "image"}]}],
+                                          service.num_image_tokens, add_generation_prompt=True,
+                                          system_prompt=tiny_cfg.tokenizer.system_prompt).input_ids
+        for body, words in (({"tokens": [1, 99999]}, "outside the vocabulary"), ({"tokens": "1 2"}, "list of token"),
+                            ({"prompt": 5}, "'prompt' must be a string"),
+                            ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {
+                                "data": base64.b64encode(b"RIFF").decode(), "format": "wav"}}]}]}, "transcribed")):
+            path = "/detokenize" if "tokens" in body else "/tokenize"
+            r = api.post(path, json=body)
+            assert r.status_code == 400 and words in r.json()["error"]["message"], (body, r.text)

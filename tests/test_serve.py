@@ -388,11 +388,11 @@ def test_tool_calls_through_the_api(server):
             {"role": "tool", "tool_call_id": "call_unknown", "content": "10:30"}])
 
 
-def test_text_completions_through_the_api(server, tokenizer):
+def test_text_completions_through_the_api(server, client, tokenizer):
     """``/v1/completions`` with the ``openai`` client: a raw prompt
     continued (streamed the same), and scored with ``echo`` and
     ``max_tokens`` 0 as evaluation harnesses do (the prompt's tokens, the
-    first unrated)."""
+    first unrated); the tokenizer routes beside the chat page."""
     openai = pytest.importorskip("openai")
     c = openai.OpenAI(base_url=server + "v1", api_key=API_KEY, max_retries=0)
     res = c.completions.create(model="mmphi", prompt="The red circle", max_tokens=6, temperature=0)
@@ -405,6 +405,9 @@ def test_text_completions_through_the_api(server, tokenizer):
     assert scored.choices[0].text == "The red circle" and scored.usage.completion_tokens == 0
     assert len(lp.tokens) == 1 + len(tokenizer.encode_text("The red circle")) and lp.token_logprobs[0] is None
     assert all(v < 0 for v in lp.token_logprobs[1:]) and all(len(t) <= 2 for t in lp.top_logprobs[1:])
+    assert "eos_token" in client.get("/tokenizer_info").json()
+    ids = client.post("/tokenize", json={"prompt": "The red circle"}).json()["tokens"]
+    assert lp.tokens == [tokenizer.decode([t], skip_special_tokens=False) for t in ids]
 
 
 def test_logprobs_through_the_api(server, tokenizer):
