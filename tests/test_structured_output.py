@@ -227,6 +227,29 @@ def test_the_mask_leaves_exactly_the_allowed_tokens(grammars):
     assert not torch.isfinite(scores[1, grammars.vocab_size:]).any()
 
 
+def test_json_answers_may_start_with_the_space_of_phi3s_tokenizer_kind():
+    """A SentencePiece tokenizer with byte fallback (Phi-3's kind) encodes
+    an answer's text after a space ("\u2581{"): that one space is allowed
+    before the JSON, two are not, and none is needed."""
+    from serve.grammar import Grammars
+
+    from conftest import sentencepiece_tokenizer
+
+    hf = sentencepiece_tokenizer(["\u2581", "colour", "red", "count", "big", "true"], specials=("<|end|>",))
+    stop = hf.convert_tokens_to_ids("<|end|>")
+    grammars = Grammars(hf, len(hf), [stop])
+
+    def takes(ids: list[int]) -> bool:
+        c = grammars.constraint(SCENE_SPEC)
+        return all(c.accept(t) for t in ids) and c.accept(stop) and c.finished
+
+    answer = '{"colour": "red", "count": 2, "big": true}'
+    ids = hf(answer, add_special_tokens=False)["input_ids"]
+    space = hf.convert_tokens_to_ids("\u2581")
+    assert ids[0] == space and takes(ids) and takes(ids[1:])
+    assert not takes([space] + ids)
+
+
 def grammars_token_starts_object(grammars, token: int) -> bool:
     """Whether a fresh SCENE matcher accepts ``token`` first."""
     return grammars.constraint(SCENE_SPEC).accept(token)
