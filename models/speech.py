@@ -50,6 +50,10 @@ class AudioDecodeError(ValueError):
     """The input is not decodable audio (or is too long); the message says why."""
 
 
+class TranslationUnsupported(ValueError):
+    """Translation asked of an English-only Whisper model."""
+
+
 def language_code(value: str) -> str:
     """A Whisper language code from a code or a name ('en', 'English',
     'castilian'); a ValueError naming the value for anything else."""
@@ -234,9 +238,16 @@ class SpeechRecognizer:
         return self.recognize(source, language=language, temperature=temperature).text
 
     def recognize(self, source: AudioSource, *, language: str | None = None,
-                  temperature: float | None = None) -> Transcript:
+                  temperature: float | None = None, task: str = "transcribe") -> Transcript:
         """As :meth:`transcribe`, with the language Whisper decoded in (the one
-        given, or the one it detected) and the audio's length in seconds."""
+        given, or the one it detected) and the audio's length in seconds.
+        ``task`` "translate": English text of speech in any language Whisper
+        knows (a multilingual model only: :class:`TranslationUnsupported`)."""
+        if task not in ("transcribe", "translate"):
+            raise ValueError(f"task must be 'transcribe' or 'translate', got {task!r}")
+        if task == "translate" and not self.model.is_multilingual:
+            raise TranslationUnsupported(f"this server's Whisper model ({self.cfg.model}) knows English only; "
+                                         "translating needs a multilingual one (speech.model without '.en')")
         audio = decode_audio(source, max_seconds=self.cfg.max_seconds)
         options: dict[str, Any] = {}
         if self.cfg.beam_size is not None:
@@ -245,7 +256,8 @@ class SpeechRecognizer:
             options["sample_len"] = self.cfg.sample_len
         result = self.model.transcribe(
             audio,
-            language=language or self.cfg.language,
+            language=language or (self.cfg.language if task == "transcribe" else None),
+            task=task,
             # one float, not a tuple: no temperature fallback loop
             temperature=float(self.cfg.temperature if temperature is None else temperature),
             without_timestamps=True,

@@ -4,7 +4,7 @@ Routes: ``POST /v1/chat/completions`` (JSON or server-sent events),
 ``POST /v1/completions`` (raw prompts, ``echo`` scores them),
 ``POST /tokenize``, ``POST /detokenize`` and ``GET /tokenizer_info`` (the
 served tokenizer, in vLLM's shape, which evaluation harnesses use),
-``POST /v1/audio/transcriptions`` (multipart), ``GET /v1/models``,
+``POST /v1/audio/transcriptions`` and ``/v1/audio/translations`` (multipart), ``GET /v1/models``,
 ``GET /v1/models/{id}``, ``GET /healthz``; the Gradio chat page is mounted
 at ``/``. Every error is JSON in OpenAI's shape, ``{"error": {"message",
 "type", "param", "code"}}``, an unknown ``/v1/`` route (404) or method (405,
@@ -356,6 +356,16 @@ def build_api(service: ChatService, *, api_key: str | None, mount_ui: bool = Tru
         ``response_format`` (json, text, or verbose_json: with the language's
         name and the audio's seconds) and ``temperature`` (Whisper's sampling
         temperature for this request; the server's configured one when absent)."""
+        return await speech(request, "transcribe")
+
+    @app.post("/v1/audio/translations")
+    async def translations(request: Request):
+        """OpenAI's translation form: English text of speech in any language
+        Whisper knows (a multilingual model's task); the fields of a
+        transcription but ``language`` (the spoken one is detected)."""
+        return await speech(request, "translate")
+
+    async def speech(request: Request, task: str):
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise bad("send the audio as multipart/form-data with a 'file' field", "file")
         try:
@@ -366,19 +376,25 @@ def build_api(service: ChatService, *, api_key: str | None, mount_ui: bool = Tru
         if upload is None or isinstance(upload, str):
             raise bad("multipart field 'file' (the audio file) is required", "file")
         req = parse_transcription_form(form)
+        if task == "translate" and req.language is not None:
+            raise bad("a translation detects the spoken language; 'language' is a transcription's field",
+                      "language", "unsupported_parameter")
         if req.model not in (None, *asr_models):
             raise APIError(404, f"model {req.model!r} does not exist; this server transcribes with "
                            f"{', '.join(repr(m) for m in sorted(asr_models))}", param="model", code="model_not_found")
         fmt = req.response_format
-        heard = await service.transcribe(await upload.read(), req.language, "file", req.temperature, detail=True)
+        heard = await service.transcribe(await upload.read(), req.language, "file", req.temperature, detail=True,
+                                          task=task)
         if fmt == "text":
             return PlainTextResponse(heard["text"])
         if fmt == "verbose_json":
             from whisper.tokenizer import LANGUAGES
 
-            # as OpenAI's: the language's name ("english"), the one given or the one Whisper detected
-            return {"task": "transcribe", "language": LANGUAGES.get(heard["language"], heard["language"]),
-                    "duration": round(heard["duration"], 3), "text": heard["text"]}
+            # as OpenAI's: the language's name ("english"), the one given or the one Whisper detected; a
+            # translation's is its text's, English
+            language = "english" if task == "translate" else LANGUAGES.get(heard["language"], heard["language"])
+            return {"task": task, "language": language, "duration": round(heard["duration"], 3),
+                    "text": heard["text"]}
         return {"text": heard["text"]}
 
     # last of the API's routes: any other /v1/ path or method is an error in OpenAI's shape (not FastAPI's

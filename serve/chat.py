@@ -187,16 +187,22 @@ class ChatService:
                 raise
 
     async def transcribe(self, data: bytes, language: str | None = None, param: str = "file",
-                         temperature: float | None = None, detail: bool = False) -> str | dict:
-        """``ASR.transcribe``; undecodable audio is a 400 naming ``param``."""
-        from models.speech import AudioDecodeError
+                         temperature: float | None = None, detail: bool = False,
+                         task: str = "transcribe") -> str | dict:
+        """``ASR.transcribe``; undecodable audio is a 400 naming ``param``, a
+        translation an English-only model cannot make a 400 saying so."""
+        from models.speech import AudioDecodeError, TranslationUnsupported
 
         try:
-            return await self._call(self.asr.transcribe, data, language, temperature, detail)
+            if task == "transcribe":
+                return await self._call(self.asr.transcribe, data, language, temperature, detail)
+            return await self._call(self.asr.transcribe, data, language, temperature, detail, task)
         except Exception as e:  # noqa: BLE001 - mapped to a 400 or re-raised
             inner = cause_of(e)
             if isinstance(e, AudioDecodeError) or isinstance(inner, AudioDecodeError):
                 raise bad(str(inner), param, "invalid_audio") from None
+            if isinstance(e, TranslationUnsupported) or isinstance(inner, TranslationUnsupported):
+                raise bad(str(inner), "model", "unsupported_model") from None
             raise
 
     async def encode_image(self, data: bytes, where: str, param: str) -> np.ndarray:

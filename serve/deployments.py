@@ -115,10 +115,12 @@ class ASR:
             raise RuntimeError("Whisper model is not loaded")
 
     async def transcribe(self, data: bytes, language: str | None = None, temperature: float | None = None,
-                         detail: bool = False) -> str | dict:
+                         detail: bool = False, task: str = "transcribe") -> str | dict:
         """The text of an audio file. ``language`` and ``temperature`` default
         to the config's; ``detail`` returns ``{"text", "language", "duration"}``
-        with the language decoded in (given or detected) and the seconds of audio."""
+        with the language decoded in (given or detected) and the seconds of
+        audio; ``task`` "translate" gives English text (decoded alone, not in
+        the batch of transcriptions)."""
         from models.speech import SAMPLE_RATE, decode_audio
 
         audio = await asyncio.to_thread(decode_audio, data, max_seconds=self.max_seconds)
@@ -127,11 +129,12 @@ class ASR:
             language = None  # the batch's own options
         if temperature is not None and float(temperature) == float(cfg.temperature):
             temperature = None
-        if language is None and temperature is None and audio.size <= WHISPER_WINDOW_S * SAMPLE_RATE:
+        if task == "transcribe" and language is None and temperature is None \
+                and audio.size <= WHISPER_WINDOW_S * SAMPLE_RATE:
             text, lang = await self._decode_batch(audio)
         else:
             heard = await asyncio.to_thread(self.recognizer.recognize, audio, language=language,
-                                            temperature=temperature)
+                                            temperature=temperature, task=task)
             text, lang = heard.text, heard.language
         if not detail:
             return text

@@ -307,6 +307,8 @@ def test_official_openai_client(server):
     assert res.system_fingerprint.startswith("fp_")
     tr = c.audio.transcriptions.create(model="whisper-1", file=("clip.wav", wav(), "audio/wav"))
     assert isinstance(tr.text, str)
+    tl = c.audio.translations.create(model="whisper-1", file=("clip.wav", wav(), "audio/wav"))
+    assert isinstance(tl.text, str)
     with pytest.raises(openai.BadRequestError, match="images given; the limit is 2"):
         c.chat.completions.create(model="mmphi", messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(png())}}] * 3}])

@@ -600,8 +600,8 @@ class FakeASR:
     def transcribe(self):
         return self
 
-    async def remote(self, data: bytes, language=None, temperature=None, detail=False):
-        self.calls.append((language, temperature))
+    async def remote(self, data: bytes, language=None, temperature=None, detail=False, task="transcribe"):
+        self.calls.append((language, temperature) if task == "transcribe" else (language, temperature, task))
         if detail:
             return {"text": "some words", "language": language or "de", "duration": 2.5}
         return "some words"
@@ -694,6 +694,18 @@ def test_transcriptions_check_language_temperature_and_model(api):
     assert r.status_code == 200, r.text
     assert r.json() == {"task": "transcribe", "language": "german", "duration": 2.5, "text": "some words"}
     assert api.service.asr.calls[-1] == (None, 0.4)
+
+
+def test_translations_ask_whisper_to_translate_and_detect_the_language(api):
+    wav = {"file": ("q.wav", b"RIFF....", "audio/wav")}
+    r = api.post("/v1/audio/translations", files=wav, data={"model": "whisper-1", "temperature": "0.2"})
+    assert r.status_code == 200 and r.json() == {"text": "some words"}, r.text
+    assert api.service.asr.calls == [(None, 0.2, "translate")]
+    r = api.post("/v1/audio/translations", files=wav, data={"response_format": "verbose_json"})
+    assert r.json() == {"task": "translate", "language": "english", "duration": 2.5, "text": "some words"}
+    r = api.post("/v1/audio/translations", files=wav, data={"language": "de"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "language", r.text
+    assert len(api.service.asr.calls) == 2  # refused before the ASR call
 
 
 def test_internal_errors_name_the_cause_without_a_remote_traceback():

@@ -223,6 +223,27 @@ def test_temperature_and_language_per_call(cfg):
     assert detecting.recognize(audio).language in LANGUAGES
 
 
+def test_translation_asks_whisper_to_translate_from_the_detected_language(cfg, monkeypatch):
+    """``task="translate"``: Whisper decodes with its translate task and
+    detects the spoken language (the config's is a transcription's
+    default); an English-only model refuses in words."""
+    from models.speech import TranslationUnsupported
+
+    recognizer = flatten(SpeechRecognizer(cfg, device="cpu"))
+    seen = []
+    real = recognizer.model.transcribe
+    monkeypatch.setattr(recognizer.model, "transcribe", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    heard = recognizer.recognize(tone(), task="translate")
+    assert (seen[-1]["task"], seen[-1]["language"]) == ("translate", None) and heard.duration == SECONDS
+    recognizer.recognize(tone())
+    assert (seen[-1]["task"], seen[-1]["language"]) == ("transcribe", cfg.language)
+    with pytest.raises(ValueError, match="'transcribe' or 'translate'"):
+        recognizer.recognize(tone(), task="summarise")
+    monkeypatch.setattr(type(recognizer.model), "is_multilingual", property(lambda self: False))
+    with pytest.raises(TranslationUnsupported, match="knows English only; translating needs a multilingual"):
+        recognizer.recognize(tone(), task="translate")
+
+
 def test_asr_deployment_batches_the_default_and_decodes_a_request_temperature_alone(tmp_path):
     """Serve's ASR: requests with the config's options go to the batched
     decode, whose text is the text tokens only (the random model's repeated
@@ -252,6 +273,9 @@ def test_asr_deployment_batches_the_default_and_decodes_a_request_temperature_al
         sampled = [await asr.transcribe(data, temperature=1.0) for _ in range(3)]
         assert len(set(sampled)) == 3 and len(batched) == 4, sampled
         assert await asr.transcribe(data, detail=True) == {"text": greedy[0], "language": "en", "duration": SECONDS}
+        before = len(batched)
+        translated = await asr.transcribe(data, task="translate")  # decoded alone, with Whisper's translate task
+        assert translated == asr.recognizer.recognize(data, task="translate").text and len(batched) == before
 
     asyncio.run(run())
 
