@@ -194,8 +194,6 @@ class ChatService:
         from models.speech import AudioDecodeError, TranslationUnsupported
 
         try:
-            if task == "transcribe":
-                return await self._call(self.asr.transcribe, data, language, temperature, detail)
             return await self._call(self.asr.transcribe, data, language, temperature, detail, task)
         except Exception as e:  # noqa: BLE001 - mapped to a 400 or re-raised
             inner = cause_of(e)
