@@ -79,7 +79,6 @@ def _problem(kind: str, text: str, timeout_s: float | None) -> str | None:
     return problem(kind, text, timeout_s)
 
 
-@functools.lru_cache(maxsize=256)
 def _led(schema: str):
     """The grammar of a JSON schema's compact answers, after an optional space."""
     import xgrammar as xgr
@@ -127,6 +126,7 @@ class Grammars:
                                                   stop_token_ids=sorted(set(stop_ids)))
         self._compiler = xgr.GrammarCompiler(info, max_threads=threads, cache_enabled=True,
                                              cache_limit_bytes=cache_mb * 2**20)
+        self._led = functools.lru_cache(maxsize=256)(_led)  # this replica's, gone with it
 
     def compile(self, spec: dict):
         """The spec's compiled grammar (from the compiler's cache after the first time)."""
@@ -134,7 +134,7 @@ class Grammars:
             kind, text = _source(spec)
             if kind == "tag":
                 return self._compiler.compile_structural_tag(text)
-            return self._compiler.compile_grammar(_led(text))
+            return self._compiler.compile_grammar(self._led(text))
         except FormatError:
             raise
         except Exception as e:  # noqa: BLE001
