@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Iterator
 
-from models.tools import NAME
+from models.tools import NAME, arguments_object
 
 IMAGE_MARKER = "<image>"
 FROM_TO_ROLE = {"human": "user", "gpt": "assistant", "system": "system", "function_call": "assistant",
@@ -239,8 +239,7 @@ def _calls(value: str, t: int) -> list[dict]:
                 args = call["arguments"] = json.loads(args)
             except json.JSONDecodeError:
                 args = None
-        if not (calls and isinstance(call.get("name") if isinstance(call, dict) else None, str)
-                and NAME.match(call["name"]) and isinstance(args, dict)):
+        if not (isinstance(args, dict) and isinstance(call.get("name"), str) and NAME.match(call["name"])):
             raise _Skip("bad_turn", f"turn {t}: a function_call's value must be {{\"name\": ..., \"arguments\": "
                         "{...}} or a list of them")
     return [{"name": c["name"], "arguments": c["arguments"]} for c in calls]
@@ -375,8 +374,7 @@ def to_llava(record: Record) -> dict:
             if m.get("content"):
                 raise ValueError(f"record {record.id}: an assistant message with both text and tool_calls; the "
                                  "format holds them as two turns (gpt, then function_call)")
-            calls = [{"name": c["name"], "arguments": json.loads(c["arguments"]) if isinstance(c["arguments"], str)
-                      else c["arguments"]} for c in m["tool_calls"]]
+            calls = [{"name": c["name"], "arguments": arguments_object(c["arguments"])} for c in m["tool_calls"]]
             conversations.append({"from": "function_call",
                                   "value": json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)})
             continue

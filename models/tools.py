@@ -43,12 +43,22 @@ class ToolCall:
     arguments: str
 
 
+def parameters(tool: dict) -> dict:
+    """A function's parameter schema; one without parameters takes an empty object."""
+    return tool.get("parameters") or {"type": "object", "properties": {}}
+
+
+def arguments_object(arguments: dict | str) -> dict:
+    """A call's arguments as an object, given the object or its JSON text."""
+    return json.loads(arguments) if isinstance(arguments, str) else arguments
+
+
 def signature(tool: dict) -> str:
     """A function tool (``{"name", "description"?, "parameters"}``) as one JSON line, in OpenAI's shape."""
     function = {"name": tool["name"]}
     if tool.get("description"):
         function["description"] = tool["description"]
-    function["parameters"] = tool.get("parameters") or {"type": "object", "properties": {}}
+    function["parameters"] = parameters(tool)
     return json.dumps({"type": "function", "function": function}, ensure_ascii=False)
 
 
@@ -63,9 +73,7 @@ def tools_prompt(tools: list[dict]) -> str:
 
 def call_text(name: str, arguments: dict | str) -> str:
     """One call as the model writes it; ``arguments`` is an object or its JSON text."""
-    if isinstance(arguments, str):
-        arguments = json.loads(arguments)
-    return f"{_CALL_BEGIN}{name}{_ARGS}{json.dumps(arguments, ensure_ascii=False)}{_CALL_END}"
+    return f"{_CALL_BEGIN}{name}{_ARGS}{json.dumps(arguments_object(arguments), ensure_ascii=False)}{_CALL_END}"
 
 
 def calls_text(calls: list[dict]) -> str:
@@ -95,7 +103,7 @@ def structural_tag(tools: list[dict], choice: str, parallel: bool = True) -> dic
         raise ValueError(f"no tool to call for tool choice {choice!r}")
     tags = [{"type": "tag", "begin": f"{_CALL_BEGIN}{t['name']}{_ARGS}",
              "content": {"type": "json_schema", "max_whitespace_cnt": 1,
-                         "json_schema": t.get("parameters") or {"type": "object", "properties": {}}},
+                         "json_schema": parameters(t)},
              "end": _CALL_END} for t in tools]
     if choice == "auto":
         fmt = {"type": "triggered_tags", "triggers": [CALL_OPEN], "tags": tags, "at_least_one": False,
