@@ -310,7 +310,7 @@ def build_api(service: ChatService, *, api_key: str | None, mount_ui: bool = Tru
         [...]}`` -> the ids of that chat's prompt, with the template, the
         system prompt and each image's placeholder tokens (audio must be
         transcribed first: refused)."""
-        body = parse_json_body(await request.body())
+        body = await read_json(request)
         if not isinstance(body, dict):
             raise bad("the request body must be a JSON object with a 'prompt' or 'messages'")
         special = body.get("add_special_tokens", True)
@@ -336,7 +336,7 @@ def build_api(service: ChatService, *, api_key: str | None, mount_ui: bool = Tru
     @app.post("/detokenize")
     async def detokenize(request: Request):
         """``{"tokens": [ids]}`` -> ``{"prompt": their text}`` (control tokens written out)."""
-        body = parse_json_body(await request.body())
+        body = await read_json(request)
         tokens = body.get("tokens") if isinstance(body, dict) else None
         if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
             raise bad("'tokens' must be a list of token ids", "tokens")

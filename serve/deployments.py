@@ -422,14 +422,14 @@ class LLM:
             return []
         if len(ids) > self.context_length:
             raise ValueError(f"the prompt has {len(ids)} tokens, over the model's context of {self.context_length}")
-        suppressed = torch.tensor(self.model.suppressed_ids, dtype=torch.long)
+        suppressed = torch.tensor(self.model.suppressed_ids, dtype=torch.long, device=self.model.device)
         with torch.inference_mode():
             x = torch.tensor([ids], dtype=torch.long, device=self.model.device)
             logits = self.model(x, torch.ones_like(x)).logits[0, :-1]
             out = []
             for at in range(0, logits.shape[0], rows_at_once):  # a few rows' float32 log-softmax at a time
                 scores = logits[at:at + rows_at_once].float()
-                scores[:, suppressed.to(scores.device)] = -float("inf")
+                scores[:, suppressed] = -float("inf")
                 lp = torch.log_softmax(scores, dim=-1)
                 nxt = ids[at + 1:at + 1 + lp.shape[0]]
                 out += [[r.logprob, r.top] for r in rate(lp, nxt, [top] * len(nxt))]

@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from models.tools import CHOICES, NAME
+from models.tools import CHOICES, NAME, parameters
 
 from .settings import Limits
 
@@ -275,9 +275,7 @@ def parse_tool_calls(raw: Any, where: str) -> list[dict] | None:
         cid, name, arguments = call.get("id"), function.get("name"), function.get("arguments")
         if not isinstance(cid, str) or not cid:
             raise bad(f"{at}.id must be a non-empty string", f"{at}.id")
-        if not isinstance(name, str) or not NAME.match(name):
-            raise bad(f"{at}.function.name must be 1 to 64 letters, digits, '_' or '-', got {name!r}",
-                      f"{at}.function.name")
+        function_name(name, f"{at}.function.name")
         if not isinstance(arguments, str):
             raise bad(f"{at}.function.arguments must be a string (the arguments as JSON)", f"{at}.function.arguments")
         try:
@@ -289,6 +287,13 @@ def parse_tool_calls(raw: Any, where: str) -> list[dict] | None:
                       f"{at}.function.arguments")
         calls.append({"id": check_text(cid, f"{at}.id"), "name": name, "arguments": arguments})
     return calls
+
+
+def function_name(name: Any, param: str) -> str:
+    """``name`` if it is a function name by OpenAI's rule, else a 400 naming ``param``."""
+    if not isinstance(name, str) or not NAME.match(name):
+        raise bad(f"{param} must be 1 to 64 letters, digits, '_' or '-', got {name!r}", param)
+    return name
 
 
 def answered_call(m: dict, before: list[Message], where: str) -> str:
@@ -330,9 +335,7 @@ def parse_tools(body: dict, limits: Limits) -> tuple[list[dict] | None, str, boo
                       + (f"; type {kind!r} is not supported" if kind not in (None, "function") else ""), at)
         f = tool["function"]
         name = f.get("name")
-        if not isinstance(name, str) or not NAME.match(name):
-            raise bad(f"{at}.function.name must be 1 to 64 letters, digits, '_' or '-', got {name!r}",
-                      f"{at}.function.name")
+        function_name(name, f"{at}.function.name")
         if any(t["name"] == name for t in tools):
             raise bad(f"{at}.function.name {name!r} is offered twice", f"{at}.function.name")
         spec = {"name": name}
@@ -343,7 +346,7 @@ def parse_tools(body: dict, limits: Limits) -> tuple[list[dict] | None, str, boo
             spec["description"] = check_text(description, f"{at}.function.description")
         params = f.get("parameters")
         if params is None:
-            params = {"type": "object", "properties": {}}
+            params = parameters({})
         if not isinstance(params, dict):
             raise bad(f"{at}.function.parameters must be a JSON schema (an object), got {type(params).__name__}",
                       f"{at}.function.parameters")
@@ -354,12 +357,12 @@ def parse_tools(body: dict, limits: Limits) -> tuple[list[dict] | None, str, boo
             raise bad(f"{at}.function.strict must be true or false", f"{at}.function.strict")
         spec["parameters"] = params
         tools.append(spec)
-    size = len(json.dumps(tools, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+    text = json.dumps(tools, ensure_ascii=False)
+    size = len(text.encode("utf-8", "surrogatepass"))
     if size > limits.max_schema_bytes:
         raise bad(f"'tools' is {size} bytes as JSON; this server allows at most {limits.max_schema_bytes}", "tools",
                   "schema_too_large")
-    if tools:
-        check_text(json.dumps(tools, ensure_ascii=False), "tools")
+    check_text(text, "tools")
     if choice is None:
         choice = "auto" if tools else "none"
     elif isinstance(choice, dict):
@@ -398,7 +401,8 @@ def parse_chat_request(body: Any, limits: Limits, allow_remote: bool = False) ->
     common = _sampling(body, limits)
     response_format = parse_response_format(body.get("response_format"), limits)
     tools, tool_choice, parallel_tool_calls = parse_tools(body, limits)
-    if tools and tool_choice != "none" and response_format is not None:
+    callable_tools = bool(tools) and tool_choice != "none"
+    if callable_tools and response_format is not None:
         raise bad("a JSON 'response_format' cannot be combined with 'tools' the model may call; send "
                   "'tool_choice': 'none' or no 'response_format'", "response_format")
     logprobs = body.get("logprobs")
@@ -415,7 +419,7 @@ def parse_chat_request(body: Any, limits: Limits, allow_remote: bool = False) ->
     if min_tokens and response_format is not None:
         raise bad("'min_tokens' cannot be combined with a JSON 'response_format': the format decides where the "
                   "answer ends", "min_tokens")
-    if min_tokens and tools and tool_choice != "none":
+    if min_tokens and callable_tools:
         raise bad("'min_tokens' cannot be combined with 'tools' the model may call: the calls' form decides where "
                   "the answer ends", "min_tokens")
     return ChatRequest(
@@ -511,7 +515,6 @@ def _min_tokens(body: dict, max_tokens: int) -> int:
 
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-MAX_COMPLETION_LOGPROBS = MAX_TOP_LOGPROBS
 
 
 @dataclass
@@ -559,8 +562,8 @@ def parse_completion_request(body: Any, limits: Limits) -> CompletionRequest:
         raise bad("'echo' must be true or false", "echo")
     logprobs = body.get("logprobs")
     if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
-                                 or not 0 <= logprobs <= MAX_COMPLETION_LOGPROBS):
-        raise bad(f"'logprobs' must be an integer from 0 to {MAX_COMPLETION_LOGPROBS} (the most likely tokens to "
+                                 or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
+        raise bad(f"'logprobs' must be an integer from 0 to {MAX_TOP_LOGPROBS} (the most likely tokens to "
                   f"list beside each), got {logprobs!r}", "logprobs")
     max_tokens = _max_tokens(body.get("max_tokens"), limits, lowest=0 if echo else 1)
     if max_tokens is None:

@@ -104,13 +104,6 @@ class Checker:
             return (f"compiling it takes over {timeout_s:g} s, this server's limit; simplify it (long repetitions "
                     "in a 'pattern', deeply nested objects)")
 
-    def close(self) -> None:
-        with self._lock:
-            if self._proc is not None:
-                self._proc.kill()
-                self._proc.wait()
-                self._proc = None
-
 
 _checker: Checker | None = None
 _checker_lock = threading.Lock()
