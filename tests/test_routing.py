@@ -104,7 +104,10 @@ def test_a_serve_deployment_sends_a_keys_calls_to_one_replica():
 
     from serve.deployments import AFFINITY_ROUTER
 
-    @serve.deployment(num_replicas=3, ray_actor_options={"num_cpus": 0.1}, request_router_config=AFFINITY_ROUTER)
+    # room for every call at once: a replica at max_ongoing_requests (Serve's default is 5) is
+    # passed over for the next in rank, which is backpressure, not the routing checked here
+    @serve.deployment(num_replicas=3, max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.1},
+                      request_router_config=AFFINITY_ROUTER)
     class Who:
         def generate(self, request: dict) -> str:
             return serve.get_replica_context().replica_id.unique_id
