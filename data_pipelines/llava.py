@@ -232,6 +232,8 @@ def _calls(value: str, t: int) -> list[dict]:
     except json.JSONDecodeError as e:
         raise _Skip("bad_turn", f"turn {t}: a function_call's value is not JSON: {e.msg}") from None
     calls = doc if isinstance(doc, list) else [doc]
+    if not calls:
+        raise _Skip("bad_turn", f"turn {t}: a function_call turn with an empty list of calls")
     for call in calls:
         args = call.get("arguments") if isinstance(call, dict) else None
         if isinstance(args, str):

@@ -114,6 +114,8 @@ BAD = [
     ("bad_tools", good("b18", image=None, question="Hi") | {"tools": [{"name": "two words"}]}),
     ("bad_turn", {"id": "b19", "conversations": [{"from": "human", "value": "Q"},
                                                 {"from": "function_call", "value": '{"name": "f"}'}]}),
+    ("bad_turn", {"id": "b20", "conversations": [{"from": "human", "value": "Q"},
+                                                {"from": "function_call", "value": "[]"}]}),
 ]
 
 
