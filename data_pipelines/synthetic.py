@@ -67,7 +67,9 @@ ANSWERS = {
     "colour": sorted(COLOURS), "shape": list(SHAPES), "position": list(CELLS),
     "count": list(NUMBERS[1:MAX_OBJECTS + 1]), "size": ["small", "large"],
 }
-CHANCE = {k: 1 / len(v) for k, v in ANSWERS.items()} | {"text": None}
+# tool: the right function (the request names what it wants) with a drawn argument, each function half the time
+CHANCE = {k: 1 / len(v) for k, v in ANSWERS.items()} | {"text": None, "tool": (1 / len(COLOURS) + 1 / len(CELLS)) / 2,
+                                                        "tool_reply": None}
 QTYPES = ("count", "colour", "shape", "position", "size")
 
 TEMPLATES = {
@@ -84,6 +86,25 @@ TEMPLATES = {
     "minus": ["What is {a} minus {b}?", "How much is {a} take away {b}?", "Subtract {b} from {a}. What is left?"],
     "next": ["What number comes after {a}?", "Which number follows {a}?", "What is the next number after {a}?"],
     "day": ["What day comes after {day}?", "Which day follows {day}?", "What is the day after {day}?"],
+}
+# tool use: a single-object scene, a request that one of two functions answers
+# with the object's colour or its grid cell as the argument, the function's
+# result and a closing reply; the call is the answer held-out accuracy checks
+TOOLS = [
+    {"name": "order_paint", "description": "Order a tin of paint in one colour.",
+     "parameters": {"type": "object", "properties": {"colour": {"type": "string", "enum": sorted(COLOURS)}},
+                    "required": ["colour"]}},
+    {"name": "move_arm", "description": "Move the robot arm over one cell of the table.",
+     "parameters": {"type": "object", "properties": {"cell": {"type": "string", "enum": list(CELLS)}},
+                    "required": ["cell"]}},
+]
+TOOL_ARGUMENT = {"order_paint": "colour", "move_arm": "position"}  # the object's attribute each one's argument is
+TOOL_PARAMETER = {"order_paint": "colour", "move_arm": "cell"}
+TOOL_TEMPLATES = {
+    "order_paint": ["Order paint in the colour of the object.", "Buy a tin of paint that matches the shape.",
+                    "Get me paint of the same colour as the object."],
+    "move_arm": ["Move the arm over the object.", "Send the robot arm to the shape.",
+                 "Put the arm above the object."],
 }
 EXCHANGE_WEIGHTS = {2: 0.3, 3: 0.4, 4: 0.3}  # exchanges per single-object record
 OBJECT_QTYPES = ("colour", "shape", "position", "size")  # asked about the object of a single-object scene
@@ -108,7 +129,16 @@ def expected_answer(meta: dict, turn: int) -> str:
         return objects[target][qtype]
     if qtype == "text":
         return _text_answer(target)
+    if qtype == "tool":
+        return call_answer(target, {TOOL_PARAMETER[target]: objects[0][TOOL_ARGUMENT[target]]})
+    if qtype == "tool_reply":
+        return normalise_answer(_tool_reply(target, objects[0][TOOL_ARGUMENT[target]]))
     raise ValueError(f"unknown question type {qtype!r}")
+
+
+def call_answer(name: str, arguments: dict) -> str:
+    """A call as one comparable string: ``order_paint {"colour": "red"}`` (keys sorted)."""
+    return f"{name} {json.dumps(arguments, sort_keys=True)}"
 
 
 # ---------------------------------------------------------------- drawing
@@ -172,9 +202,10 @@ def _place(rng: random.Random, radii: list[int], size: int) -> list[tuple[int, i
     raise RuntimeError(f"could not place {len(radii)} objects in a {size}px image")
 
 
-def make_scene(rng: random.Random, size: int) -> tuple[Image.Image, list[dict]]:
-    """One image and its objects (``shape, colour, size, position, center, radius, rgb``)."""
-    n = 1 if rng.random() < SINGLE_FRACTION else rng.randint(2, MAX_OBJECTS)
+def make_scene(rng: random.Random, size: int, objects: int | None = None) -> tuple[Image.Image, list[dict]]:
+    """One image and its objects (``shape, colour, size, position, center, radius, rgb``);
+    ``objects``: how many (default: drawn, one in ``SINGLE_FRACTION`` of the scenes)."""
+    n = objects or (1 if rng.random() < SINGLE_FRACTION else rng.randint(2, MAX_OBJECTS))
     shapes = rng.sample(SHAPES, n)
     colours = rng.sample(sorted(COLOURS), n)
     # four or more objects only fit the 3x3 grid's cells when small
@@ -216,6 +247,34 @@ def image_record(rng: random.Random, stem: str, image_path: str, objects: list[d
     answers = [normalise_answer(m["content"]) for m in messages if m["role"] == "assistant"]
     return Record(id=stem, image=image_path, messages=messages,
                   meta={"objects": objects, "qtypes": qtypes, "targets": targets, "answers": answers})
+
+
+def _tool_result(name: str, value: str) -> str:
+    if name == "order_paint":
+        return json.dumps({"status": "ordered", "colour": value})
+    return json.dumps({"status": "moved", "cell": value})
+
+
+def _tool_reply(name: str, value: str) -> str:
+    if name == "order_paint":
+        return f"Ordered {value} paint."
+    return f"The arm is over the {value} cell."
+
+
+def tool_record(rng: random.Random, stem: str, image_path: str, objects: list[dict]) -> Record:
+    """A request about a single-object scene that a function answers: the
+    call (its argument is the object's colour or grid cell), its result, a reply."""
+    name = rng.choice(sorted(TOOL_ARGUMENT))
+    value = objects[0][TOOL_ARGUMENT[name]]
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": rng.choice(TOOL_TEMPLATES[name])}]},
+        {"role": "assistant", "content": "", "tool_calls": [{"name": name, "arguments": {TOOL_PARAMETER[name]: value}}]},
+        {"role": "tool", "content": _tool_result(name, value)},
+        {"role": "assistant", "content": _tool_reply(name, value)},
+    ]
+    meta = {"objects": objects, "qtypes": ["tool", "tool_reply"], "targets": [name, name]}
+    meta["answers"] = [expected_answer(meta, 0), expected_answer(meta, 1)]
+    return Record(id=stem, image=image_path, messages=messages, meta=meta, tools=TOOLS)
 
 
 def _text_answer(spec: dict) -> str:
@@ -287,12 +346,19 @@ def _split_stratified(keys: list[tuple], fraction: float, rng: random.Random) ->
     return {i for g in order for i in rng.sample(groups[g], quota[g])}
 
 
+def _interleave(a: list, b: list) -> list:
+    """``a`` and ``b`` merged, each in its order, ``b``'s items spread evenly among ``a``'s."""
+    keyed = [((i + 1) / (len(a) + 1), 0, x) for i, x in enumerate(a)]
+    keyed += [((j + 0.5) / len(b), 1, x) for j, x in enumerate(b)]
+    return [x for _, _, x in sorted(keyed, key=lambda k: k[:2])]
+
+
 def _stats(records: list[Record]) -> dict:
     answers: dict[str, Counter] = {}
     for r in records:
         for qtype, a in zip(r.meta["qtypes"], r.meta["answers"]):
             answers.setdefault(qtype, Counter())[a] += 1
-    order = [q for q in (*QTYPES, "text") if q in answers]
+    order = [q for q in (*QTYPES, "text", "tool", "tool_reply") if q in answers]
     return {
         "questions": {q: sum(answers[q].values()) for q in order},
         "majority": {q: round(max(answers[q].values()) / sum(answers[q].values()), 4) for q in order},
@@ -315,6 +381,15 @@ def _render(job: tuple[str, int, int, int, int]) -> list[Record]:
     return records
 
 
+def _tool_render(out: Path, seed: int, size: int, i: int) -> Record:
+    """Draw and save tool record ``i``'s single-object scene; its record."""
+    rng = random.Random(f"mmphi-synth/{seed}/tool/{i}")
+    stem = f"tool-{i:06d}"
+    img, objects = make_scene(rng, size, objects=1)
+    img.save(out / "images" / f"{stem}.png", format="PNG")
+    return tool_record(rng, stem, f"{stem}.png", objects)
+
+
 PARALLEL_FROM = 1000  # fewer images are drawn in this process: starting workers would cost more than it saves
 
 
@@ -325,12 +400,15 @@ def default_workers(images: int) -> int:
 
 
 def synthesize(out_dir, *, images: int = 600, seed: int = 0, size: int = 128, val_fraction: float = 0.2,
-               progress: bool = True, workers: int = 1) -> dict:
+               progress: bool = True, workers: int = 1, tool_fraction: float = 0.0) -> dict:
     """Write ``train.json``, ``val.json``, ``images/NNNNNN.png`` and ``synth.json``
     under ``out_dir``; returns what ``synth.json`` holds (plus ``out_dir``).
     ``workers``: processes drawing the images (``default_workers`` picks a
     count); the output does not depend on it. Above 1 they are spawned, so a
-    script calling this needs the ``if __name__ == "__main__":`` guard."""
+    script calling this needs the ``if __name__ == "__main__":`` guard.
+    ``tool_fraction``: tool-use records (:func:`tool_record`) to add, as a
+    fraction of ``images``, each with an image of its own
+    (``images/tool-NNNNNN.png``); the other records do not depend on it."""
     if images < 1:
         raise ValueError(f"images must be at least 1, got {images}")
     if size < 32:
@@ -339,6 +417,8 @@ def synthesize(out_dir, *, images: int = 600, seed: int = 0, size: int = 128, va
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
+    if not 0 <= tool_fraction <= 10:
+        raise ValueError(f"tool_fraction (tool-use records per image) must be in [0, 10], got {tool_fraction}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file, not a folder: give the data set's folder")
@@ -374,6 +454,7 @@ def synthesize(out_dir, *, images: int = 600, seed: int = 0, size: int = 128, va
         bar.close()
     text_records = [text_record(random.Random(f"mmphi-synth/{seed}/text/{i}"), f"text-{i:06d}")
                     for i in range(n_text)]
+    tool_records = [_tool_render(out, seed, size, i) for i in range(round(images * tool_fraction))]
 
     split_rng = random.Random(f"mmphi-synth/{seed}/split")
     # stratified by the first question's type and answer: held-out accuracy is
@@ -381,19 +462,27 @@ def synthesize(out_dir, *, images: int = 600, seed: int = 0, size: int = 128, va
     val_img = _split_stratified([(r.meta["qtypes"][0], r.meta["answers"][0]) for r in image_records],
                                 val_fraction, split_rng)
     val_txt = _split(n_text, val_fraction, split_rng)
-    train = [r for i, r in enumerate(image_records) if i not in val_img]
+    val_tool = _split_stratified([tuple(r.meta["answers"][:1]) for r in tool_records], val_fraction,
+                                 random.Random(f"mmphi-synth/{seed}/tool-split"))
+    # tool records spread evenly among the image records: the first N of a split (evaluation reads a prefix)
+    # hold their share of them
+    train = _interleave([r for i, r in enumerate(image_records) if i not in val_img],
+                        [r for i, r in enumerate(tool_records) if i not in val_tool])
     train += [r for i, r in enumerate(text_records) if i not in val_txt]
-    val = [r for i, r in enumerate(image_records) if i in val_img]
+    val = _interleave([r for i, r in enumerate(image_records) if i in val_img],
+                      [r for i, r in enumerate(tool_records) if i in val_tool])
     val += [r for i, r in enumerate(text_records) if i in val_txt]
     write_llava(train, out / "train.json")
     write_llava(val, out / "val.json")
 
-    stats = _stats(image_records + text_records)
+    stats = _stats(image_records + text_records + tool_records)
+    n_tool = len(tool_records)
     info = {
         "generator": "mmphi synthetic shapes",
         "version": VERSION,
         "params": {"images": images, "seed": seed, "size": size, "val_fraction": val_fraction,
-                   "text_records": n_text, "objects_per_image": [1, MAX_OBJECTS],
+                   "text_records": n_text, "tool_fraction": tool_fraction, "tool_records": n_tool,
+                   "objects_per_image": [1, MAX_OBJECTS],
                    "single_object_fraction": SINGLE_FRACTION,
                    "count_question_in_single_object_records": round(COUNT_SINGLE, 4),
                    "exchanges_per_single_object_record": {str(k): w for k, w in EXCHANGE_WEIGHTS.items()},
@@ -403,10 +492,13 @@ def synthesize(out_dir, *, images: int = 600, seed: int = 0, size: int = 128, va
         "shapes": list(SHAPES),
         "cells": list(CELLS),
         "answers": ANSWERS,
+        **({"tools": TOOLS} if n_tool else {}),
         "chance": CHANCE,
-        "counts": {"records": len(image_records) + n_text, "images": images, "text_records": n_text,
+        "counts": {"records": len(image_records) + n_text + n_tool, "images": images + n_tool,
+                   "text_records": n_text, "tool_records": n_tool,
                    "train_records": len(train), "val_records": len(val),
-                   "train_images": images - len(val_img), "val_images": len(val_img),
+                   "train_images": images - len(val_img) + n_tool - len(val_tool),
+                   "val_images": len(val_img) + len(val_tool),
                    "questions": stats["questions"]},
         "majority": stats["majority"],
         "answer_counts": stats["answer_counts"],
@@ -444,7 +536,7 @@ def single_object_view(data_dir, name: str = "single") -> Path:
 def summary(info: dict) -> str:
     c = info["counts"]
     lines = [f"wrote {info.get('out_dir', '')}: {c['images']} images, {c['records']} records "
-             f"({c['text_records']} text-only); train {c['train_records']} records / {c['train_images']} images, "
+             f"({c['text_records']} text-only, {c.get('tool_records', 0)} tool use); train {c['train_records']} records / {c['train_images']} images, "
              f"val {c['val_records']} records / {c['val_images']} images",
              f"{'question':<10}{'count':>7}{'chance':>9}{'majority':>10}"]
     for q, n in c["questions"].items():
@@ -454,10 +546,11 @@ def summary(info: dict) -> str:
 
 
 def main(args) -> int:
-    """``mmphi data synth``: reads ``args.out, images, seed, size, val_fraction, workers``."""
+    """``mmphi data synth``: reads ``args.out, images, seed, size, val_fraction, workers, tool_records``."""
     try:
         info = synthesize(args.out, images=args.images, seed=args.seed, size=args.size,
                           val_fraction=args.val_fraction, progress=True,
+                          tool_fraction=getattr(args, "tool_records", 0.0) or 0.0,
                           workers=default_workers(args.images) if getattr(args, "workers", None) is None else args.workers)
     except ValueError as e:
         print(f"mmphi data synth: {e}", file=sys.stderr)

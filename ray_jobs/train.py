@@ -273,6 +273,37 @@ def step_batch(encoded: list, step: list, pad_id: int, packing: bool):
     return packed_batch(encoded, step, pad_id) if packing else padded_batch(encoded, step, pad_id)
 
 
+ANSWER_TOKENS = 8  # generated for a held-out answer in words: the synthetic data's longest is 3 tokens
+
+
+def answer_budget(tok, expected: dict) -> int:
+    """Tokens to generate for a held-out answer like the assistant message
+    ``expected``: ``ANSWER_TOKENS``, or for tool calls their text's length
+    and a few more (a longer answer is wrong whatever follows)."""
+    if not expected.get("tool_calls"):
+        return ANSWER_TOKENS
+    from models.tools import calls_text
+
+    return len(tok.encode_text(calls_text(expected["tool_calls"]))) + 4
+
+
+def answered(text: str, expected: dict) -> bool:
+    """Whether a generated answer is the assistant message ``expected``: the
+    same words (``normalise_answer``), or, for tool calls, the same calls (names
+    and arguments as JSON values, in order) and no text beside them."""
+    from data_pipelines.synthetic import normalise_answer
+
+    if not expected.get("tool_calls"):
+        return normalise_answer(text) == normalise_answer(expected["content"])
+    from models.tools import CallStream, ToolCall, arguments_object
+
+    items = CallStream().push(text, final=True)
+    if not all(isinstance(x, ToolCall) for x in items):
+        return False
+    return [(c.name, json.loads(c.arguments)) for c in items] == \
+        [(c["name"], arguments_object(c["arguments"])) for c in expected["tool_calls"]]
+
+
 def evaluate(model, tok, val_enc, val_samples, feats, answer_samples, world: int, rank: int,
              batch_size: int, blind_mean=None, loss: bool = True) -> dict:
     """Validation loss, perplexity and token accuracy (``loss``) and per-type
@@ -283,7 +314,6 @@ def evaluate(model, tok, val_enc, val_samples, feats, answer_samples, world: int
     import torch
     import torch.nn.functional as F
 
-    from data_pipelines.synthetic import normalise_answer
     from models.conversation import collate, encode_conversation
     from models.kernels import eager
     from models.language import base_causal_lm
@@ -319,12 +349,11 @@ def evaluate(model, tok, val_enc, val_samples, feats, answer_samples, world: int
                                        tools=s.tools) for s in chunk]
             batch = collate(enc, tok.ids.pad, padding_side="left")
             gen = model.generate(batch["input_ids"], batch["attention_mask"], image_feats([s.image for s in chunk]),
-                                 max_new_tokens=8)
+                                 max_new_tokens=max(answer_budget(tok, s.messages[-1]) for s in chunk))
             for row, s in zip(gen, chunk):
                 q = s.qtypes[0] if s.qtypes else "?"
                 total[q] = total.get(q, 0) + 1
-                right[q] = right.get(q, 0) + (normalise_answer(tok.decode(row)) ==
-                                              normalise_answer(s.messages[-1]["content"]))
+                right[q] = right.get(q, 0) + answered(tok.decode(row), s.messages[-1])
     qtypes = sorted(set(total) | {"colour", "shape", "position", "count", "size"})
     sums = _sum_across([loss_sum, tok_right, tok_total] + [right.get(q, 0) for q in qtypes]
                        + [total.get(q, 0) for q in qtypes], world)

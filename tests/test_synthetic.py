@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 from collections import Counter
 
 import pytest
@@ -233,3 +232,59 @@ def test_main_names_an_output_that_is_not_a_folder(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"mmphi data synth: cannot write {f / 'sub'}: ") and len(err.splitlines()) == 1, err
     assert f.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_tool_records_call_a_function_with_what_the_image_shows(tmp_path):
+    """``tool_fraction`` adds records whose first answer is a call (the
+    object's colour or grid cell as the argument), then the function's result and
+    a reply; the other records are the same bytes as without them, and the
+    held-out part has each call's share of the whole."""
+    from data_pipelines.synthetic import TOOLS, call_answer
+    from models.vision import load_image
+    from ray_jobs import data as D
+
+    plain = synthesize(tmp_path / "plain", images=40, seed=5, size=64, progress=False)
+    info = synthesize(tmp_path / "tools", images=40, seed=5, size=64, progress=False, tool_fraction=1.5)
+    c = info["counts"]
+    assert c["tool_records"] == 60 and c["images"] == 100 and c["records"] == plain["counts"]["records"] + 60
+    assert info["chance"]["tool"] == pytest.approx((1 / 6 + 1 / 9) / 2) and info["tools"] == TOOLS
+    assert c["questions"]["tool"] == c["questions"]["tool_reply"] == 60
+    paths = dataset_paths(tmp_path / "tools")
+    train = read_llava(paths["train"], paths["images"], check_images=True)
+    val = read_llava(paths["val"], paths["images"], check_images=True)
+    assert train.errors == val.errors == []
+    tools = [r for r in train.records + val.records if r.id.startswith("tool-")]
+    assert len(tools) == 60 and len(train.records) + len(val.records) == c["records"]
+    names = Counter()
+    for r in tools:
+        assert r.tools == TOOLS and len(r.meta["objects"]) == 1
+        obj = r.meta["objects"][0]
+        assert [m["role"] for m in r.messages] == ["user", "assistant", "tool", "assistant"]
+        (call,) = r.messages[1]["tool_calls"]
+        parameter, attribute = {"order_paint": ("colour", "colour"), "move_arm": ("cell", "position")}[call["name"]]
+        assert call["arguments"] == {parameter: obj[attribute]}
+        assert r.meta["answers"][0] == call_answer(call["name"], call["arguments"])
+        assert json.loads(r.messages[2]["content"])[parameter] == obj[attribute]
+        question = r.messages[0]["content"][-1]["text"].lower().rstrip(".").split()
+        assert obj["colour"] not in question and not set(obj["position"].split()) & set(question)  # only the image
+        names[call["name"]] += 1
+        img = load_image(paths["images"] / r.image)
+        assert img.getpixel(tuple(obj["center"])) == tuple(obj["rgb"])
+    assert set(names) == {"order_paint", "move_arm"}
+    held = [r for r in val.records if r.id.startswith("tool-")]
+    assert len(held) == 12  # a fifth, stratified by the call
+    # spread among the image records, so the first N held-out questions (what evaluation reads) hold their share
+    images_first = [r for r in val.records if r.image]
+    assert 5 <= sum(r.id.startswith("tool-") for r in images_first[:10]) <= 7
+    # every other record as it was without tool records
+    plain_val = read_llava(tmp_path / "plain" / "val.json", tmp_path / "plain" / "images").records
+    assert [r for r in val.records if not r.id.startswith("tool-")] == plain_val
+    for name in sorted(p.name for p in (tmp_path / "plain" / "images").iterdir()):
+        assert (tmp_path / "plain" / "images" / name).read_bytes() == (paths["images"] / name).read_bytes()
+    # training samples carry the tools; held-out answer accuracy scores the call
+    first = [s for s in D.first_exchanges(D.load_samples(str(tmp_path / "tools"), "val", "qlora"))
+             if s.id.startswith("tool-")]
+    assert len(first) == 12 and all(s.qtypes == ["tool"] and s.tools == TOOLS for s in first)
+    assert all(s.messages[-1]["tool_calls"] for s in first)
+    with pytest.raises(ValueError, match="tool_fraction"):
+        synthesize(tmp_path / "bad", images=4, tool_fraction=-0.1, progress=False)

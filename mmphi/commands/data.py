@@ -11,13 +11,17 @@ def register(sub) -> None:
 
     s = dsub.add_parser("synth", help="write a learnable synthetic data set in LLaVA format",
                         description="Images of coloured shapes and questions about them (colour, shape, "
-                                    "position, count, size; some multi-turn, some text-only), split into "
+                                    "position, count, size; some multi-turn, some text-only; optionally tool use), split into "
                                     "train/val by image. Deterministic by --seed.")
     s.add_argument("--out", required=True, help="output folder (train.json, val.json, images/, synth.json)")
     s.add_argument("--images", type=int, default=600, help="number of images (default: 600)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--size", type=int, default=128, help="image side in pixels (default: 128)")
     s.add_argument("--val-fraction", type=float, default=0.2, help="share of images held out (default: 0.2)")
+    s.add_argument("--tool-records", type=float, default=0.0, metavar="FRACTION",
+                   help="add tool-use records (a request about a one-object image that one of two functions "
+                        "answers, with the object's colour or shape as its argument), this many per image "
+                        "(default: 0, none)")
     s.add_argument("--workers", type=int, default=None,
                    help="processes drawing the images (default: one per core, at most 8, from 1,000 images; "
                         "the output does not depend on it)")
