@@ -194,27 +194,27 @@ def build_api(service: ChatService, *, api_key: str | None, mount_ui: bool = Tru
             sent = [0] * req.n  # logprobs entries sent per choice
             calls = [0] * req.n  # tool calls sent per choice
 
-            def event(delta, finish=None, index=0, usage_=None):
+            def event(delta, finish=None, index=0, usage_=None, upto=0):
                 rated = results[index].get("logprobs") if delta is not None else None
                 if rated is not None and "role" in delta:  # the opening event: none yet, the list when asked
                     rated = []
-                elif rated is not None:  # the entries that arrived since the last event (with its text, or the finish)
-                    rated, sent[index] = rated[sent[index]:], len(rated)
+                elif rated is not None:  # the entries of this event's text (or those before the finish)
+                    rated, sent[index] = rated[sent[index]:upto], upto
                 return sse(chunk(cid, model_name, created, delta, finish, usage_, fingerprint, index, rated))
 
             for i in range(req.n):
                 yield event({"role": "assistant", "content": ""}, index=i)
-            async for i, delta in merged:
+            async for i, delta, upto in merged:
                 if isinstance(delta, dict):  # a call, whole: its index among the choice's calls, id, name, args
                     calls[i] += 1
-                    yield event({"tool_calls": [{"index": calls[i] - 1, **delta}]}, index=i)
+                    yield event({"tool_calls": [{"index": calls[i] - 1, **delta}]}, index=i, upto=upto)
                     continue
-                yield event({"content": delta}, index=i) if delta is not None else \
-                    event({}, results[i]["finish_reason"], index=i)
+                yield event({"content": delta}, index=i, upto=upto) if delta is not None else \
+                    event({}, results[i]["finish_reason"], index=i, upto=upto)
             if req.include_usage:
                 yield event(None, usage_=usage(prep.prompt_tokens, sum(r["completion_tokens"] for r in results)))
 
-        return event_stream(cid, answers, firsts, events)
+        return event_stream(cid, answers, firsts, results, events)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -274,25 +274,25 @@ def build_api(service: ChatService, *, api_key: str | None, mount_ui: bool = Tru
             sent = [0] * len(jobs)  # logprobs entries sent per choice
             offset = [start(p) for p, _ in jobs]  # where the next entry's text starts
 
-            def event(k: int, text: str, finish: str | None = None) -> str:
+            def event(k: int, text: str, upto: int, finish: str | None = None) -> str:
                 lp = None
-                if rated:
+                if rated:  # the entries of this event's text (or those before the finish)
                     got = results[k].get("logprobs") or []
-                    lp, offset[k] = legacy_logprobs(got[sent[k]:], offset[k])
-                    sent[k] = len(got)
+                    lp, offset[k] = legacy_logprobs(got[sent[k]:upto], offset[k])
+                    sent[k] = upto
                 return sse(text_chunk(cid, model_name, created, k, text, finish, lp, fingerprint=fingerprint))
 
             if creq.echo:
                 for k, (p, _) in enumerate(jobs):
                     yield sse(text_chunk(cid, model_name, created, k, heads[p], None,
                                          head_rates[p][0] if head_rates[p] else None, fingerprint=fingerprint))
-            async for k, delta in merged:
-                yield event(k, delta) if delta is not None else event(k, "", results[k]["finish_reason"])
+            async for k, delta, upto in merged:
+                yield event(k, delta, upto) if delta is not None else event(k, "", upto, results[k]["finish_reason"])
             if req.include_usage:
                 yield sse(text_chunk(cid, model_name, created, None, fingerprint=fingerprint, usage_=usage(
                     prompt_tokens, sum(r["completion_tokens"] for r in results))))
 
-        return event_stream(cid, answers, firsts, events)
+        return event_stream(cid, answers, firsts, results, events)
 
     @app.get("/tokenizer_info")
     async def tokenizer_info():
@@ -455,12 +455,12 @@ async def opened(answers: list) -> list[list]:
     return firsts
 
 
-def event_stream(cid: str, answers: list, firsts: list, events) -> StreamingResponse:
+def event_stream(cid: str, answers: list, firsts: list, results: list[dict], events) -> StreamingResponse:
     """Server-sent events: ``events(merged)`` turns the answers' pieces, as
     they come (``interleave``), into events; an error once the headers are
     sent is reported in the stream; ``data: [DONE]`` ends it."""
     async def stream():
-        merged = interleave(answers, firsts)
+        merged = interleave(answers, firsts, results)
         try:
             async for item in events(merged):
                 yield item
@@ -487,38 +487,44 @@ async def _first(answer) -> list[str]:
         return []
 
 
-async def interleave(answers: list, firsts: list[list[str]]):
-    """``(choice, delta)`` from every answer as it comes (``firsts``: what each
-    yielded already), and ``(choice, None)`` when one ends. Closing it stops
-    reading the answers; the caller closes them."""
+async def interleave(answers: list, firsts: list[list[str]], results: list[dict]):
+    """``(choice, delta, rated)`` from every answer as it comes (``firsts``:
+    what each yielded already), and ``(choice, None, rated)`` when one ends;
+    ``rated``: how many logprobs entries the answer's result held when it
+    yielded the delta (an answer read ahead of the stream has more by the
+    time its delta is sent). Closing it stops reading the answers; the
+    caller closes them."""
+    def rated(i: int) -> int:
+        return len(results[i].get("logprobs") or ())
+
     if len(answers) == 1:  # no tasks for the usual single answer
         for delta in firsts[0]:
-            yield 0, delta
+            yield 0, delta, rated(0)
         async for delta in answers[0]:
-            yield 0, delta
-        yield 0, None
+            yield 0, delta, rated(0)
+        yield 0, None, rated(0)
         return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int) -> None:
         try:
             for delta in firsts[i]:
-                queue.put_nowait((i, delta))
+                queue.put_nowait((i, delta, rated(i)))
             async for delta in answers[i]:
-                queue.put_nowait((i, delta))
-            queue.put_nowait((i, None))
+                queue.put_nowait((i, delta, rated(i)))
+            queue.put_nowait((i, None, rated(i)))
         except Exception as e:  # noqa: BLE001 - raised where the deltas are read
-            queue.put_nowait((i, e))
+            queue.put_nowait((i, e, 0))
 
     tasks = [asyncio.create_task(pump(i)) for i in range(len(answers))]
     try:
         left = len(answers)
         while left:
-            i, item = await queue.get()
+            i, item, n = await queue.get()
             if isinstance(item, Exception):
                 raise item
             left -= item is None
-            yield i, item
+            yield i, item, n
     finally:
         for t in tasks:
             t.cancel()

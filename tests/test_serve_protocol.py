@@ -848,6 +848,52 @@ def test_n_answers_each_sample_with_their_own_seed(api):
     assert len(llm.calls) == 3 and all("seed" not in c for c in llm.calls)
 
 
+class RatedSeededLLM(StubLLM):
+    """Each choice's answer (by the call's seed) one token a piece, each
+    with its logprob entry, the choices' pieces interleaved in time."""
+
+    def __init__(self, tok):
+        super().__init__()
+        self.texts = {s: tok.encode_text(t) for s, t in
+                      ((10, " the red circle is on the left"), (11, " a small blue square"), (12, " two stars"))}
+
+    async def tokens(self, call: dict, k: int):
+        import asyncio
+
+        ids = self.texts[call["seed"]]
+        for j, t in enumerate(ids[:call["max_new_tokens"]]):
+            if j % 3 == 0:  # the next pieces are there at once (as a replica's stream buffers them)
+                await asyncio.sleep(0.002 * (1 + call["seed"] % 3))
+            yield {"ids": [t], "logprobs": [[-1.0 - j, [[t, -0.5]]]]}
+
+
+def test_streamed_logprobs_of_n_answers_come_with_their_own_text(api):
+    """With ``n`` answers streamed side by side, each chunk's logprobs entries
+    are those of its own text: an answer that ran ahead of the stream does
+    not put the next piece's entries in the chunk before it (chat and
+    legacy completions)."""
+    tok = api.service.tok
+    api.service.llm = llm = RatedSeededLLM(tok)
+    texts = {i: tok.decode(llm.texts[10 + i]) for i in range(3)}
+    body = {"n": 3, "temperature": 0.7, "seed": 10, "max_tokens": 30, "logprobs": True, "stream": True}
+    chunks = sse_chunks(api.post("/v1/chat/completions", json={
+        **body, "messages": [{"role": "user", "content": "hi"}]}).text)
+    got: dict[int, str] = {}
+    for ch in chunks:
+        for c in ch["choices"]:
+            text = c["delta"].get("content") or ""
+            assert "".join(e["token"] for e in (c["logprobs"] or {}).get("content") or []) == text, c
+            got[c["index"]] = got.get(c["index"], "") + text
+    assert got == texts
+    chunks = sse_chunks(api.post("/v1/completions", json={**body, "prompt": "x", "logprobs": 1}).text)
+    got = {}
+    for ch in chunks:
+        for c in ch["choices"]:
+            assert "".join((c["logprobs"] or {}).get("tokens") or []) == c["text"], c
+            got[c["index"]] = got.get(c["index"], "") + c["text"]
+    assert got == texts
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_one_failing_answer_of_n_fails_the_request_and_stops_the_others(api, stream):
     api.service.llm = llm = SeededLLM(fail_seed=11)
