@@ -250,7 +250,7 @@ def build_api(service: ChatService, *, api_key: str | None, mount_ui: bool = Tru
 
         def start(p: int) -> int:
             """Where the first answer token's text starts: after the echoed prompt's."""
-            return head_rates[p][1] if head_rates[p] else 0
+            return head_rates[p][1].at if head_rates[p] else 0
 
         if not req.stream:
             results = await side_by_side([service.complete(req, preps[p], i) for p, i in jobs])

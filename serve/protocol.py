@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import json
 import re
 import time
@@ -745,22 +746,41 @@ def text_completion_id() -> str:
     return f"cmpl-{uuid.uuid4().hex[:24]}"
 
 
-def legacy_logprobs(entries: list[dict], offset: int, widths: list[int | None] | None = None) -> tuple[dict, int]:
+class TextOffsets:
+    """Where each token starts in the text its bytes spell, in characters,
+    from ``start``. A character split over several tokens (byte-fallback
+    pieces of one) counts once, when its last byte arrives: a token that
+    begins inside it starts where it does."""
+
+    def __init__(self, start: int = 0):
+        self.at = start
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def take(self, data: bytes, width: int | None = None) -> int:
+        """The start of a token of bytes ``data`` (``width``: its length in the text instead)."""
+        start = self.at
+        self.at += len(self._utf8.decode(data)) if width is None else width
+        return start
+
+
+def legacy_logprobs(entries: list[dict], offset: int | TextOffsets,
+                    widths: list[int | None] | None = None) -> tuple[dict, TextOffsets]:
     """Chat logprobs entries (``serve.logprobs.entry``) in the completions
     API's shape: ``tokens``, ``token_logprobs``, ``top_logprobs`` (token text
     -> logprob) and ``text_offset`` (each token's start in the choice's
-    text, from ``offset``; ``widths`` gives a token's length in the text
-    where it differs from its own, e.g. 0 for a BOS the server added), and
-    the offset after the last token."""
+    text, from ``offset``, a character index or the :class:`TextOffsets` of
+    the entries before; ``widths`` gives a token's length in the text where it
+    differs from its bytes', e.g. 0 for a BOS the server added), and the
+    offsets after the last token (to pass on with the entries that follow)."""
+    offsets = offset if isinstance(offset, TextOffsets) else TextOffsets(offset)
     out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for k, e in enumerate(entries):
         out["tokens"].append(e["token"])
         out["token_logprobs"].append(e["logprob"])
         top = e.get("top_logprobs")
         out["top_logprobs"].append(None if top is None else {t["token"]: t["logprob"] for t in top})
-        out["text_offset"].append(offset)
-        offset += len(e["token"]) if widths is None or widths[k] is None else widths[k]
-    return out, offset
+        out["text_offset"].append(offsets.take(bytes(e["bytes"]), None if widths is None else widths[k]))
+    return out, offsets
 
 
 def text_completion(cid: str, model: str, choices: list[tuple[str, str, dict | None]], prompt: int,

@@ -280,6 +280,34 @@ def test_streamed_logprobs_carry_their_offsets_on_from_chunk_to_chunk(tok, tiny_
     assert "".join(c["text"] for c in chunks) == text
 
 
+def test_offsets_count_characters_when_tokens_split_them(tok, tiny_cfg):
+    """Accented letters the tiny tokenizer spells byte by byte: each token's
+    ``text_offset`` is its start in the text in characters (a token inside a
+    character starts where the character does), streamed or not."""
+    from starlette.testclient import TestClient
+
+    from serve.api import build_api
+    from test_serve_protocol import fake_service, sse_chunks
+
+    text = "café crème brûlée, ok"
+    service = fake_service(tok, tiny_cfg)
+    service.llm = RatedLLM(tok, text)
+    ids = service.llm.ids
+    pieces = [service.token_bytes(t) for t in ids]
+    assert any(len(p) == 1 and p[0] >= 0x80 for p in pieces)  # some tokens hold part of a character
+    want = [len(b"".join(pieces[:k]).decode("utf-8", errors="ignore")) for k in range(len(ids))]
+    with TestClient(build_api(service, api_key=None, mount_ui=False), raise_server_exceptions=False) as api:
+        body = {"prompt": "x", "max_tokens": 60, "logprobs": 0}
+        whole = api.post("/v1/completions", json=body).json()["choices"][0]
+        chunks = [c["choices"][0] for c in sse_chunks(api.post("/v1/completions", json={**body, "stream": True}).text)
+                  if c["choices"]]
+    assert whole["text"] == text and whole["logprobs"]["text_offset"] == want
+    assert [o for c in chunks if c["logprobs"] for o in c["logprobs"]["text_offset"]] == want
+    for o, p in zip(want, pieces):  # a token that is whole characters is the text at its offset
+        if all(b < 0x80 for b in p):
+            assert text[o:o + len(p)] == p.decode()
+
+
 def test_the_tokenizer_routes_answer_in_vllms_shape(tok, tiny_cfg):
     """``/tokenizer_info``, ``/tokenize`` and ``/detokenize``, as the remote
     tokenizer of evaluation harnesses asks for them (and guarded by the API
