@@ -121,7 +121,7 @@ class LLMConfig:
 class TokenizerConfig:
     # hub id or folder; null means "the same as llm.name_or_path"
     name_or_path: str | None = None
-    # build a byte-level BPE offline instead of loading one: {"vocab_size": N}
+    # build a byte-level BPE offline instead of loading one: {"vocab_size": N, "tool_corpus": bool}
     build: dict | None = None
     image_token: str = "<image>"
     max_length: int = 4096

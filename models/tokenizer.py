@@ -8,6 +8,7 @@ enter a sequence only by id (see ``models.conversation``).
 """
 from __future__ import annotations
 
+import json
 import logging
 import random
 from dataclasses import dataclass
@@ -86,7 +87,54 @@ def tiny_corpus(n_sentences: int = 6000, seed: int = 0) -> list[str]:
     return out
 
 
-def _build_bpe(folder: Path, vocab_size: int, image_token: str) -> None:
+_FUNCTIONS = ("get_weather", "order_paint", "move_arm", "find_part", "count_shapes", "search", "lookup", "add",
+              "send_message", "set_timer", "get_time", "book_table", "describe_image")
+_PARAMETERS = ("city", "colour", "cell", "shape", "query", "a", "b", "text", "minutes", "name", "id", "count",
+               "unit", "date", "to", "status", "result", "part", "size", "position")
+_SCHEMA_TYPES = ("string", "integer", "number", "boolean")
+
+
+def tool_corpus(n_sentences: int = 1500, seed: int = 0) -> list[str]:
+    """Deterministic text in ``models.tools``'s form: tool lists as the system
+    prompt offers them, calls and results, so the offline tokenizer encodes
+    them by the word, not character by character."""
+    from .tools import call_text, response_text, tools_prompt
+
+    rng = random.Random(f"tool-corpus/{seed}")
+    values = _COLOURS + _SHAPES + _PLACES + _SIZES + _NUMBERS + ["top left", "bottom right", "ordered", "moved", "ok"]
+
+    def value():
+        return rng.choice((rng.choice(values), rng.randint(0, 200), rng.choice((True, False))))
+
+    def function():
+        props = {}
+        for p in rng.sample(_PARAMETERS, rng.randint(0, 3)):
+            prop = {"type": rng.choice(_SCHEMA_TYPES)}
+            if rng.random() < 0.4:
+                prop = {"type": "string", "enum": rng.sample(values, rng.randint(2, 9))}
+            props[p] = prop
+        params = {"type": "object", "properties": props}
+        if props and rng.random() < 0.6:
+            params["required"] = list(props)
+        tool = {"name": rng.choice(_FUNCTIONS), "parameters": params}
+        if rng.random() < 0.7:
+            tool["description"] = " ".join(rng.choices(_WORDS, k=rng.randint(3, 8))).capitalize() + "."
+        return tool
+
+    out = []
+    for _ in range(n_sentences):
+        kind = rng.random()
+        if kind < 0.2:
+            out.append(tools_prompt([function() for _ in range(rng.randint(1, 3))]))
+        elif kind < 0.7:
+            args = {p: value() for p in rng.sample(_PARAMETERS, rng.randint(0, 2))}
+            out.append(call_text(rng.choice(_FUNCTIONS), args))
+        else:
+            out.append(response_text(json.dumps({p: value() for p in rng.sample(_PARAMETERS, rng.randint(1, 3))})))
+    return out
+
+
+def _build_bpe(folder: Path, vocab_size: int, image_token: str, tools: bool = False) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -99,7 +147,7 @@ def _build_bpe(folder: Path, vocab_size: int, image_token: str) -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(tiny_corpus(), trainer)
+    tok.train_from_iterator(tiny_corpus() + (tool_corpus() if tools else []), trainer)
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="<|endoftext|>",
         unk_token="<unk>", pad_token="<|endoftext|>",
@@ -184,12 +232,16 @@ def load_tokenizer(cfg: ModelConfig) -> ChatTokenizer:
 
     tc = cfg.tokenizer
     if tc.build is not None:
-        unknown = set(tc.build) - {"vocab_size"}
+        unknown = set(tc.build) - {"vocab_size", "tool_corpus"}
         if unknown:
-            raise ConfigError(f"tokenizer.build: unknown key(s) {sorted(unknown)}; valid: vocab_size")
+            raise ConfigError(f"tokenizer.build: unknown key(s) {sorted(unknown)}; valid: vocab_size, tool_corpus")
+        tools = tc.build.get("tool_corpus", False)
+        if not isinstance(tools, bool):
+            raise ConfigError(f"tokenizer.build.tool_corpus must be true or false, got {tools!r}")
         vocab_size = int(tc.build.get("vocab_size", 2048))
-        spec = {"vocab_size": vocab_size, "image_token": tc.image_token, "corpus": "tiny_corpus-v1", "template": "phi3"}
-        folder = materialize("tokenizer", spec, lambda d: _build_bpe(d, vocab_size, tc.image_token))
+        corpus = "tiny_corpus-v1" + ("+tool_corpus-v1" if tools else "")
+        spec = {"vocab_size": vocab_size, "image_token": tc.image_token, "corpus": corpus, "template": "phi3"}
+        folder = materialize("tokenizer", spec, lambda d: _build_bpe(d, vocab_size, tc.image_token, tools))
         return ChatTokenizer(AutoTokenizer.from_pretrained(str(folder)), tc.image_token)
     source = tc.name_or_path or cfg.llm.name_or_path
     try:

@@ -40,7 +40,7 @@ def test_presets_load_and_validate(name):
 def test_preset_contents(tiny):
     assert tiny.vision.pretrained is None and tiny.vision.model_config is not None
     assert tiny.llm.random_init["hidden_size"] == 256
-    assert tiny.tokenizer.build == {"vocab_size": 2048}
+    assert tiny.tokenizer.build == {"vocab_size": 2048, "tool_corpus": False}
     assert tiny.speech.language == "en"
     mini = load_config("phi3-mini")
     assert mini.llm.load_in_4bit is True and mini.llm.random_init is None

@@ -38,6 +38,28 @@ def test_round_trip_of_ordinary_text(tok):
     assert len(tok.encode_text(" red circle on the left")) <= 6
 
 
+def test_tool_corpus_makes_tool_prompts_and_calls_cost_tokens_by_the_word(tok):
+    """``tokenizer.build.tool_corpus``: the offline BPE learns the tool form
+    too, so a tool prompt and a call cost tokens by the word, as in Phi-3's
+    tokenizer; without it they are spelt almost character by character. The
+    other text encodes alike, but the vocabulary is larger (a different
+    random draw of the tiny Phi-3, whose vocabulary is the tokenizer's)."""
+    from data_pipelines.synthetic import TOOLS
+    from models.tools import call_text, response_text, tools_prompt
+
+    tools_tok = load_tokenizer(load_config("tiny", ["tokenizer.build.tool_corpus=true"]))
+    for text in (tools_prompt(TOOLS), call_text("order_paint", {"colour": "purple"}),
+                 response_text('{"status": "moved", "cell": "top left"}')):
+        ids = tools_tok.encode_text(text)
+        assert tools_tok.decode(ids, skip_special_tokens=False) == text
+        assert len(ids) <= len(text) / 2.5, (len(ids), len(text))  # about 3 characters a token
+        assert len(tok.encode_text(text)) >= len(text) / 1.6  # about 1.4 without
+    plain = "Where is the small red circle? Top left."
+    assert tools_tok.hf.tokenize(plain) == tok.hf.tokenize(plain) and len(tools_tok) > len(tok)
+    with pytest.raises(ConfigError, match="tool_corpus must be true or false"):
+        load_tokenizer(load_config("tiny", ["tokenizer.build.tool_corpus=yes please"]))
+
+
 def test_loading_path_adds_image_token_when_missing(tmp_path):
     """A tokenizer folder lacking the configured image token (as Phi-3's own
     lacks one) gets it added as a special token with the next id."""
