@@ -81,9 +81,11 @@ class Features:
         std = (acc[1] / max(n, 1) - mean * mean).clamp_min(0).sqrt()
         return mean.float(), std.float()
 
-    def mean(self) -> torch.Tensor:
-        """The training mean of the features (per token position): the 'blind' input."""
-        return torch.from_numpy(np.mean(np.stack([v.astype(np.float32) for v in self._rows.values()]), axis=0))
+    def mean(self, images: list[str]) -> torch.Tensor:
+        """The mean of ``images``' features (per token position); of the
+        training images: the 'blind' input (the same whatever else is loaded)."""
+        return torch.from_numpy(np.mean(np.stack([self._rows[p].astype(np.float32) for p in sorted(set(images))]),
+                                        axis=0))
 
 
 def encode_all(tok, samples: list[Sample], num_image_tokens: int, max_length: int) -> list[Encoded]:

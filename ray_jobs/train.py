@@ -343,8 +343,11 @@ def evaluate(model, tok, val_enc, val_samples, feats, answer_samples, world: int
         right: dict[str, float] = {}
         total: dict[str, float] = {}
         ans = answer_samples[rank::world]
-        for i in range(0, len(ans), batch_size):
-            chunk = ans[i:i + batch_size]
+        # answers in words and tool calls in batches of their own: a call's long prompt (the tools) and
+        # its many tokens would pad and lengthen a batch of short questions
+        words = [s for s in ans if not s.messages[-1].get("tool_calls")]
+        calls = [s for s in ans if s.messages[-1].get("tool_calls")]
+        for chunk in [g[i:i + batch_size] for g in (words, calls) for i in range(0, len(g), batch_size)]:
             enc = [encode_conversation(tok, s.messages[:-1], model.num_image_tokens, add_generation_prompt=True,
                                        tools=s.tools) for s in chunk]
             batch = collate(enc, tok.ids.pad, padding_side="left")
@@ -512,7 +515,7 @@ def _train_run(s: TrainSettings, cfg, rank: int, world: int, checkpoints: str) -
     outputs = run_outputs if rank == 0 else None
     if outputs is not None:
         outputs.truncate_metrics(after_step=step if step else -1)  # a start from step 0 writes its step-0 row again
-    train_mean = feats.mean()
+    train_mean = feats.mean([x.image for x in train if x.image])
 
     def report(metrics: dict, final: bool = False) -> None:
         ckpt_dir = None

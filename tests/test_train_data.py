@@ -45,6 +45,10 @@ def test_feature_stats_and_blind_mean():
     rows = np.concatenate([store[p].astype(np.float64) for p in some])   # every token of those images
     assert torch.allclose(mean, torch.from_numpy(rows.mean(0)).float(), atol=1e-4)
     assert torch.allclose(std, torch.from_numpy(rows.std(0)).float(), atol=1e-4)
-    assert feats.mean().shape == (4, 6)  # the blind input keeps the token axis
+    blind = feats.mean(some)
+    assert blind.shape == (4, 6)  # the blind input keeps the token axis
+    # the mean of the images asked for (the training images), whatever else is loaded
+    assert torch.allclose(blind, torch.from_numpy(np.mean([store[p].astype(np.float32) for p in some], 0)), atol=1e-4)
+    assert not torch.allclose(blind, feats.mean(list(store)), atol=1e-4)
     with pytest.raises(FileNotFoundError, match="no embedding"):
         Features(store, ["missing.png"])
