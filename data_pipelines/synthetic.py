@@ -23,6 +23,12 @@ chance levels written to ``synth.json`` measures vision; the validation
 images are drawn in proportion from each (first question type, answer)
 group, so their first answers have the shares of the whole set.
 
+Optionally (``tool_fraction``, ``mmphi data synth --tool-records``), tool-use
+records: each a one-object scene of its own and a request that one of two
+functions (``TOOLS``) answers, the call taking the object's colour or grid
+cell as its argument, then the function's result and a reply. Their first
+answer is the call; held-out accuracy scores it as the same calls.
+
 Everything is drawn from ``random.Random`` streams derived from the seed
 (one per image, so the first N images do not depend on how many follow)
 and PIL drawing: the same seed gives byte-identical files.
@@ -418,7 +424,7 @@ def synthesize(out_dir, *, images: int = 600, seed: int = 0, size: int = 128, va
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     if not 0 <= tool_fraction <= 10:
-        raise ValueError(f"tool_fraction (tool-use records per image) must be in [0, 10], got {tool_fraction}")
+        raise ValueError(f"tool-use records per image (--tool-records) must be in [0, 10], got {tool_fraction}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file, not a folder: give the data set's folder")

@@ -338,6 +338,8 @@ def test_an_output_folder_that_is_a_file_is_named_before_work_starts(tmp_path, c
     assert capsys.readouterr().err == f"mmphi demo: --out {f / 'run'}: {f} is a file, so no folder can be made under it\n"
     assert main(["data", "embed", "--data", str(f), "--out", str(tmp_path / "emb")]) == 2
     assert capsys.readouterr().err == f"mmphi data embed: data set folder {f} is a file, not a folder\n"
+    assert main(["demo", "--out", str(tmp_path / "run"), "--tool-records", "-0.5", "--serve", "off"]) == 2
+    assert capsys.readouterr().err == "mmphi demo: --tool-records must be in [0, 10], got -0.5\n"
     assert not ray.is_initialized() and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 

@@ -286,5 +286,5 @@ def test_tool_records_call_a_function_with_what_the_image_shows(tmp_path):
              if s.id.startswith("tool-")]
     assert len(first) == 12 and all(s.qtypes == ["tool"] and s.tools == TOOLS for s in first)
     assert all(s.messages[-1]["tool_calls"] for s in first)
-    with pytest.raises(ValueError, match="tool_fraction"):
+    with pytest.raises(ValueError, match="tool-records"):
         synthesize(tmp_path / "bad", images=4, tool_fraction=-0.1, progress=False)

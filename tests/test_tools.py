@@ -207,6 +207,43 @@ def test_tools_calls_and_results_render_as_text_and_only_answers_are_learned(tok
     assert "# Tools" not in tok.decode(encode_conversation(tok, msgs[1:2], 4).input_ids)
 
 
+def test_a_held_out_call_is_right_only_as_the_same_calls_and_nothing_else(tok):
+    """Held-out answer accuracy (``ray_jobs.train.answered``) compares calls
+    by name and arguments as JSON values; text beside a call, a call cut off
+    or another argument is wrong. Enough tokens are generated for the call."""
+    from ray_jobs.train import ANSWER_TOKENS, answer_budget, answered
+
+    want = {"role": "assistant", "content": "", "tool_calls": [{"name": "paint", "arguments": {"colour": "red"}}]}
+    text = call_text("paint", {"colour": "red"})
+    assert answered(text, want) and answered(" " + text + "\n", want)
+    assert answered(text.replace('{"colour": "red"}', '{ "colour":"red" }'), want)  # the same JSON value
+    assert not answered(call_text("paint", {"colour": "blue"}), want)
+    assert not answered(call_text("add", {"colour": "red"}), want)
+    assert not answered("Sure. " + text, want)
+    assert not answered(text[:-3], want)  # cut off: text, not a call
+    assert not answered(text + "\n" + text, want)  # one call too many
+    assert not answered("red", want)
+    assert answered("Top left.", {"role": "assistant", "content": "top left"})
+    assert not answered(text, {"role": "assistant", "content": "red"})
+    assert answer_budget(tok, {"role": "assistant", "content": "Red."}) == ANSWER_TOKENS
+    # the demo scores the API's answers alike (its message in OpenAI's shape)
+    from mmphi.commands.demo import answered_message
+
+    def message(content, *calls):
+        return {"role": "assistant", "content": content,
+                "tool_calls": [{"id": f"call_{i}", "type": "function", "function": {"name": n, "arguments": a}}
+                               for i, (n, a) in enumerate(calls)] or None}
+
+    assert answered_message(message(None, ("paint", '{"colour":"red"}')), want)
+    assert not answered_message(message("Sure.", ("paint", '{"colour": "red"}')), want)
+    assert not answered_message(message(None, ("paint", '{"colour": "blue"}')), want)
+    assert not answered_message(message(None, ("paint", '{"colour": "red"}'), ("paint", '{"colour": "red"}')), want)
+    assert answered_message(message("Red."), {"role": "assistant", "content": "Red."})
+    assert not answered_message(message(None, ("paint", '{"colour": "red"}')), {"role": "assistant", "content": "Red."})
+    need = len(tok.encode_text(text))
+    assert need > ANSWER_TOKENS and answer_budget(tok, want) == need + 4
+
+
 # ---------------------------------------------------------------- grammar
 
 def spec(choice: str, parallel: bool = True, tools=(ADD, PAINT)) -> dict:

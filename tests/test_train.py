@@ -28,7 +28,7 @@ def dataset(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("train")
     os.environ["RAY_metrics_report_interval_ms"] = "1000"  # metrics reach the node's agent within a second
-    synthesize(root / "data", images=160, seed=6, progress=False, tool_fraction=0.25)
+    synthesize(root / "data", images=160, seed=6, progress=False, tool_fraction=0.15)
     # a one-machine cluster started as the jobs start one, so the runs get what a user's local runs get
     # (no preemption watcher, 0.5 s polling)
     init_ray(None, num_cpus=4, include_dashboard=False, log_to_driver=False)

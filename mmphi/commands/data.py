@@ -20,7 +20,7 @@ def register(sub) -> None:
     s.add_argument("--val-fraction", type=float, default=0.2, help="share of images held out (default: 0.2)")
     s.add_argument("--tool-records", type=float, default=0.0, metavar="FRACTION",
                    help="add tool-use records (a request about a one-object image that one of two functions "
-                        "answers, with the object's colour or shape as its argument), this many per image "
+                        "answers, with the object's colour or grid cell as its argument), this many per image "
                         "(default: 0, none)")
     s.add_argument("--workers", type=int, default=None,
                    help="processes drawing the images (default: one per core, at most 8, from 1,000 images; "

@@ -37,7 +37,6 @@ from mmphi.cli import add_model_args, positive_float, positive_int
 STEPS = 1600
 SINGLE_SHARE = 0.4  # of stage 2's steps: the curriculum's first run, on single-object scenes
 IN_FLIGHT = 32  # HTTP questions at once in the serving check
-EVAL_SAMPLES = 1200  # held-out first questions scored by the job and asked again over HTTP (every validation image)
 
 
 def register(sub) -> None:
@@ -53,6 +52,9 @@ def register(sub) -> None:
     p.add_argument("--workers", type=positive_int, default=2, help="Ray Train workers (default: 2)")
     p.add_argument("--lr", type=positive_float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tool-records", type=float, default=0.0, metavar="FRACTION",
+                   help="tool-use records in the synthetic data, per image (mmphi data synth --tool-records; "
+                        "default: 0); the tiny model learns their calls with --set tokenizer.build.tool_corpus=true")
     p.add_argument("--serve", choices=("forever", "check", "off"), default="forever",
                    help="after training: serve until Ctrl-C (default), answer one HTTP question and stop, or skip")
     p.add_argument("--port", type=int, default=8000, help="HTTP port of the chat page and API (default: 8000)")
@@ -80,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     try:
         check_output_folder(str(out), "--out")
+        if not 0 <= args.tool_records <= 10:
+            raise ValueError(f"--tool-records must be in [0, 10], got {args.tool_records}")
     except ValueError as e:
         print(f"mmphi demo: {e}", file=sys.stderr)
         return 2
@@ -90,12 +94,16 @@ def run(args: argparse.Namespace) -> int:
     data = out / "data"
     done = data / "synth.json"
     params = json.loads(done.read_text())["params"] if done.exists() else {}
-    if params.get("images") == args.images and params.get("seed") == args.seed:
+    if params.get("images") == args.images and params.get("seed") == args.seed \
+            and params.get("tool_fraction", 0.0) == args.tool_records:
         print(f"[1/7] synthetic data: reusing {data}")
     else:
         print(f"[1/7] synthetic data: {args.images} images -> {data}")
-        synthesize(data, images=args.images, seed=args.seed, progress=False, workers=default_workers(args.images))
+        synthesize(data, images=args.images, seed=args.seed, progress=False, workers=default_workers(args.images),
+                   tool_fraction=args.tool_records)
 
+    # held-out first questions scored by the job and asked again over HTTP: one about every validation image
+    eval_samples = json.loads(done.read_text())["counts"]["val_images"]
     timings = {"data": round(time.time() - t0, 1)}
     print("[2/7] Ray Data: embedding every image with the CLIP tower (resumes if interrupted)")
     emb_dir = out / "embeddings" / cfg.name
@@ -108,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     runs = out / "runs"
     common = dict(data=str(data), embeddings=str(emb_dir), out=str(runs), preset=args.preset,
                   overrides=args.overrides, workers=args.workers, batch_size=args.batch_size, lr=args.lr,
-                  seed=args.seed, cpus_per_worker=0.5, threads=1, eval_samples=EVAL_SAMPLES)
+                  seed=args.seed, cpus_per_worker=0.5, threads=1, eval_samples=eval_samples)
     s1_steps = max(args.steps // 10, 2)
     single_steps = max(round(args.steps * SINGLE_SHARE), 1)
     rest = max(args.steps - single_steps, 1)
@@ -141,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     store = EmbeddingStore(str(emb_dir))
     model = MultimodalPhi3.from_checkpoint(s2["final"], device=args.device, expect=store.identity)
     val = D.first_exchanges(D.load_samples(str(data), "val", "qlora"))
-    sample = val[0]
+    sample = next((s for s in val if not s.tools), val[0])  # a question answered in words
     enc = encode_conversation(model.tokenizer, sample.messages[:-1], model.num_image_tokens, add_generation_prompt=True)
     batch = collate([enc], model.tokenizer.ids.pad)
     images = dataset_paths(data)["images"]
@@ -169,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
     if args.serve == "off":
         print("[7/7] Ray Serve: skipped (--serve off)")
     else:
-        summary["served"] = _serve(args, s2, val[:EVAL_SAMPLES], images)
+        summary["served"] = _serve(args, s2, val[:eval_samples], images)
     summary["seconds"] = round(time.time() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"done in {summary['seconds']} s; summary in {out / 'summary.json'}")
@@ -180,6 +188,21 @@ def run(args: argparse.Namespace) -> int:
     return 0 if same else 1
 
 
+TOOL_ANSWER_TOKENS = 64  # a call of the synthetic data is about 30 tokens of the tiny preset's tokenizer
+
+
+def answered_message(message: dict, expected: dict) -> bool:
+    """Whether an API answer (an OpenAI chat message) is the assistant message
+    ``expected``, as ``ray_jobs.train.answered`` scores generated text."""
+    from models.tools import calls_text
+    from ray_jobs.train import answered
+
+    calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+             for c in message.get("tool_calls") or []]
+    text = "\n".join(x for x in (message.get("content") or "", calls_text(calls)) if x)
+    return answered(text, expected)
+
+
 def _serve(args, s2: dict, questions: list, images: Path) -> dict:
     """Serve the stage-2 checkpoint and ask the held-out questions the training
     job scored (the first question about each validation image) over HTTP."""
@@ -188,7 +211,7 @@ def _serve(args, s2: dict, questions: list, images: Path) -> dict:
 
     import httpx
 
-    from data_pipelines.synthetic import normalise_answer
+    from ray_jobs.train import ANSWER_TOKENS
     from serve.app import run_local
 
     print(f"[7/7] Ray Serve: ASR, ImageEncoder and LLM deployments behind the chat page, checkpoint {s2['final']}")
@@ -198,15 +221,18 @@ def _serve(args, s2: dict, questions: list, images: Path) -> dict:
     url = run_local(checkpoint=s2["final"], port=args.port, blocking=False, access_log=False, system_logs="WARNING")
     ready = time.time() - started
 
-    def ask(client, sample) -> str:
+    def ask(client, sample) -> dict:
         question = next(p["text"] for p in sample.messages[0]["content"] if p["type"] == "text")
         image = "data:image/png;base64," + base64.b64encode((images / sample.image).read_bytes()).decode()
-        body = {"max_tokens": 8, "temperature": 0,
+        body = {"max_tokens": ANSWER_TOKENS, "temperature": 0,
                 "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
                                                           {"type": "text", "text": question}]}]}
+        if sample.tools:  # offered as a client would, the model free to answer in words (tool_choice auto)
+            body["tools"] = [{"type": "function", "function": t} for t in sample.tools]
+            body["max_tokens"] = TOOL_ANSWER_TOKENS
         r = client.post(f"{url}v1/chat/completions", json=body)
         r.raise_for_status()
-        return r.json()["choices"][0]["message"]["content"]
+        return r.json()["choices"][0]["message"]
 
     # as many in flight as the LLM replica batches (continuous batching, 32 rows), over kept-alive connections:
     # a new connection per request (httpx.post) halved the rate on 2 cores (18 against 32 questions/s at 8)
@@ -215,18 +241,24 @@ def _serve(args, s2: dict, questions: list, images: Path) -> dict:
         answers = list(pool.map(lambda sample: ask(client, sample), questions))
     right: dict[str, int] = {}
     total: dict[str, int] = {}
-    for sample, answer in zip(questions, answers):
+    for sample, message in zip(questions, answers):
         q = sample.qtypes[0]
         total[q] = total.get(q, 0) + 1
-        right[q] = right.get(q, 0) + (normalise_answer(answer) == normalise_answer(sample.messages[-1]["content"]))
+        right[q] = right.get(q, 0) + answered_message(message, sample.messages[-1])
     accuracy = {q: right[q] / total[q] for q in sorted(total)}
     print(f"      ready in {ready:.0f} s; {len(questions)} held-out questions over HTTP (training job's figure "
           "in brackets):")
     print("        " + "  ".join(f"{q} {accuracy[q]:.0%} ({s2['answer_accuracy'].get(q, 0):.0%})" for q in accuracy))
-    first = questions[0]
+    k = next((k for k, s in enumerate(questions) if not s.tools), 0)  # the question step 5 asked in-process
+    first = questions[k]
     print(f"      e.g. Q: {next(p['text'] for p in first.messages[0]['content'] if p['type'] == 'text')!r} "
-          f"A: {answers[0]!r} (reference: {first.messages[-1]['content']!r})")
-    served = {"url": url, "answer": answers[0], "answer_accuracy": accuracy, "answer_counts": total,
+          f"A: {answers[k]['content']!r} (reference: {first.messages[-1]['content']!r})")
+    called = next(((s, m) for s, m in zip(questions, answers) if s.tools), None)
+    if called:
+        print(f"      a tool request: Q: {next(p['text'] for p in called[0].messages[0]['content'] if p['type'] == 'text')!r} "
+              f"calls: {[(c['function']['name'], c['function']['arguments']) for c in called[1].get('tool_calls') or []]} "
+              f"text: {called[1]['content']!r} (reference: {called[0].messages[-1]['tool_calls']})")
+    served = {"url": url, "answer": answers[k]["content"], "answer_accuracy": accuracy, "answer_counts": total,
               "accuracy": sum(right.values()) / max(sum(total.values()), 1)}
     if args.serve == "check":
         from ray import serve
