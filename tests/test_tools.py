@@ -244,6 +244,48 @@ def test_a_held_out_call_is_right_only_as_the_same_calls_and_nothing_else(tok):
     assert need > ANSWER_TOKENS and answer_budget(tok, want) == need + 4
 
 
+def test_the_job_scores_held_out_calls_in_batches_of_their_own(tiny_model, monkeypatch):
+    """The training job's evaluation (``ray_jobs.train.evaluate``) generates
+    held-out tool calls apart from answers in words, with enough tokens for
+    the call, and scores each kind its way (a generation stand-in answers a
+    call for a batch given more than 8 tokens, "Red." otherwise)."""
+    import numpy as np
+    import torch
+
+    from data_pipelines.synthetic import TOOLS
+    from models.vision import vision_spec
+    from ray_jobs.data import Features, Sample
+    from ray_jobs.train import ANSWER_TOKENS, answer_budget, evaluate
+
+    tok = tiny_model.tokenizer
+    dim = vision_spec(tiny_model.cfg.vision)["feature_dim"]
+    feats = Features({f"{i}.png": np.zeros((tiny_model.num_image_tokens, dim), np.float16) for i in range(5)},
+                     [f"{i}.png" for i in range(5)])
+    ask = [{"type": "image"}, {"type": "text", "text": "Which?"}]
+    paint = {"name": "order_paint", "arguments": {"colour": "red"}}
+    words = [Sample(f"w{i}", f"{i}.png", [{"role": "user", "content": ask}, {"role": "assistant", "content": "Red."}],
+                    ["colour"]) for i in range(3)]
+    calls = [Sample(f"t{i}", f"{3 + i}.png", [{"role": "user", "content": ask},
+                                              {"role": "assistant", "content": "", "tool_calls": [paint]}],
+                    ["tool"], TOOLS) for i in range(2)]
+    seen = []
+
+    def generate(input_ids, attention_mask, image_features, max_new_tokens):
+        seen.append((len(input_ids), max_new_tokens))
+        text = call_text("order_paint", {"colour": "red"}) if max_new_tokens > ANSWER_TOKENS else "Red."
+        return torch.tensor([tok.encode_text(text) + [tok.ids.end]] * len(input_ids))
+
+    monkeypatch.setattr(tiny_model, "generate", generate)
+    try:
+        res = evaluate(tiny_model, tok, [], [], feats, [words[0], calls[0], words[1], calls[1], words[2]], 1, 0,
+                       batch_size=4, loss=False)
+    finally:
+        tiny_model.eval()  # evaluate leaves a model in training mode
+    assert seen == [(3, ANSWER_TOKENS), (2, answer_budget(tok, calls[0].messages[-1]))]
+    assert res["answer_counts"] == {"colour": 3, "tool": 2}
+    assert res["answer_accuracy"] == {"colour": 1.0, "tool": 1.0}
+
+
 # ---------------------------------------------------------------- grammar
 
 def spec(choice: str, parallel: bool = True, tools=(ADD, PAINT)) -> dict:
