@@ -104,6 +104,7 @@ TOOLS = [
      "parameters": {"type": "object", "properties": {"cell": {"type": "string", "enum": list(CELLS)}},
                     "required": ["cell"]}},
 ]
+MAX_TOOL_FRACTION = 10  # tool-use records per image (--tool-records) at most
 TOOL_ARGUMENT = {"order_paint": "colour", "move_arm": "position"}  # the object's attribute each one's argument is
 TOOL_PARAMETER = {"order_paint": "colour", "move_arm": "cell"}
 TOOL_TEMPLATES = {
@@ -423,8 +424,9 @@ def synthesize(out_dir, *, images: int = 600, seed: int = 0, size: int = 128, va
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
-    if not 0 <= tool_fraction <= 10:
-        raise ValueError(f"tool-use records per image (--tool-records) must be in [0, 10], got {tool_fraction}")
+    if not 0 <= tool_fraction <= MAX_TOOL_FRACTION:
+        raise ValueError(f"tool-use records per image (--tool-records) must be in [0, {MAX_TOOL_FRACTION}], "
+                         f"got {tool_fraction}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file, not a folder: give the data set's folder")

@@ -39,7 +39,8 @@ def evaluate_checkpoint(checkpoint: str, data: str, embeddings: str, samples: in
     feats = D.Features(store, [s.image for s in train + val + answers if s.image])
     val_enc = D.encode_all(tok, val, model.num_image_tokens, model.cfg.tokenizer.max_length)
     seen = evaluate(model, tok, val_enc, val, feats, answers, 1, 0, batch_size)
-    blind = evaluate(model, tok, val_enc, val, feats, answers, 1, 0, batch_size, blind_mean=feats.mean([s.image for s in train if s.image]), loss=False)
+    blind = evaluate(model, tok, val_enc, val, feats, answers, 1, 0, batch_size,
+                     blind_mean=feats.mean([s.image for s in train if s.image]), loss=False)
     return {**seen, "blind_answer_accuracy": blind["answer_accuracy"], "chance": _chance(data),
             "checkpoint": checkpoint}
 

@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from data_pipelines.embed import run as embed
     from data_pipelines.llava import dataset_paths
     from data_pipelines.storage import check_output_folder
-    from data_pipelines.synthetic import default_workers, single_object_view, synthesize
+    from data_pipelines.synthetic import MAX_TOOL_FRACTION, default_workers, single_object_view, synthesize
     from models.config import load_config
     from models.conversation import collate, encode_conversation
     from models.multimodal import MultimodalPhi3
@@ -82,8 +82,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     try:
         check_output_folder(str(out), "--out")
-        if not 0 <= args.tool_records <= 10:
-            raise ValueError(f"--tool-records must be in [0, 10], got {args.tool_records}")
+        if not 0 <= args.tool_records <= MAX_TOOL_FRACTION:  # before anything is written
+            raise ValueError(f"--tool-records must be in [0, {MAX_TOOL_FRACTION}], got {args.tool_records}")
     except ValueError as e:
         print(f"mmphi demo: {e}", file=sys.stderr)
         return 2
