@@ -36,9 +36,12 @@ def _register(cfg: VisionConfig) -> None:
             "give the inline config a name of its own (or set vision.model_config to null)"
         )
     _REGISTERED.add(cfg.model)
-    folder = Path(tempfile.mkdtemp(prefix="mmphi-openclip-"))
-    (folder / f"{cfg.model}.json").write_text(json.dumps(cfg.model_config))
-    open_clip.add_model_config(folder)
+    # open_clip reads the file at once and keeps the config in memory (a path
+    # it no longer finds is skipped by later rescans), so the folder goes now
+    with tempfile.TemporaryDirectory(prefix="mmphi-openclip-") as folder:
+        path = Path(folder) / f"{cfg.model}.json"
+        path.write_text(json.dumps(cfg.model_config))
+        open_clip.add_model_config(path)
 
 
 def vision_spec(cfg: VisionConfig) -> dict:

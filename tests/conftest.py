@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 # Before anything imports transformers / huggingface_hub: never wait on the hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the run's own weights cache (tiny tokenizers, ...), removed when pytest ends
+OWN_CACHE = None
 if "MMPHI_CACHE" not in os.environ:
-    os.environ["MMPHI_CACHE"] = tempfile.mkdtemp(prefix="mmphi-test-cache-")
+    OWN_CACHE = os.environ["MMPHI_CACHE"] = tempfile.mkdtemp(prefix="mmphi-test-cache-")
 
 import pytest  # noqa: E402
 
@@ -23,16 +26,18 @@ def pytest_unconfigure(config):
     written), without the interpreter's teardown: a thread of a native
     library (Ray's core worker, xgrammar, tokenizers) crashed the process
     once at that point after every test had passed, turning a green run red.
-    A Ray left running is shut down first; ``MMPHI_TEST_FULL_TEARDOWN=1``
-    keeps the normal exit."""
-    status = getattr(config, "_mmphi_exit_status", None)
-    if status is None or os.environ.get("MMPHI_TEST_FULL_TEARDOWN") == "1":
-        return
+    A Ray left running is shut down and the run's own weights cache removed
+    first; ``MMPHI_TEST_FULL_TEARDOWN=1`` keeps the normal exit."""
     import sys
 
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()
+    if OWN_CACHE is not None:
+        shutil.rmtree(OWN_CACHE, ignore_errors=True)
+    status = getattr(config, "_mmphi_exit_status", None)
+    if status is None or os.environ.get("MMPHI_TEST_FULL_TEARDOWN") == "1":
+        return
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)

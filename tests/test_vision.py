@@ -418,6 +418,23 @@ def test_inline_config_may_not_shadow_a_builtin_model():
     assert vision_spec(load_config("phi3-mini").vision)["num_tokens"] == 576
 
 
+def test_an_inline_config_leaves_no_folder_behind_and_stays_registered(tmp_path, monkeypatch):
+    """Each process that registers an inline tower (every Ray worker does) must
+    not leave a temporary folder, and the config must outlive later rescans."""
+    import tempfile
+
+    import open_clip
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    cfg = vcfg("vision.model=mmphi-vit-leak-check")
+    assert vision_spec(cfg)["num_tokens"] == GRID * GRID
+    assert list(tmp_path.iterdir()) == []
+    other = tmp_path / "other"
+    other.mkdir()
+    open_clip.add_model_config(other)  # a rescan, as another registration would do
+    assert open_clip.get_model_config("mmphi-vit-leak-check") == cfg.model_config
+
+
 # ---------------------------------------------------------------- 2-D sine-cosine position embeddings
 
 
