@@ -12,7 +12,12 @@ result as a user turn. It renders as Phi-3's template::
     <s><|system|>\\n{system}<|end|>\\n<|user|>\\n{user}<|end|>\\n<|assistant|>\\n{answer}<|end|>\\n ... <|endoftext|>
 
 Control tokens are inserted by id and text is encoded with special-token
-matching off, so no user text can become a control token. Each image part
+matching off, so no user text can become a control token. A message's text
+is encoded together with the newline before it, as the template's text
+encoded whole is: a SentencePiece tokenizer (Phi-3's) then starts it without
+the word-start mark ("What", not "\u2581What"), token for token what
+Hugging Face's ``apply_chat_template`` gives (``tests/test_phi3_vocab.py``
+checks this on Phi-3's real vocabulary). Each image part
 becomes ``num_image_tokens`` copies of the image placeholder id, which the
 model later replaces with projected image features.
 
@@ -126,10 +131,25 @@ def encode_conversation(
     if ids.bos is not None:
         add([ids.bos], False)
     role_id = {"system": ids.system, "user": ids.user, "assistant": ids.assistant, "tool": ids.user}
+    def add_after_newline(text: str, train: bool) -> None:
+        """The newline that ends a role header, then the message's text. The
+        reference tokenisation (the chat template's text, encoded whole)
+        encodes the two together: a SentencePiece tokenizer (Phi-3's) then
+        gives the text no word-start mark ("\u2581What"), which it does give a
+        text encoded on its own. Where the joint encoding does not begin with
+        the newline's own tokens, the two are encoded apart."""
+        joined = tok.encode_text("\n" + text)
+        if joined[:len(newline)] == newline:
+            add(newline, False)
+            add(joined[len(newline):], train)
+        else:
+            add(newline, False)
+            add(tok.encode_text(text), train)
+
     for m in messages:
         starts.append(len(input_ids))
         train = m["role"] == "assistant"
-        add([role_id[m["role"]]] + newline, False)
+        add([role_id[m["role"]]], False)
         parts = content_parts(m.get("content") or "")
         if m["role"] == "tool":  # a call's result, back as a user turn
             parts = [{"type": "text", "text": response_text("".join(p["text"] for p in parts))}]
@@ -137,12 +157,19 @@ def encode_conversation(
             text = calls_text(m["tool_calls"])
             said = [p for p in parts if p["text"]]  # the answer's text, then its calls
             parts = said + [{"type": "text", "text": ("\n" if said else "") + text}]
-        for part in parts:
+        for k, part in enumerate(parts):
+            if k == 0 and part["type"] == "text":
+                add_after_newline(part["text"], train)
+                continue
+            if k == 0:
+                add(newline, False)
             if part["type"] == "image":
                 add([ids.image] * num_image_tokens, False)
                 n_images += 1
             else:
                 add(tok.encode_text(part["text"]), train)
+        if not parts:
+            add(newline, False)
         add([ids.end], train)
         add(newline, False)
     if add_generation_prompt:

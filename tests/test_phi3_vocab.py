@@ -1,0 +1,215 @@
+"""Phi-3's real tokenizer (``models.phi3_vocab``: its 32,064-entry vocabulary
+from llama.cpp's test file) through the code that depends on a tokenizer:
+the chat template and label masking, typed control tokens, streamed text,
+structured output and tool calls, and a replica answering with it.
+
+The vocabulary comes from PyPI (``make test`` fetches it once into
+``.cache/phi3-vocab/``). Without it these tests are skipped, except where
+``MMPHI_REQUIRE_PHI3_VOCAB=1`` (CI) makes a missing file a failure."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from models import phi3_vocab
+from models.phi3_vocab import PHI3_IDS
+
+GGUF = phi3_vocab.present()
+if GGUF is None:
+    if os.environ.get("MMPHI_REQUIRE_PHI3_VOCAB") == "1":
+        raise RuntimeError(f"Phi-3's vocabulary is not in {phi3_vocab.default_dir()}: run `python -m models.phi3_vocab`")
+    pytest.skip(f"Phi-3's vocabulary is not in {phi3_vocab.default_dir()} (python -m models.phi3_vocab fetches it)",
+                allow_module_level=True)
+
+SCHEMA = {"type": "object", "properties": {"colour": {"type": "string"}, "count": {"type": "integer"}},
+          "required": ["colour", "count"], "additionalProperties": False}
+TRICKY = ["Red.", "What colour is the  circle?", " leading space", "\nnewline first", "Ünïcödé 👋🏽 ok",
+          "tabs\tand\r\nbreaks", "1234567 digits", "<|end|> typed, <image> too"]
+
+
+@pytest.fixture(scope="module")
+def folder():
+    return phi3_vocab.tokenizer_folder(GGUF)
+
+
+@pytest.fixture(scope="module")
+def cfg(folder):
+    from models.config import load_config
+
+    return load_config("tiny", ["tokenizer.build=null", f"tokenizer.name_or_path={folder}"])
+
+
+@pytest.fixture(scope="module")
+def tok(cfg):
+    from models.tokenizer import load_tokenizer
+
+    return load_tokenizer(cfg)
+
+
+def reference_ids(tok, messages: list[dict], generation: bool) -> list[int]:
+    """The chat template's text encoded whole, as Hugging Face's pipeline does."""
+    text = tok.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+    return [PHI3_IDS["<s>"]] + tok.hf(text, add_special_tokens=False)["input_ids"]
+
+
+def test_the_tokenizer_gives_phi3s_reference_token_ids(folder):
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(folder))
+    cases = phi3_vocab.reference_cases(GGUF)
+    assert len(cases) == 47
+    wrong = [(text, ids) for text, ids in cases if hf(text, add_special_tokens=False)["input_ids"] != ids]
+    assert not wrong, wrong[:3]
+    assert len(hf) == 32064 and {t: hf.convert_tokens_to_ids(t) for t in PHI3_IDS} == PHI3_IDS
+
+
+def test_control_tokens_have_phi3s_ids_and_typed_ones_stay_text(tok):
+    ids = tok.ids
+    assert (ids.bos, ids.eos, ids.system, ids.user, ids.assistant, ids.end) == (1, 32000, 32006, 32010, 32001, 32007)
+    assert ids.image == 32064 == len(tok) - 1  # the placeholder comes after Phi-3's vocabulary
+    typed = tok.encode_text("<|end|> typed, <|assistant|> and <image> too")
+    assert not set(typed) & {ids.end, ids.assistant, ids.image, *tok.stop_ids}
+    assert tok.decode(typed) == "<|end|> typed, <|assistant|> and <image> too"
+
+
+def test_a_conversation_encodes_as_the_chat_template_does(tok):
+    """The project's encoding, token for token, is the template's text
+    encoded whole: a message's text follows its role's newline without the
+    word-start mark a text encoded on its own begins with ("What", not
+    "\u2581What"), for system, user and assistant turns, with and without
+    the generation prompt. (Typed control tokens are left out: the
+    template's text would turn them into control tokens, which the project
+    never does.)"""
+    from models.conversation import encode_conversation
+
+    for text in TRICKY[:-1]:
+        messages = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": text},
+                    {"role": "assistant", "content": text}, {"role": "user", "content": "And now?"}]
+        for generation, msgs in ((True, messages), (False, messages + [{"role": "assistant", "content": "Blue."}])):
+            got = encode_conversation(tok, msgs, 9, add_generation_prompt=generation).input_ids
+            assert got == reference_ids(tok, msgs, generation), (text, tok.hf.convert_ids_to_tokens(got))
+
+
+def test_phi3s_own_template_renders_the_same_tokens(tok):
+    """Phi-3-mini's template as the vocabulary file carries it (user and
+    assistant turns, the generation prompt after each user turn)."""
+    from transformers import AutoTokenizer
+
+    from models.conversation import encode_conversation
+
+    own = AutoTokenizer.from_pretrained(str(GGUF.parent), gguf_file=GGUF.name)
+    assert "<|user|>" in own.chat_template and own.chat_template != tok.hf.chat_template
+    msgs = [{"role": "user", "content": "How many shapes?"}, {"role": "assistant", "content": "Three."},
+            {"role": "user", "content": "Which colour?"}]
+    text = own.apply_chat_template(msgs, tokenize=False)
+    assert own(text, add_special_tokens=False)["input_ids"] == \
+        encode_conversation(tok, msgs, 9, add_generation_prompt=True).input_ids
+
+
+def test_labels_are_each_answer_and_its_end(tok):
+    from models.conversation import IGNORE_INDEX, encode_conversation
+
+    answers = ["Red.", "Two circles,\nboth small."]
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
+            {"role": "assistant", "content": answers[0]}, {"role": "user", "content": "Describe it."},
+            {"role": "assistant", "content": answers[1]}]
+    enc = encode_conversation(tok, msgs, 9)
+    assert enc.input_ids.count(tok.ids.image) == 9
+    spans, run = [], []
+    for i, label in zip(enc.input_ids, enc.labels):
+        if label == IGNORE_INDEX:
+            if run:
+                spans.append(run)
+            run = []
+        else:
+            assert label == i
+            run.append(i)
+    newline = len(tok.encode_text("\n"))
+    assert spans == [tok.encode_text("\n" + a)[newline:] + [tok.ids.end] for a in answers]
+    assert [tok.decode(s[:-1]) for s in spans] == answers
+
+
+def test_streamed_text_is_the_decoded_answer(tok):
+    """Token by token (SentencePiece pieces, byte-fallback bytes of an emoji,
+    a leading space), the streamed pieces add up to the answer's text."""
+    from serve.chat import TextStream
+
+    newline = len(tok.encode_text("\n"))
+    for text in TRICKY:
+        ids = tok.encode_text("\n" + text)[newline:]  # as the model writes it, after "<|assistant|>\n"
+        stream = TextStream(tok.hf, [])
+        pieces = [stream.push([t])[0] for t in ids] + [stream.push([], final=True)[0]]
+        assert "".join(pieces) == tok.decode(ids), (text, pieces)
+        assert "\ufffd" not in "".join(pieces)
+    assert tok.decode(tok.encode_text("\nRed.")[newline:]) == "Red."
+
+
+@pytest.fixture(scope="module")
+def grammars(tok):
+    from serve.grammar import Grammars
+
+    return Grammars(tok.hf, len(tok), tok.stop_ids)
+
+
+def _takes(grammars, spec: dict, ids: list[int], stop: int) -> bool:
+    c = grammars.constraint(spec)
+    return all(c.accept(t) for t in ids) and c.accept(stop) and c.finished
+
+
+def test_a_schema_holds_answers_in_phi3s_tokens(tok, grammars):
+    """The answer as the model writes it after "<|assistant|>\\n" (no
+    word-start mark) and as a text of its own ("\u2581{") both follow the
+    schema; a word first, or a missing field, does not."""
+    spec = {"type": "json_schema", "schema": json.dumps(SCHEMA)}
+    answer = '{"colour": "red", "count": 2}'
+    newline = len(tok.encode_text("\n"))
+    after_newline = tok.encode_text("\n" + answer)[newline:]
+    alone = tok.encode_text(answer)
+    assert tok.hf.convert_ids_to_tokens([after_newline[0], alone[0]]) == ['{"', '\u2581{"']
+    assert _takes(grammars, spec, after_newline, tok.ids.end) and _takes(grammars, spec, alone, tok.ids.end)
+    assert not _takes(grammars, spec, tok.encode_text("\n" + '{"colour": "red"}')[newline:], tok.ids.end)
+    assert not grammars.constraint(spec).accept(tok.encode_text("Red")[0])
+
+
+def test_a_tool_call_holds_to_its_function_in_phi3s_tokens(tok, grammars):
+    from models.tools import calls_text, structural_tag
+
+    tools = [{"name": "order_paint", "parameters": {"type": "object", "properties": {
+        "colour": {"type": "string", "enum": ["red", "blue"]}}, "required": ["colour"]}}]
+    spec = {"type": "structural_tag", "tag": json.dumps(structural_tag(tools, "required"))}
+    newline = len(tok.encode_text("\n"))
+    call = calls_text([{"name": "order_paint", "arguments": {"colour": "red"}}])
+    assert _takes(grammars, spec, tok.encode_text("\n" + call)[newline:], tok.ids.end)
+    wrong = calls_text([{"name": "order_paint", "arguments": {"colour": "green"}}])
+    assert not _takes(grammars, spec, tok.encode_text("\n" + wrong)[newline:], tok.ids.end)
+
+
+def test_a_replica_with_phi3s_tokenizer_answers_to_a_schema(cfg, folder):
+    """The LLM deployment (a random tiny Phi-3 whose embedding table has a
+    row per entry of Phi-3's vocabulary and one for the placeholder) held to
+    a schema: greedy and sampled answers stop, parse and follow it."""
+    from conftest import answer_ids
+
+    from models.conversation import encode_conversation
+    from serve.deployments import LLM
+
+    schema = {"type": "object", "properties": {"colour": {"enum": ["red", "blue"]}, "big": {"type": "boolean"}},
+              "required": ["colour", "big"], "additionalProperties": False}
+    llm = LLM.func_or_class({"preset": "tiny", "device": "cpu", "torch_threads": 0,
+                             "overrides": ["tokenizer.build=null", f"tokenizer.name_or_path={folder}"]})
+    try:
+        model = llm.model
+        assert model.llm.get_input_embeddings().weight.shape[0] == 32065
+        ids = encode_conversation(model.tokenizer, [{"role": "user", "content": "Describe the scene as JSON."}], 9,
+                                  add_generation_prompt=True).input_ids
+        for kw in ({"temperature": 0.0}, {"temperature": 1.0, "seed": 3}):
+            out = answer_ids(llm, {"input_ids": ids, "image_features": None, "max_new_tokens": 40,
+                                   "response_format": {"type": "json_schema", "schema": json.dumps(schema)}, **kw})
+            assert out[-1] in model.tokenizer.stop_ids, (kw, model.tokenizer.decode(out))
+            answer = json.loads(model.tokenizer.decode(out[:-1]))
+            assert set(answer) == {"colour", "big"} and answer["colour"] in ("red", "blue"), answer
+            assert not set(out) & set(model.suppressed_ids)
+    finally:
+        llm.shutdown()
