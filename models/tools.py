@@ -93,7 +93,7 @@ def structural_tag(tools: list[dict], choice: str, parallel: bool = True) -> dic
     go on as a call of one of ``tools`` whose arguments follow that
     function's parameter schema. "required": one call or more (one a line)
     and nothing else but a leading space (a SentencePiece tokenizer,
-    Phi-3's, encodes an answer's text with one: "\u2581<"); a function's
+    Phi-3's, starts a text encoded on its own with one: "\u2581<"); a function's
     name: calls of that function only.
     ``parallel`` False: at most one call. Arguments may hold at most one
     whitespace character in a row, so a weak model cannot pad them."""
@@ -108,7 +108,7 @@ def structural_tag(tools: list[dict], choice: str, parallel: bool = True) -> dic
     if choice == "auto":
         fmt = {"type": "triggered_tags", "triggers": [CALL_OPEN], "tags": tags, "at_least_one": False,
                "stop_after_first": not parallel}
-    else:  # a space may lead: SentencePiece tokenizers (Phi-3's) start an answer's text with one
+    else:  # a space may lead: SentencePiece tokenizers (Phi-3's) start a text encoded on its own with one
         fmt = {"type": "sequence", "elements": [
             {"type": "optional", "content": {"type": "const_string", "value": " "}},
             {"type": "tags_with_separator", "tags": tags, "separator": "\n", "at_least_one": True,

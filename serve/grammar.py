@@ -17,8 +17,11 @@ valid against it; one cut short by ``max_tokens`` is not (finish reason
 
 Answers are compact: no whitespace beyond one space after ``:`` and ``,``,
 so a weak model cannot pad an answer with blank lines until ``max_tokens``;
-but one space may come first, as a SentencePiece tokenizer (Phi-3's) starts
-an answer's text with one ("\u2581{"), which a model fine-tuned here learns.
+but one space may come first: a SentencePiece tokenizer (Phi-3's) starts a
+text encoded on its own with a word-start mark ("\u2581{"), and a model
+tuned on such encodings answers that way. (``models.conversation`` encodes
+an answer as Phi-3's chat template does, right after its role's newline,
+without the mark.)
 ``json_object`` is any JSON object.
 
 Tool calls use the same machinery: a request that offers ``tools`` the
