@@ -213,3 +213,27 @@ def test_a_replica_with_phi3s_tokenizer_answers_to_a_schema(cfg, folder):
             assert not set(out) & set(model.suppressed_ids)
     finally:
         llm.shutdown()
+
+
+def test_a_streamed_call_in_phi3s_tokens_is_split_from_the_text(tok):
+    """An answer with text and two calls, streamed token by token (the tags
+    come in several SentencePiece pieces): the settled content and calls are
+    those of the whole text, and no piece of a tag leaks into the content."""
+    from models.tools import CallStream, ToolCall, calls_text
+    from serve.chat import TextStream
+
+    calls = [{"name": "order_paint", "arguments": {"colour": "red"}},
+             {"name": "move_arm", "arguments": {"cell": "top left"}}]
+    answer = "Sure, ordering it.\n" + calls_text(calls)
+    newline = len(tok.encode_text("\n"))
+    ids = tok.encode_text("\n" + answer)[newline:]
+    pieces = tok.hf.convert_ids_to_tokens(ids)
+    assert "<tool_call>" not in pieces and len(ids) > 30  # the tags are split across tokens
+    text, split = TextStream(tok.hf, []), CallStream()
+    items = [x for t in ids for x in split.push(text.push([t])[0])]
+    items += split.push(text.push([], final=True)[0], final=True)
+    content = "".join(x for x in items if isinstance(x, str))
+    assert content == "Sure, ordering it."
+    assert [x for x in items if not isinstance(x, str)] == [ToolCall("order_paint", '{"colour": "red"}'),
+                                                           ToolCall("move_arm", '{"cell": "top left"}')]
+    assert isinstance(items[-1], ToolCall) and isinstance(items[0], str)  # the text, then the calls
