@@ -56,6 +56,7 @@ def internal_error(prefix: str, exc: BaseException) -> APIError:
     return APIError(500, f"{prefix}: {type(inner).__name__}" + (f": {lines[0]}" if lines else ""))
 
 
+CONTEXT_TOKENS = 8  # a completion prompt's last tokens that the answer's text is decoded after
 TOKENIZER_ROUTES = ("/tokenize", "/detokenize", "/tokenizer_info")
 
 
@@ -233,7 +234,8 @@ def build_api(service: ChatService, *, api_key: str | None, mount_ui: bool = Tru
         many = len(creq.prompts) > 1
         encoded = [service.prompt_ids(p, req.max_tokens, f"prompt {k}" if many else "the prompt")
                    for k, p in enumerate(creq.prompts)]
-        preps = [Prepared(ids, None, req.max_tokens, 0) for ids, _ in encoded]
+        # the answer continues the prompt's text: its last tokens place the answer's first word
+        preps = [Prepared(ids, None, req.max_tokens, 0, text_context=tuple(ids[-CONTEXT_TOKENS:])) for ids, _ in encoded]
         jobs = [(p, i) for p in range(len(preps)) for i in range(req.n)]  # choice k = prompt p's answer i
         rated = req.logprobs is not None
         heads = [""] * len(preps)  # each prompt's echoed text, and its tokens' logprobs with their end offset

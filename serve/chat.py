@@ -74,6 +74,9 @@ class Prepared:
     dropped_messages: int
     affinity: str | None = None  # the conversation's routing key (serve.routing)
     format: dict | None = None  # the grammar answers are held to (serve.grammar's spec): a response_format or tools
+    # the prompt's last ids when the answer continues its text (a completion): the answer's text is what
+    # decoding them together with it adds, so a first token that starts a word keeps its space
+    text_context: tuple[int, ...] = ()
 
     @property
     def prompt_tokens(self) -> int:
@@ -97,13 +100,19 @@ class TextStream:
     may be the start of a stop string is held back until it is settled.
     Each push decodes only a window of the last few tokens (from the token
     before the last settled piece), not the whole answer: decoding the whole
-    answer at every token costs the ingress time quadratic in its length."""
+    answer at every token costs the ingress time quadratic in its length.
 
-    def __init__(self, tokenizer, stops: list[str]):
+    ``context``: ids the answer's text continues (a completion's prompt
+    end), decoded with the first tokens only to place them, never sent. A
+    SentencePiece tokenizer (Phi-3's) drops the space of a text's first
+    word ("\u2581blue" alone decodes to "blue"); after its context the
+    answer keeps it (" blue")."""
+
+    def __init__(self, tokenizer, stops: list[str], context=()):
         self.tok, self.stops = tokenizer, list(stops)
-        self.ids: list[int] = []
+        self.ids: list[int] = list(context)
         self.prefix = 0  # the window starts here: a settled token, so leading-space rules match
-        self.read = 0  # ids[:read] are in self.text
+        self.read = len(self.ids)  # ids[:read] are in self.text (or the context)
         self.text = ""
         self.sent = 0
         self.text_so_far = ""
@@ -407,7 +416,7 @@ class ChatService:
         request asks for logprobs, ``result["logprobs"]`` with each token's
         entry as its ids arrive (before the delta with its text, or the
         finish). ``choice`` (of ``req.n``) samples with the request's seed + ``choice``."""
-        text = TextStream(self.tok, req.stop)
+        text = TextStream(self.tok, req.stop, prep.text_context)
         splitter = None
         if req.calls_tools:
             from models.tools import CallStream

@@ -237,3 +237,62 @@ def test_a_streamed_call_in_phi3s_tokens_is_split_from_the_text(tok):
     assert [x for x in items if not isinstance(x, str)] == [ToolCall("order_paint", '{"colour": "red"}'),
                                                            ToolCall("move_arm", '{"cell": "top left"}')]
     assert isinstance(items[-1], ToolCall) and isinstance(items[0], str)  # the text, then the calls
+
+
+class _Continue:
+    """A stand-in LLM handle that 'generates' the given ids, then ``<|end|>``."""
+
+    def __init__(self, ids: list[int], end: int):
+        self.ids, self.end = ids, end
+
+    def options(self, **_):
+        return self
+
+    @property
+    def generate(self):
+        return self
+
+    def remote(self, call: dict):
+        async def stream():
+            for t in self.ids[:call["max_new_tokens"]]:
+                yield [t]
+            yield [self.end]
+
+        class Stream:
+            def __aiter__(s):
+                return stream()
+
+            def cancel(s):
+                pass
+
+        return Stream()
+
+
+def test_a_completion_continues_its_prompts_text(tok, cfg):
+    """``/v1/completions``: a continuation whose first token starts a word
+    ("\u2581blue") keeps that space, as decoding prompt and answer together
+    does ("The sky is" + " blue and clear"), streamed or not; each token's
+    ``text_offset`` points at its own text in the choice's."""
+    from starlette.testclient import TestClient
+
+    from serve.api import build_api
+    from test_serve_protocol import fake_service
+
+    prompt, more = "The sky is", " blue and clear"
+    whole = tok.encode_text(prompt + more)
+    head = tok.encode_text(prompt)
+    assert whole[:len(head)] == head and tok.hf.convert_ids_to_tokens(whole[len(head)])[0] == "\u2581"
+    service = fake_service(tok, cfg)
+    service.llm = _Continue(whole[len(head):], tok.ids.end)
+    body = {"prompt": prompt, "max_tokens": 16, "temperature": 0}
+    with TestClient(build_api(service, api_key=None, mount_ui=False), raise_server_exceptions=False) as c:
+        choice = c.post("/v1/completions", json={**body, "logprobs": 0}).json()["choices"][0]
+        assert choice["text"] == more
+        lp = choice["logprobs"]
+        ends = lp["text_offset"][1:] + [len(choice["text"])]
+        assert [choice["text"][a:b] for a, b in zip(lp["text_offset"], ends)] == lp["tokens"]
+        echoed = c.post("/v1/completions", json={**body, "echo": True}).json()["choices"][0]["text"]
+        assert echoed == prompt + more
+        with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        assert "".join(e["choices"][0]["text"] for e in events) == more
