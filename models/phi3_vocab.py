@@ -10,8 +10,9 @@ registry where the hub is out of reach. transformers turns it into a fast
 tokenizer (``gguf_file=``; needs the ``gguf`` package) that gives every one
 of those reference encodings.
 
-:func:`fetch` downloads the pinned source package once (``pip download``,
-about 75 MB) and keeps the three files, checked against their SHA-256, in
+:func:`fetch` downloads the pinned source archive once from the package
+index (PyPI's simple API, about 75 MB; ``PIP_INDEX_URL`` names another) and
+keeps the three files, checked against their SHA-256, in
 ``.cache/phi3-vocab/`` (or ``MMPHI_PHI3_VOCAB``); :func:`tokenizer_folder`
 writes the tokenizer as a Hugging Face folder in the weights cache. Use it
 with any preset in place of the hub's tokenizer::
@@ -27,14 +28,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import subprocess
 import sys
 import tarfile
-import tempfile
 from pathlib import Path
 
 PACKAGE = "llama-cpp-python"
 VERSION = "0.3.36"
+ARCHIVE = f"llama_cpp_python-{VERSION}.tar.gz"
+ARCHIVE_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 MEMBER = "vendor/llama.cpp/models/ggml-vocab-phi-3.gguf"
 # the vocabulary, the reference strings, and their token ids (one line per string)
 FILES = {
@@ -68,34 +69,58 @@ def present(folder: Path | None = None) -> Path | None:
     return None
 
 
+def _archive_url(index: str) -> str:
+    """The source archive's address, from the package index's simple page (PEP 503)."""
+    import re
+    import urllib.parse
+    import urllib.request
+
+    page = f"{index.rstrip('/')}/{PACKAGE}/"
+    local = page + "index.html" if page.startswith("file:") else page  # a folder index, as pip reads one
+    with urllib.request.urlopen(local, timeout=60) as r:
+        html = r.read().decode("utf-8", errors="replace")
+    for href in re.findall(r'href="([^"]+)"', html):
+        if urllib.parse.urlsplit(href).path.endswith("/" + ARCHIVE):
+            return urllib.parse.urljoin(page, href.split("#")[0])
+    raise VocabError(f"{page} lists no {ARCHIVE}")
+
+
 def fetch(folder: Path | None = None, quiet: bool = False) -> Path:
-    """The vocabulary file, downloaded (the pinned source package) the first time."""
+    """The vocabulary file, downloaded (the pinned source archive, from the
+    package index: ``PIP_INDEX_URL`` or PyPI) the first time."""
+    import io
+    import urllib.error
+    import urllib.request
+
     folder = Path(folder or default_dir())
     found = present(folder)
     if found:
         return found
+    index = os.environ.get("PIP_INDEX_URL") or "https://pypi.org/simple"
+    if not quiet:
+        print(f"fetching Phi-3's vocabulary from {PACKAGE} {VERSION}'s source archive ({index}, about 75 MB)",
+              file=sys.stderr)
+    try:
+        url = _archive_url(index)
+        with urllib.request.urlopen(url, timeout=120) as r:
+            data = r.read()
+    except (OSError, urllib.error.URLError) as e:
+        raise VocabError(f"could not download {ARCHIVE} from {index}: {e}") from None
+    if hashlib.sha256(data).hexdigest() != ARCHIVE_SHA256:
+        raise VocabError(f"{url} does not match {ARCHIVE}'s SHA-256")
     folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="mmphi-phi3-vocab-") as tmp:
-        if not quiet:
-            print(f"fetching Phi-3's vocabulary: {PACKAGE}=={VERSION} source package from PyPI (about 75 MB)",
-                  file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet", "--dest", tmp, f"{PACKAGE}=={VERSION}"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        archives = list(Path(tmp).glob("*.tar.gz"))
-        if done.returncode != 0 or not archives:
-            raise VocabError(f"could not download {PACKAGE}=={VERSION} (pip download: "
-                             f"{(done.stderr or done.stdout).strip()[-400:] or 'no archive'})")
-        with tarfile.open(archives[0]) as tar:
-            for name in FILES:
-                member = next((m for m in tar.getmembers() if m.name.endswith(f"{MEMBER[:-len(GGUF)]}{name}")), None)
-                if member is None:
-                    raise VocabError(f"{archives[0].name} holds no {MEMBER[:-len(GGUF)]}{name}")
-                data = tar.extractfile(member).read()
-                if hashlib.sha256(data).hexdigest() != FILES[name]:
-                    raise VocabError(f"{name} in {archives[0].name} does not match its SHA-256")
-                part = folder / f"{name}.part"
-                part.write_bytes(data)
-                part.replace(folder / name)
+    prefix = MEMBER[:-len(GGUF)]
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for name in FILES:
+            member = next((m for m in tar.getmembers() if m.name.endswith(prefix + name)), None)
+            if member is None:
+                raise VocabError(f"{ARCHIVE} holds no {prefix}{name}")
+            content = tar.extractfile(member).read()
+            if hashlib.sha256(content).hexdigest() != FILES[name]:
+                raise VocabError(f"{name} in {ARCHIVE} does not match its SHA-256")
+            part = folder / f"{name}.part"
+            part.write_bytes(content)
+            part.replace(folder / name)
     return folder / GGUF
 
 

@@ -93,3 +93,32 @@ def test_missing_tokenizer_folder_is_a_config_error(tmp_path):
     cfg = load_config("tiny", ["tokenizer.build=null", f"tokenizer.name_or_path={tmp_path / 'nope'}"])
     with pytest.raises(ConfigError, match="cannot load tokenizer"):
         load_tokenizer(cfg)
+
+
+def test_fetching_phi3s_vocabulary_refuses_another_archive_and_names_an_index_it_cannot_reach(tmp_path, monkeypatch):
+    """``models.phi3_vocab.fetch`` against a package index in a folder: an
+    archive of the right name but other bytes is refused (nothing kept), and
+    an index that is not there is named in the error."""
+    import io
+    import tarfile
+
+    from models.phi3_vocab import ARCHIVE, GGUF, VocabError, fetch
+
+    index = tmp_path / "simple"
+    (index / "llama-cpp-python").mkdir(parents=True)
+    with tarfile.open(tmp_path / ARCHIVE, "w:gz") as tar:
+        data = b"not a vocabulary"
+        info = tarfile.TarInfo(f"llama_cpp_python/vendor/llama.cpp/models/{GGUF}")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    (index / "llama-cpp-python" / "index.html").write_text(f'<a href="../../{ARCHIVE}#sha256=0">{ARCHIVE}</a>')
+    monkeypatch.setenv("PIP_INDEX_URL", index.as_uri())
+    with pytest.raises(VocabError, match=f"does not match {ARCHIVE}'s SHA-256"):
+        fetch(tmp_path / "vocab", quiet=True)
+    assert not (tmp_path / "vocab" / GGUF).exists()
+    (index / "llama-cpp-python" / "index.html").write_text("<a href='other.tar.gz'>other</a>")
+    with pytest.raises(VocabError, match=f"lists no {ARCHIVE}"):
+        fetch(tmp_path / "vocab", quiet=True)
+    monkeypatch.setenv("PIP_INDEX_URL", (tmp_path / "nowhere").as_uri())
+    with pytest.raises(VocabError, match="could not download .* from file://.*nowhere"):
+        fetch(tmp_path / "vocab", quiet=True)
