@@ -239,33 +239,17 @@ def test_a_streamed_call_in_phi3s_tokens_is_split_from_the_text(tok):
     assert isinstance(items[-1], ToolCall) and isinstance(items[0], str)  # the text, then the calls
 
 
-class _Continue:
-    """A stand-in LLM handle that 'generates' the given ids, then ``<|end|>``."""
+def _continuing(ids: list[int], end: int):
+    """A stand-in LLM handle that 'generates' ``ids``, then ``end``."""
+    from test_serve_protocol import StubLLM
 
-    def __init__(self, ids: list[int], end: int):
-        self.ids, self.end = ids, end
-
-    def options(self, **_):
-        return self
-
-    @property
-    def generate(self):
-        return self
-
-    def remote(self, call: dict):
-        async def stream():
-            for t in self.ids[:call["max_new_tokens"]]:
+    class Continue(StubLLM):
+        async def tokens(self, call: dict, k: int):
+            for t in ids[:call["max_new_tokens"]]:
                 yield [t]
-            yield [self.end]
+            yield [end]
 
-        class Stream:
-            def __aiter__(s):
-                return stream()
-
-            def cancel(s):
-                pass
-
-        return Stream()
+    return Continue()
 
 
 def test_a_completion_continues_its_prompts_text(tok, cfg):
@@ -283,7 +267,7 @@ def test_a_completion_continues_its_prompts_text(tok, cfg):
     head = tok.encode_text(prompt)
     assert whole[:len(head)] == head and tok.hf.convert_ids_to_tokens(whole[len(head)])[0] == "\u2581"
     service = fake_service(tok, cfg)
-    service.llm = _Continue(whole[len(head):], tok.ids.end)
+    service.llm = _continuing(whole[len(head):], tok.ids.end)
     body = {"prompt": prompt, "max_tokens": 16, "temperature": 0}
     with TestClient(build_api(service, api_key=None, mount_ui=False), raise_server_exceptions=False) as c:
         choice = c.post("/v1/completions", json={**body, "logprobs": 0}).json()["choices"][0]
