@@ -130,22 +130,18 @@ def encode_conversation(
 
     if ids.bos is not None:
         add([ids.bos], False)
-    role_id = {"system": ids.system, "user": ids.user, "assistant": ids.assistant, "tool": ids.user}
     def add_after_newline(text: str, train: bool) -> None:
         """The newline that ends a role header, then the message's text. The
         reference tokenisation (the chat template's text, encoded whole)
         encodes the two together: a SentencePiece tokenizer (Phi-3's) then
         gives the text no word-start mark ("\u2581What"), which it does give a
         text encoded on its own. Where the joint encoding does not begin with
-        the newline's own tokens, the two are encoded apart."""
+        the newline's own tokens, the text is encoded on its own."""
+        add(newline, False)
         joined = tok.encode_text("\n" + text)
-        if joined[:len(newline)] == newline:
-            add(newline, False)
-            add(joined[len(newline):], train)
-        else:
-            add(newline, False)
-            add(tok.encode_text(text), train)
+        add(joined[len(newline):] if joined[:len(newline)] == newline else tok.encode_text(text), train)
 
+    role_id = {"system": ids.system, "user": ids.user, "assistant": ids.assistant, "tool": ids.user}
     for m in messages:
         starts.append(len(input_ids))
         train = m["role"] == "assistant"
