@@ -48,6 +48,13 @@ def tok(cfg):
     return load_tokenizer(cfg)
 
 
+def written(tok, text: str) -> list[int]:
+    """``text``'s ids as the model writes them, right after "<|assistant|>\\n"
+    (encoded with that newline, as ``models.conversation`` encodes an answer)."""
+    newline = tok.encode_text("\n")
+    return tok.encode_text("\n" + text)[len(newline):]
+
+
 def reference_ids(tok, messages: list[dict], generation: bool) -> list[int]:
     """The chat template's text encoded whole, as Hugging Face's pipeline does."""
     text = tok.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
@@ -126,8 +133,7 @@ def test_labels_are_each_answer_and_its_end(tok):
         else:
             assert label == i
             run.append(i)
-    newline = len(tok.encode_text("\n"))
-    assert spans == [tok.encode_text("\n" + a)[newline:] + [tok.ids.end] for a in answers]
+    assert spans == [written(tok, a) + [tok.ids.end] for a in answers]
     assert [tok.decode(s[:-1]) for s in spans] == answers
 
 
@@ -136,14 +142,13 @@ def test_streamed_text_is_the_decoded_answer(tok):
     a leading space), the streamed pieces add up to the answer's text."""
     from serve.chat import TextStream
 
-    newline = len(tok.encode_text("\n"))
     for text in TRICKY:
-        ids = tok.encode_text("\n" + text)[newline:]  # as the model writes it, after "<|assistant|>\n"
+        ids = written(tok, text)
         stream = TextStream(tok.hf, [])
         pieces = [stream.push([t])[0] for t in ids] + [stream.push([], final=True)[0]]
         assert "".join(pieces) == tok.decode(ids), (text, pieces)
         assert "\ufffd" not in "".join(pieces)
-    assert tok.decode(tok.encode_text("\nRed.")[newline:]) == "Red."
+    assert tok.decode(written(tok, "Red.")) == "Red."
 
 
 @pytest.fixture(scope="module")
@@ -164,12 +169,11 @@ def test_a_schema_holds_answers_in_phi3s_tokens(tok, grammars):
     schema; a word first, or a missing field, does not."""
     spec = {"type": "json_schema", "schema": json.dumps(SCHEMA)}
     answer = '{"colour": "red", "count": 2}'
-    newline = len(tok.encode_text("\n"))
-    after_newline = tok.encode_text("\n" + answer)[newline:]
+    after_newline = written(tok, answer)
     alone = tok.encode_text(answer)
     assert tok.hf.convert_ids_to_tokens([after_newline[0], alone[0]]) == ['{"', '\u2581{"']
     assert _takes(grammars, spec, after_newline, tok.ids.end) and _takes(grammars, spec, alone, tok.ids.end)
-    assert not _takes(grammars, spec, tok.encode_text("\n" + '{"colour": "red"}')[newline:], tok.ids.end)
+    assert not _takes(grammars, spec, written(tok, '{"colour": "red"}'), tok.ids.end)
     assert not grammars.constraint(spec).accept(tok.encode_text("Red")[0])
 
 
@@ -179,11 +183,10 @@ def test_a_tool_call_holds_to_its_function_in_phi3s_tokens(tok, grammars):
     tools = [{"name": "order_paint", "parameters": {"type": "object", "properties": {
         "colour": {"type": "string", "enum": ["red", "blue"]}}, "required": ["colour"]}}]
     spec = {"type": "structural_tag", "tag": json.dumps(structural_tag(tools, "required"))}
-    newline = len(tok.encode_text("\n"))
     call = calls_text([{"name": "order_paint", "arguments": {"colour": "red"}}])
-    assert _takes(grammars, spec, tok.encode_text("\n" + call)[newline:], tok.ids.end)
+    assert _takes(grammars, spec, written(tok, call), tok.ids.end)
     wrong = calls_text([{"name": "order_paint", "arguments": {"colour": "green"}}])
-    assert not _takes(grammars, spec, tok.encode_text("\n" + wrong)[newline:], tok.ids.end)
+    assert not _takes(grammars, spec, written(tok, wrong), tok.ids.end)
 
 
 def test_a_replica_with_phi3s_tokenizer_answers_to_a_schema(cfg, folder):
@@ -225,8 +228,7 @@ def test_a_streamed_call_in_phi3s_tokens_is_split_from_the_text(tok):
     calls = [{"name": "order_paint", "arguments": {"colour": "red"}},
              {"name": "move_arm", "arguments": {"cell": "top left"}}]
     answer = "Sure, ordering it.\n" + calls_text(calls)
-    newline = len(tok.encode_text("\n"))
-    ids = tok.encode_text("\n" + answer)[newline:]
+    ids = written(tok, answer)
     pieces = tok.hf.convert_ids_to_tokens(ids)
     assert "<tool_call>" not in pieces and len(ids) > 30  # the tags are split across tokens
     text, split = TextStream(tok.hf, []), CallStream()
