@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         from_pixels = model(**batch, image_features=model.encode_images([images / sample.image])).logits
     same = bool(torch.allclose(from_store, from_pixels, atol=1e-2))
     reply = model.chat(sample.messages[:-1], [images / sample.image], max_new_tokens=8)
-    question = next(p["text"] for p in sample.messages[0]["content"] if p["type"] == "text")
+    question = _question(sample)
     print(f"      stored embeddings and live CLIP agree: {same}; Q: {question!r} A: {reply!r} "
           f"(reference: {sample.messages[-1]['content']!r})")
 
@@ -186,6 +186,11 @@ def run(args: argparse.Namespace) -> int:
 
         serve_until_interrupted(summary["served"]["url"], metrics_url())
     return 0 if same else 1
+
+
+def _question(sample) -> str:
+    """The text of a record's first question (its image is a part of its own)."""
+    return next(p["text"] for p in sample.messages[0]["content"] if p["type"] == "text")
 
 
 TOOL_ANSWER_TOKENS = 64  # a call of the synthetic data is about 30 tokens of the tiny preset's tokenizer
@@ -222,7 +227,7 @@ def _serve(args, s2: dict, questions: list, images: Path) -> dict:
     ready = time.time() - started
 
     def ask(client, sample) -> dict:
-        question = next(p["text"] for p in sample.messages[0]["content"] if p["type"] == "text")
+        question = _question(sample)
         image = "data:image/png;base64," + base64.b64encode((images / sample.image).read_bytes()).decode()
         body = {"max_tokens": ANSWER_TOKENS, "temperature": 0,
                 "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
@@ -251,11 +256,11 @@ def _serve(args, s2: dict, questions: list, images: Path) -> dict:
     print("        " + "  ".join(f"{q} {accuracy[q]:.0%} ({s2['answer_accuracy'].get(q, 0):.0%})" for q in accuracy))
     k = next((k for k, s in enumerate(questions) if not s.tools), 0)  # the question step 5 asked in-process
     first = questions[k]
-    print(f"      e.g. Q: {next(p['text'] for p in first.messages[0]['content'] if p['type'] == 'text')!r} "
+    print(f"      e.g. Q: {_question(first)!r} "
           f"A: {answers[k]['content']!r} (reference: {first.messages[-1]['content']!r})")
     called = next(((s, m) for s, m in zip(questions, answers) if s.tools), None)
     if called:
-        print(f"      a tool request: Q: {next(p['text'] for p in called[0].messages[0]['content'] if p['type'] == 'text')!r} "
+        print(f"      a tool request: Q: {_question(called[0])!r} "
               f"calls: {[(c['function']['name'], c['function']['arguments']) for c in called[1].get('tool_calls') or []]} "
               f"text: {called[1]['content']!r} (reference: {called[0].messages[-1]['tool_calls']})")
     served = {"url": url, "answer": answers[k]["content"], "answer_accuracy": accuracy, "answer_counts": total,
