@@ -106,13 +106,16 @@ class TextStream:
     end), decoded with the first tokens only to place them, never sent. A
     SentencePiece tokenizer (Phi-3's) drops the space of a text's first
     word ("\u2581blue" alone decodes to "blue"); after its context the
-    answer keeps it (" blue")."""
+    answer keeps it (" blue"). A context that ends partway through a
+    character (byte tokens of a token-id prompt) leaves those bytes to the
+    answer: the character they complete is the answer's first text."""
 
     def __init__(self, tokenizer, stops: list[str], context=()):
         self.tok, self.stops = tokenizer, list(stops)
         self.ids: list[int] = list(context)
         self.prefix = 0  # the window starts here: a settled token, so leading-space rules match
         self.read = len(self.ids)  # ids[:read] are in self.text (or the context)
+        self.in_context = bool(self.ids)  # head (ids[prefix:read]) is the context, never sent
         self.text = ""
         self.sent = 0
         self.text_so_far = ""
@@ -124,9 +127,12 @@ class TextStream:
             return
         head = self.tok.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
         window = self.tok.decode(self.ids[self.prefix:], skip_special_tokens=True)
-        if final or (len(window) > len(head) and not window.endswith("\ufffd")):
-            self.text += window[len(head):]
-            self.prefix, self.read = self.read, len(self.ids)
+        start = len(head)
+        if self.in_context and not window.startswith(head):  # the context ended partway through a character
+            start = next((i for i, (a, b) in enumerate(zip(head, window)) if a != b), min(len(head), len(window)))
+        if final or (len(window) > start and not window.endswith("\ufffd")):
+            self.text += window[start:]
+            self.prefix, self.read, self.in_context = self.read, len(self.ids), False
 
     def push(self, ids: list[int], final: bool = False) -> tuple[str, bool]:
         """Add token ids; returns (new text to send, a stop string was reached)."""

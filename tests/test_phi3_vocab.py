@@ -139,7 +139,8 @@ def test_labels_are_each_answer_and_its_end(tok):
 
 def test_streamed_text_is_the_decoded_answer(tok):
     """Token by token (SentencePiece pieces, byte-fallback bytes of an emoji,
-    a leading space), the streamed pieces add up to the answer's text."""
+    a leading space), the streamed pieces add up to the answer's text, also
+    after a prompt that ends partway through a character."""
     from serve.chat import TextStream
 
     for text in TRICKY:
@@ -149,6 +150,11 @@ def test_streamed_text_is_the_decoded_answer(tok):
         assert "".join(pieces) == tok.decode(ids), (text, pieces)
         assert "\ufffd" not in "".join(pieces)
     assert tok.decode(written(tok, "Red.")) == "Red."
+    # a prompt of ids that ends partway through the bytes of "\U0001d11e": the answer's text starts with it whole
+    ids = tok.hf.encode("The clef \U0001d11e sings", add_special_tokens=False)
+    k = [i for i, t in enumerate(tok.hf.convert_ids_to_tokens(ids)) if t.startswith("<0x")][2]
+    stream = TextStream(tok.hf, [], context=ids[:k])
+    assert "".join([stream.push([t])[0] for t in ids[k:]] + [stream.push([], final=True)[0]]) == "\U0001d11e sings"
 
 
 @pytest.fixture(scope="module")

@@ -217,16 +217,35 @@ def test_earliest_of_several_stops_wins():
     assert hit and "".join(deltas) == "one"
 
 
-def test_incomplete_utf8_is_held_until_complete():
-    class Bytes:
-        def decode(self, ids, skip_special_tokens=True):
-            return bytes(ids).decode("utf-8", errors="replace")
+class Bytes:
+    """One token per byte; an incomplete UTF-8 sequence decodes to U+FFFD."""
 
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_incomplete_utf8_is_held_until_complete():
     ts = TextStream(Bytes(), [])
     euro = "€".encode()
     assert ts.push([euro[0]]) == ("", False)
     assert ts.push([euro[1]]) == ("", False)
     assert ts.push([euro[2]]) == ("€", False)
+
+
+def test_an_answer_completing_its_contexts_last_character_starts_with_that_character():
+    """A token-id prompt (the context) that ends partway through "€": the
+    answer's first byte completes it, and the answer's text starts with the
+    whole character; a context that ends with a typed U+FFFD keeps it."""
+    euro = "€".encode()
+    ts = TextStream(Bytes(), [], context=list(b"costs 5") + [euro[0], euro[1]])
+    assert ts.push([euro[2]]) == ("€", False)
+    assert ts.push(list(b" now")) == (" now", False)
+    assert ts.push([], final=True) == ("", False) and ts.text_so_far == "€ now"
+    ts = TextStream(Bytes(), [], context=list(b"costs 5") + [euro[0]])
+    assert ts.push([euro[1]]) == ("", False)  # still incomplete: held
+    assert ts.push([euro[2], *b"!"]) == ("€!", False)
+    ts = TextStream(Bytes(), [], context=list("a \ufffd".encode()))  # a replacement character typed as text
+    assert ts.push(list(b"x")) == ("x", False)
 
 
 class CountingTokenizer:
