@@ -14,6 +14,8 @@ import os
 import shutil
 import sys
 
+from . import __version__
+
 COMMANDS = [
     "mmphi.commands.data",
     "mmphi.commands.demo",
@@ -108,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "QLoRA-tuned Phi-3), trained and served on Ray.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"mmphi {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         importlib.import_module(name).register(sub)

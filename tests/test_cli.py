@@ -114,6 +114,21 @@ def test_help_lists_commands(runs):
     assert {"demo", "presets", "chat", "transcribe"} <= listed, p.stdout
 
 
+def test_version_is_the_installed_packages(capsys):
+    """``mmphi --version`` names the version the package was installed as
+    (pyproject.toml's), so a bug report can say which one it ran."""
+    import importlib.metadata
+
+    from mmphi.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    declared = re.search(r'^version = "([^"]+)"$', (REPO / "pyproject.toml").read_text(), re.M).group(1)
+    assert capsys.readouterr().out == f"mmphi {declared}\n"
+    assert importlib.metadata.version("mmphi") == declared
+
+
 def test_the_parser_imports_no_model_library():
     """Every command's flags (the training job's kernel, compile and loss
     choices included) come without torch, Ray or transformers: ``mmphi
