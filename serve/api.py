@@ -22,6 +22,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from mmphi import __version__
+
 from .chat import ChatService, cause_of
 from .loading import system_fingerprint
 from .metrics import APIMetrics
@@ -151,7 +153,7 @@ def build_api(service: ChatService, *, api_key: str | None, mount_ui: bool = Tru
             except Exception as e:  # noqa: BLE001
                 checks[name] = f"unavailable: {type(e).__name__}"
         ok = all(v == "ok" for v in checks.values())
-        return JSONResponse({"status": "ok" if ok else "degraded", "model": model_name,
+        return JSONResponse({"status": "ok" if ok else "degraded", "model": model_name, "version": __version__,
                              "weights": service.source.description, "deployments": checks,
                              "recovered": dict(service.recovered)},
                             status_code=200 if ok else 503)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import importlib.metadata
 import re
 from pathlib import Path
 
@@ -763,7 +764,9 @@ def test_unknown_routes_and_methods_are_errors_in_openai_shape(api):
     r = api.get("/v1/models/gpt-4o")
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
     assert f"this server serves {name!r}" in r.json()["error"]["message"]
-    assert api.get("/healthz").status_code in (200, 503)  # outside /v1/: not the catch-all
+    health = api.get("/healthz")
+    assert health.status_code in (200, 503)  # outside /v1/: not the catch-all
+    assert health.json()["version"] == importlib.metadata.version("mmphi")  # the server's own, for bug reports
     r = api.post("/v1/audio/transcriptions", files={"file": ("q.wav", b"RIFF....", "audio/wav")})
     assert r.status_code == 200 and r.json() == {"text": "some words"}, r.text
 
