@@ -177,7 +177,7 @@ def run_local(
     random for ``tiny``). ``settings``: more :class:`ServeSettings` keys
     (they override ``config``'s application args). ``blocking``: serve until
     Ctrl-C, then shut Serve down; otherwise return once every deployment is
-    healthy and leave it running (``serve.shutdown()`` stops it).
+    healthy and leave it running (:func:`stop_app` stops it).
     ``access_log=False``: no line per request and per deployment call (in
     the replicas' log files and on the console); the rest of their logs stay.
     ``system_logs``: the log level of Serve's controller and HTTP proxy
@@ -230,6 +230,16 @@ def metrics_url() -> str | None:
     return None
 
 
+def stop_app() -> None:
+    """Stop this application: its replicas finish what they hold and end.
+    Serve itself (controller, HTTP proxy) ends with the Ray cluster, which a
+    command stops as it exits when it started it, and keeps serving any other
+    application on a cluster it joined. (``serve.shutdown()`` would stop
+    those too, and on Ray 2.60 has the raylet print a failed
+    ``ServeController.graceful_shutdown`` task at every stop.)"""
+    serve.delete(APP_NAME)
+
+
 def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -256,7 +266,7 @@ def serve_until_interrupted(url: str, metrics: str | None = None, shutdown_timeo
         pass
     finally:
         print("mmphi: stopping Serve ...", flush=True)
-        stopper = threading.Thread(target=serve.shutdown, name="serve-shutdown", daemon=True)
+        stopper = threading.Thread(target=stop_app, name="serve-shutdown", daemon=True)
         stopper.start()
         stopper.join(shutdown_timeout_s)
         if stopper.is_alive():

@@ -266,8 +266,8 @@ def _serve(args, s2: dict, questions: list, images: Path) -> dict:
     served = {"url": url, "answer": answers[k]["content"], "answer_accuracy": accuracy, "answer_counts": total,
               "accuracy": sum(right.values()) / max(sum(total.values()), 1)}
     if args.serve == "check":
-        from ray import serve
+        from serve.app import stop_app
 
-        serve.shutdown()
+        stop_app()
     return served
 
