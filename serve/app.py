@@ -176,7 +176,7 @@ def run_local(
     ``checkpoint``: a training checkpoint folder (None: the preset's weights,
     random for ``tiny``). ``settings``: more :class:`ServeSettings` keys
     (they override ``config``'s application args). ``blocking``: serve until
-    Ctrl-C, then shut Serve down; otherwise return once every deployment is
+    Ctrl-C, then stop the application; otherwise return once every deployment is
     healthy and leave it running (:func:`stop_app` stops it).
     ``access_log=False``: no line per request and per deployment call (in
     the replicas' log files and on the console); the rest of their logs stay.
