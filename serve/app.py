@@ -245,9 +245,9 @@ def _raise_keyboard_interrupt(signum, frame):
 
 
 def serve_until_interrupted(url: str, metrics: str | None = None, shutdown_timeout_s: float = 60.0) -> None:
-    """Say where the page and API are, keep serving until Ctrl-C, then shut Serve down.
+    """Say where the page and API are, keep serving until Ctrl-C, then stop the application.
 
-    The shutdown is bounded: if Serve has not stopped within ``shutdown_timeout_s``
+    The stop is bounded: if the application has not stopped within ``shutdown_timeout_s``
     the command returns anyway and
     Ray's own exit handler stops the local cluster's processes."""
     print(f"mmphi: chat page at {url}  API at {url}v1  (Ctrl-C stops)", flush=True)
@@ -270,5 +270,5 @@ def serve_until_interrupted(url: str, metrics: str | None = None, shutdown_timeo
         stopper.start()
         stopper.join(shutdown_timeout_s)
         if stopper.is_alive():
-            log.warning("Serve did not stop within %.0f s; exiting and leaving the rest to Ray's shutdown",
+            log.warning("the application did not stop within %.0f s; exiting and leaving the rest to Ray's shutdown",
                         shutdown_timeout_s)
