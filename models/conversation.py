@@ -128,8 +128,6 @@ def encode_conversation(
         input_ids.extend(tokens)
         labels.extend(tokens if train else [IGNORE_INDEX] * len(tokens))
 
-    if ids.bos is not None:
-        add([ids.bos], False)
     def add_after_newline(text: str, train: bool) -> None:
         """The newline that ends a role header, then the message's text. The
         reference tokenisation (the chat template's text, encoded whole)
@@ -141,6 +139,8 @@ def encode_conversation(
         joined = tok.encode_text("\n" + text)
         add(joined[len(newline):] if joined[:len(newline)] == newline else tok.encode_text(text), train)
 
+    if ids.bos is not None:
+        add([ids.bos], False)
     role_id = {"system": ids.system, "user": ids.user, "assistant": ids.assistant, "tool": ids.user}
     for m in messages:
         starts.append(len(input_ids))
@@ -153,19 +153,17 @@ def encode_conversation(
             text = calls_text(m["tool_calls"])
             said = [p for p in parts if p["text"]]  # the answer's text, then its calls
             parts = said + [{"type": "text", "text": ("\n" if said else "") + text}]
-        for k, part in enumerate(parts):
-            if k == 0 and part["type"] == "text":
-                add_after_newline(part["text"], train)
-                continue
-            if k == 0:
-                add(newline, False)
+        if parts and parts[0]["type"] == "text":
+            add_after_newline(parts[0]["text"], train)
+            parts = parts[1:]
+        else:
+            add(newline, False)
+        for part in parts:
             if part["type"] == "image":
                 add([ids.image] * num_image_tokens, False)
                 n_images += 1
             else:
                 add(tok.encode_text(part["text"]), train)
-        if not parts:
-            add(newline, False)
         add([ids.end], train)
         add(newline, False)
     if add_generation_prompt:
