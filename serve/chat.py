@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import re
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -129,7 +130,7 @@ class TextStream:
         window = self.tok.decode(self.ids[self.prefix:], skip_special_tokens=True)
         start = len(head)
         if self.in_context and not window.startswith(head):  # the context ended partway through a character
-            start = next((i for i, (a, b) in enumerate(zip(head, window)) if a != b), min(len(head), len(window)))
+            start = len(os.path.commonprefix([head, window]))
         if final or (len(window) > start and not window.endswith("\ufffd")):
             self.text += window[start:]
             self.prefix, self.read, self.in_context = self.read, len(self.ids), False
