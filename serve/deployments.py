@@ -416,7 +416,7 @@ class LLM:
     def _prompt_logprobs(self, ids: list[int], top: int, rows_at_once: int = 512) -> list:
         import torch
 
-        from .batching import rate
+        from .sampling import rate
 
         if len(ids) < 2:
             return []
@@ -482,7 +482,7 @@ class LLM:
 
         recorder = None
         if req.logprobs is not None:
-            from .batching import LogprobRecorder
+            from .sampling import LogprobRecorder
 
             recorder = LogprobRecorder(req.logprobs)
 
@@ -508,7 +508,7 @@ class LLM:
             gen["min_new_tokens"] = req.min_new_tokens
         processors = [recorder] if recorder is not None else []
         if req.penalised:
-            from .batching import Penalties
+            from .sampling import Penalties
 
             processors.append(Penalties(req))
         if req.constraint is not None:  # masked before anything picks a token
@@ -518,7 +518,7 @@ class LLM:
         if processors and req.temperature > 0 and req.seed is None:
             req.seed = random.getrandbits(63)  # sampled after them (generate's own sampling would come first)
         if req.temperature > 0 and req.seed is not None:  # drawn with the request's own generator, greedy picks it
-            from .batching import SeededSampler
+            from .sampling import SeededSampler
 
             processors.append(SeededSampler(req))
         elif req.temperature > 0:

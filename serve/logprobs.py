@@ -6,7 +6,7 @@ the log-softmax of the model's scores over the tokens an answer may hold
 (the image placeholder, the embedding rows past the tokenizer and, before
 ``min_tokens``, the stop ids left out), before penalties, a response
 format's mask, temperature and top_p, as the model itself rates the token;
-and the ``top_logprobs`` most likely tokens' (``serve.batching``). The
+and the ``top_logprobs`` most likely tokens' (``serve.sampling``). The
 ingress turns ids into OpenAI's entries here: each token's text and exact
 bytes (a token may hold part of a UTF-8 character: the bytes of consecutive
 tokens join into the answer's text).

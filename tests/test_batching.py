@@ -295,7 +295,7 @@ def test_generate_path_samples_a_seeded_request_with_its_own_generator(model, im
 
     from transformers import LogitsProcessorList
 
-    from serve.batching import SeededSampler
+    from serve.sampling import SeededSampler
 
     stops = list(model.tokenizer.stop_ids)
     req = replace(make_requests(model, images)[1], max_new_tokens=12, min_new_tokens=12)
@@ -329,10 +329,10 @@ def test_prefill_groups_stay_within_their_token_budget(model, images):
 
 
 def test_top_p_keeps_the_smallest_likely_set():
-    from serve.batching import _top_p
+    from serve.sampling import top_p_filter
 
     scores = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.5, 0.3, 0.15, 0.05]]))
-    out = _top_p(scores, torch.tensor([[0.7], [0.9]]))
+    out = top_p_filter(scores, torch.tensor([[0.7], [0.9]]))
     assert torch.isfinite(out).tolist() == [[True, True, False, False], [True, True, True, False]]
 
 
@@ -418,7 +418,7 @@ def test_the_asr_and_image_encoder_batch_windows():
 # ------------------------------------------------------------- penalties
 
 def test_penalties_follow_openais_formula():
-    from serve.batching import penalise
+    from serve.sampling import penalise
 
     scores = torch.zeros(3, 5)
     reqs = [GenerationRequest([1], frequency_penalty=0.5, presence_penalty=1.0),
@@ -434,7 +434,7 @@ def reference_penalised(model, req: GenerationRequest, stop_ids: list[int]) -> l
     """``reference`` with the deployment's ``Penalties`` processor (greedy)."""
     from transformers import LogitsProcessorList
 
-    from serve.batching import Penalties
+    from serve.sampling import Penalties
 
     gen = {"max_new_tokens": req.max_new_tokens, "suppress_tokens": model.suppressed_ids, "eos_token_id": stop_ids,
            "min_new_tokens": req.min_new_tokens, "logits_processor": LogitsProcessorList([Penalties(req)])}
@@ -487,7 +487,7 @@ def test_the_generate_paths_penalties_count_the_answer_before_the_call():
     """``Penalties`` (the per-request path): the request's ``prior`` (an
     answer continued after a replica died) and the tokens generated since
     count; the prompt does not."""
-    from serve.batching import Penalties
+    from serve.sampling import Penalties
 
     req = GenerationRequest([5, 6, 1, 2], frequency_penalty=1.0, prior=[1, 2])
     expected = [[0, -1.0, -2.0, -1.0, 0, 0, 0, 0]]

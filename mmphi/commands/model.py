@@ -27,7 +27,8 @@ def sampling_kwargs(temperature: float, top_p: float, seed: int) -> dict:
         return {}
     from transformers import LogitsProcessorList
 
-    from serve.batching import GenerationRequest, SeededSampler
+    from serve.batching import GenerationRequest
+    from serve.sampling import SeededSampler
 
     req = GenerationRequest(input_ids=[], temperature=temperature, top_p=top_p, seed=seed)
     return {"logits_processor": LogitsProcessorList([SeededSampler(req)])}
