@@ -21,8 +21,9 @@ boundaries; every step
    tokens per step across such prompts: a long prompt delays each step a
    little instead of stalling every running stream for its whole prefill;
 2. decodes one token for every row in one forward pass;
-3. applies each row's own sampling settings and streams each row's token to
-   its caller;
+3. applies each row's own sampling settings (penalties, logit bias,
+   temperature, top-p, its seed: ``serve.sampling``) and streams each row's
+   token to its caller;
 4. drops rows that finished (a stop id, or ``max_new_tokens``) or whose
    caller went away.
 
