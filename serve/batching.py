@@ -65,7 +65,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .sampling import TokenLogprob, penalise, rate, top_p_filter
+from .sampling import TokenLogprob, penalise, rate, sampling_probabilities
 
 log = logging.getLogger("ray.serve")
 
@@ -813,7 +813,7 @@ class ContinuousBatcher:
             idx = torch.tensor(sampled, device=scores.device)
             temps = torch.tensor([reqs[i].temperature for i in sampled], device=scores.device).unsqueeze(1)
             top_p = torch.tensor([reqs[i].top_p for i in sampled], device=scores.device).unsqueeze(1)
-            probs = torch.softmax(top_p_filter(scores[idx] / temps, top_p), dim=-1)
+            probs = sampling_probabilities(scores[idx], temps, top_p)
             seeded = [j for j, i in enumerate(sampled) if reqs[i].seed is not None]
             if len(seeded) < len(sampled):
                 tokens[idx] = torch.multinomial(probs, num_samples=1).squeeze(1)

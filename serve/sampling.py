@@ -114,6 +114,14 @@ def top_p_filter(scores: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return scores.masked_fill(remove.scatter(1, order, remove), -float("inf"))
 
 
+def sampling_probabilities(scores: torch.Tensor, temperature, top_p: torch.Tensor) -> torch.Tensor:
+    """The distribution a row's token is drawn from: its scores over
+    ``temperature`` (a number, or one per row as (rows, 1)), nucleus-filtered
+    to ``top_p`` (rows, 1). The batching loop and ``SeededSampler`` both
+    draw from it, so a seeded request gets the same tokens on either path."""
+    return torch.softmax(top_p_filter(scores / temperature, top_p), dim=-1)
+
+
 class SeededSampler:
     """A logits processor for ``generate`` that samples one token per step
     with a request's own generator (temperature, then top-p, as the batching
@@ -127,6 +135,6 @@ class SeededSampler:
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         req = self.request
         top_p = torch.full((scores.shape[0], 1), req.top_p, device=scores.device)
-        probs = torch.softmax(top_p_filter(scores.float() / req.temperature, top_p), dim=-1)
+        probs = sampling_probabilities(scores.float(), req.temperature, top_p)
         picked = torch.multinomial(probs, 1, generator=req.rng(scores.device))
         return torch.full_like(scores, -float("inf")).scatter_(1, picked, 0.0)
